@@ -1,0 +1,3 @@
+from lib_copier.cli import main
+
+raise SystemExit(main())
