@@ -1,0 +1,163 @@
+"""Load and save whole models as LDM/SGM-layout checkpoints.
+
+Loading builds the model on the meta device and assigns each tensor as it is read, so weights exist once in
+memory (plus the file's page cache). The family is read from the keys; a config stored in our own metadata
+(`copier.model_config`) wins, which is how the tiny and built-in models come back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lib_copier.atomic import atomic_write
+from lib_copier.errors import CopierError
+from lib_copier.models.configs import SD1, SD2, SD2_V, SDXL, ModelConfig
+from lib_copier.models.sd_model import StableDiffusion
+
+CONFIG_KEY = "copier.model_config"
+
+# A key only that family's checkpoints have, checked in this order.
+FAMILY_MARKERS = (
+    ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", SDXL),
+    ("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", SD2),
+    ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", SD1),
+)
+
+
+class TensorSource:
+    """Keys, metadata and lazily read tensors of a `.safetensors` file or a weights-only `.ckpt`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.is_file():
+            raise CopierError(f"checkpoint {path} does not exist")
+        if path.suffix == ".safetensors":
+            try:
+                self._file = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own error types for a damaged header
+                raise CopierError(f"checkpoint {path} is not a readable .safetensors file ({exc})") from exc
+            self.keys = set(self._file.keys())
+            self.metadata = self._file.metadata() or {}
+            self.get = self._file.get_tensor
+        elif path.suffix in (".ckpt", ".pt", ".pth"):
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise CopierError(
+                    f"checkpoint {path} is a pickle that holds more than plain tensors, so it is not loaded for "
+                    "safety; convert it to .safetensors first"
+                ) from exc
+            state = data.get("state_dict", data) if isinstance(data, dict) else None
+            if not isinstance(state, dict):
+                raise CopierError(f"checkpoint {path} holds no state dict")
+            self.keys = {k for k, v in state.items() if isinstance(v, torch.Tensor)}
+            self.metadata = {}
+            self.get = state.__getitem__
+        else:
+            raise CopierError(f"checkpoint {path} has an unknown extension; expected .safetensors or .ckpt")
+
+
+def detect_config(source: TensorSource) -> ModelConfig:
+    if CONFIG_KEY in source.metadata:
+        return ModelConfig.from_json(source.metadata[CONFIG_KEY])
+    if not any(k.startswith("model.diffusion_model.") for k in source.keys):
+        raise CopierError(
+            f"checkpoint {source.path} is not a Stable Diffusion checkpoint in the LDM layout: "
+            "it has no keys under model.diffusion_model."
+        )
+    for marker, config in FAMILY_MARKERS:
+        if marker in source.keys:
+            return config
+    raise CopierError(
+        f"checkpoint {source.path} has a UNet but no text encoder we know: expected one of "
+        + ", ".join(m for m, _ in FAMILY_MARKERS)
+    )
+
+
+def _stored_prediction(metadata: dict[str, str]) -> str | None:
+    value = metadata.get("modelspec.prediction_type", "")
+    if value in ("v", "v_prediction"):
+        return "v"
+    if value in ("epsilon", "eps"):
+        return "eps"
+    return None
+
+
+@torch.no_grad()
+def _looks_like_v_prediction(model: StableDiffusion) -> bool:
+    """SD2 files do not say whether they predict v; A1111's test: at t=999, a v model's output is far below x."""
+    param = next(model.unet.parameters())
+    x = torch.full((1, model.latent_channels, 8, 8), 0.5, dtype=param.dtype)
+    ctx = torch.full((1, 77, model.config.unet.context_dim), 0.5, dtype=param.dtype)
+    return (model.unet(x, torch.tensor([999]), ctx).float() - x.float()).mean().item() < -1
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    prediction: str | None = None,
+) -> StableDiffusion:
+    """Load an LDM-layout checkpoint. `dtype` None keeps the file's UNet dtype; `prediction` overrides detection."""
+    source = TensorSource(Path(path))
+    config = detect_config(source)
+    with torch.device("meta"):
+        model = StableDiffusion(config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in source.keys]
+    if missing:
+        raise CopierError(
+            f"checkpoint {source.path} looks like {config.family} but lacks {len(missing)} weights, "
+            f"e.g. {', '.join(missing[:3])}"
+        )
+    if dtype is None:
+        dtype = source.get(next(k for k in expected if k.startswith("model.diffusion_model."))).dtype
+    state = {}
+    for key, meta in expected.items():
+        tensor = source.get(key)
+        if tensor.shape != meta.shape:
+            raise CopierError(
+                f"checkpoint {source.path}: {key} has shape {tuple(tensor.shape)}, a {config.family} model needs "
+                f"{tuple(meta.shape)}"
+            )
+        state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    if config.family == "sd2" and CONFIG_KEY not in source.metadata:
+        stored = prediction or _stored_prediction(source.metadata)
+        is_v = stored == "v" if stored else _looks_like_v_prediction(model)
+        model.config = SD2_V if is_v else SD2
+    elif prediction:
+        model.config = dataclasses.replace(model.config, prediction=prediction)
+    return model
+
+
+def standard_config(config: ModelConfig) -> bool:
+    return config in (SD1, SD2, SD2_V, SDXL)
+
+
+def save_checkpoint(
+    model: StableDiffusion,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the model in the LDM layout, atomically; the config travels in the metadata unless it is standard."""
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    metadata = {
+        "modelspec.prediction_type": "v" if model.config.prediction == "v" else "epsilon",
+        "copier.family": model.config.family,
+    }
+    if not standard_config(model.config):
+        metadata[CONFIG_KEY] = model.config.to_json()
+    ordered = dict(sorted(metadata.items()))
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=ordered), overwrite)

@@ -1,0 +1,74 @@
+"""`python -m lib_copier generate`: text to image with a checkpoint or the default model."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from lib_copier.errors import CopierError
+from lib_copier.models.sampling import SAMPLERS
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every command that loads a model shares."""
+    parser.add_argument("--model", help="LDM-layout .safetensors checkpoint (default: the built-in model)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    parser.add_argument("--prediction", choices=("eps", "v"), help="override the detected prediction type")
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("generate", help="generate an image from a prompt and save it as PNG")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
+    p.add_argument("--width", type=int, help="default: the model's native resolution")
+    p.add_argument("--height", type=int)
+    p.add_argument("--sampler", default="euler", choices=SAMPLERS)
+    p.add_argument("--out", help="output PNG (default: outputs/<seed>-<prompt>.png, never overwriting)")
+    add_model_arguments(p)
+    p.set_defaults(func=run_generate)
+
+
+def free_path(directory: Path, stem: str, suffix: str) -> Path:
+    """`directory/stem.suffix`, or the first `stem-N.suffix` that does not exist yet."""
+    candidate = directory / f"{stem}{suffix}"
+    n = 1
+    while candidate.exists():
+        n += 1
+        candidate = directory / f"{stem}-{n}{suffix}"
+    return candidate
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lib_copier.models.generate import generate
+    from lib_copier.models.loading import load_model
+
+    model = load_model(args.model, args.device, args.dtype, args.prediction)
+    if args.out:
+        out = Path(args.out)
+        if out.exists():
+            raise CopierError(f"{out} already exists; choose another --out")
+    else:
+        out = free_path(Path("outputs"), f"{args.seed}-{slug(args.prompt)}", ".png")
+    with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
+        try:
+            image = generate(
+                model, args.prompt, args.negative, args.seed, args.steps, args.cfg, args.width, args.height,
+                args.sampler, progress=lambda i, n: bar.update(1),
+            )
+        except ValueError as exc:
+            raise CopierError(str(exc)) from exc
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(out)
+    return 0

@@ -1,0 +1,79 @@
+"""Text to image on a `StableDiffusion`: classifier-free guidance around the samplers, seeds reproducible on CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lib_copier.models.sampling import Progress, sample
+from lib_copier.models.sd_model import Conditioning, StableDiffusion
+
+
+def initial_noise(model: StableDiffusion, seed: int, height: int, width: int, batch: int = 1) -> torch.Tensor:
+    """Noise drawn on the CPU so a seed gives the same image on every device."""
+    shape = (batch, model.latent_channels, height // model.downscale, width // model.downscale)
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] BCHW → 8-bit RGB images."""
+    arrays = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
+
+
+def check_size(model: StableDiffusion, height: int, width: int) -> None:
+    # The UNet halves the latent once per level after the first; sizes must survive that without rounding.
+    multiple = model.downscale * 2 ** (len(model.config.unet.channel_mult) - 1)
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % multiple:
+            raise ValueError(f"{name} {value} must be a positive multiple of {multiple} for this model")
+
+
+@torch.no_grad()
+def generate_latents(
+    model: StableDiffusion,
+    prompt: str,
+    negative: str = "",
+    seed: int = 0,
+    steps: int = 20,
+    cfg: float = 7.0,
+    width: int | None = None,
+    height: int | None = None,
+    sampler: str = "euler",
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    width = width or model.config.resolution
+    height = height or model.config.resolution
+    check_size(model, height, width)
+    param = next(model.unet.parameters())
+    cond = model.encode_prompts([prompt, negative], height, width).to(param.device, param.dtype)
+    cond, uncond = cond[:1], cond[1:]
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if cfg == 1.0:
+            return model.predict(x.to(param.dtype), t, cond).float()
+        both = model.predict(torch.cat([x, x]).to(param.dtype), torch.cat([t, t]), Conditioning.cat([cond, uncond]))
+        c, u = both.float().chunk(2)
+        return u + cfg * (c - u)
+
+    noise = initial_noise(model, seed, height, width).to(param.device)
+    return sample(sampler, predict, noise, model.schedule, steps, model.config.prediction, progress)
+
+
+@torch.no_grad()
+def generate(
+    model: StableDiffusion,
+    prompt: str,
+    negative: str = "",
+    seed: int = 0,
+    steps: int = 20,
+    cfg: float = 7.0,
+    width: int | None = None,
+    height: int | None = None,
+    sampler: str = "euler",
+    progress: Progress | None = None,
+) -> Image.Image:
+    latents = generate_latents(model, prompt, negative, seed, steps, cfg, width, height, sampler, progress)
+    param = next(model.vae.parameters())
+    return to_pil(model.decode_latents(latents.to(param.device, param.dtype)))[0]

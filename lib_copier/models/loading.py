@@ -1,0 +1,37 @@
+"""Which model runs when the user names none, and the device/dtype choices every command shares."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lib_copier.models.checkpoint import load_checkpoint
+from lib_copier.models.configs import TINY
+from lib_copier.models.sd_model import StableDiffusion, build_model
+
+TINY_SEED = 0
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    if name == "auto":
+        # Half precision is slow or unsupported for several ops on CPU.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def load_model(
+    path: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto", prediction: str | None = None
+) -> StableDiffusion:
+    """The checkpoint at `path`, or the default model when `path` is None."""
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    if path is None:
+        return build_model(TINY, device=dev, dtype=dt, seed=TINY_SEED)
+    return load_checkpoint(path, dtype=dt, device=dev, prediction=prediction)
