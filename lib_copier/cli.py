@@ -16,6 +16,7 @@ from lib_copier.errors import CopierError
 # Packages that contribute commands, imported lazily so `--help` of one does not load the others' heavy deps.
 COMMAND_MODULES = (
     "lib_copier.models.cli",
+    "lib_copier.models.bench",
     "lib_copier.effects.cli",
     "lib_copier.lora.cli",
 )

@@ -1,0 +1,48 @@
+"""Text to image with the tiny model: reproducible, prompt- and seed-sensitive, and the CLI writes a PNG."""
+
+import pytest
+from PIL import Image
+
+from lib_copier.cli import main
+from lib_copier.models.configs import TINY
+from lib_copier.models.generate import generate
+from lib_copier.models.sd_model import build_model
+from tests.conftest import randomize_
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return randomize_(build_model(TINY, seed=0), seed=11, std=0.1)
+
+
+def test_same_seed_same_image_and_inputs_matter(tiny):
+    a = generate(tiny, "a red circle", seed=1, steps=3)
+    assert a.size == (64, 64) and a.mode == "RGB"
+    assert generate(tiny, "a red circle", seed=1, steps=3).tobytes() == a.tobytes()
+    assert generate(tiny, "a red circle", seed=2, steps=3).tobytes() != a.tobytes()
+    assert generate(tiny, "a blue square", seed=1, steps=3).tobytes() != a.tobytes()
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim"])
+def test_sizes_samplers_and_guidance(tiny, sampler):
+    image = generate(tiny, "x", seed=0, steps=2, width=96, height=64, sampler=sampler, cfg=1.0)
+    assert image.size == (96, 64)
+
+
+def test_bad_size_is_named(tiny):
+    with pytest.raises(ValueError, match="width 100 must be a positive multiple of 16"):
+        generate(tiny, "x", width=100, height=64, steps=1)
+
+
+def test_cli_writes_a_png_and_never_overwrites(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--prompt", "a red circle", "--steps", "2"]) == 0
+    assert main(["generate", "--prompt", "a red circle", "--steps", "2"]) == 0
+    written = sorted(p.name for p in (tmp_path / "outputs").iterdir())
+    assert written == ["0-a-red-circle-2.png", "0-a-red-circle.png"]
+    assert Image.open(tmp_path / "outputs" / written[0]).size == (64, 64)
+    out = tmp_path / "mine.png"
+    assert main(["generate", "--prompt", "x", "--steps", "1", "--out", str(out)]) == 0
+    assert main(["generate", "--prompt", "x", "--steps", "1", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--steps", "1", "--width", "30"]) == 2
