@@ -44,7 +44,9 @@ def reference_checkpoint(family: str) -> dict[str, tuple[int, ...]]:
             te = transformers.CLIPTextModel(transformers.CLIPTextConfig(
                 hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                 hidden_act="quick_gelu"))
-            keys |= shapes("cond_stage_model.transformer.", te)
+            # transformers 5 dropped CLIPTextModel's `text_model.` level; real checkpoints have it.
+            keys |= {k.replace("transformer.", "transformer.text_model.", 1) if ".text_model." not in k else k: v
+                     for k, v in shapes("cond_stage_model.transformer.", te).items()}
         else:
             keys |= shapes("model.diffusion_model.", UNetModel(**unet, num_head_channels=64, context_dim=1024,
                                                                use_linear_in_transformer=True))

@@ -24,6 +24,7 @@ class TextEncoderSpec:
     clip: CLIPTextConfig | None = None
     openclip: OpenCLIPTextConfig | None = None
     layer: str = "last"  # "last" or "penultimate"
+    final_norm: bool | None = None  # final layer norm after `layer`; None: only after "last" (see text_encoders)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ SD2 = ModelConfig(
     family="sd2",
     unet=UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
     vae=VAEConfig(),
-    text_encoders=(TextEncoderSpec("openclip", openclip=OPENCLIP_H, layer="penultimate"),),
+    text_encoders=(TextEncoderSpec("openclip", openclip=OPENCLIP_H, layer="penultimate", final_norm=True),),
 )
 
 SD2_V = dataclasses.replace(SD2, prediction="v", resolution=768)
@@ -115,7 +116,7 @@ SDXL = ModelConfig(
     vae=VAEConfig(),
     text_encoders=(
         TextEncoderSpec("clip", clip=CLIP_L, layer="penultimate"),
-        TextEncoderSpec("openclip", openclip=OPENCLIP_BIGG, layer="penultimate"),
+        TextEncoderSpec("openclip", openclip=OPENCLIP_BIGG, layer="penultimate", final_norm=False),
     ),
     scale_factor=0.13025,
     resolution=1024,

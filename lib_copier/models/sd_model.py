@@ -57,9 +57,9 @@ class Conditioner(nn.Module):
 
 def _embedder(spec: TextEncoderSpec) -> nn.Module:
     if spec.kind == "clip":
-        return CLIPEmbedder(spec.clip, layer=spec.layer)
+        return CLIPEmbedder(spec.clip, layer=spec.layer, final_norm=spec.final_norm)
     if spec.kind == "openclip":
-        return OpenCLIPEmbedder(spec.openclip, layer=spec.layer)
+        return OpenCLIPEmbedder(spec.openclip, layer=spec.layer, final_norm=bool(spec.final_norm))
     raise ValueError(f"unknown text encoder kind {spec.kind!r}")
 
 
