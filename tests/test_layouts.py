@@ -28,11 +28,30 @@ def shapes(prefix: str, module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def reference_checkpoint(family: str) -> dict[str, tuple[int, ...]]:
-    ddconfig = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
-                    num_res_blocks=2, attn_resolutions=[], dropout=0.0)
-    unet = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
-                num_res_blocks=2, channel_mult=[1, 2, 4, 4], use_spatial_transformer=True, transformer_depth=1,
-                legacy=False)
+    ddconfig = dict(
+        double_z=True,
+        z_channels=4,
+        resolution=256,
+        in_channels=3,
+        out_ch=3,
+        ch=128,
+        ch_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        attn_resolutions=[],
+        dropout=0.0,
+    )
+    unet = dict(
+        image_size=32,
+        in_channels=4,
+        out_channels=4,
+        model_channels=320,
+        attention_resolutions=[4, 2, 1],
+        num_res_blocks=2,
+        channel_mult=[1, 2, 4, 4],
+        use_spatial_transformer=True,
+        transformer_depth=1,
+        legacy=False,
+    )
     keys = {}
     with torch.device("meta"):
         keys |= shapes("first_stage_model.encoder.", Encoder(**ddconfig))
@@ -41,15 +60,25 @@ def reference_checkpoint(family: str) -> dict[str, tuple[int, ...]]:
         keys |= shapes("first_stage_model.post_quant_conv.", torch.nn.Conv2d(4, 4, 1))
         if family == "sd1":
             keys |= shapes("model.diffusion_model.", UNetModel(**unet, num_heads=8, context_dim=768))
-            te = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-                hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                hidden_act="quick_gelu"))
+            te = transformers.CLIPTextModel(
+                transformers.CLIPTextConfig(
+                    hidden_size=768,
+                    intermediate_size=3072,
+                    num_attention_heads=12,
+                    num_hidden_layers=12,
+                    hidden_act="quick_gelu",
+                )
+            )
             # transformers 5 dropped CLIPTextModel's `text_model.` level; real checkpoints have it.
-            keys |= {k.replace("transformer.", "transformer.text_model.", 1) if ".text_model." not in k else k: v
-                     for k, v in shapes("cond_stage_model.transformer.", te).items()}
+            keys |= {
+                k.replace("transformer.", "transformer.text_model.", 1) if ".text_model." not in k else k: v
+                for k, v in shapes("cond_stage_model.transformer.", te).items()
+            }
         else:
-            keys |= shapes("model.diffusion_model.", UNetModel(**unet, num_head_channels=64, context_dim=1024,
-                                                               use_linear_in_transformer=True))
+            keys |= shapes(
+                "model.diffusion_model.",
+                UNetModel(**unet, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
+            )
             clip = open_clip.model.CLIP(**open_clip.get_model_config("ViT-H-14"))
             keys |= {k: v for k, v in shapes("cond_stage_model.model.", clip).items() if ".visual." not in k}
     return keys

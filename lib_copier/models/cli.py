@@ -63,8 +63,16 @@ def run_generate(args: argparse.Namespace) -> int:
     with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
         try:
             image = generate(
-                model, args.prompt, args.negative, args.seed, args.steps, args.cfg, args.width, args.height,
-                args.sampler, progress=lambda i, n: bar.update(1),
+                model,
+                args.prompt,
+                args.negative,
+                args.seed,
+                args.steps,
+                args.cfg,
+                args.width,
+                args.height,
+                args.sampler,
+                progress=lambda i, n: bar.update(1),
             )
         except ValueError as exc:
             raise CopierError(str(exc)) from exc

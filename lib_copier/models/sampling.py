@@ -20,7 +20,7 @@ def scaled_linear_alphas_cumprod(
     timesteps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012
 ) -> torch.Tensor:
     """SD's schedule: betas linear in sqrt space (LDM's "linear" schedule), in float64 like LDM computes it."""
-    betas = torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2
+    betas = torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64, device="cpu") ** 2
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 

@@ -187,7 +187,7 @@ def _fill(obj: SceneObject, n: int) -> np.ndarray:
         fill = np.where(stripes, fill * 0.65, fill)
     elif obj.texture == "dotted":
         period = max(4, n // 12)
-        dots = (((xx * n) % period - period / 2) ** 2 + ((yy * n) % period - period / 2) ** 2 < (period / 4) ** 2)
+        dots = ((xx * n) % period - period / 2) ** 2 + ((yy * n) % period - period / 2) ** 2 < (period / 4) ** 2
         fill = np.where(dots[..., None], 255 - (255 - fill) * 0.35, fill)
     return fill
 
