@@ -50,9 +50,7 @@ def _measure_load(path: str) -> None:
     seconds = time.perf_counter() - start
     # Safetensors tensors can stay backed by the file until read; read every weight so the peak is the real cost.
     checksum = sum(float(p.float().sum()) for p in model.parameters())
-    print(
-        json.dumps({"peak_over_baseline_mb": _peak_rss_mb() - base, "seconds": seconds, "family": model.config.family})
-    )
+    print(json.dumps({"peak_over_baseline_mb": _peak_rss_mb() - base, "seconds": seconds, "checksum": checksum}))
 
 
 def bench_load(args: argparse.Namespace) -> int:
@@ -76,7 +74,7 @@ def bench_load(args: argparse.Namespace) -> int:
         )
         result = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = result["peak_over_baseline_mb"] / size_mb
-    print(f"file: {size_mb:,.0f} MB ({result['family']}, {args.dtype if not args.file else 'as stored'})")
+    print(f"file: {size_mb:,.0f} MB ({args.family}, {args.dtype if not args.file else 'as stored'})")
     print(f"peak RSS over baseline while loading: {result['peak_over_baseline_mb']:,.0f} MB = {ratio:.2f}x the file")
     print(f"load time: {result['seconds']:.1f} s")
     return 0
