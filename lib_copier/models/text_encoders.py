@@ -19,6 +19,8 @@ chunk, as in A1111.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -52,14 +54,14 @@ def emphasize(context: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weighted * restore).to(context.dtype)
 
 
-class PromptEmbedder(nn.Module):
+class PromptEmbedder(nn.Module, ABC):
     """Chunking, emphasis and joining; a subclass says how one batch of 77-token chunks becomes vectors."""
 
     tokenizer: PromptTokenizer
 
+    @abstractmethod
     def encode_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[N, 77] token ids → context [N, 77, D] and pooled [N, P] or None."""
-        raise NotImplementedError
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Context [B, 77·chunks, D] and pooled [B, P] (or None), on the device and in the dtype of the weights."""

@@ -137,7 +137,7 @@ def _background(scene: Scene, n: int, rng: np.random.Generator) -> np.ndarray:
     else:
         t = np.sqrt((xx - 0.5) ** 2 + (yy - 0.5) ** 2) / np.sqrt(0.5)
     t = np.clip(t, 0, 1)[..., None]
-    return c1 * (1 - 0.45 * t)
+    return c1 * (1 - 0.3 * t)
 
 
 def _shape_mask(obj: SceneObject, n: int) -> Image.Image:
