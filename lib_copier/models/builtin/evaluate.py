@@ -49,8 +49,14 @@ def majority_colour(rgb: np.ndarray) -> str:
 def read_colours(image: Image.Image) -> tuple[str, str]:
     """(background colour, main object colour) as the nearest palette names."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
-    border = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3),
-                             pixels[:, :3].reshape(-1, 3), pixels[:, -3:].reshape(-1, 3)])
+    border = np.concatenate(
+        [
+            pixels[:3].reshape(-1, 3),
+            pixels[-3:].reshape(-1, 3),
+            pixels[:, :3].reshape(-1, 3),
+            pixels[:, -3:].reshape(-1, 3),
+        ]
+    )
     background = np.median(border, axis=0)
     distance = np.sqrt(((srgb_to_lab(pixels) - srgb_to_lab(background)) ** 2).sum(-1))
     # The object: pixels clearly unlike the background, eroded so edges and dark outlines do not vote.
@@ -76,7 +82,7 @@ def held_out_captions(count: int, seed: int) -> list[tuple[str, str, str]]:
 def vae_psnr(model, count: int = 64, seed: int = 12345) -> float:
     images = [im for im, _ in dataset(count, seed, held_out=True, size=model.config.resolution)]
     param = next(model.vae.parameters())
-    x = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images]).to(param.device)
+    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]).to(param.device)
     x = x.to(param.dtype) / 127.5 - 1
     recon = model.vae.decode(model.vae.encode(x).mode()).float().clamp(-1, 1)
     mse = ((recon - x.float()) / 2).pow(2).mean().item()
@@ -97,8 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     for i, (caption, bg, main_colour) in enumerate(held_out_captions(args.captions, seed=2024)):
         image = generate(model, caption, seed=i, steps=args.steps, cfg=args.cfg)
         got_bg, got_main = read_colours(image)
-        rows.append({"caption": caption, "background": bg, "got_background": got_bg, "object": main_colour,
-                     "got_object": got_main})
+        rows.append(
+            {
+                "caption": caption,
+                "background": bg,
+                "got_background": got_bg,
+                "object": main_colour,
+                "got_object": got_main,
+            }
+        )
         images.append(image)
     result = {
         "vae_psnr_db": round(vae_psnr(model), 2),
