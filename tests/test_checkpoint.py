@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from lib_copier.errors import CopierError
 from lib_copier.models.checkpoint import TensorSource, load_checkpoint, save_checkpoint
 from lib_copier.models.configs import TINY
-from lib_copier.models.generate import generate
+from lib_copier.models.generate import Txt2Img, generate
 from lib_copier.models.sd_model import build_model
 from tests.conftest import randomize_
 
@@ -25,8 +25,8 @@ def test_round_trip_keeps_weights_family_and_images(tiny, tmp_path):
     assert loaded.config == tiny.config and loaded.config.family == "sd1"
     for (k, a), (k2, b) in zip(tiny.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
-    before = generate(tiny, "a red circle", seed=3, steps=4)
-    after = generate(loaded, "a red circle", seed=3, steps=4)
+    before = generate(tiny, Txt2Img("a red circle", seed=3, steps=4))
+    after = generate(loaded, Txt2Img("a red circle", seed=3, steps=4))
     assert before.tobytes() == after.tobytes()
 
 

@@ -5,7 +5,7 @@ from PIL import Image
 
 from lib_copier.cli import main
 from lib_copier.models.configs import TINY
-from lib_copier.models.generate import generate
+from lib_copier.models.generate import Txt2Img, generate
 from lib_copier.models.sd_model import build_model
 from tests.conftest import randomize_
 
@@ -16,22 +16,22 @@ def tiny():
 
 
 def test_same_seed_same_image_and_inputs_matter(tiny):
-    a = generate(tiny, "a red circle", seed=1, steps=3)
+    a = generate(tiny, Txt2Img("a red circle", seed=1, steps=3))
     assert a.size == (64, 64) and a.mode == "RGB"
-    assert generate(tiny, "a red circle", seed=1, steps=3).tobytes() == a.tobytes()
-    assert generate(tiny, "a red circle", seed=2, steps=3).tobytes() != a.tobytes()
-    assert generate(tiny, "a blue square", seed=1, steps=3).tobytes() != a.tobytes()
+    assert generate(tiny, Txt2Img("a red circle", seed=1, steps=3)).tobytes() == a.tobytes()
+    assert generate(tiny, Txt2Img("a red circle", seed=2, steps=3)).tobytes() != a.tobytes()
+    assert generate(tiny, Txt2Img("a blue square", seed=1, steps=3)).tobytes() != a.tobytes()
 
 
 @pytest.mark.parametrize("sampler", ["euler", "ddim"])
 def test_sizes_samplers_and_guidance(tiny, sampler):
-    image = generate(tiny, "x", seed=0, steps=2, width=96, height=64, sampler=sampler, cfg=1.0)
+    image = generate(tiny, Txt2Img("x", seed=0, steps=2, width=96, height=64, sampler=sampler, cfg=1.0))
     assert image.size == (96, 64)
 
 
 def test_bad_size_is_named(tiny):
     with pytest.raises(ValueError, match="width 100 must be a positive multiple of 16"):
-        generate(tiny, "x", width=100, height=64, steps=1)
+        generate(tiny, Txt2Img("x", width=100, height=64, steps=1))
 
 
 def test_cli_writes_a_png_and_never_overwrites(tmp_path, monkeypatch, capsys):

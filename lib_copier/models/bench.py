@@ -83,16 +83,16 @@ def bench_load(args: argparse.Namespace) -> int:
 def bench_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from lib_copier.models.generate import generate
+    from lib_copier.models.generate import Txt2Img, generate
     from lib_copier.models.loading import load_model
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device="cpu", dtype="fp32")
-    generate(model, "warm up", steps=2)
+    generate(model, Txt2Img("warm up", steps=2))
     times = []
     for i in range(args.repeat):
         start = time.perf_counter()
-        generate(model, "a large yellow star on a purple background", seed=i, steps=args.steps)
+        generate(model, Txt2Img("a large yellow star on a purple background", seed=i, steps=args.steps))
         times.append(time.perf_counter() - start)
     size = model.config.resolution
     print(

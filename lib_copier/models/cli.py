@@ -50,7 +50,7 @@ def slug(text: str, limit: int = 40) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from lib_copier.models.generate import generate
+    from lib_copier.models.generate import Txt2Img, generate
     from lib_copier.models.loading import load_model
 
     model = load_model(args.model, args.device, args.dtype, args.prediction)
@@ -62,18 +62,10 @@ def run_generate(args: argparse.Namespace) -> int:
         out = free_path(Path("outputs"), f"{args.seed}-{slug(args.prompt)}", ".png")
     with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
         try:
-            image = generate(
-                model,
-                args.prompt,
-                args.negative,
-                args.seed,
-                args.steps,
-                args.cfg,
-                args.width,
-                args.height,
-                args.sampler,
-                progress=lambda i, n: bar.update(1),
+            request = Txt2Img(
+                args.prompt, args.negative, args.seed, args.steps, args.cfg, args.width, args.height, args.sampler
             )
+            image = generate(model, request, progress=lambda i, n: bar.update(1))
         except ValueError as exc:
             raise CopierError(str(exc)) from exc
     out.parent.mkdir(parents=True, exist_ok=True)

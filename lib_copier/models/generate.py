@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image
@@ -30,24 +32,28 @@ def check_size(model: StableDiffusion, height: int, width: int) -> None:
             raise ValueError(f"{name} {value} must be a positive multiple of {multiple} for this model")
 
 
+@dataclass(frozen=True)
+class Txt2Img:
+    """One text-to-image request; width/height None mean the model's native resolution."""
+
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    cfg: float = 7.0
+    width: int | None = None
+    height: int | None = None
+    sampler: str = "euler"
+
+
 @torch.no_grad()
-def generate_latents(
-    model: StableDiffusion,
-    prompt: str,
-    negative: str = "",
-    seed: int = 0,
-    steps: int = 20,
-    cfg: float = 7.0,
-    width: int | None = None,
-    height: int | None = None,
-    sampler: str = "euler",
-    progress: Progress | None = None,
-) -> torch.Tensor:
-    width = width or model.config.resolution
-    height = height or model.config.resolution
+def generate_latents(model: StableDiffusion, request: Txt2Img, progress: Progress | None = None) -> torch.Tensor:
+    width = request.width or model.config.resolution
+    height = request.height or model.config.resolution
     check_size(model, height, width)
+    cfg = request.cfg
     param = next(model.unet.parameters())
-    cond = model.encode_prompts([prompt, negative], height, width).to(param.device, param.dtype)
+    cond = model.encode_prompts([request.prompt, request.negative], height, width).to(param.device, param.dtype)
     cond, uncond = cond[:1], cond[1:]
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -57,23 +63,12 @@ def generate_latents(
         c, u = both.float().chunk(2)
         return u + cfg * (c - u)
 
-    noise = initial_noise(model, seed, height, width).to(param.device)
-    return sample(sampler, predict, noise, model.schedule, steps, model.config.prediction, progress)
+    noise = initial_noise(model, request.seed, height, width).to(param.device)
+    return sample(request.sampler, predict, noise, model.schedule, request.steps, model.config.prediction, progress)
 
 
 @torch.no_grad()
-def generate(
-    model: StableDiffusion,
-    prompt: str,
-    negative: str = "",
-    seed: int = 0,
-    steps: int = 20,
-    cfg: float = 7.0,
-    width: int | None = None,
-    height: int | None = None,
-    sampler: str = "euler",
-    progress: Progress | None = None,
-) -> Image.Image:
-    latents = generate_latents(model, prompt, negative, seed, steps, cfg, width, height, sampler, progress)
+def generate(model: StableDiffusion, request: Txt2Img, progress: Progress | None = None) -> Image.Image:
+    latents = generate_latents(model, request, progress)
     param = next(model.vae.parameters())
     return to_pil(model.decode_latents(latents.to(param.device, param.dtype)))[0]

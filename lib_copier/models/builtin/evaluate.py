@@ -18,7 +18,7 @@ from PIL import Image, ImageFilter
 
 from lib_copier.models.builtin.config import WEIGHTS
 from lib_copier.models.builtin.scenes import PALETTE, dataset, random_scene
-from lib_copier.models.generate import generate
+from lib_copier.models.generate import Txt2Img, generate
 from lib_copier.models.loading import load_model
 
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device=args.device, dtype="fp32")
     rows, images = [], []
     for i, (caption, bg, main_colour) in enumerate(held_out_captions(args.captions, seed=2024)):
-        image = generate(model, caption, seed=i, steps=args.steps, cfg=args.cfg)
+        image = generate(model, Txt2Img(caption, seed=i, steps=args.steps, cfg=args.cfg))
         got_bg, got_main = read_colours(image)
         rows.append(
             {
