@@ -64,6 +64,7 @@ class ModelConfig:
             TextEncoderSpec(
                 kind=e["kind"],
                 layer=e["layer"],
+                final_norm=e.get("final_norm"),
                 clip=build(CLIPTextConfig, e.get("clip")),
                 openclip=build(OpenCLIPTextConfig, e.get("openclip")),
             )
