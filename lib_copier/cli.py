@@ -27,8 +27,8 @@ def _contributors(hook: str):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:  # that package has no commands yet
-                continue
+            if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+                continue  # that package (or its parent) has no commands yet
             raise
         if hasattr(module, hook):
             yield getattr(module, hook)
