@@ -1,4 +1,10 @@
+import dataclasses
+
 import torch
+
+from lib_copier.models.clip_text import CLIPTextConfig
+from lib_copier.models.configs import SD2_V, SDXL, TINY, TextEncoderSpec
+from lib_copier.models.openclip_text import OpenCLIPTextConfig
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
@@ -12,3 +18,31 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> tor
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
     return module
+
+
+SMALL_OPENCLIP = OpenCLIPTextConfig(width=32, layers=2, heads=2, output_dim=16)
+TINY_SD2V = dataclasses.replace(
+    SD2_V,
+    unet=dataclasses.replace(TINY.unet, num_head_channels=8, context_dim=32, use_linear_in_transformer=True),
+    vae=TINY.vae,
+    text_encoders=(TextEncoderSpec("openclip", openclip=SMALL_OPENCLIP, layer="penultimate", final_norm=True),),
+    resolution=64,
+)
+TINY_SDXL = dataclasses.replace(
+    SDXL,
+    unet=dataclasses.replace(
+        TINY.unet,
+        num_head_channels=8,
+        context_dim=64,
+        use_linear_in_transformer=True,
+        transformer_depth=(1, 2),
+        transformer_depth_middle=2,
+        adm_in_channels=16 + 6 * 256,
+    ),
+    vae=TINY.vae,
+    text_encoders=(
+        TextEncoderSpec("clip", clip=CLIPTextConfig(width=32, layers=2, heads=2), layer="penultimate"),
+        TextEncoderSpec("openclip", openclip=SMALL_OPENCLIP, layer="penultimate", final_norm=False),
+    ),
+    resolution=64,
+)

@@ -1,44 +1,12 @@
 """Every family runs end to end at tiny size: SD2 (OpenCLIP, v-prediction) and SDXL (two encoders, vector y)."""
 
-import dataclasses
-
 import pytest
 import torch
 
 from lib_copier.models.checkpoint import load_checkpoint, save_checkpoint
-from lib_copier.models.clip_text import CLIPTextConfig
-from lib_copier.models.configs import SD2_V, SDXL, TINY, TextEncoderSpec
 from lib_copier.models.generate import Txt2Img, generate
-from lib_copier.models.openclip_text import OpenCLIPTextConfig
 from lib_copier.models.sd_model import build_model
-from tests.conftest import randomize_
-
-SMALL_OPENCLIP = OpenCLIPTextConfig(width=32, layers=2, heads=2, output_dim=16)
-TINY_SD2V = dataclasses.replace(
-    SD2_V,
-    unet=dataclasses.replace(TINY.unet, num_head_channels=8, context_dim=32, use_linear_in_transformer=True),
-    vae=TINY.vae,
-    text_encoders=(TextEncoderSpec("openclip", openclip=SMALL_OPENCLIP, layer="penultimate", final_norm=True),),
-    resolution=64,
-)
-TINY_SDXL = dataclasses.replace(
-    SDXL,
-    unet=dataclasses.replace(
-        TINY.unet,
-        num_head_channels=8,
-        context_dim=64,
-        use_linear_in_transformer=True,
-        transformer_depth=(1, 2),
-        transformer_depth_middle=2,
-        adm_in_channels=16 + 6 * 256,
-    ),
-    vae=TINY.vae,
-    text_encoders=(
-        TextEncoderSpec("clip", clip=CLIPTextConfig(width=32, layers=2, heads=2), layer="penultimate"),
-        TextEncoderSpec("openclip", openclip=SMALL_OPENCLIP, layer="penultimate", final_norm=False),
-    ),
-    resolution=64,
-)
+from tests.conftest import TINY_SD2V, TINY_SDXL, randomize_
 
 
 @pytest.mark.parametrize("config", [TINY_SD2V, TINY_SDXL], ids=["sd2-v", "sdxl"])

@@ -1,0 +1,149 @@
+"""Reading and writing LoRA `.safetensors` files in kohya's format.
+
+Reading normalises the variants found in the wild to kohya keys: `lora_A`/`lora_B` instead of
+`lora_down`/`lora_up`, PEFT/diffusers files (`unet.…`, `text_encoder.…`), and SDXL files whose UNet keys use
+diffusers names. Writing casts to the save precision, adds kohya's hashes and renames into place atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lib_copier.atomic import atomic_write
+from lib_copier.errors import CopierError
+from lib_copier.lora.hashes import sshs_hashes
+from lib_copier.lora.metadata import family_from_metadata
+from lib_copier.lora.unet_names import sdxl_diffusers_to_ldm
+from lib_copier.lora.weights import LoRAWeights, join_modules, split_modules
+
+PRECISIONS = {"fp32": torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+_PEFT_SUFFIXES = {
+    ".lora_A.weight": ".lora_down.weight",
+    ".lora_B.weight": ".lora_up.weight",
+    ".lora.down.weight": ".lora_down.weight",
+    ".lora.up.weight": ".lora_up.weight",
+}
+_PEFT_ROOTS = {"unet.": "lora_unet_", "text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_"}
+_DIFFUSERS_UNET = re.compile(
+    r"lora_unet_(?:(down|up)_blocks_(\d+)|mid_block)_(attentions|resnets|downsamplers|upsamplers)_(\d+)_(.+)"
+)
+
+
+@dataclass
+class LoRA:
+    modules: dict[str, LoRAWeights]
+    metadata: dict[str, str] = field(default_factory=dict)
+    family: str | None = None  # sd1 / sd2 / sdxl, or None when neither keys, shapes nor metadata tell
+
+    @property
+    def ranks(self) -> set[int]:
+        return {m.rank for m in self.modules.values()}
+
+
+def _peft_name(name: str) -> str:
+    """`unet.down_blocks.0.attentions.0…to_q.lora_A.weight` -> `lora_unet_down_blocks_0_…to_q.lora_down.weight`."""
+    for old, new in _PEFT_SUFFIXES.items():
+        if name.endswith(old):
+            name = name[: -len(old)] + new
+            break
+    # diffusers' older attention-processor files: `attn1.processor.to_out_lora.down.weight`
+    name = name.replace(".processor.", ".").replace("to_out_lora.", "to_out.0_lora.")
+    name = name.replace("_lora.down.", ".lora_down.").replace("_lora.up.", ".lora_up.")
+    for root, prefix in _PEFT_ROOTS.items():
+        if name.startswith(root):
+            for tail in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+                if name.endswith(tail):
+                    return prefix + name[len(root) : -len(tail)].replace(".", "_") + tail
+    return name
+
+
+def _is_sdxl(keys: list[str]) -> bool:
+    # SD1/SD2 transformers have depth 1; SDXL's have 2 or 10, and only SDXL has two text encoders.
+    return any(k.startswith(("lora_te1_", "lora_te2_")) or "transformer_blocks_1_" in k for k in keys)
+
+
+def _sdxl_ldm_key(key: str) -> str:
+    m = _DIFFUSERS_UNET.fullmatch(key)
+    if m is None:
+        return key
+    block = f"{m[1]}_blocks.{m[2]}" if m[1] else "mid_block"
+    path = sdxl_diffusers_to_ldm(f"{block}.{m[3]}.{m[4]}.{m[5]}")
+    if path is None:
+        raise CopierError(f"LoRA key {key} names no layer of the SDXL UNet")
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def normalise(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors under kohya keys (see the module docstring for the variants accepted)."""
+    renamed = {_peft_name(name): tensor for name, tensor in tensors.items()}
+    modules = sorted({name.split(".", 1)[0] for name in renamed})
+    if not _is_sdxl(modules):
+        return {name.replace("lora_te1_", "lora_te_", 1): t for name, t in renamed.items()}
+    result = {}
+    for name, tensor in renamed.items():
+        key, _, tail = name.partition(".")
+        result[f"{_sdxl_ldm_key(key)}.{tail}"] = tensor
+    return result
+
+
+def detect_family(modules: Mapping[str, LoRAWeights], metadata: Mapping[str, str]) -> str | None:
+    """The model family a LoRA is for, from its keys, then its metadata, then its layer widths."""
+    keys = list(modules)
+    if _is_sdxl(keys) or any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks")) for k in keys):
+        return "sdxl"
+    if family := family_from_metadata(dict(metadata)):
+        return family
+    # The text encoder width (768 SD1, 1024 SD2) shows in every text and cross-attention key/value layer.
+    for key, module in modules.items():
+        width = module.down.shape[1]
+        if key.startswith("lora_te_") or key.endswith(("attn2_to_k", "attn2_to_v")):
+            if width in (768, 1024):
+                return "sd1" if width == 768 else "sd2"
+    return None
+
+
+def read_lora(path: str | os.PathLike) -> LoRA:
+    path = Path(path)
+    if not path.is_file():
+        raise CopierError(f"LoRA file {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise CopierError(f"{path} is not a .safetensors file; LoRAs are read only from .safetensors")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise CopierError(f"{path} is not a readable .safetensors file ({exc})") from exc
+    try:
+        modules = split_modules(normalise(tensors))
+    except CopierError as exc:
+        raise CopierError(f"{path} is not a LoRA: {exc}") from exc
+    if not modules:
+        raise CopierError(f"{path} is not a LoRA: it holds no lora_down/lora_up tensors")
+    return LoRA(modules, metadata, detect_family(modules, metadata))
+
+
+def write_lora(
+    path: str | os.PathLike,
+    modules: Mapping[str, LoRAWeights],
+    metadata: Mapping[str, str],
+    precision: str = "fp16",
+    overwrite: bool = False,
+) -> Path:
+    """Write a kohya LoRA file with its `sshs_*` hashes; the metadata is written in sorted key order."""
+    if precision not in PRECISIONS:
+        raise CopierError(f"unknown precision {precision!r}; expected fp32, fp16 or bf16")
+    tensors = join_modules(modules, PRECISIONS[precision])
+    metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
+    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = sshs_hashes(tensors, metadata)
+    ordered = dict(sorted(metadata.items()))
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=ordered), overwrite)

@@ -1,0 +1,104 @@
+"""One LoRA module's tensors (down, up, alpha) and the weight delta they stand for.
+
+kohya's convention: delta = alpha / rank * up @ down, with `up` a (out, rank[, 1, 1]) matrix and `down` a
+(rank, in[, kh, kw]) one; a missing alpha means alpha = rank (scale 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from lib_copier.errors import CopierError
+
+SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+
+
+@dataclass
+class LoRAWeights:
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the weight this module changes."""
+        return (self.up.shape[0], *self.down.shape[1:])
+
+    def delta(self, device=None) -> torch.Tensor:
+        """scale * up @ down in float32, shaped like the target weight."""
+        up = self.up.to(device=device, dtype=torch.float32).flatten(1)
+        down = self.down.to(device=device, dtype=torch.float32).flatten(1)
+        return (self.scale * (up @ down)).reshape(self.shape)
+
+
+def split_modules(tensors: Mapping[str, torch.Tensor]) -> dict[str, LoRAWeights]:
+    """Group a kohya tensor dict into modules; tensors that are not down/up/alpha are an error."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        for suffix, part in SUFFIXES.items():
+            if name.endswith(suffix):
+                parts.setdefault(name[: -len(suffix)], {})[part] = tensor
+                break
+        else:
+            raise CopierError(f"tensor {name!r} is not part of a LoRA module (expected lora_down, lora_up or alpha)")
+    modules = {}
+    for key, found in parts.items():
+        if "down" not in found or "up" not in found:
+            raise CopierError(f"LoRA module {key} lacks its {'lora_down' if 'down' not in found else 'lora_up'} weight")
+        down, up = found["down"], found["up"]
+        if up.shape[1] != down.shape[0] or down.dim() != up.dim():
+            raise CopierError(
+                f"LoRA module {key}: lora_up {tuple(up.shape)} does not fit lora_down {tuple(down.shape)}"
+            )
+        alpha = float(found["alpha"]) if "alpha" in found else float(down.shape[0])
+        modules[key] = LoRAWeights(down, up, alpha)
+    return modules
+
+
+def join_modules(modules: Mapping[str, LoRAWeights], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The kohya tensor dict, each tensor contiguous on the CPU in `dtype` (alpha too, as kohya stores it)."""
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous()
+
+    tensors = {}
+    for key in sorted(modules):
+        module = modules[key]
+        tensors[f"{key}.lora_down.weight"] = cast(module.down)
+        tensors[f"{key}.lora_up.weight"] = cast(module.up)
+        tensors[f"{key}.alpha"] = torch.tensor(module.alpha, dtype=dtype or module.down.dtype)
+    return tensors
+
+
+def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> LoRAWeights:
+    """Best rank-`rank` factorisation of `delta` (SVD), alpha = rank, as kohya's extract and SVD merge do.
+
+    kohya clamps both factors at a quantile of their values to drop outliers a truncated SVD produces; when the
+    truncation drops nothing (rank >= the delta's numerical rank) there are no such outliers and clamping would
+    only damage an exact result, so it is skipped.
+    """
+    out_dim = delta.shape[0]
+    matrix = delta.float().flatten(1)
+    rank = max(1, min(rank, *matrix.shape))
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    truncated = len(s) > rank and s[rank] > 1e-6 * max(float(s[0]), 1e-30)
+    up = u[:, :rank] * s[:rank]
+    down = vh[:rank]
+    if truncated and clamp_quantile < 1:
+        high = torch.quantile(torch.cat([up.flatten(), down.flatten()]), clamp_quantile)
+        up, down = up.clamp(-high, high), down.clamp(-high, high)
+    if delta.dim() == 4:
+        up = up.reshape(out_dim, rank, 1, 1)
+        down = down.reshape(rank, *delta.shape[1:])
+    return LoRAWeights(down.contiguous(), up.contiguous(), float(rank))
