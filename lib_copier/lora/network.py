@@ -87,7 +87,7 @@ class _AddDelta(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         delta = torch.zeros_like(weight)
-        for lora, target in zip(self.loras, self.targets):
+        for lora, target in zip(self.loras, self.targets, strict=True):
             delta[target.rows] += _shaped(lora, target).to(weight.dtype)
         return weight + delta
 
