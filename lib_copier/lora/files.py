@@ -36,6 +36,7 @@ _PEFT_ROOTS = {"unet.": "lora_unet_", "text_encoder.": "lora_te1_", "text_encode
 _DIFFUSERS_UNET = re.compile(
     r"lora_unet_(?:(down|up)_blocks_(\d+)|mid_block)_(attentions|resnets|downsamplers|upsamplers)_(\d+)_(.+)"
 )
+_DEEPER_THAN_ONE = re.compile(r"transformer_blocks_[1-9]")
 
 
 @dataclass
@@ -68,7 +69,7 @@ def _peft_name(name: str) -> str:
 
 def _is_sdxl(keys: list[str]) -> bool:
     # SD1/SD2 transformers have depth 1; SDXL's have 2 or 10, and only SDXL has two text encoders.
-    return any(k.startswith(("lora_te1_", "lora_te2_")) or "transformer_blocks_1_" in k for k in keys)
+    return any(k.startswith(("lora_te1_", "lora_te2_")) or _DEEPER_THAN_ONE.search(k) for k in keys)
 
 
 def _sdxl_ldm_key(key: str) -> str:

@@ -167,6 +167,7 @@ class LoRANetwork(nn.Module):
         self.set_multiplier(multiplier)
         hooks = []
         weight_parts: dict[tuple[int, str], tuple[nn.Module, list]] = {}
+        orders: dict[int, tuple[nn.Module, list[str]]] = {}
         try:
             for lora, target, layer, parent in self._resolve(layers, table):
                 if target.param != "weight" or isinstance(parent, nn.MultiheadAttention):
@@ -174,6 +175,7 @@ class LoRANetwork(nn.Module):
                 else:
                     hooks.append(layer.register_forward_hook(_side_path_hook(lora)))
             for (_, param), (layer, parts) in weight_parts.items():
+                orders.setdefault(id(layer), (layer, list(layer._parameters)))
                 parametrize.register_parametrization(layer, param, _AddDelta(parts), unsafe=True)
             yield self
         finally:
@@ -182,6 +184,10 @@ class LoRANetwork(nn.Module):
             for (_, param), (layer, _) in weight_parts.items():
                 if parametrize.is_parametrized(layer, param):
                     parametrize.remove_parametrizations(layer, param, leave_parametrized=False)
+            for layer, order in orders.values():  # removal re-registers the weight last; state_dict order must not change
+                params = dict(layer._parameters)
+                layer._parameters.clear()
+                layer._parameters.update((name, params[name]) for name in order)
 
     @contextmanager
     def fused(self, layers: Mapping[str, nn.Module], table: Mapping[str, Target], multiplier: float = 1.0):

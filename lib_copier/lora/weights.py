@@ -90,7 +90,7 @@ def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> Lo
     """
     out_dim = delta.shape[0]
     matrix = delta.float().flatten(1)
-    rank = max(1, min(rank, *matrix.shape))
+    rank = max(1, min(rank, delta.shape[0], delta.shape[1]))  # kohya: at most the channel counts
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     truncated = len(s) > rank and s[rank] > 1e-6 * max(float(s[0]), 1e-30)
     up = u[:, :rank] * s[:rank]

@@ -45,6 +45,7 @@ class TensorSource:
             self.keys = set(self._file.keys())
             self.metadata = self._file.metadata() or {}
             self.get = self._file.get_tensor
+            self._shape = lambda name: tuple(self._file.get_slice(name).get_shape())
         elif path.suffix in (".ckpt", ".pt", ".pth"):
             try:
                 data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -59,8 +60,13 @@ class TensorSource:
             self.keys = {k for k, v in state.items() if isinstance(v, torch.Tensor)}
             self.metadata = {}
             self.get = state.__getitem__
+            self._shape = lambda name: tuple(state[name].shape)
         else:
             raise CopierError(f"checkpoint {path} has an unknown extension; expected .safetensors or .ckpt")
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, without reading the tensors."""
+        return {name: self._shape(name) for name in sorted(self.keys)}
 
 
 def detect_config(source: TensorSource) -> ModelConfig:

@@ -1,0 +1,271 @@
+"""`python -m lib_copier lora info|merge|svd-merge|resize|extract`, in kohya's vocabulary."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lib_copier.errors import CopierError
+
+
+def _tqdm(desc: str):
+    from tqdm import tqdm
+
+    return lambda items: tqdm(items, desc=desc, unit="module", leave=False)
+
+
+def _output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", "--save_to", dest="out", required=True, help="output .safetensors file")
+    parser.add_argument(
+        "--precision", "--save_precision", dest="precision", default="fp16", choices=("fp32", "fp16", "bf16")
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _inputs_with_ratios(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("loras", nargs="+", type=Path, metavar="LORA")
+    parser.add_argument("--ratios", nargs="+", type=float, help="one per LoRA (default 1 each); negative subtracts")
+
+
+def _rank_options(parser: argparse.ArgumentParser, name: str, conv_name: str, help_text: str) -> None:
+    """`--new-rank` also answers to kohya's `--new_rank`; the conv option is the rank of kxk convolutions."""
+    parser.add_argument(
+        f"--{name}", f"--{name.replace('-', '_')}", dest="rank", type=int, required=True, help=help_text
+    )
+    parser.add_argument(f"--{conv_name}", f"--{conv_name.replace('-', '_')}", dest="conv_rank", type=int)
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    lora = commands.add_parser("lora", help="inspect, merge, resize and extract kohya-format LoRAs")
+    sub = lora.add_subparsers(dest="lora_command", metavar="ACTION", required=True)
+
+    p = sub.add_parser("info", help="family, modules, ranks, alphas, metadata and hashes of a LoRA")
+    p.add_argument("lora", type=Path)
+    p.set_defaults(func=run_info)
+
+    p = sub.add_parser("merge", help="merge LoRAs exactly into one LoRA, or into a checkpoint with --model")
+    _inputs_with_ratios(p)
+    p.add_argument("--model", "--sd_model", dest="model", type=Path, help="checkpoint to merge into (writes a model)")
+    _output(p)
+    p.set_defaults(func=run_merge)
+
+    p = sub.add_parser("svd-merge", help="merge LoRAs with ratios and re-factor them to a new rank (SVD)")
+    _inputs_with_ratios(p)
+    _rank_options(p, "new-rank", "new-conv-rank", "rank of the merged LoRA")
+    p.add_argument("--clamp-quantile", "--clamp_quantile", type=float, default=0.99)
+    _output(p)
+    p.set_defaults(func=run_svd_merge)
+
+    p = sub.add_parser("resize", help="reduce a LoRA's rank, fixed or dynamic (kohya's resize_lora.py)")
+    p.add_argument("lora", type=Path)
+    _rank_options(p, "new-rank", "new-conv-rank", "new rank (the maximum, with --dynamic-method)")
+    p.add_argument("--dynamic-method", "--dynamic_method", choices=("sv_ratio", "sv_fro", "sv_cumulative"))
+    p.add_argument("--dynamic-param", "--dynamic_param", type=float)
+    p.add_argument("--verbose", action="store_true", help="print the rank and Frobenius norm kept per module")
+    _output(p)
+    p.set_defaults(func=run_resize)
+
+    p = sub.add_parser("extract", help="extract a LoRA from the difference of two checkpoints")
+    p.add_argument("original", type=Path)
+    p.add_argument("tuned", type=Path)
+    _rank_options(p, "dim", "conv-dim", "rank of the extracted LoRA")
+    p.add_argument("--clamp-quantile", "--clamp_quantile", type=float, default=0.99)
+    p.add_argument("--min-diff", "--min_diff", type=float, default=0.01, help="drop text encoders that differ less")
+    p.add_argument("--device", default="cpu", help="where the SVDs run (cpu, cuda)")
+    _output(p)
+    p.set_defaults(func=run_extract)
+
+
+def _check_out(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CopierError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.suffix != ".safetensors":
+        raise CopierError(f"--out {out} must end in .safetensors")
+    return out
+
+
+def _read_all(args: argparse.Namespace):
+    from lib_copier.lora.files import read_lora
+
+    ratios = args.ratios or [1.0] * len(args.loras)
+    if len(ratios) != len(args.loras):
+        raise CopierError(f"{len(args.loras)} LoRAs but {len(ratios)} ratios; give one ratio per LoRA")
+    loras = [read_lora(path) for path in args.loras]
+    families = {lora.family for lora in loras} - {None}
+    if len(families) > 1:
+        named = ", ".join(f"{path.name} ({lora.family})" for path, lora in zip(args.loras, loras, strict=True))
+        raise CopierError(f"the LoRAs are for different model families: {named}")
+    family = families.pop() if families else None
+    return loras, ratios, family
+
+
+def _merged_info(args, family: str | None, loras, rank, alpha, comment: str, conv_rank=None):
+    from lib_copier.lora.metadata import NetworkInfo
+
+    if family is None:
+        raise CopierError("the model family of the LoRAs is unknown (no metadata, unusual layer widths)")
+    v = any(lora.metadata.get("modelspec.prediction_type") == "v" for lora in loras)
+    return NetworkInfo(family, rank, alpha, Path(args.out).stem, v, conv_rank, conv_rank, comment=comment)
+
+
+def _write(args, modules, info) -> None:
+    from lib_copier.lora.files import write_lora
+    from lib_copier.lora.metadata import build_metadata
+
+    path = write_lora(args.out, modules, build_metadata(info), args.precision, args.overwrite)
+    print(f"wrote {path} ({len(modules)} modules)")
+
+
+def _recipe(args, ratios) -> str:
+    return ", ".join(f"{path.name} x {ratio:g}" for path, ratio in zip(args.loras, ratios, strict=True))
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from lib_copier.lora.files import read_lora
+    from lib_copier.lora.hashes import sshs_hashes
+    from lib_copier.lora.weights import join_modules
+
+    lora = read_lora(args.lora)
+    text = sum(key.startswith("lora_te") for key in lora.modules)
+    alphas = sorted({m.alpha for m in lora.modules.values()})
+    print(f"file      {args.lora}")
+    print(f"family    {lora.family or 'unknown'}")
+    print(f"modules   {len(lora.modules)} ({len(lora.modules) - text} UNet, {text} text encoder)")
+    print(f"ranks     {', '.join(map(str, sorted(lora.ranks)))}")
+    print(f"alphas    {', '.join(f'{a:g}' for a in alphas)}")
+    stored = lora.metadata.get("sshs_model_hash")
+    if stored:
+        dtype = next(iter(lora.modules.values())).down.dtype
+        actual, _ = sshs_hashes(join_modules(lora.modules, dtype), lora.metadata)
+        print(f"hash      {stored} ({'matches the tensors' if actual == stored else 'does NOT match the tensors'})")
+    for key in sorted(lora.metadata):
+        value = lora.metadata[key]
+        print(f"  {key} = {value if len(value) <= 100 else value[:97] + '...'}")
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from lib_copier.lora.ops import merge_exact
+
+    _check_out(args)
+    loras, ratios, family = _read_all(args)
+    pairs = [(lora.modules, ratio) for lora, ratio in zip(loras, ratios, strict=True)]
+    if args.model is not None:
+        return _merge_into_checkpoint(args, pairs, family)
+    modules = merge_exact(pairs)
+    rank = max(m.rank for m in modules.values())
+    _write(args, modules, _merged_info(args, family, loras, rank, rank, f"merged: {_recipe(args, ratios)}"))
+    return 0
+
+
+def _merge_into_checkpoint(args, pairs, family: str | None) -> int:
+    from safetensors.torch import save_file
+
+    from lib_copier.atomic import atomic_write
+    from lib_copier.lora.files import PRECISIONS
+    from lib_copier.lora.naming import by_key, lora_targets, model_family
+    from lib_copier.lora.ops import apply_to_state_dict
+    from lib_copier.models.checkpoint import TensorSource
+
+    source = TensorSource(args.model)
+    state = {name: source.get(name) for name in sorted(source.keys)}
+    model = model_family(state)
+    if family is not None and family != model:
+        raise CopierError(f"the LoRAs are for {family} but {args.model} is an {model} checkpoint")
+    table = by_key(lora_targets({k: tuple(v.shape) for k, v in state.items()}, model, conv=True))
+    count = apply_to_state_dict(state, pairs, table, _tqdm("merging"))
+    dtype = PRECISIONS[args.precision]
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    metadata = dict(sorted(source.metadata.items()))
+    atomic_write(args.out, lambda tmp: save_file(state, str(tmp), metadata=metadata), args.overwrite)
+    print(f"wrote {args.out} ({count} LoRA modules merged into {args.model.name})")
+    return 0
+
+
+def run_svd_merge(args: argparse.Namespace) -> int:
+    from lib_copier.lora.ops import merge_svd
+
+    _check_out(args)
+    loras, ratios, family = _read_all(args)
+    pairs = [(lora.modules, ratio) for lora, ratio in zip(loras, ratios, strict=True)]
+    modules = merge_svd(pairs, args.rank, args.conv_rank, args.clamp_quantile, _tqdm("svd merge"))
+    comment = f"svd-merged to rank {args.rank}: {_recipe(args, ratios)}"
+    _write(args, modules, _merged_info(args, family, loras, args.rank, args.rank, comment, args.conv_rank))
+    return 0
+
+
+def run_resize(args: argparse.Namespace) -> int:
+    from lib_copier.lora.files import read_lora, write_lora
+    from lib_copier.lora.ops import resize
+
+    _check_out(args)
+    lora = read_lora(args.lora)
+    modules, report = resize(
+        lora.modules, args.rank, args.conv_rank, args.dynamic_method, args.dynamic_param, _tqdm("resizing")
+    )
+    if args.verbose:
+        for row in report:
+            print(f"{row.key:80} rank {row.old_rank:>4} -> {row.new_rank:<4} fro kept {row.fro_retained:.1%}")
+    ranks = [r.new_rank for r in report]
+    mean = sum(r.fro_retained for r in report) / len(report)
+    print(f"mean Frobenius norm kept {mean:.2%}; ranks {min(ranks)}..{max(ranks)}")
+    old = max(lora.ranks)
+    metadata = dict(lora.metadata)
+    comment = metadata.get("ss_training_comment", "")
+    if args.dynamic_method:
+        metadata["ss_training_comment"] = (
+            f"Dynamic resize with {args.dynamic_method}: {args.dynamic_param} from {old}; {comment}"
+        )
+        metadata["ss_network_dim"] = metadata["ss_network_alpha"] = "Dynamic"
+    else:
+        metadata["ss_training_comment"] = f"dimension is resized from {old} to {args.rank}; {comment}"
+        metadata["ss_network_dim"] = str(args.rank)
+        metadata["ss_network_alpha"] = str(next(iter(modules.values())).alpha)
+    path = write_lora(args.out, modules, metadata, args.precision, args.overwrite)
+    print(f"wrote {path} ({len(modules)} modules)")
+    return 0
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    import torch
+
+    from lib_copier.lora.metadata import NetworkInfo
+    from lib_copier.lora.naming import lora_targets, model_family
+    from lib_copier.lora.ops import extract
+    from lib_copier.models.checkpoint import TensorSource
+
+    _check_out(args)
+    original, tuned = TensorSource(args.original), TensorSource(args.tuned)
+    shapes = original.shapes()
+    if shapes != tuned.shapes():
+        raise CopierError(f"{args.original.name} and {args.tuned.name} have different layers or shapes")
+    family = model_family(shapes)
+    device = torch.device(args.device)
+    targets = lora_targets(shapes, family, conv=args.conv_rank is not None)
+    modules, text = extract(
+        lambda name: original.get(name).to(device),
+        lambda name: tuned.get(name).to(device),
+        targets,
+        args.rank,
+        args.conv_rank,
+        args.clamp_quantile,
+        args.min_diff,
+        _tqdm("extracting"),
+    )
+    if not text:
+        print(f"text encoders differ by at most {args.min_diff}: left out")
+    v = tuned.metadata.get("modelspec.prediction_type") == "v"
+    comment = f"extracted from {args.tuned.name} - {args.original.name}"
+    info = NetworkInfo(
+        family,
+        args.rank,
+        float(args.rank),
+        Path(args.out).stem,
+        v,
+        args.conv_rank,
+        None if args.conv_rank is None else float(args.conv_rank),
+        comment=comment,
+    )
+    _write(args, modules, info)
+    return 0

@@ -1,0 +1,202 @@
+"""LoRA math on tensors, in float32: apply to a checkpoint, merge (exact or SVD), resize, extract.
+
+The numbers follow kohya's `merge_lora.py`, `svd_merge_lora.py`, `resize_lora.py` and
+`extract_lora_from_models.py`; where we differ it is said next to the code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+
+import torch
+
+from lib_copier.errors import CopierError
+from lib_copier.lora.naming import Target
+from lib_copier.lora.weights import LoRAWeights, low_rank
+
+Progress = Callable[[Iterable], Iterable]
+MIN_SINGULAR_VALUE = 1e-6  # kohya's MIN_SV: below this a module is treated as zero and kept at rank 1
+DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+
+
+def _quiet(items: Iterable) -> Iterable:
+    return items
+
+
+def _check_fits(key: str, delta: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if delta.numel() != torch.Size(shape).numel():
+        raise CopierError(f"LoRA module {key} has shape {tuple(delta.shape)}, the model's layer {tuple(shape)}")
+    return delta.reshape(shape)
+
+
+def apply_to_state_dict(
+    state: MutableMapping[str, torch.Tensor],
+    loras: list[tuple[Mapping[str, LoRAWeights], float]],
+    table: Mapping[str, Target],
+    progress: Progress = _quiet,
+) -> int:
+    """W += ratio * alpha/rank * up @ down for every module of every (LoRA, ratio); returns the modules applied.
+
+    Each weight is updated in float32 and cast back once, so several LoRAs do not round several times.
+    """
+    changes: dict[str, torch.Tensor] = {}
+    for modules, ratio in loras:
+        unknown = [key for key in modules if key not in table]
+        if unknown:
+            raise CopierError(f"LoRA module {unknown[0]} matches no layer of the checkpoint (model families differ?)")
+        for key, module in progress(list(modules.items())):
+            target = table[key]
+            if target.param_name not in changes:
+                changes[target.param_name] = state[target.param_name].float().clone()
+            weight = changes[target.param_name]
+            weight[target.rows] += ratio * _check_fits(key, module.delta(), target.shape)
+    for name, weight in changes.items():
+        state[name] = weight.to(state[name].dtype)
+    return sum(len(modules) for modules, _ in loras)
+
+
+def merge_exact(loras: list[tuple[Mapping[str, LoRAWeights], float]]) -> dict[str, LoRAWeights]:
+    """One LoRA whose delta is exactly sum(ratio * delta): the ranks are concatenated, alpha = the new rank."""
+    grouped: dict[str, list[tuple[LoRAWeights, float]]] = {}
+    for modules, ratio in loras:
+        for key, module in modules.items():
+            grouped.setdefault(key, []).append((module, ratio))
+    merged = {}
+    for key, parts in grouped.items():
+        shapes = {p.shape for p, _ in parts}
+        if len(shapes) > 1:
+            raise CopierError(f"LoRA module {key} has different shapes in the inputs: {sorted(shapes)}")
+        down = torch.cat([p.down.float() for p, _ in parts])
+        up = torch.cat([p.up.float() * (ratio * p.scale) for p, ratio in parts], dim=1)
+        merged[key] = LoRAWeights(down, up, float(down.shape[0]))
+    return merged
+
+
+def merge_svd(
+    loras: list[tuple[Mapping[str, LoRAWeights], float]],
+    rank: int,
+    conv_rank: int | None = None,
+    clamp_quantile: float = 0.99,
+    progress: Progress = _quiet,
+) -> dict[str, LoRAWeights]:
+    """sum(ratio * delta) per module, then its best rank-`rank` factorisation (kxk convs: `conv_rank`)."""
+    _check_rank(rank, conv_rank)
+    dense: dict[str, torch.Tensor] = {}
+    for modules, ratio in loras:
+        for key, module in modules.items():
+            delta = ratio * module.delta()
+            if key in dense and dense[key].shape != delta.shape:
+                raise CopierError(f"LoRA module {key} has different shapes in the inputs")
+            dense[key] = dense[key] + delta if key in dense else delta
+    return {
+        key: low_rank(delta, _rank_for(delta.shape, rank, conv_rank), clamp_quantile)
+        for key, delta in progress(list(dense.items()))
+    }
+
+
+def _check_rank(rank: int, conv_rank: int | None) -> None:
+    if rank <= 0 or (conv_rank is not None and conv_rank <= 0):
+        raise CopierError(f"the new rank must be positive, got {rank if rank <= 0 else conv_rank}")
+
+
+def _rank_for(shape: tuple[int, ...], rank: int, conv_rank: int | None) -> int:
+    is_kxk = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+    return conv_rank if is_kxk and conv_rank is not None else rank
+
+
+def dynamic_rank(s: torch.Tensor, method: str, value: float) -> int:
+    """The rank kohya's `resize_lora.py` picks for singular values `s` (descending).
+
+    kohya's rule, followed exactly: an index (sv_ratio: how many values exceed max/value; sv_cumulative: the
+    first position where the cumulative sum reaches `value`, plus one; sv_fro: the same over squared values and
+    `value`**2), clamped to [1, len(s) - 1], and then one more — so the rank kept is one past the threshold.
+    """
+    if method == "sv_ratio":
+        index = int((s > s[0] / value).sum())
+    elif method == "sv_cumulative":
+        index = int(torch.searchsorted(torch.cumsum(s, 0) / s.sum(), torch.tensor(value))) + 1
+    elif method == "sv_fro":
+        squares = s.pow(2)
+        index = int(torch.searchsorted(torch.cumsum(squares, 0) / squares.sum(), torch.tensor(value**2))) + 1
+    else:
+        raise CopierError(f"unknown dynamic resize method {method!r}; expected one of {', '.join(DYNAMIC_METHODS)}")
+    return max(1, min(index, len(s) - 1)) + 1
+
+
+@dataclass
+class ResizedModule:
+    key: str
+    old_rank: int
+    new_rank: int
+    fro_retained: float  # fraction of the Frobenius norm of the delta that the new rank keeps
+
+
+def resize(
+    modules: Mapping[str, LoRAWeights],
+    rank: int,
+    conv_rank: int | None = None,
+    dynamic: str | None = None,
+    dynamic_value: float | None = None,
+    progress: Progress = _quiet,
+) -> tuple[dict[str, LoRAWeights], list[ResizedModule]]:
+    """Each module down to `rank` (a maximum when `dynamic` is set), keeping alpha/rank as kohya does.
+
+    The SVD is of the module's own (rank x rank) core: up = Q1 R1, down^T = Q2 R2, svd(R1 R2^T) — the same
+    singular values as kohya's SVD of the full matrix without its zeros, at a fraction of the cost. So a rank
+    never grows past the module's old rank (kohya's full-length spectrum can add a zero direction).
+    """
+    _check_rank(rank, conv_rank)
+    if dynamic is not None and dynamic_value is None:
+        raise CopierError(f"dynamic resize with {dynamic} needs a value (--dynamic-param)")
+    resized, report = {}, []
+    for key, module in progress(list(modules.items())):
+        q1, r1 = torch.linalg.qr(module.up.float().flatten(1))
+        q2, r2 = torch.linalg.qr(module.down.float().flatten(1).T)
+        u, s, vh = torch.linalg.svd(r1 @ r2.T)
+        limit = _rank_for(module.shape, rank, conv_rank)
+        if s[0] <= MIN_SINGULAR_VALUE:
+            new_rank = 1
+        elif dynamic is not None:
+            new_rank = min(dynamic_rank(s, dynamic, dynamic_value), limit)
+        else:
+            new_rank = limit
+        new_rank = min(new_rank, module.rank)
+        up = (q1 @ u[:, :new_rank]) * s[:new_rank]
+        down = (q2 @ vh[:new_rank].T).T
+        kept = float(s[:new_rank].pow(2).sum().sqrt() / s.pow(2).sum().sqrt()) if s[0] > 0 else 1.0
+        if module.down.dim() == 4:
+            up = up.reshape(module.up.shape[0], new_rank, 1, 1)
+            down = down.reshape(new_rank, *module.down.shape[1:])
+        resized[key] = LoRAWeights(down.contiguous(), up.contiguous(), module.scale * new_rank)
+        report.append(ResizedModule(key, module.rank, new_rank, kept))
+    return resized, report
+
+
+def extract(
+    original: Callable[[str], torch.Tensor],
+    tuned: Callable[[str], torch.Tensor],
+    targets: Iterable[Target],
+    rank: int,
+    conv_rank: int | None = None,
+    clamp_quantile: float = 0.99,
+    min_diff: float = 0.01,
+    progress: Progress = _quiet,
+) -> tuple[dict[str, LoRAWeights], bool]:
+    """A LoRA approximating `tuned - original` (weights read by parameter name). Text encoders whose largest
+    absolute difference is at most `min_diff` are left out, as kohya does; returns (modules, text included)."""
+    _check_rank(rank, conv_rank)
+    targets = [t for t in targets if not t.conv or conv_rank is not None]
+
+    def difference(target: Target) -> torch.Tensor:
+        name = target.param_name
+        return tuned(name)[target.rows].float() - original(name)[target.rows].float()
+
+    # First pass over the text encoders only: deciding to drop them needs every difference, SVDs do not.
+    text_targets = [t for t in targets if t.key.startswith("lora_te")]
+    text = any(float(difference(t).abs().max()) > min_diff for t in text_targets)
+    chosen = [t for t in targets if text or not t.key.startswith("lora_te")]
+    modules = {}
+    for target in progress(chosen):
+        modules[target.key] = low_rank(difference(target), _rank_for(target.shape, rank, conv_rank), clamp_quantile)
+    return modules, text
