@@ -184,7 +184,8 @@ class LoRANetwork(nn.Module):
             for (_, param), (layer, _) in weight_parts.items():
                 if parametrize.is_parametrized(layer, param):
                     parametrize.remove_parametrizations(layer, param, leave_parametrized=False)
-            for layer, order in orders.values():  # removal re-registers the weight last; state_dict order must not change
+            # Removal re-registers the weight last; the state_dict order must not change.
+            for layer, order in orders.values():
                 params = dict(layer._parameters)
                 layer._parameters.clear()
                 layer._parameters.update((name, params[name]) for name in order)

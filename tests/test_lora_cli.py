@@ -1,0 +1,102 @@
+"""`python -m lib_copier lora …`: each action end to end on tiny files, and one-line errors with exit code 2."""
+
+import pytest
+import torch
+
+from lib_copier.cli import main
+from lib_copier.lora.files import read_lora, write_lora
+from lib_copier.lora.metadata import NetworkInfo, build_metadata
+from lib_copier.lora.naming import by_key, lora_targets
+from lib_copier.lora.network import LoRANetwork
+from lib_copier.lora.ops import apply_to_state_dict
+from lib_copier.models.checkpoint import TensorSource, save_checkpoint
+from lib_copier.models.sd_model import build_model
+from tests.conftest import randomize_
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora-cli")
+    model = randomize_(build_model("tiny", seed=0), seed=1)
+    base = save_checkpoint(model, root / "base.safetensors")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    targets = lora_targets(shapes, "sd1")
+    paths = []
+    for seed in (0, 1):
+        network = LoRANetwork.create(targets, rank=4, alpha=4.0, seed=seed)
+        for module in network.modules_by_key.values():
+            torch.nn.init.normal_(module.lora_up.weight, std=0.1)
+        metadata = build_metadata(NetworkInfo("sd1", 4, 4.0, f"l{seed}"))
+        paths.append(write_lora(root / f"l{seed}.safetensors", network.to_weights(), metadata, "fp32"))
+    return root, base, paths, by_key(targets)
+
+
+def test_info(files, capsys):
+    _, _, (a, _), _ = files
+    assert main(["lora", "info", str(a)]) == 0
+    out = capsys.readouterr().out
+    assert "family    sd1" in out and "ranks     4" in out and "matches the tensors" in out
+
+
+def test_merge_svd_merge_resize(files, tmp_path):
+    _, _, (a, b), _ = files
+    assert (
+        main(["lora", "merge", str(a), str(b), "--ratios", "1", "-0.5", "--out", str(tmp_path / "m.safetensors")]) == 0
+    )
+    merged = read_lora(tmp_path / "m.safetensors")
+    la, lb = read_lora(a), read_lora(b)
+    key = next(iter(merged.modules))
+    expected = la.modules[key].delta() - 0.5 * lb.modules[key].delta()
+    assert torch.allclose(merged.modules[key].delta(), expected, atol=1e-2 * float(expected.abs().max()))
+    assert merged.metadata["ss_base_model_version"] == "sd_v1" and merged.ranks == {8}
+    out = tmp_path / "s.safetensors"
+    assert main(["lora", "svd-merge", str(a), str(b), "--ratios", "1", "-1", "--new_rank", "2", "--out", str(out)]) == 0
+    assert read_lora(out).ranks == {2}
+    out = tmp_path / "r.safetensors"
+    assert main(["lora", "resize", str(a), "--new-rank", "2", "--out", str(out)]) == 0
+    resized = read_lora(out)
+    assert resized.ranks == {2} and resized.metadata["ss_network_dim"] == "2"
+    assert resized.metadata["ss_training_comment"].startswith("dimension is resized from 4 to 2")
+
+
+def test_merge_into_checkpoint_and_extract_back(files, tmp_path):
+    _, base, (a, _), table = files
+    tuned = tmp_path / "tuned.safetensors"
+    assert main(["lora", "merge", str(a), "--model", str(base), "--precision", "fp32", "--out", str(tuned)]) == 0
+    source = TensorSource(base)
+    state = {k: source.get(k) for k in source.keys}
+    apply_to_state_dict(state, [(read_lora(a).modules, 1.0)], table)
+    result = TensorSource(tuned)
+    assert all(torch.equal(result.get(k), state[k]) for k in state)
+    out = tmp_path / "x.safetensors"
+    assert main(["lora", "extract", str(base), str(tuned), "--dim", "4", "--precision", "fp32", "--out", str(out)]) == 0
+    extracted, original = read_lora(out), read_lora(a)
+    for key, module in original.modules.items():
+        assert torch.allclose(extracted.modules[key].delta(), module.delta(), atol=1e-4), key
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["info", "missing.safetensors"], "does not exist"),
+        (["info", "{base}"], "is not a LoRA"),
+        (["resize", "{a}", "--new-rank", "0", "--out", "{tmp}/o.safetensors"], "must be positive"),
+        (["resize", "{a}", "--new-rank", "2", "--out", "{b}"], "already exists"),
+        (["merge", "{a}", "{sd2}", "--out", "{tmp}/o.safetensors"], "different model families"),
+        (["merge", "{a}", "{b}", "--ratios", "1", "--out", "{tmp}/o.safetensors"], "one ratio per LoRA"),
+        (["svd-merge", "{a}", "{wide}", "--new-rank", "2", "--out", "{tmp}/o.safetensors"], "different shapes"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(files, tmp_path, capsys, args, message):
+    root, base, (a, b), _ = files
+    sd2 = write_lora(tmp_path / "sd2.safetensors", read_lora(a).modules, {"ss_base_model_version": "sd_v2"}, "fp32")
+    wide = {
+        k: type(m)(torch.ones(2, m.down.shape[1] + 1), torch.ones(m.up.shape[0], 2), 2.0)
+        for k, m in read_lora(a).modules.items()
+    }
+    wide = write_lora(tmp_path / "wide.safetensors", wide, {"ss_base_model_version": "sd_v1"})
+    names = {"base": base, "a": a, "b": b, "sd2": sd2, "wide": wide, "tmp": tmp_path}
+    assert main(["lora", *[arg.format(**names) for arg in args]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "o.safetensors").exists()
