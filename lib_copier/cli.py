@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "lib_copier.models.cli",
     "lib_copier.models.bench",
     "lib_copier.effects.cli",
+    "lib_copier.effects.bench",
     "lib_copier.lora.cli",
 )
 

@@ -1,0 +1,76 @@
+"""Chains: several effects in order, each with its own parameters, as JSON that records how a result was made."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from lib_copier.effects.registry import get_effect
+from lib_copier.errors import CopierError
+
+FORMAT = "copier-effects/1"
+
+
+@dataclass(frozen=True)
+class Step:
+    effect: str
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Chain:
+    steps: tuple[Step, ...]
+
+    def __post_init__(self):
+        if not self.steps:
+            raise CopierError("an effect chain needs at least one effect")
+        for step in self.steps:  # fail on a bad step before any pixel is touched
+            get_effect(step.effect)
+
+    def resolved(self) -> Chain:
+        """The same chain with every parameter spelled out, defaults included."""
+        from lib_copier.effects.params import validate
+
+        return Chain(
+            tuple(Step(s.effect, validate(s.effect, get_effect(s.effect).params, s.params)) for s in self.steps)
+        )
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        for step in self.steps:
+            image = get_effect(step.effect).apply(image, step.params)
+        return image
+
+    def to_json(self) -> str:
+        steps = [{"effect": s.effect, "params": s.params} for s in self.resolved().steps]
+        return json.dumps({"format": FORMAT, "steps": steps}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Chain:
+        try:
+            data = json.loads(text)
+            if data.get("format") != FORMAT:
+                raise CopierError(f'an effect chain must say "format": "{FORMAT}"')
+            return cls(tuple(Step(s["effect"], dict(s.get("params", {}))) for s in data["steps"])).resolved()
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CopierError(f"the effect chain is not valid JSON of the expected shape ({exc})") from exc
+
+    @classmethod
+    def parse(cls, specs: list[str]) -> Chain:
+        """From command-line specs such as `outline:thickness=3,darkness=0.8` or `grayscale`."""
+        steps = []
+        for spec in specs:
+            name, _, rest = spec.partition(":")
+            effect = get_effect(name.strip())
+            known = {p.name: p for p in effect.params}
+            params = {}
+            for item in filter(None, (part.strip() for part in rest.split(","))):
+                key, eq, value = item.partition("=")
+                if not eq:
+                    raise CopierError(f"{spec!r}: write parameters as name=value, not {item!r}")
+                if key not in known:
+                    raise CopierError(f"{name} has no parameter {key}; it takes {', '.join(known) or 'none'}")
+                params[key] = known[key].parse(value)
+            steps.append(Step(effect.name, params))
+        return cls(tuple(steps)).resolved()
