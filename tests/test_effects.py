@@ -107,8 +107,6 @@ def test_outline_darkens_edges_only():
     image = picture()
     out = apply("outline", image, thickness=2)
     dark_before, dark_after = luma(image) < 60, luma(out) < 60
-    edge = np.zeros((SIZE, SIZE), bool)
-    edge[68:72, 40:100] = True  # across the circle's horizontal diameter the left/right edges; use its rim
     rim = np.zeros((SIZE, SIZE), bool)
     rim[128:133, 150:220] = True  # the rectangle's top border (y = 130)
     assert dark_after[rim].sum() > dark_before[rim].sum() + 50
