@@ -85,9 +85,11 @@ def _check_out(args: argparse.Namespace) -> Path:
     return out
 
 
-def _read_all(args: argparse.Namespace):
+def _merge_inputs(args: argparse.Namespace):
+    """The LoRAs with their ratios and common family, after checking the output can be written."""
     from lib_copier.lora.files import read_lora
 
+    _check_out(args)
     ratios = args.ratios or [1.0] * len(args.loras)
     if len(ratios) != len(args.loras):
         raise CopierError(f"{len(args.loras)} LoRAs but {len(ratios)} ratios; give one ratio per LoRA")
@@ -97,7 +99,7 @@ def _read_all(args: argparse.Namespace):
         named = ", ".join(f"{path.name} ({lora.family})" for path, lora in zip(args.loras, loras, strict=True))
         raise CopierError(f"the LoRAs are for different model families: {named}")
     family = families.pop() if families else None
-    return loras, ratios, family
+    return loras, ratios, family, [(lora.modules, ratio) for lora, ratio in zip(loras, ratios, strict=True)]
 
 
 def _merged_info(args, family: str | None, loras, rank, alpha, comment: str, conv_rank=None):
@@ -148,9 +150,7 @@ def run_info(args: argparse.Namespace) -> int:
 def run_merge(args: argparse.Namespace) -> int:
     from lib_copier.lora.ops import merge_exact
 
-    _check_out(args)
-    loras, ratios, family = _read_all(args)
-    pairs = [(lora.modules, ratio) for lora, ratio in zip(loras, ratios, strict=True)]
+    loras, ratios, family, pairs = _merge_inputs(args)
     if args.model is not None:
         return _merge_into_checkpoint(args, pairs, family)
     modules = merge_exact(pairs)
@@ -186,9 +186,7 @@ def _merge_into_checkpoint(args, pairs, family: str | None) -> int:
 def run_svd_merge(args: argparse.Namespace) -> int:
     from lib_copier.lora.ops import merge_svd
 
-    _check_out(args)
-    loras, ratios, family = _read_all(args)
-    pairs = [(lora.modules, ratio) for lora, ratio in zip(loras, ratios, strict=True)]
+    loras, ratios, family, pairs = _merge_inputs(args)
     modules = merge_svd(pairs, args.rank, args.conv_rank, args.clamp_quantile, _tqdm("svd merge"))
     comment = f"svd-merged to rank {args.rank}: {_recipe(args, ratios)}"
     _write(args, modules, _merged_info(args, family, loras, args.rank, args.rank, comment, args.conv_rank))
