@@ -58,7 +58,7 @@ def _nearest(pixels: np.ndarray, centres: np.ndarray) -> np.ndarray:
     "Flatten",
     "Removes shading and texture but keeps each region's colour, like cel shading.",
     Param("colors", "int", 8, 2, 32, 1, "how many flat colours remain"),
-    Param("smoothing", "int", 2, 0, 5, 1, "edge-preserving smoothing passes before the colours are picked"),
+    Param("smoothing", "int", 2, 0, 3, 1, "edge-preserving smoothing passes before the colours are picked"),
 )
 def flatten(image: Image.Image, p: dict) -> Image.Image:
     small = image.reduce(2) if min(image.size) >= 64 else image
