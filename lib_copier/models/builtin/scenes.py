@@ -12,6 +12,7 @@ bucket never occur in training, so evaluation prompts are combinations the model
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import random
 from dataclasses import dataclass, field
 
@@ -35,7 +36,12 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 SIZES = {"small": 0.22, "medium": 0.34, "large": 0.5}  # object diameter as a fraction of the image side
 BACKGROUNDS = ("flat", "gradient", "radial", "split")
+TEXTURE_PERIOD = 8  # image pixels; the VAE's downscale
 HELD_OUT_BUCKETS = 10  # one triple in ten is held out
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,12 @@ class Scene:
     def caption(self) -> str:
         things = " and ".join(o.phrase() for o in self.objects)
         if self.background == "flat":
-            where = f"on a {self.bg_colour} background"
+            where = f"on {article(self.bg_colour)} {self.bg_colour} background"
         elif self.background == "split":
-            where = f"on a {self.bg_colour} and {self.bg_colour2} split background"
+            where = f"on {article(self.bg_colour)} {self.bg_colour} and {self.bg_colour2} split background"
         else:
             kind = "gradient" if self.background == "gradient" else "radial gradient"
-            where = f"on a {self.bg_colour} {kind} background"
+            where = f"on {article(self.bg_colour)} {self.bg_colour} {kind} background"
         return f"{things} {where}"
 
     @property
@@ -182,12 +188,14 @@ def _fill(obj: SceneObject, n: int) -> np.ndarray:
         # Light from the upper left: brighter towards it, darker away from it.
         d = ((xx - (obj.cx - r * 0.4)) ** 2 + (yy - (obj.cy - r * 0.4)) ** 2) ** 0.5 / (2 * r)
         fill = fill * (1.25 - 0.7 * np.clip(d, 0, 1))[..., None]
+    # Textures repeat every 8 image pixels (16 on the 2x canvas): one VAE latent cell, so every cell holds the same
+    # piece of pattern and the small VAE can reproduce it instead of blurring it.
+    period = 2 * TEXTURE_PERIOD
     if obj.texture == "striped":
-        stripes = (np.floor((xx + yy) * n / max(3, n // 16)) % 2 == 0)[..., None]
+        stripes = (np.floor((xx + yy) * n / (period / 2)) % 2 == 0)[..., None]
         fill = np.where(stripes, fill * 0.65, fill)
     elif obj.texture == "dotted":
-        period = max(4, n // 12)
-        dots = ((xx * n) % period - period / 2) ** 2 + ((yy * n) % period - period / 2) ** 2 < (period / 4) ** 2
+        dots = ((xx * n) % period - period / 2) ** 2 + ((yy * n) % period - period / 2) ** 2 < (period * 0.3) ** 2
         fill = np.where(dots[..., None], 255 - (255 - fill) * 0.35, fill)
     return fill
 
@@ -213,10 +221,21 @@ def render(scene: Scene, size: int = 128, seed: int = 0) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def dataset(count: int, seed: int, held_out: bool = False, size: int = 128) -> list[tuple[Image.Image, str]]:
+def _render_job(job: tuple[Scene, int, int]) -> Image.Image:
+    scene, size, seed = job
+    return render(scene, size, seed)
+
+
+def dataset(
+    count: int, seed: int, held_out: bool = False, size: int = 128, workers: int = 1
+) -> list[tuple[Image.Image, str]]:
+    """`count` seeded (image, caption) pairs; the same for any number of worker processes."""
     rng = random.Random(seed)
-    out = []
-    for i in range(count):
-        scene = random_scene(rng, held_out)
-        out.append((render(scene, size, seed * 1_000_003 + i), scene.caption()))
-    return out
+    scenes = [random_scene(rng, held_out) for _ in range(count)]
+    jobs = [(scene, size, seed * 1_000_003 + i) for i, scene in enumerate(scenes)]
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            images = pool.map(_render_job, jobs, chunksize=64)
+    else:
+        images = [_render_job(job) for job in jobs]
+    return [(image, scene.caption()) for image, scene in zip(images, scenes, strict=True)]

@@ -28,16 +28,19 @@ from lib_copier.models.sd_model import StableDiffusion, build_model
 @dataclasses.dataclass
 class Plan:
     seed: int = 0
-    train_images: int = 6000
+    train_images: int = 10000
     eval_images: int = 200
-    vae_steps: int = 4000
+    vae_steps: int = 3500
     vae_batch: int = 8
     vae_crop: int = 64  # the VAE is convolutional: crops teach it the same at a quarter of the cost
-    vae_lr: float = 1e-3
-    unet_steps: int = 3000
-    unet_batch: int = 64
-    unet_lr: float = 2e-3
+    vae_lr: float = 2e-4  # higher rates stall this small VAE at the mean colour of its crops
+    unet_steps: int = 5000
+    unet_batch: int = 32
+    unet_lr: float = 1.5e-3
     min_snr_gamma: float = 5.0  # Min-SNR weighting: high-SNR steps stop dominating, training converges faster
+    # A 16x16 latent's mean is as loud as its signal at the noisiest steps, so without an offset the starting
+    # noise, not the prompt, picks the background colour.
+    noise_offset: float = 0.1
     caption_dropout: float = 0.1  # empty captions teach the unconditional branch that guidance needs
     ema: float = 0.999
     save_every: int = 250
@@ -70,6 +73,10 @@ class Run:
     def __init__(self, plan: Plan, work: Path, device: torch.device):
         self.plan, self.work, self.device = plan, work, device
         self.model = build_model(BUILTIN, seed=plan.seed).to(device).requires_grad_(False)
+        with torch.no_grad():
+            # Start the posterior's log-variance low: sampled latents are then nearly the mean from step one,
+            # instead of the decoder spending its first thousand steps learning to see through unit noise.
+            self.model.vae.quant_conv.bias[BUILTIN.vae.embed_dim :].fill_(-6.0)
         self.stage, self.step = "vae", 0
         self.vae_opt = torch.optim.AdamW(self.model.vae.parameters(), lr=plan.vae_lr, weight_decay=0.0)
         self.ema: dict[str, torch.Tensor] = {}
@@ -127,7 +134,9 @@ def train_vae(run: Run, images: torch.Tensor, log) -> None:
     while run.step < plan.vae_steps:
         g = generator(plan.seed, run.step, "cpu")
         idx = torch.randint(len(images), (plan.vae_batch,), generator=g)
-        top, left = torch.randint(images.shape[-1] - plan.vae_crop + 1, (2,), generator=g).tolist()
+        # Crops start on the latent grid, as whole images do, so textures keep their phase within a latent cell.
+        cells = (images.shape[-1] - plan.vae_crop) // run.model.downscale + 1
+        top, left = (torch.randint(cells, (2,), generator=g) * run.model.downscale).tolist()
         x = as_float(images[idx, :, top : top + plan.vae_crop, left : left + plan.vae_crop], run.device)
         posterior = vae.encode(x)
         recon = vae.decode(posterior.sample(generator(plan.seed, run.step, run.device)))
@@ -168,7 +177,8 @@ def train_unet(run: Run, latents: torch.Tensor, captions: list[str], log) -> Non
         prompts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
         x0 = latents[idx].to(run.device) * run.scale_factor
         t = torch.randint(0, len(alphas_cumprod), (plan.unet_batch,), generator=g).to(run.device)
-        noise = torch.randn(x0.shape, generator=g).to(run.device)
+        noise = torch.randn(x0.shape, generator=g)
+        noise = (noise + plan.noise_offset * torch.randn(*x0.shape[:2], 1, 1, generator=g)).to(run.device)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         cond = model.encode_prompts(prompts)
@@ -214,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         if step % 50 == 0 or step == total:
             print(f"[{time.time() - start:7.0f}s] {stage} {step}/{total} loss {loss:.4f}", flush=True)
 
-    pairs = dataset(plan.train_images, plan.seed, size=BUILTIN.resolution)
+    workers = max(1, args.threads or torch.get_num_threads())
+    pairs = dataset(plan.train_images, plan.seed, size=BUILTIN.resolution, workers=workers)
     images, captions = to_tensor(im for im, _ in pairs), [c for _, c in pairs]
     held = dataset(plan.eval_images, plan.seed + 1, held_out=True, size=BUILTIN.resolution)
     held_images = to_tensor(im for im, _ in held)
