@@ -148,6 +148,11 @@ def _text_targets(shapes: dict[str, tuple[int, ...]], family: str) -> list[Targe
     return targets
 
 
+def is_text_encoder_key(key: str) -> bool:
+    """lora_te_… (SD1/SD2) and lora_te1_/lora_te2_… (SDXL) modules; everything else is the UNet."""
+    return key.startswith("lora_te")
+
+
 def by_key(targets: list[Target]) -> dict[str, Target]:
     table = {t.key: t for t in targets}
     if len(table) != len(targets):

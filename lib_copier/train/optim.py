@@ -1,0 +1,35 @@
+"""Optimisers and learning-rate schedules by name; the optional ones only when their package is installed."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+from lib_copier.errors import CopierError
+
+
+def make_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=weight_decay)
+    package, attribute = {"adamw8bit": ("bitsandbytes", "AdamW8bit"), "lion": ("lion_pytorch", "Lion")}[name]
+    try:
+        module = importlib.import_module(package)
+    except ImportError as exc:
+        raise CopierError(f"optimizer {name} needs the {package} package, which is not installed") from exc
+    if package == "bitsandbytes":
+        module = module.optim
+    return getattr(module, attribute)(groups, weight_decay=weight_decay)
+
+
+def lr_factor(step: int, total: int, scheduler: str, warmup: int) -> float:
+    """The multiplier of the base learning rate at `step` (0-based): linear warm-up, then the schedule."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if scheduler == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if scheduler == "linear":
+        return 1 - progress
+    return 1.0

@@ -1,0 +1,167 @@
+"""The trainer over the standalone backend: it learns, it is reproducible, and the base model is never changed."""
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from lib_copier.backends.standalone import StandaloneBackend
+from lib_copier.errors import CopierError
+from lib_copier.lora.naming import by_key
+from lib_copier.models.configs import TINY
+from lib_copier.models.generate import Txt2Img
+from lib_copier.models.sd_model import build_model
+from lib_copier.train.config import PRESETS, TrainConfig, field_info, make_config
+from lib_copier.train.optim import lr_factor, make_optimizer
+from lib_copier.train.trainer import Callbacks, Cancelled, image_tensor, train_lora
+from tests.conftest import TINY_SD2V, TINY_SDXL, randomize_
+
+
+def backend_for(config=TINY, seed=0) -> StandaloneBackend:
+    return StandaloneBackend(randomize_(build_model(config), seed=seed))
+
+
+def snapshot(backend):
+    return {name: tensor.clone() for name, tensor in backend.weights()}
+
+
+def assert_unchanged(backend, before):
+    after = dict(backend.weights())
+    assert after.keys() == before.keys()
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert not changed, f"base weights changed: {changed[:3]}"
+    assert not any(p.requires_grad for p in backend.model.parameters())
+    assert not backend.model.unet.training
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    backend = backend_for()
+    return backend, backend.generate(Txt2Img("a red circle", seed=1))
+
+
+def quick(**overrides) -> TrainConfig:
+    return make_config("quick", **{"steps": 6, **overrides})
+
+
+def denoising_error(backend, image, network=None) -> float:
+    """The model's mean error on a fixed set of noised copies of `image`: what training should lower."""
+    latents = backend.encode_images(image_tensor(image))
+    g = torch.Generator().manual_seed(123)
+    t = torch.randint(0, 1000, (32,), generator=g)
+    noise = torch.randn((32, *latents.shape[1:]), generator=g)
+    a = backend.alphas_cumprod()[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    cond = backend.encode_prompts([""] * 32, image.height, image.width)
+    table = by_key(backend.lora_targets(conv=True))
+    with torch.no_grad(), network.applied(backend.lora_layers(), table) if network else contextlib.nullcontext():
+        return (backend.predict(noisy, t, cond) - noise).pow(2).mean().item()
+
+
+def test_same_seed_same_lora_and_it_fits_the_image(tiny):
+    backend, image = tiny
+    # The random TINY model learns slowly; the built-in model's copier test measures real fitting.
+    a = train_lora(backend, image, "", quick(steps=40, lr=1e-2))
+    b = train_lora(backend, image, "", quick(steps=40, lr=1e-2))
+    for key, module in a.network.to_weights().items():
+        assert torch.equal(module.up, b.network.to_weights()[key].up)
+    assert a.losses == b.losses
+    assert denoising_error(backend, image, a.network) < 0.99 * denoising_error(backend, image)
+
+
+def test_unet_only_by_default_text_encoder_on_request(tiny):
+    backend, image = tiny
+    unet_only = train_lora(backend, image, "", quick(steps=1)).network.modules_by_key
+    assert unet_only and all(key.startswith("lora_unet_") for key in unet_only)
+    both = train_lora(backend, image, "x", quick(steps=1, train_text_encoder=True)).network.modules_by_key
+    assert any(key.startswith("lora_te_") for key in both)
+
+
+def test_base_weights_bit_identical_after_a_normal_run_with_a_fused_lora(tiny):
+    backend, image = tiny
+    before = snapshot(backend)
+    copier = train_lora(backend, image, "", quick(train_text_encoder=True, conv_rank=4, flip=True, batch_size=2))
+    train_lora(backend, image, "", quick(), frozen=[(copier.network, 1.0)])
+    assert_unchanged(backend, before)
+
+
+def test_a_cancelled_run_stops_between_steps_and_leaves_the_base_unchanged(tiny):
+    backend, image = tiny
+    before = snapshot(backend)
+    seen = []
+    callbacks = Callbacks(progress=lambda p: seen.append(p.step), cancelled=lambda: len(seen) >= 3)
+    with pytest.raises(Cancelled) as info:
+        train_lora(backend, image, "", quick(steps=50), callbacks=callbacks)
+    assert info.value.result.steps == 3 and seen == [1, 2, 3]
+    assert_unchanged(backend, before)
+
+
+def test_a_nan_loss_stops_the_run_with_a_clear_message(tiny, monkeypatch):
+    backend, image = tiny
+    before = snapshot(backend)
+    real = backend.predict
+    calls = {"n": 0}
+
+    def poisoned(x, t, cond):
+        calls["n"] += 1
+        out = real(x, t, cond)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(backend, "predict", poisoned)
+    with pytest.raises(CopierError, match="loss became nan at step 3"):
+        train_lora(backend, image, "", quick(steps=10))
+    monkeypatch.undo()
+    assert_unchanged(backend, before)
+
+
+def test_progress_and_previews_are_reported(tiny):
+    backend, image = tiny
+    progress, previews = [], []
+    callbacks = Callbacks(progress=progress.append, preview=lambda step, im: previews.append((step, im.size)))
+    train_lora(backend, image, "", quick(steps=4, preview_every=2), callbacks=callbacks)
+    assert [p.step for p in progress] == [1, 2, 3, 4]
+    assert progress[-1].eta == 0 and progress[0].eta > 0 and progress[0].lr == pytest.approx(1e-3)
+    assert previews == [(2, (64, 64)), (4, (64, 64))]
+
+
+@pytest.mark.parametrize("config", [TINY_SD2V, TINY_SDXL], ids=["sd2-v", "sdxl"])
+def test_v_prediction_and_sdxl_models_train(config):
+    backend = backend_for(config)
+    image = backend.generate(Txt2Img("a cat", seed=0, steps=2))
+    before = snapshot(backend)
+    result = train_lora(backend, image, "a cat", quick(steps=3, train_text_encoder=True, min_snr_gamma=5.0))
+    assert all(math.isfinite(loss) for loss in result.losses)
+    keys = result.network.modules_by_key
+    assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te") for k in keys)
+    assert_unchanged(backend, before)
+
+
+def test_presets_and_validation():
+    assert make_config("thorough").rank == 64 and make_config("thorough").warmup_steps == 500
+    assert make_config("quick", rank=8).rank == 8
+    assert set(PRESETS) == {"quick", "thorough"}
+    assert field_info()["lr"]["help"]
+    with pytest.raises(CopierError, match="setting rank is 0; it must be between 1 and 1024"):
+        make_config("quick", rank=0)
+    with pytest.raises(CopierError, match="choose one of adamw, adamw8bit, lion"):
+        make_config("quick", optimizer="sgd")
+    with pytest.raises(CopierError, match="unknown trainer setting 'ranks'"):
+        make_config("quick", ranks=4)
+    with pytest.raises(CopierError, match="timestep_min"):
+        make_config("quick", timestep_min=500, timestep_max=400)
+    with pytest.raises(CopierError, match="unknown preset"):
+        make_config("fast")
+
+
+def test_schedules_and_optional_optimizers():
+    assert [lr_factor(s, 10, "constant", 2) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(0, 10, "cosine", 0) == 1.0 and lr_factor(5, 10, "cosine", 0) == pytest.approx(0.5)
+    assert lr_factor(5, 10, "linear", 0) == pytest.approx(0.5)
+    param = torch.nn.Parameter(torch.zeros(2))
+    assert isinstance(make_optimizer("adamw", [{"params": [param], "lr": 1e-3}], 0.0), torch.optim.AdamW)
+    try:
+        import lion_pytorch  # noqa: F401
+    except ImportError:
+        with pytest.raises(CopierError, match="needs the lion_pytorch package"):
+            make_optimizer("lion", [{"params": [param], "lr": 1e-3}], 0.0)
