@@ -1,0 +1,219 @@
+"""`python -m lib_copier copier …` and `python -m lib_copier demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from lib_copier.errors import CopierError
+from lib_copier.models.cli import add_model_arguments, slug
+from lib_copier.train.config import PRESETS, field_info
+
+# Prompts for the strength grid on a full-size model; the built-in model uses its own held-out captions.
+GENERIC_PROMPTS = ["a portrait of a woman, detailed", "a mountain landscape at sunset", "a bowl of fruit on a table"]
+DEMO_PROMPT = "a large yellow star with shading and a dark outline on a purple background"
+DEMO_EFFECTS = ["grayscale", "outline:thickness=3", "posterize:levels=3"]
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("copier", help="train copier / processed / extraction LoRAs for one or more images")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", action="append", help="original image (repeat for several originals)")
+    source.add_argument("--generate", metavar="PROMPT", help="generate the original with the model instead")
+    p.add_argument("--seed", type=int, default=0, help="seed for --generate")
+    p.add_argument(
+        "--effect",
+        action="append",
+        default=[],
+        help="an effect chain, e.g. grayscale or posterize:levels=4+outline (repeat: one LoRA per effect)",
+    )
+    p.add_argument("--processed-image", action="append", default=[], help="a processed image you edited yourself")
+    p.add_argument("--method", choices=("copier", "extraction", "both"), default="copier")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="quick")
+    p.add_argument("--caption", default="", help="training caption (default: empty, as the method suggests)")
+    p.add_argument("--name", help="output name (default: from the image or prompt)")
+    p.add_argument("--out", default="models/Lora", help="output folder (default: models/Lora)")
+    p.add_argument("--grid-prompt", action="append", default=[], help="a prompt for the strength grid's rows")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a trainer setting")
+    for name in ("steps", "rank", "alpha", "lr"):
+        p.add_argument(f"--{name}", type=field_info()[name]["type"], help=field_info()[name]["help"])
+    add_model_arguments(p)
+    p.set_defaults(func=run_copier)
+
+    d = commands.add_parser("demo", help="the whole method on the built-in model, into ./copier-demo/")
+    d.add_argument("--out", default="copier-demo")
+    d.add_argument("--steps", type=int, default=300, help="training steps per LoRA")
+    add_model_arguments(d)
+    d.set_defaults(func=run_demo)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    info, overrides = field_info(), {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in info:
+            raise CopierError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(info)}")
+        kind = info[key]["type"]
+        try:
+            overrides[key] = value.strip().lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError as exc:
+            raise CopierError(f"--set {item!r}: {value!r} is not a valid {kind.__name__}") from exc
+    return overrides
+
+
+def _effects(specs: list[str], processed_images: list[str]):
+    from lib_copier.effects.chain import Chain
+    from lib_copier.effects.image_io import load_image
+    from lib_copier.recipes.job import Effect
+
+    effects = []
+    for spec in specs:
+        chain = Chain.parse(spec.split("+"))
+        label = "-".join(slug(s.effect, 20) for s in chain.steps)
+        effects.append(Effect(label, chain=chain))
+    for path in processed_images:
+        effects.append(Effect(slug(Path(path).stem, 30), image=load_image(path)))
+    seen: dict[str, int] = {}
+    for effect in effects:  # the same effect twice with other parameters: number them
+        seen[effect.label] = seen.get(effect.label, 0) + 1
+        if seen[effect.label] > 1:
+            effect.label = f"{effect.label}{seen[effect.label]}"
+    return effects
+
+
+def _grid_prompts(args, builtin: bool) -> list[str]:
+    if args.grid_prompt:
+        return args.grid_prompt
+    if builtin:
+        from lib_copier.models.builtin.evaluate import held_out_captions
+
+        return [caption for caption, _, _ in held_out_captions(3, seed=7)]
+    return GENERIC_PROMPTS
+
+
+def _bar_callbacks(bar_holder: dict):
+    from lib_copier.train.trainer import Callbacks
+
+    def progress(p):
+        bar = bar_holder["bar"]
+        bar.total = p.total
+        bar.update(p.step - bar.n)
+        bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}")
+
+    return Callbacks(progress=progress)
+
+
+def run_job_with_progress(backend, job):
+    from tqdm import tqdm
+
+    from lib_copier.recipes.job import run_job
+
+    holder: dict = {}
+
+    def stage(text: str):
+        if "bar" in holder:
+            holder["bar"].close()
+        holder["bar"] = tqdm(desc=text, unit="step", leave=True)
+
+    try:
+        return run_job(backend, job, _bar_callbacks(holder), stage)
+    finally:
+        if "bar" in holder:
+            holder["bar"].close()
+
+
+def print_summary(results) -> None:
+    rows = [("kind", "effect", "steps", "seconds", "final loss", "file")]
+    for r in results:
+        loss = "" if r.final_loss is None else f"{r.final_loss:.4f}"
+        rows.append((r.kind, r.effect or "-", str(r.steps), f"{r.seconds:.1f}", loss, str(r.written.lora)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+def _load(args):
+    from lib_copier.backends.standalone import StandaloneBackend
+    from lib_copier.models.loading import load_model
+
+    return StandaloneBackend(load_model(args.model, args.device, args.dtype, args.prediction))
+
+
+def run_copier(args: argparse.Namespace) -> int:
+    from lib_copier.effects.image_io import load_image
+    from lib_copier.models.generate import Txt2Img
+    from lib_copier.recipes.job import Job, fit_image
+
+    overrides = parse_overrides(args.set)
+    overrides.update({k: getattr(args, k) for k in ("steps", "rank", "alpha", "lr") if getattr(args, k) is not None})
+    effects = _effects(args.effect, args.processed_image)
+    backend = _load(args)
+    if args.generate:
+        originals = [backend.generate(Txt2Img(args.generate, seed=args.seed))]
+        name = args.name or slug(args.generate, 30)
+    else:
+        originals = [fit_image(load_image(path), backend.resolution) for path in args.image]
+        name = args.name or slug(Path(args.image[0]).stem, 30)
+    job = Job(
+        originals=originals,
+        effects=effects,
+        name=name,
+        out_dir=Path(args.out),
+        method=args.method,
+        preset=args.preset,
+        overrides=overrides,
+        caption=args.caption,
+        grid_prompts=_grid_prompts(args, builtin=args.model is None),
+        base_model=Path(args.model).name if args.model else "built-in",
+    )
+    start = time.perf_counter()
+    results = run_job_with_progress(backend, job)
+    print_summary(results)
+    print(f"done in {time.perf_counter() - start:.0f} s; files in {Path(args.out).resolve()}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from lib_copier.models.generate import Txt2Img
+    from lib_copier.recipes.job import Job
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise CopierError(f"{out} is not empty (an earlier demo?); remove it or choose another --out")
+    backend = _load(args)
+    original = backend.generate(Txt2Img(DEMO_PROMPT, seed=1))
+    effects = _effects(DEMO_EFFECTS, [])
+    job = Job(
+        originals=[original],
+        effects=effects,
+        name="demo",
+        out_dir=out,
+        method="both",
+        overrides={"steps": args.steps},
+        caption="",
+        grid_prompts=_grid_prompts(argparse.Namespace(grid_prompt=[]), builtin=args.model is None)[:2],
+        base_model=Path(args.model).name if args.model else "built-in",
+    )
+    results = run_job_with_progress(backend, job)
+    original.save(out / "original.png")
+    for effect in effects:
+        effect.process(original).save(out / f"processed-{effect.label}.png")
+    print_summary(results)
+    summary = {
+        "prompt": DEMO_PROMPT,
+        "seconds": round(time.perf_counter() - start, 1),
+        "results": [
+            {"kind": r.kind, "effect": r.effect, "lora": str(r.written.lora), "grid": str(r.written.grid)}
+            for r in results
+        ],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print(
+        f"demo done in {summary['seconds']:.0f} s: the original, processed images, LoRAs and strength grids "
+        f"are in {out.resolve()}"
+    )
+    return 0

@@ -1,0 +1,255 @@
+"""One run of the method, as the CLI, the demo and the WebUI start it: originals and effects in, files out.
+
+Results are written only when the whole job has finished (or, with `save_on_cancel`, when it is interrupted), so an
+interrupted or failed job leaves nothing behind by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from lib_copier.backends import Backend
+from lib_copier.effects.chain import Chain
+from lib_copier.errors import CopierError
+from lib_copier.lora.metadata import NetworkInfo
+from lib_copier.lora.network import LoRANetwork
+from lib_copier.lora.weights import LoRAWeights
+from lib_copier.recipes.grid import strength_grid
+from lib_copier.recipes.methods import Weights, extraction, merge_processed, shrink, train_copier, train_processed
+from lib_copier.recipes.outputs import Written, free_name, sidecar, write_result
+from lib_copier.train.config import TrainConfig, make_config
+from lib_copier.train.trainer import Callbacks, Cancelled, TrainResult
+
+METHODS = ("copier", "extraction", "both")
+# File name endings: `<name>-copier`, `<name>-<effect>`, `<name>-<effect>-extraction`; A′ (the processed image's
+# copier) is only ever written when an extraction run is interrupted with save_on_cancel.
+SUFFIX = {"copier": "copier", "processed": "", "extraction": "extraction", "processed-copier": "processed-copier"}
+# What a preset means for the recipe beyond the trainer: the processed LoRA's steps and its final rank.
+RECIPE_PRESETS = {
+    "quick": {"processed_steps": None, "resize_rank": None, "extraction_rank": 8},
+    "thorough": {"processed_steps": 4000, "resize_rank": 8, "extraction_rank": 8},
+}
+
+
+@dataclass
+class Effect:
+    """One processed image per original: an effect chain applied to it, or an image the user edited."""
+
+    label: str
+    chain: Chain | None = None
+    image: Image.Image | None = None
+
+    def process(self, original: Image.Image) -> Image.Image:
+        if self.image is not None:
+            return self.image.convert("RGB").resize(original.size, Image.Resampling.LANCZOS)
+        return self.chain.apply(original)
+
+
+@dataclass
+class Job:
+    originals: list[Image.Image]
+    effects: list[Effect]
+    name: str
+    out_dir: Path
+    method: str = "copier"
+    preset: str = "quick"
+    overrides: dict = field(default_factory=dict)
+    caption: str = ""
+    grid_prompts: list[str] = field(default_factory=list)
+    grid_seed: int = 0
+    grid_steps: int = 20
+    base_model: str = ""
+    keep_copier: bool = True  # also write the copier LoRA A itself
+
+    def config(self) -> TrainConfig:
+        return make_config(self.preset, **self.overrides)
+
+    def processed_config(self) -> TrainConfig:
+        steps = RECIPE_PRESETS[self.preset]["processed_steps"]
+        base = self.config()
+        if steps is None or "steps" in self.overrides:
+            return base
+        return dataclasses.replace(base, steps=steps)
+
+
+@dataclass
+class Result:
+    kind: str  # "copier", "processed" or "extraction"
+    effect: str
+    written: Written
+    steps: int
+    seconds: float
+    final_loss: float | None
+
+
+@dataclass
+class _Pending:
+    kind: str
+    effect: str
+    weights: Weights
+    steps: int
+    seconds: float
+    final_loss: float | None
+    description: str
+    chain_json: str = ""
+
+
+Stage = Callable[[str], None]
+
+
+def check_job(job: Job, backend: Backend) -> None:
+    if job.method not in METHODS:
+        raise CopierError(f"unknown method {job.method!r}; choose one of {', '.join(METHODS)}")
+    if not job.originals:
+        raise CopierError("the job has no original image")
+    if not job.effects and job.method != "copier":
+        raise CopierError("extraction needs at least one effect or processed image")
+    job.config()  # validates the preset and every override
+    labels = [e.label for e in job.effects]
+    if len(set(labels)) != len(labels):
+        raise CopierError("two effects have the same label; each processed LoRA needs its own name")
+    multiple = 64 if backend.resolution >= 512 else 32
+    for image in job.originals:
+        if image.width % multiple or image.height % multiple:
+            raise CopierError(
+                f"the original is {image.width}x{image.height}; both sides must be multiples of {multiple} "
+                "(use fit_image first)"
+            )
+
+
+def fit_image(image: Image.Image, resolution: int) -> Image.Image:
+    """Scale to about `resolution`² pixels with sides that are multiples of 64 (32 below 512), keeping the aspect."""
+    multiple = 64 if resolution >= 512 else 32
+    scale = (resolution * resolution / (image.width * image.height)) ** 0.5
+    w = max(multiple, round(image.width * scale / multiple) * multiple)
+    h = max(multiple, round(image.height * scale / multiple) * multiple)
+    image = image.convert("RGB")
+    return image if image.size == (w, h) else image.resize((w, h), Image.Resampling.LANCZOS)
+
+
+def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stage: Stage | None = None) -> list[Result]:
+    check_job(job, backend)
+    callbacks, stage = callbacks or Callbacks(), stage or (lambda text: None)
+    config, processed_config = job.config(), job.processed_config()
+    ranks = RECIPE_PRESETS[job.preset]
+    pending: list[_Pending] = []
+    current = ("copier", "")  # what is training now, so an interrupted run's partial LoRA is named for it
+    trained: dict[tuple[str, str], list[tuple[Weights, TrainResult]]] = {}
+    try:
+        for i, original in enumerate(job.originals):
+            tag = f" (original {i + 1}/{len(job.originals)})" if len(job.originals) > 1 else ""
+            stage(f"copier{tag}")
+            current = ("copier", "")
+            copier = train_copier(backend, original, job.caption, config, callbacks)
+            copier_weights = _cpu(copier.network.to_weights())
+            if job.keep_copier:
+                pending.append(_pending("copier", "", copier_weights, [copier], f"Copier LoRA of {job.name}{tag}"))
+            for effect in job.effects:
+                processed_image = effect.process(original)
+                if job.method in ("copier", "both"):
+                    stage(f"processed: {effect.label}{tag}")
+                    current = ("processed", effect.label)
+                    run = train_processed(
+                        backend, copier.network, processed_image, job.caption, processed_config, callbacks
+                    )
+                    trained.setdefault((effect.label, "processed"), []).append((_cpu(run.network.to_weights()), run))
+                if job.method in ("extraction", "both"):
+                    stage(f"extraction: {effect.label}{tag}")
+                    current = ("processed-copier", effect.label)
+                    run = train_copier(backend, processed_image, job.caption, config, callbacks)
+                    weights = extraction(copier_weights, _cpu(run.network.to_weights()), ranks["extraction_rank"])
+                    trained.setdefault((effect.label, "extraction"), []).append((weights, run))
+    except Cancelled as cancelled:
+        if config.save_on_cancel:
+            partial = cancelled.result
+            kind, label = current
+            note = f"{kind} LoRA {label}, interrupted at step {partial.steps}".replace("  ", " ")
+            pending.append(_pending(kind, label, _cpu(partial.network.to_weights()), [partial], note))
+            _finish(backend, job, pending, grids=False)
+        raise
+    chains = {e.label: e.chain.to_json() if e.chain else "" for e in job.effects}
+    for (label, kind), items in trained.items():
+        if kind == "processed":
+            merged = merge_processed([w for w, _ in items], ranks["resize_rank"] or config.rank)
+            weights = shrink(merged, ranks["resize_rank"])
+        else:
+            weights = merge_processed([w for w, _ in items], ranks["extraction_rank"])
+        runs = [run for _, run in items]
+        pending.append(_pending(kind, label, weights, runs, f"{kind} LoRA: {label}", chains[label]))
+    stage("strength grids")
+    return _finish(backend, job, pending, grids=True)
+
+
+def _cpu(weights: Weights) -> Weights:
+    return {k: LoRAWeights(w.down.detach().cpu(), w.up.detach().cpu(), w.alpha) for k, w in weights.items()}
+
+
+def _pending(kind, effect, weights, runs: list[TrainResult], description, chain_json="") -> _Pending:
+    loss = runs[-1].losses[-1] if runs[-1].losses else None
+    steps, seconds = sum(r.steps for r in runs), sum(r.seconds for r in runs)
+    return _Pending(kind, effect, weights, steps, seconds, loss, description, chain_json)
+
+
+def _finish(backend: Backend, job: Job, pending: list[_Pending], grids: bool) -> list[Result]:
+    config = job.config()
+    names: set[str] = set()
+    prepared = []
+    for item in pending:
+        stem = "-".join(part for part in (job.name, item.effect, SUFFIX[item.kind]) if part)
+        name = free_name(job.out_dir, stem, names)
+        names.add(name)
+        grid = None
+        if grids and job.grid_prompts:
+            network = LoRANetwork.from_weights(item.weights).to(backend.device)
+            grid = strength_grid(backend, network, job.grid_prompts, seed=job.grid_seed, steps=job.grid_steps)
+        prepared.append((item, name, grid))
+    results, done = [], []
+    try:
+        for item, name, grid in prepared:
+            info = _info(backend, job, config, item, name)
+            written = write_result(
+                job.out_dir, name, item.weights, info, sidecar(backend.family, item.description), grid
+            )
+            done.append(written)
+            results.append(Result(item.kind, item.effect, written, item.steps, item.seconds, item.final_loss))
+    except BaseException:
+        for written in done:
+            for path in (written.lora, written.sidecar, written.grid):
+                if path:
+                    path.unlink(missing_ok=True)
+        raise
+    return results
+
+
+def _info(backend: Backend, job: Job, config: TrainConfig, item: _Pending, name: str) -> NetworkInfo:
+    first = next(iter(item.weights.values()))
+    size = job.originals[0].size
+    return NetworkInfo(
+        family=backend.family,
+        rank=max(w.rank for w in item.weights.values()),
+        alpha=float(first.alpha),
+        title=name,
+        v_prediction=backend.prediction == "v",
+        resolution=max(size),
+        comment=item.description,
+        description=item.description,
+        training={
+            "copier_recipe": item.kind,
+            "copier_effects": item.chain_json,
+            "copier_preset": job.preset,
+            "copier_method": job.method,
+            "copier_originals": len(job.originals),
+            "copier_caption": job.caption,
+            "seed": config.seed,
+            "max_train_steps": item.steps,
+            "learning_rate": config.lr,
+            "sd_model_name": job.base_model,
+            "copier_train_config": json.dumps(dataclasses.asdict(config), sort_keys=True),
+        },
+    )

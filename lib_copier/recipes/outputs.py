@@ -1,0 +1,95 @@
+"""Where results go: `<name>.safetensors` (kohya format, full metadata), `<name>.json` (the WebUI's extra-networks
+sidecar) and `<name>.png` (the strength grid), all or nothing, never over an existing file."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from lib_copier.atomic import atomic_write
+from lib_copier.errors import CopierError
+from lib_copier.lora.files import write_lora
+from lib_copier.lora.metadata import NetworkInfo, build_metadata
+from lib_copier.lora.weights import LoRAWeights
+
+SUFFIXES = (".safetensors", ".json", ".png")
+SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # the sidecar's "sd version" values in A1111
+_ALLOWED = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+\-()\[\]]*")
+
+
+def check_name(name: str) -> str:
+    """A file stem that stays inside the output folder, or a CopierError saying what is wrong with it."""
+    if not name or not name.strip():
+        raise CopierError("the output name is empty")
+    if "/" in name or "\\" in name or ".." in name:
+        raise CopierError(f"the output name {name!r} must not contain path separators or '..'")
+    if not _ALLOWED.fullmatch(name) or len(name) > 120:
+        raise CopierError(
+            f"the output name {name!r} may use letters, digits, spaces and . _ + - ( ) [ ], "
+            "start with a letter or digit, and be at most 120 characters"
+        )
+    return name
+
+
+def free_name(folder: Path, name: str, taken: set[str] = frozenset()) -> str:
+    """`name`, or `name-2`, `name-3` … : the first for which none of the result files exists yet."""
+    check_name(name)
+    candidate, n = name, 1
+    while candidate in taken or any((folder / f"{candidate}{s}").exists() for s in SUFFIXES):
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
+@dataclass
+class Written:
+    name: str
+    lora: Path
+    sidecar: Path
+    grid: Path | None
+
+
+def write_result(
+    folder: Path,
+    name: str,
+    modules: dict[str, LoRAWeights],
+    info: NetworkInfo,
+    sidecar: dict,
+    grid: Image.Image | None,
+    precision: str = "fp16",
+) -> Written:
+    """Write the three files; if any fails, the ones already written are removed again."""
+    check_name(name)
+    folder = Path(folder)
+    paths = [folder / f"{name}{s}" for s in SUFFIXES]
+    clash = [p for p in paths if p.exists()]
+    if clash:
+        raise CopierError(f"{clash[0]} already exists; choose another name")
+    written: list[Path] = []
+    try:
+        written.append(write_lora(paths[0], modules, build_metadata(info), precision))
+        text = json.dumps(sidecar, indent=2, sort_keys=True)
+        written.append(atomic_write(paths[1], lambda tmp: tmp.write_text(text, encoding="utf-8")))
+        if grid is not None:
+            written.append(atomic_write(paths[2], lambda tmp: grid.save(tmp, format="PNG")))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return Written(name, paths[0], paths[1], paths[2] if grid is not None else None)
+
+
+def sidecar(family: str, description: str, preferred_weight: float = 1.0, activation: str = "") -> dict:
+    """The A1111 extra-networks user metadata file that sits beside a LoRA."""
+    return {
+        "description": description,
+        "sd version": SD_VERSION.get(family, "Unknown"),
+        "activation text": activation,
+        "preferred weight": preferred_weight,
+        "negative text": "",
+        "notes": "Made with Copier LoRA.",
+    }

@@ -1,0 +1,167 @@
+"""The recipes and their files, on the tiny random model: names, metadata, all-or-nothing writes, cancel, CLI."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from lib_copier.backends.standalone import StandaloneBackend
+from lib_copier.cli import main
+from lib_copier.effects.chain import Chain
+from lib_copier.errors import CopierError
+from lib_copier.lora.files import read_lora
+from lib_copier.lora.metadata import NetworkInfo
+from lib_copier.lora.weights import LoRAWeights
+from lib_copier.models.checkpoint import save_checkpoint
+from lib_copier.models.configs import TINY
+from lib_copier.models.generate import Txt2Img
+from lib_copier.models.sd_model import build_model
+from lib_copier.recipes.job import Effect, Job, fit_image, run_job
+from lib_copier.recipes.methods import extraction
+from lib_copier.recipes.outputs import check_name, free_name, sidecar, write_result
+from lib_copier.train.trainer import Callbacks, Cancelled
+from tests.conftest import randomize_
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return StandaloneBackend(randomize_(build_model(TINY), seed=3))
+
+
+@pytest.fixture(scope="module")
+def original(backend):
+    return backend.generate(Txt2Img("a red circle", seed=1, steps=4))
+
+
+def job(tmp_path, original, **kwargs) -> Job:
+    settings = dict(
+        originals=[original],
+        effects=[Effect("grayscale", chain=Chain.parse(["grayscale"]))],
+        name="cat",
+        out_dir=tmp_path,
+        overrides={"steps": 3, "rank": 4, "alpha": 4.0},
+        grid_prompts=["a blue square"],
+        grid_steps=2,
+        base_model="tiny",
+    )
+    return Job(**{**settings, **kwargs})
+
+
+@pytest.mark.parametrize("name", ["", " ", "../evil", "a/b", "a\\b", "-dash", "x" * 121, "semi;colon"])
+def test_bad_output_names_are_refused_in_one_sentence(name):
+    with pytest.raises(CopierError, match="output name"):
+        check_name(name)
+
+
+def test_names_never_collide_and_nothing_is_overwritten(tmp_path):
+    (tmp_path / "cat.png").write_bytes(b"keep")
+    assert free_name(tmp_path, "cat") == "cat-2"
+    assert free_name(tmp_path, "cat", taken={"cat-2"}) == "cat-3"
+    module = {"lora_unet_x": LoRAWeights(torch.ones(2, 4), torch.ones(4, 2), 2.0)}
+    info = NetworkInfo(family="sd1", rank=2, alpha=2.0, title="cat")
+    with pytest.raises(CopierError, match="cat.png already exists"):
+        write_result(tmp_path, "cat", module, info, sidecar("sd1", "d"), Image.new("RGB", (8, 8)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]
+    assert (tmp_path / "cat.png").read_bytes() == b"keep"
+
+
+def test_extraction_moves_toward_the_processed_image():
+    gen = torch.Generator().manual_seed(0)
+
+    def lora():
+        return {"lora_unet_x": LoRAWeights(torch.randn(4, 16, generator=gen), torch.randn(16, 4, generator=gen), 4.0)}
+
+    a, a_prime = lora(), lora()
+    merged = extraction(a, a_prime, rank=8)["lora_unet_x"].delta()
+    toward = a_prime["lora_unet_x"].delta() - a["lora_unet_x"].delta()
+    cosine = torch.nn.functional.cosine_similarity(merged.flatten(), toward.flatten(), dim=0)
+    assert cosine > 0.95
+
+
+def test_both_methods_write_loadable_loras_with_metadata_sidecar_and_grid(backend, original, tmp_path):
+    before = {k: v.clone() for k, v in backend.weights()}
+    stages = []
+    results = run_job(backend, job(tmp_path, original, method="both"), stage=stages.append)
+    assert [(r.kind, r.effect) for r in results] == [
+        ("copier", ""),
+        ("processed", "grayscale"),
+        ("extraction", "grayscale"),
+    ]
+    assert [r.written.name for r in results] == ["cat-copier", "cat-grayscale", "cat-grayscale-extraction"]
+    assert stages == ["copier", "processed: grayscale", "extraction: grayscale", "strength grids"]
+    for result in results:
+        lora = read_lora(result.written.lora)
+        assert lora.family == "sd1" and lora.metadata["ss_copier_recipe"] == result.kind
+        assert lora.metadata["ss_sd_model_name"] == "tiny" and lora.metadata["ss_max_train_steps"] == "3"
+        assert json.loads(lora.metadata["ss_copier_train_config"])["rank"] == 4
+        card = json.loads(result.written.sidecar.read_text())
+        assert card["sd version"] == "SD1" and card["preferred weight"] == 1.0
+        grid = Image.open(result.written.grid)
+        assert grid.size == (5 * 64, 18 + 64)  # five weights, one prompt
+    extracted = read_lora(results[2].written.lora)
+    assert extracted.ranks == {8}  # A′ − A of two rank-4 LoRAs, SVD to the extraction rank 8
+    assert (
+        json.loads(read_lora(results[1].written.lora).metadata["ss_copier_effects"])["steps"][0]["effect"]
+        == "grayscale"
+    )
+    assert all(torch.equal(before[k], v) for k, v in backend.weights())
+
+
+def test_a_cancelled_job_writes_nothing_unless_asked(backend, original, tmp_path):
+    steps = []
+    cancel = Callbacks(progress=lambda p: steps.append(p.step), cancelled=lambda: len(steps) >= 5)
+    with pytest.raises(Cancelled):
+        run_job(backend, job(tmp_path, original), cancel)
+    assert list(tmp_path.iterdir()) == []
+    steps.clear()
+    keep = job(tmp_path, original, overrides={"steps": 3, "rank": 4, "save_on_cancel": True})
+    with pytest.raises(Cancelled):
+        run_job(backend, keep, cancel)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    # The finished copier and the interrupted processed LoRA (2 of its 3 steps), without grids.
+    assert names == ["cat-copier.json", "cat-copier.safetensors", "cat-grayscale.json", "cat-grayscale.safetensors"]
+    assert read_lora(tmp_path / "cat-grayscale.safetensors").metadata["ss_max_train_steps"] == "2"
+
+
+def test_jobs_are_checked_before_any_training(backend, original, tmp_path):
+    with pytest.raises(CopierError, match="multiples of 32"):
+        run_job(backend, job(tmp_path, original, originals=[original.resize((50, 64))]))
+    with pytest.raises(CopierError, match="extraction needs at least one effect"):
+        run_job(backend, job(tmp_path, original, method="extraction", effects=[]))
+    with pytest.raises(CopierError, match="unknown trainer setting"):
+        run_job(backend, job(tmp_path, original, overrides={"stpes": 3}))
+    assert fit_image(Image.new("RGB", (300, 200)), 128).size == (160, 96)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_copier_command_and_its_errors(backend, tmp_path, capsys):
+    model = tmp_path / "tiny.safetensors"
+    save_checkpoint(backend.model, model)
+    out = tmp_path / "loras"
+    common = ["--model", str(model), "--out", str(out), "--steps", "2", "--grid-prompt", "a dog"]
+    args = ["copier", "--generate", "a red circle", "--effect", "posterize:levels=3+grayscale", *common]
+    assert main([*args, "--set", "rank=2", "--set", "alpha=2"]) == 0
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "a-red-circle-copier.safetensors",
+        "a-red-circle-posterize-grayscale.safetensors",
+    ]
+    assert "posterize-grayscale" in capsys.readouterr().out
+    assert main([*args, "--name", "../up"]) == 2
+    assert main([*args, "--set", "rank=zero"]) == 2
+    assert main(["copier", "--image", str(tmp_path / "missing.png"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "must not contain path separators" in err and "'zero' is not a valid int" in err
+    assert len(list(out.iterdir())) == 6  # nothing more was written
+
+
+def test_demo_writes_everything_into_its_folder(backend, tmp_path):
+    model = tmp_path / "tiny.safetensors"
+    save_checkpoint(backend.model, model)
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(model), "--out", str(out), "--steps", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    kinds = sorted(r["kind"] for r in summary["results"])
+    assert kinds == ["copier"] + ["extraction"] * 3 + ["processed"] * 3
+    assert all((out / name).exists() for name in ("original.png", "processed-grayscale.png", "demo-copier.png"))
+    assert main(["demo", "--model", str(model), "--out", str(out), "--steps", "1"]) == 2
