@@ -40,9 +40,21 @@ def test_cli_writes_a_png_and_never_overwrites(tmp_path, monkeypatch, capsys):
     assert main(["generate", "--prompt", "a red circle", "--steps", "2"]) == 0
     written = sorted(p.name for p in (tmp_path / "outputs").iterdir())
     assert written == ["0-a-red-circle-2.png", "0-a-red-circle.png"]
-    assert Image.open(tmp_path / "outputs" / written[0]).size == (64, 64)
+    assert Image.open(tmp_path / "outputs" / written[0]).size == (128, 128)  # the built-in model's size
     out = tmp_path / "mine.png"
     assert main(["generate", "--prompt", "x", "--steps", "1", "--out", str(out)]) == 0
     assert main(["generate", "--prompt", "x", "--steps", "1", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--steps", "1", "--width", "30"]) == 2
+
+
+def test_the_default_model_is_the_built_in_one_and_draws_the_prompt():
+    from lib_copier.models.builtin.evaluate import read_colours
+    from lib_copier.models.loading import load_model
+
+    model = load_model(None, device="cpu", dtype="fp32")
+    assert model.config.resolution == 128 and model.config.family == "sd1"
+    colours = [
+        read_colours(generate(model, Txt2Img("a large yellow star on a purple background", seed=s))) for s in range(4)
+    ]
+    assert sum(bg == "purple" for bg, _ in colours) >= 3 and sum(obj == "yellow" for _, obj in colours) >= 3

@@ -165,3 +165,14 @@ def test_schedules_and_optional_optimizers():
     except ImportError:
         with pytest.raises(CopierError, match="needs the lion_pytorch package"):
             make_optimizer("lion", [{"params": [param], "lr": 1e-3}], 0.0)
+
+
+def test_the_train_benchmark_reports_speed_and_memory(tmp_path, capsys):
+    from lib_copier.cli import main
+    from lib_copier.models.checkpoint import save_checkpoint
+
+    model = tmp_path / "tiny.safetensors"
+    save_checkpoint(backend_for().model, model)
+    assert main(["bench", "train", "--model", str(model), "--steps", "2", "--rank", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("steps/s") == 3 and "peak RSS" in out

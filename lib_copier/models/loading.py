@@ -6,11 +6,10 @@ import os
 
 import torch
 
+from lib_copier.errors import CopierError
+from lib_copier.models.builtin.config import WEIGHTS
 from lib_copier.models.checkpoint import load_checkpoint
-from lib_copier.models.configs import TINY
-from lib_copier.models.sd_model import StableDiffusion, build_model
-
-TINY_SEED = 0
+from lib_copier.models.sd_model import StableDiffusion
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -29,9 +28,14 @@ def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
 def load_model(
     path: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto", prediction: str | None = None
 ) -> StableDiffusion:
-    """The checkpoint at `path`, or the default model when `path` is None."""
+    """The checkpoint at `path`, or the built-in model when `path` is None."""
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     if path is None:
-        return build_model(TINY, device=dev, dtype=dt, seed=TINY_SEED)
+        if not WEIGHTS.exists():
+            raise CopierError(
+                f"the built-in model's weights are missing ({WEIGHTS}); reinstall, or rebuild them with "
+                "python -m lib_copier.models.builtin.train"
+            )
+        path = WEIGHTS
     return load_checkpoint(path, dtype=dt, device=dev, prediction=prediction)

@@ -23,8 +23,11 @@ def strength_grid(
     steps: int = 20,
     size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    unchanged: dict | None = None,
 ) -> Image.Image:
-    """Row i draws `prompts[i]` at seed `seed + i` once per weight, so columns differ only by the weight."""
+    """Row i draws `prompts[i]` at seed `seed + i` once per weight, so columns differ only by the weight.
+
+    `unchanged` caches the weight-0 images (the model without the LoRA): grids of one job share them."""
     side = size or backend.resolution
     grid = Image.new("RGB", (side * len(weights), HEADER + side * len(prompts)), "white")
     draw = ImageDraw.Draw(grid)
@@ -34,8 +37,14 @@ def strength_grid(
     for row, prompt in enumerate(prompts):
         for col, weight in enumerate(weights):
             request = Txt2Img(prompt, seed=seed + row, steps=steps, width=side, height=side)
-            loras = [(network, weight)] if weight else []
-            grid.paste(backend.generate(request, loras), (col * side, HEADER + row * side))
+            if weight:
+                image = backend.generate(request, [(network, weight)])
+            else:
+                unchanged = {} if unchanged is None else unchanged
+                if request not in unchanged:
+                    unchanged[request] = backend.generate(request)
+                image = unchanged[request]
+            grid.paste(image, (col * side, HEADER + row * side))
             done += 1
             if progress:
                 progress(done, total)

@@ -61,11 +61,17 @@ class Job:
     preset: str = "quick"
     overrides: dict = field(default_factory=dict)
     caption: str = ""
+    # Prompts mixed with the caption while training, one drawn per sample: the copier then draws the original
+    # whatever the prompt, and B and A′ learn under the same prompts. Empty: the caption alone, as in the write-ups.
+    prompt_pool: list[str] = field(default_factory=list)
     grid_prompts: list[str] = field(default_factory=list)
     grid_seed: int = 0
     grid_steps: int = 20
     base_model: str = ""
     keep_copier: bool = True  # also write the copier LoRA A itself
+
+    def captions(self) -> list[str]:
+        return [self.caption, *self.prompt_pool]
 
     def config(self) -> TrainConfig:
         return make_config(self.preset, **self.overrides)
@@ -146,7 +152,7 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
             tag = f" (original {i + 1}/{len(job.originals)})" if len(job.originals) > 1 else ""
             stage(f"copier{tag}")
             current = ("copier", "")
-            copier = train_copier(backend, original, job.caption, config, callbacks)
+            copier = train_copier(backend, original, job.captions(), config, callbacks)
             copier_weights = _cpu(copier.network.to_weights())
             if job.keep_copier:
                 pending.append(_pending("copier", "", copier_weights, [copier], f"Copier LoRA of {job.name}{tag}"))
@@ -156,13 +162,13 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
                     stage(f"processed: {effect.label}{tag}")
                     current = ("processed", effect.label)
                     run = train_processed(
-                        backend, copier.network, processed_image, job.caption, processed_config, callbacks
+                        backend, copier.network, processed_image, job.captions(), processed_config, callbacks
                     )
                     trained.setdefault((effect.label, "processed"), []).append((_cpu(run.network.to_weights()), run))
                 if job.method in ("extraction", "both"):
                     stage(f"extraction: {effect.label}{tag}")
                     current = ("processed-copier", effect.label)
-                    run = train_copier(backend, processed_image, job.caption, config, callbacks)
+                    run = train_copier(backend, processed_image, job.captions(), config, callbacks)
                     weights = extraction(copier_weights, _cpu(run.network.to_weights()), ranks["extraction_rank"])
                     trained.setdefault((effect.label, "extraction"), []).append((weights, run))
     except Cancelled as cancelled:
@@ -199,7 +205,7 @@ def _pending(kind, effect, weights, runs: list[TrainResult], description, chain_
 def _finish(backend: Backend, job: Job, pending: list[_Pending], grids: bool) -> list[Result]:
     config = job.config()
     names: set[str] = set()
-    prepared = []
+    prepared, unchanged = [], {}
     for item in pending:
         stem = "-".join(part for part in (job.name, item.effect, SUFFIX[item.kind]) if part)
         name = free_name(job.out_dir, stem, names)
@@ -207,7 +213,9 @@ def _finish(backend: Backend, job: Job, pending: list[_Pending], grids: bool) ->
         grid = None
         if grids and job.grid_prompts:
             network = LoRANetwork.from_weights(item.weights).to(backend.device)
-            grid = strength_grid(backend, network, job.grid_prompts, seed=job.grid_seed, steps=job.grid_steps)
+            grid = strength_grid(
+                backend, network, job.grid_prompts, seed=job.grid_seed, steps=job.grid_steps, unchanged=unchanged
+            )
         prepared.append((item, name, grid))
     results, done = [], []
     try:
@@ -246,6 +254,7 @@ def _info(backend: Backend, job: Job, config: TrainConfig, item: _Pending, name:
             "copier_method": job.method,
             "copier_originals": len(job.originals),
             "copier_caption": job.caption,
+            "copier_prompt_pool": json.dumps(job.prompt_pool),
             "seed": config.seed,
             "max_train_steps": item.steps,
             "learning_rate": config.lr,

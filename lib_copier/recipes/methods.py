@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from PIL import Image
 
 from lib_copier.backends import Backend
@@ -21,7 +23,11 @@ Weights = dict[str, LoRAWeights]
 
 
 def train_copier(
-    backend: Backend, original: Image.Image, caption: str, config: TrainConfig, callbacks: Callbacks | None = None
+    backend: Backend,
+    original: Image.Image,
+    caption: str | Sequence[str],
+    config: TrainConfig,
+    callbacks: Callbacks | None = None,
 ) -> TrainResult:
     return train_lora(backend, original, caption, config, callbacks=callbacks)
 
@@ -30,7 +36,7 @@ def train_processed(
     backend: Backend,
     copier: LoRANetwork,
     processed: Image.Image,
-    caption: str,
+    caption: str | Sequence[str],
     config: TrainConfig,
     callbacks: Callbacks | None = None,
 ) -> TrainResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,12 +89,15 @@ def _autocast(backend: Backend, config: TrainConfig):
 def train_lora(
     backend: Backend,
     image: Image.Image,
-    caption: str,
+    caption: str | Sequence[str],
     config: TrainConfig,
     frozen: list[tuple[LoRANetwork, float]] = (),
     callbacks: Callbacks | None = None,
 ) -> TrainResult:
     """A LoRA that makes `backend` (+ `frozen` LoRAs) draw `image` for `caption`.
+
+    With several captions each sample of each step takes one at random: the LoRA learns to draw `image` whatever
+    the prompt, which is what a copier must do on a model whose prompts pull hard.
 
     Raises `Cancelled` (carrying the partial result) when `callbacks.cancelled()` turns true, and CopierError
     when the loss stops being finite."""
@@ -112,15 +115,16 @@ def train_lora(
         height, width = pixels.shape[-2:]
         views = torch.cat([pixels, pixels.flip(-1)]) if config.flip else pixels
         latents = backend.encode_images(views)
+        captions = [caption] if isinstance(caption, str) else list(caption)
         with torch.no_grad():
-            cached = None if config.train_text_encoder else backend.encode_prompts([caption], height, width)
+            cached = None if config.train_text_encoder else backend.encode_prompts(captions, height, width)
         network = _new_network(backend, config)
         stack.enter_context(network.applied(layers, table))
         stack.enter_context(backend.training_mode(config.train_text_encoder, config.gradient_checkpointing))
-        return _loop(backend, network, latents, caption, cached, config, callbacks, (height, width))
+        return _loop(backend, network, latents, captions, cached, config, callbacks, (height, width))
 
 
-def _loop(backend, network, latents, caption, cached, config: TrainConfig, callbacks: Callbacks, size) -> TrainResult:
+def _loop(backend, network, latents, captions, cached, config: TrainConfig, callbacks: Callbacks, size) -> TrainResult:
     groups = [{"params": [], "lr": config.lr}, {"params": [], "lr": config.text_lr}]
     for key, module in network.modules_by_key.items():
         groups[is_text_encoder_key(key)]["params"] += list(module.parameters())
@@ -143,7 +147,7 @@ def _loop(backend, network, latents, caption, cached, config: TrainConfig, callb
         factor = lr_factor(step, config.steps, config.scheduler, config.warmup_steps)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
-        loss = _step(backend, latents, caption, cached, config, generator, alphas, size)
+        loss = _step(backend, latents, captions, cached, config, generator, alphas, size)
         if not torch.isfinite(loss):
             raise CopierError(
                 f"the training loss became {loss.item()} at step {step + 1}; lower the learning rate "
@@ -168,15 +172,16 @@ def _loop(backend, network, latents, caption, cached, config: TrainConfig, callb
             lr = groups[0]["base_lr"] * factor
             callbacks.progress(Progress(step + 1, config.steps, result.losses[-1], lr, result.seconds))
         if callbacks.preview and config.preview_every and (step + 1) % config.preview_every == 0:
-            request = callbacks.preview_request or Txt2Img(caption, seed=config.seed)
+            request = callbacks.preview_request or Txt2Img(captions[0], seed=config.seed)
             callbacks.preview(step + 1, backend.generate(request))
     return result
 
 
-def _step(backend, latents, caption, cached, config: TrainConfig, generator, alphas, size) -> torch.Tensor:
+def _step(backend, latents, captions, cached, config: TrainConfig, generator, alphas, size) -> torch.Tensor:
     """One batch: the noised latent, the model's prediction, the (Min-SNR weighted) MSE to its target."""
     b = config.batch_size
     x0 = latents[torch.randint(len(latents), (b,), generator=generator)]
+    pick = torch.randint(len(captions), (b,), generator=generator) if len(captions) > 1 else torch.zeros(b, dtype=int)
     t = torch.randint(config.timestep_min, config.timestep_max, (b,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
     if config.noise_offset:
@@ -186,10 +191,11 @@ def _step(backend, latents, caption, cached, config: TrainConfig, generator, alp
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
     target = noise if backend.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
     with _autocast(backend, config):
-        cond = cached if cached is not None else backend.encode_prompts([caption], *size)
+        if cached is not None:
+            cond = cached[pick]
+        else:
+            cond = backend.encode_prompts([captions[i] for i in pick.tolist()], *size)
         cond = cond.to(backend.device, backend.dtype)
-        if b > 1:
-            cond = type(cond).cat([cond] * b)
         out = backend.predict(noisy.to(backend.dtype), t, cond)
     error = (out.float() - target).pow(2).mean(dim=(1, 2, 3))
     if config.min_snr_gamma:

@@ -126,6 +126,12 @@ def random_scene(rng: random.Random, held_out: bool = False) -> Scene:
     return Scene(background, bg, bg2, tuple(objects))
 
 
+def sample_captions(count: int, seed: int) -> list[str]:
+    """Captions of the kind the model was trained on: prompts the built-in model understands."""
+    rng = random.Random(seed)
+    return [random_scene(rng).caption() for _ in range(count)]
+
+
 def _background(scene: Scene, n: int, rng: np.random.Generator) -> np.ndarray:
     c1 = np.array(PALETTE[scene.bg_colour], dtype=np.float32)
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / (n - 1)
