@@ -50,8 +50,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     d = commands.add_parser("demo", help="the whole method on the built-in model, into ./copier-demo/")
     d.add_argument("--out", default="copier-demo")
-    # 200 steps and 16-step grids keep the demo near a minute on two CPU cores; `copier` runs the full presets.
-    d.add_argument("--steps", type=int, default=200, help="training steps per LoRA (default 200)")
+    # 160 steps and 16-step grids keep the demo under 90 s on two CPU cores; `copier` runs the full presets.
+    d.add_argument("--steps", type=int, default=160, help="training steps per LoRA (default 160)")
     add_model_arguments(d)
     d.set_defaults(func=run_demo)
 
