@@ -122,6 +122,17 @@ def test_a_cancelled_job_writes_nothing_unless_asked(backend, original, tmp_path
     # The finished copier and the interrupted processed LoRA (2 of its 3 steps), without grids.
     assert names == ["cat-copier.json", "cat-copier.safetensors", "cat-grayscale.json", "cat-grayscale.safetensors"]
     assert read_lora(tmp_path / "cat-grayscale.safetensors").metadata["ss_max_train_steps"] == "2"
+    steps.clear()
+    both = job(tmp_path / "both", original, method="both", overrides={"steps": 3, "rank": 4, "save_on_cancel": True})
+    cancel_late = Callbacks(progress=lambda p: steps.append(p.step), cancelled=lambda: len(steps) >= 7)
+    with pytest.raises(Cancelled):
+        run_job(backend, both, cancel_late)
+    # Copier and processed LoRA finished; the extraction's A′ was interrupted after 1 step and is kept as it is.
+    assert sorted(p.stem for p in (tmp_path / "both").glob("*.safetensors")) == [
+        "cat-copier",
+        "cat-grayscale",
+        "cat-grayscale-processed-copier",
+    ]
 
 
 def test_jobs_are_checked_before_any_training(backend, original, tmp_path):

@@ -143,7 +143,7 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
     check_job(job, backend)
     callbacks, stage = callbacks or Callbacks(), stage or (lambda text: None)
     config, processed_config = job.config(), job.processed_config()
-    ranks = RECIPE_PRESETS[job.preset]
+    extraction_rank = RECIPE_PRESETS[job.preset]["extraction_rank"]
     pending: list[_Pending] = []
     current = ("copier", "")  # what is training now, so an interrupted run's partial LoRA is named for it
     trained: dict[tuple[str, str], list[tuple[Weights, TrainResult]]] = {}
@@ -169,17 +169,26 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
                     stage(f"extraction: {effect.label}{tag}")
                     current = ("processed-copier", effect.label)
                     run = train_copier(backend, processed_image, job.captions(), config, callbacks)
-                    weights = extraction(copier_weights, _cpu(run.network.to_weights()), ranks["extraction_rank"])
+                    weights = extraction(copier_weights, _cpu(run.network.to_weights()), extraction_rank)
                     trained.setdefault((effect.label, "extraction"), []).append((weights, run))
     except Cancelled as cancelled:
         if config.save_on_cancel:
             partial = cancelled.result
             kind, label = current
             note = f"{kind} LoRA {label}, interrupted at step {partial.steps}".replace("  ", " ")
+            finished = _merged(job, config, trained)
             pending.append(_pending(kind, label, _cpu(partial.network.to_weights()), [partial], note))
-            _finish(backend, job, pending, grids=False)
+            _finish(backend, job, pending + finished, grids=False)
         raise
+    stage("strength grids")
+    return _finish(backend, job, pending + _merged(job, config, trained), grids=True)
+
+
+def _merged(job: Job, config: TrainConfig, trained: dict) -> list[_Pending]:
+    """One result per effect and kind: the LoRAs of several originals merged, processed ones resized."""
+    ranks = RECIPE_PRESETS[job.preset]
     chains = {e.label: e.chain.to_json() if e.chain else "" for e in job.effects}
+    out = []
     for (label, kind), items in trained.items():
         if kind == "processed":
             merged = merge_processed([w for w, _ in items], ranks["resize_rank"] or config.rank)
@@ -187,9 +196,8 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
         else:
             weights = merge_processed([w for w, _ in items], ranks["extraction_rank"])
         runs = [run for _, run in items]
-        pending.append(_pending(kind, label, weights, runs, f"{kind} LoRA: {label}", chains[label]))
-    stage("strength grids")
-    return _finish(backend, job, pending, grids=True)
+        out.append(_pending(kind, label, weights, runs, f"{kind} LoRA: {label}", chains[label]))
+    return out
 
 
 def _cpu(weights: Weights) -> Weights:

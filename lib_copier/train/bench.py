@@ -74,7 +74,6 @@ def bench_train(args: argparse.Namespace) -> int:
         f"{side}x{side}, {backend.device} {str(backend.dtype).removeprefix('torch.')}, rank {args.rank}, "
         f"{args.steps} steps, threads {torch.get_num_threads()}"
     )
-    copier = None
     for stage in ("copier", "processed", "extraction"):
         # Each stage's time includes caching its latents and prompt embedding; extraction includes the SVD.
         start = time.perf_counter()
