@@ -1,0 +1,120 @@
+"""A1111's generation parameters ("infotext"): read from an image, parsed, and written back for txt2img.
+
+The format, as the WebUI writes it into a PNG's `parameters` text chunk:
+
+    a prompt, possibly on several lines
+    Negative prompt: a negative prompt, possibly on several lines
+    Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 512x768, Model hash: 1a2b3c4d, Lora hashes: "x: 5e6f"
+
+The last line holds `key: value` pairs; a value with commas is a JSON string in double quotes. This module is plain
+Python (no WebUI import), so the tab, the HTTP API and the tests all read infotexts the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+_KEY = re.compile(r"\s*([A-Za-z][\w \-/]*):\s*")
+_NEGATIVE = "Negative prompt:"
+_LORA = re.compile(r"\s*<lora:([^:>]+)(?::[^>]*)?>")
+
+
+@dataclass
+class Infotext:
+    prompt: str = ""
+    negative: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+
+    def _int(self, key: str) -> int | None:
+        try:
+            return int(self.params[key])
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def seed(self) -> int | None:
+        return self._int("Seed")
+
+    @property
+    def steps(self) -> int | None:
+        return self._int("Steps")
+
+    @property
+    def cfg(self) -> float | None:
+        try:
+            return float(self.params["CFG scale"])
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(width, height)."""
+        match = re.fullmatch(r"(\d+)x(\d+)", self.params.get("Size", ""))
+        return (int(match[1]), int(match[2])) if match else None
+
+
+def _params(line: str) -> dict[str, str] | None:
+    """The key: value pairs of a parameter line, or None when the line is not one (fewer than three pairs)."""
+    params, pos, decoder = {}, 0, json.JSONDecoder()
+    while pos < len(line):
+        key = _KEY.match(line, pos)
+        if not key:
+            return None
+        pos = key.end()
+        if line.startswith('"', pos):
+            try:
+                value, pos = decoder.raw_decode(line, pos)
+            except json.JSONDecodeError:
+                return None
+            rest = line.find(",", pos)
+            pos = len(line) if rest < 0 else rest + 1
+        else:
+            end = line.find(",", pos)
+            end = len(line) if end < 0 else end
+            value, pos = line[pos:end].strip(), end + 1
+        params[key[1].strip()] = value
+    return params if len(params) >= 3 else None
+
+
+def parse_infotext(text: str) -> Infotext:
+    lines = text.strip().split("\n")
+    params = _params(lines[-1]) if lines else None
+    if params is not None:
+        lines = lines[:-1]
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith(_NEGATIVE):
+            in_negative, line = True, line[len(_NEGATIVE) :].strip()
+        (negative if in_negative else prompt).append(line)
+    return Infotext("\n".join(prompt).strip(), "\n".join(negative).strip(), params or {})
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:"\n') else text
+
+
+def build_infotext(info: Infotext) -> str:
+    lines = [info.prompt]
+    if info.negative:
+        lines.append(f"{_NEGATIVE} {info.negative}")
+    if info.params:
+        lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in info.params.items()))
+    return "\n".join(lines)
+
+
+def image_infotext(image: Image.Image) -> Infotext | None:
+    """The generation parameters the WebUI stored in a PNG (its `parameters` chunk), or None."""
+    text = image.info.get("parameters")
+    return parse_infotext(text) if isinstance(text, str) and text.strip() else None
+
+
+def with_lora(prompt: str, name: str, weight: float = 1.0) -> str:
+    """`prompt <lora:name:weight>`, replacing a tag for the same LoRA that the prompt already has."""
+    kept = _LORA.sub(lambda m: "" if m[1] == name else m[0], prompt).strip()
+    tag = f"<lora:{name}:{weight:g}>"
+    return f"{kept} {tag}" if kept else tag
