@@ -1,0 +1,10 @@
+"""A1111 runs this before parsing its command line: the extension's own option."""
+
+
+def preload(parser):
+    parser.add_argument(
+        "--copier-lora-dir",
+        type=str,
+        default=None,
+        help="Copier LoRA: folder for the LoRAs it writes (default: the WebUI's --lora-dir)",
+    )

@@ -1,0 +1,27 @@
+"""The files A1111 runs from the extension's root: preload.py and install.py."""
+
+import argparse
+import runpy
+import sys
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_preload_adds_the_lora_dir_option():
+    parser = argparse.ArgumentParser()
+    runpy.run_path(str(ROOT / "preload.py"))["preload"](parser)
+    assert parser.parse_args([]).copier_lora_dir is None
+    assert parser.parse_args(["--copier-lora-dir", "/x"]).copier_lora_dir == "/x"
+
+
+def test_install_installs_only_what_is_missing_and_never_torch_or_gradio(monkeypatch):
+    calls = []
+    launch = types.SimpleNamespace(
+        is_installed=lambda module: module != "open_clip", run_pip=lambda args, desc: calls.append(args)
+    )
+    monkeypatch.setitem(sys.modules, "launch", launch)
+    needed = runpy.run_path(str(ROOT / "install.py"))["NEEDED"]
+    assert calls == ["install open-clip-torch"]
+    assert not {"torch", "torchvision", "gradio"} & set(needed.values())
