@@ -50,8 +50,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     d = commands.add_parser("demo", help="the whole method on the built-in model, into ./copier-demo/")
     d.add_argument("--out", default="copier-demo")
-    # 160 steps and 16-step grids keep the demo under 90 s on two CPU cores; `copier` runs the full presets.
-    d.add_argument("--steps", type=int, default=160, help="training steps per LoRA (default 160)")
+    # 150 steps and 12-step grids keep the demo under 90 s on two CPU cores; `copier` runs the full presets.
+    d.add_argument("--steps", type=int, default=150, help="training steps per LoRA (default 150)")
     add_model_arguments(d)
     d.set_defaults(func=run_demo)
 
@@ -191,10 +191,11 @@ def run_demo(args: argparse.Namespace) -> int:
         name="demo",
         out_dir=out,
         method="both",
-        overrides={"steps": args.steps},
+        # Three times the Quick rate: in 150 steps the copier gets about as close to O as Quick does in 400.
+        overrides={"steps": args.steps, "lr": 3e-3},
         prompt_pool=prompt_pool(args.model is None, 32),
         grid_prompts=grid_prompts(args.model is None, 2),
-        grid_steps=16,
+        grid_steps=12,
         base_model=Path(args.model).name if args.model else "built-in",
     )
     results = run_job_with_progress(backend, job)
