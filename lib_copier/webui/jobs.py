@@ -1,0 +1,105 @@
+"""Background jobs for the HTTP API: each runs in its own thread under the host's queue lock, reports its progress
+into a `JobState` that `GET /jobs/{id}` reads, and stops between training steps when interrupted.
+
+Plain Python: the WebUI passes its `modules.call_queue.queue_lock`; tests pass any lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+from lib_copier.errors import CopierError
+from lib_copier.train.trainer import Callbacks, Cancelled, Progress
+
+
+@dataclass
+class JobState:
+    id: str
+    status: str = "queued"  # then running, and at the end done, failed or interrupted
+    stage: str = ""
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    eta: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    results: list[dict] = field(default_factory=list)
+    error: str = ""
+    interrupted: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def on_progress(self, progress: Progress) -> None:
+        self.step, self.total, self.loss, self.eta = progress.step, progress.total, progress.loss, progress.eta
+
+    def on_stage(self, text: str) -> None:
+        self.stage, self.step, self.total, self.loss, self.eta = text, 0, 0, None, None
+
+    def callbacks(self) -> Callbacks:
+        """Trainer callbacks that report here and stop when the job is interrupted."""
+        return Callbacks(progress=self.on_progress, cancelled=self.interrupted.is_set)
+
+    def as_dict(self) -> dict:
+        keys = ("id", "status", "stage", "step", "total", "loss", "eta", "started", "finished", "results", "error")
+        return {key: getattr(self, key) for key in keys}
+
+
+Work = Callable[[JobState], list[dict]]
+
+
+class JobRunner:
+    def __init__(self, lock: AbstractContextManager, keep: int = 50):
+        self.lock, self.keep = lock, keep
+        self.jobs: dict[str, JobState] = {}
+        self.threads: dict[str, threading.Thread] = {}
+
+    def submit(self, work: Work) -> JobState:
+        """Start `work(state)` in the background; it returns the results to publish."""
+        state = JobState(uuid.uuid4().hex[:12])
+        self._forget_old()
+        self.jobs[state.id] = state
+        thread = threading.Thread(target=self._run, args=(state, work), name=f"copier-lora-{state.id}", daemon=True)
+        self.threads[state.id] = thread
+        thread.start()
+        return state
+
+    def get(self, job_id: str) -> JobState:
+        if job_id not in self.jobs:
+            raise CopierError(f"there is no job {job_id!r}")
+        return self.jobs[job_id]
+
+    def interrupt(self, job_id: str) -> JobState:
+        state = self.get(job_id)
+        state.interrupted.set()
+        return state
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobState:
+        self.threads[job_id].join(timeout)
+        return self.get(job_id)
+
+    def _run(self, state: JobState, work: Work) -> None:
+        with self.lock:
+            state.status, state.started = "running", time.time()
+            try:
+                if state.interrupted.is_set():  # interrupted while it waited for the lock
+                    state.status = "interrupted"
+                    return
+                state.results = work(state)
+                state.status = "done"
+            except Cancelled:
+                state.status = "interrupted"
+            except CopierError as exc:
+                state.status, state.error = "failed", str(exc)
+            except Exception as exc:  # a job thread must record every failure: nobody else will see it
+                state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
+            finally:
+                state.finished = time.time()
+
+    def _forget_old(self) -> None:
+        ended = [s.id for s in self.jobs.values() if s.finished is not None]
+        for job_id in ended[: max(0, len(ended) - self.keep + 1)]:
+            del self.jobs[job_id]
+            del self.threads[job_id]

@@ -1,0 +1,94 @@
+"""Background jobs for the HTTP API: progress, results, interrupt, failures, and the host's lock held throughout."""
+
+import threading
+
+import pytest
+
+from lib_copier.errors import CopierError
+from lib_copier.train.trainer import Cancelled, Progress, TrainResult
+from lib_copier.webui.jobs import JobRunner
+
+
+class RecordingLock:
+    def __init__(self):
+        self.lock, self.held = threading.Lock(), False
+
+    def __enter__(self):
+        self.lock.acquire()
+        self.held = True
+
+    def __exit__(self, *exc):
+        self.held = False
+        self.lock.release()
+
+
+def fake_training(steps: int, seen_lock: list | None = None, lock: RecordingLock | None = None):
+    """Stands in for run_job: reports progress through the state's callbacks and honours interrupts."""
+
+    def work(state):
+        callbacks = state.callbacks()
+        state.on_stage("copier")
+        for step in range(1, steps + 1):
+            if callbacks.cancelled():
+                raise Cancelled(TrainResult(network=None, steps=step - 1, seconds=0.0))
+            if seen_lock is not None:
+                seen_lock.append(lock.held)
+            callbacks.progress(Progress(step, steps, 0.5 / step, 1e-3, 0.01 * step))
+        return [{"name": "cat-copier", "lora": "/loras/cat-copier.safetensors"}]
+
+    return work
+
+
+def test_a_job_reports_progress_and_results_under_the_lock():
+    lock = RecordingLock()
+    runner, seen = JobRunner(lock), []
+    state = runner.wait(runner.submit(fake_training(5, seen, lock)).id, timeout=10)
+    report = state.as_dict()
+    assert report["status"] == "done" and report["stage"] == "copier"
+    assert (report["step"], report["total"], report["eta"]) == (5, 5, 0.0)
+    assert report["results"][0]["name"] == "cat-copier" and report["error"] == ""
+    assert seen == [True] * 5 and not lock.held
+
+
+def test_an_interrupted_job_stops_between_steps():
+    lock = RecordingLock()
+    runner = JobRunner(lock)
+    with lock:  # another WebUI task holds the queue: the job waits, then is interrupted before it starts
+        state = runner.submit(fake_training(1000))
+        runner.interrupt(state.id)
+    assert runner.wait(state.id, timeout=10).status == "interrupted" and state.step == 0
+    gate = threading.Event()
+
+    def slow(state):
+        state.callbacks().progress(Progress(1, 3, 0.1, 1e-3, 0.1))
+        gate.wait(5)
+        if state.callbacks().cancelled():
+            raise Cancelled(TrainResult(network=None, steps=1, seconds=0.1))
+        return []
+
+    running = runner.submit(slow)
+    runner.interrupt(running.id)
+    gate.set()
+    assert runner.wait(running.id, timeout=10).status == "interrupted" and running.results == []
+
+
+def test_failures_are_recorded_in_one_sentence():
+    runner = JobRunner(threading.Lock())
+
+    def bad_input(state):
+        raise CopierError("the image is not a PNG, JPEG or WebP file")
+
+    def bug(state):
+        raise ValueError("shape mismatch")
+
+    assert runner.wait(runner.submit(bad_input).id, 10).error == "the image is not a PNG, JPEG or WebP file"
+    failed = runner.wait(runner.submit(bug).id, 10)
+    assert failed.status == "failed" and failed.error == "ValueError: shape mismatch"
+    with pytest.raises(CopierError, match="there is no job 'nope'"):
+        runner.get("nope")
+
+
+def test_only_the_newest_finished_jobs_are_kept():
+    runner = JobRunner(threading.Lock(), keep=3)
+    ids = [runner.wait(runner.submit(fake_training(1)).id, 10).id for _ in range(5)]
+    assert set(runner.jobs) == set(ids[-3:])
