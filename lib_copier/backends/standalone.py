@@ -25,6 +25,7 @@ class StandaloneBackend:
         param = next(model.unet.parameters())
         self.device, self.dtype = param.device, param.dtype
         self._layers = dict(model.named_modules())
+        self._offloaded: list[nn.Module] = []  # what training_mode moved off the device
 
     def alphas_cumprod(self) -> torch.Tensor:
         return self.model.schedule.alphas_cumprod
@@ -70,8 +71,10 @@ class StandaloneBackend:
             unet.gradient_checkpointing = gradient_checkpointing
             for module in offload:
                 module.to("cpu")
+            self._offloaded = offload
             yield
         finally:
+            self._offloaded = []
             for module in offload:
                 module.to(self.device)
             unet.gradient_checkpointing = checkpointing
@@ -86,6 +89,10 @@ class StandaloneBackend:
     ) -> Image.Image:
         table = {t.key: t for t in self.lora_targets(conv=True)}
         with ExitStack() as stack:
+            # A preview during UNet-only training needs the offloaded VAE and text encoders back for a moment.
+            for module in self._offloaded:
+                module.to(self.device)
+                stack.callback(module.to, "cpu")
             for network, weight in loras:
                 stack.enter_context(network.applied(self._layers, table, weight))
             return generate(self.model, request, progress)
