@@ -120,7 +120,7 @@ def check_job(job: Job, backend: Backend) -> None:
     labels = [e.label for e in job.effects]
     if len(set(labels)) != len(labels):
         raise CopierError("two effects have the same label; each processed LoRA needs its own name")
-    multiple = 64 if backend.resolution >= 512 else 32
+    multiple = side_multiple(backend.resolution)
     for image in job.originals:
         if image.width % multiple or image.height % multiple:
             raise CopierError(
@@ -129,9 +129,14 @@ def check_job(job: Job, backend: Backend) -> None:
             )
 
 
+def side_multiple(resolution: int) -> int:
+    """What image sides must be a multiple of: 64 for full-size models, 32 for the small 128-pixel ones."""
+    return 64 if resolution >= 512 else 32
+
+
 def fit_image(image: Image.Image, resolution: int) -> Image.Image:
-    """Scale to about `resolution`² pixels with sides that are multiples of 64 (32 below 512), keeping the aspect."""
-    multiple = 64 if resolution >= 512 else 32
+    """Scale to about `resolution`² pixels with sides that are multiples of `side_multiple`, keeping the aspect."""
+    multiple = side_multiple(resolution)
     scale = (resolution * resolution / (image.width * image.height)) ** 0.5
     w = max(multiple, round(image.width * scale / multiple) * multiple)
     h = max(multiple, round(image.height * scale / multiple) * multiple)
