@@ -1,0 +1,174 @@
+"""The Backend over the model a WebUI has loaded: its UNet, text encoders and VAE, in place, never copied.
+
+Everything host-specific (A1111's prompt parsing, txt2img, its Lora extension) is behind the small `Host`
+protocol; `lib_copier.webui.host` implements it for A1111, the tests with an A1111-shaped stand-in over our own
+models. What is here only relies on the LDM/SGM module layout that A1111 keeps: `model.diffusion_model`,
+`first_stage_model`, `cond_stage_model` or `conditioner.embedders`, with A1111's hijack wrappers adding `.wrapped`
+levels that checkpoints and LoRA files do not have.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lib_copier.backends import StepProgress
+from lib_copier.errors import CopierError
+from lib_copier.lora.naming import Target, lora_targets, model_family
+from lib_copier.lora.network import LoRANetwork
+from lib_copier.models.generate import Txt2Img
+from lib_copier.models.sd_model import Conditioning
+
+_WRAPPED = re.compile(r"\.wrapped(?=\.|$)")
+_FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
+
+
+class Host(Protocol):
+    sd_model: Any  # the loaded LatentDiffusion / DiffusionEngine
+
+    def conditioning(self, prompts: list[str], height: int, width: int) -> Any:
+        """The host's own `get_learned_conditioning`: a tensor (SD1/SD2) or {"crossattn", "vector"} (SDXL)."""
+
+    def txt2img(self, request: Txt2Img, progress: StepProgress | None = None) -> Image.Image:
+        """One image through the host's own txt2img, with whatever is attached to the model now."""
+
+
+def checkpoint_name(name: str) -> str:
+    """A live module or parameter name → its name in checkpoints and LoRA files (A1111's `.wrapped` dropped)."""
+    return _WRAPPED.sub("", name)
+
+
+class WebUIBackend:
+    def __init__(self, host: Host):
+        self.host = host
+        self.sd_model = host.sd_model
+        self._params = {checkpoint_name(n): p for n, p in self.sd_model.named_parameters()}
+        fp8 = [n for n, p in self._params.items() if p.dtype in _FP8]
+        if fp8:
+            raise CopierError(
+                "the loaded model stores its weights in fp8 (Settings → Optimizations → FP8 weight); "
+                "LoRA training needs it off"
+            )
+        self.family = model_family(self._params)
+        self.prediction = "v" if getattr(self.sd_model, "parameterization", "eps") == "v" else "eps"
+        self.resolution = {"sdxl": 1024, "sd2": 768 if self.prediction == "v" else 512}.get(self.family, 512)
+        param = next(self.unet().parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self._layers: dict[str, nn.Module] = {}
+        for name, module in self.sd_model.named_modules():
+            self._layers.setdefault(checkpoint_name(name), module)
+
+    # What the trainer reads.
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        # A1111 rewrites `alphas_cumprod` per generation (downcast, zero terminal SNR); the original is what the
+        # model was trained on.
+        schedule = getattr(self.sd_model, "alphas_cumprod_original", None)
+        if schedule is None:
+            schedule = self.sd_model.alphas_cumprod
+        return schedule.detach().to("cpu", torch.float32)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        # The posterior's mean straight from the encoder: no sampling, and none of the host's encode options
+        # (TAESD approximation) apply.
+        vae = self.sd_model.first_stage_model
+        param = next(vae.parameters())
+        moments = vae.quant_conv(vae.encoder(images.to(param.device, param.dtype)))
+        latents = moments[:, : moments.shape[1] // 2].float() * float(self.sd_model.scale_factor)
+        if not torch.isfinite(latents).all():
+            raise CopierError(
+                "the VAE gave NaN for this image (an fp16 VAE overflow); start the WebUI with --no-half-vae"
+            )
+        return latents.to(self.device)
+
+    def encode_prompts(self, prompts: list[str], height: int, width: int) -> Conditioning:
+        cond = self.host.conditioning(list(prompts), height, width)
+        if isinstance(cond, dict):
+            return Conditioning(cond["crossattn"], cond["vector"])
+        return Conditioning(cond)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        c = cond.context if cond.vector is None else {"crossattn": cond.context, "vector": cond.vector}
+        return self.sd_model.apply_model(x, t, c).float()
+
+    def lora_layers(self) -> Mapping[str, nn.Module]:
+        return self._layers
+
+    def lora_targets(self, conv: bool = False) -> list[Target]:
+        return lora_targets({n: tuple(p.shape) for n, p in self._params.items()}, self.family, conv=conv)
+
+    def unet(self) -> nn.Module:
+        return self.sd_model.model.diffusion_model
+
+    def text_encoders(self) -> list[nn.Module]:
+        if hasattr(self.sd_model, "conditioner"):
+            return [e for e in self.sd_model.conditioner.embedders if next(e.parameters(), None) is not None]
+        return [self.sd_model.cond_stage_model]
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self._params.items())
+
+    @contextmanager
+    def training_mode(self, text_encoders: bool, gradient_checkpointing: bool) -> Iterator[None]:
+        unet = self.unet()
+        training = [unet, *(self.text_encoders() if text_encoders else [])]
+        with ExitStack() as stack:
+            for module in training:
+                stack.callback(module.train, module.training)
+                module.train()
+            # LDM/SGM's own checkpointing (on in the SD2 and SDXL configs) differentiates only the block's own
+            # parameters, so a LoRA attached from outside would get no gradient: off while training.
+            for module in unet.modules():
+                for flag in ("checkpoint", "use_checkpoint"):
+                    if isinstance(getattr(module, flag, None), bool):
+                        stack.callback(setattr, module, flag, getattr(module, flag))
+                        setattr(module, flag, False)
+            if text_encoders:
+                # SGM's conditioner runs embedders under no_grad unless they say they are trainable.
+                for embedder in self.text_encoders():
+                    if hasattr(embedder, "is_trainable"):
+                        stack.callback(setattr, embedder, "is_trainable", embedder.is_trainable)
+                        embedder.is_trainable = True
+            if gradient_checkpointing:
+                for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+                    stack.callback(_restore_forward, block, block.__dict__.get("forward"))
+                    block.forward = _checkpointed(block.forward)
+            yield
+
+    def generate(
+        self,
+        request: Txt2Img,
+        loras: list[tuple[LoRANetwork, float]] = (),
+        progress: StepProgress | None = None,
+    ) -> Image.Image:
+        table = {t.key: t for t in self.lora_targets(conv=True)}
+        with ExitStack() as stack:
+            for network, weight in loras:
+                stack.enter_context(network.applied(self._layers, table, weight))
+            return self.host.txt2img(request, progress)
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    """Non-reentrant activation checkpointing: gradients reach every parameter used, LoRA ones included."""
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def _restore_forward(module: nn.Module, own: Callable | None) -> None:
+    if own is None:
+        del module.forward  # back to the class's forward
+    else:
+        module.forward = own
