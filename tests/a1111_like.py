@@ -8,11 +8,21 @@ of LDM blocks. The modules are the model's own, so both backends train the very 
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from lib_copier.lora.files import read_lora
+from lib_copier.lora.naming import by_key, lora_targets
+from lib_copier.lora.network import LoRANetwork
 from lib_copier.models.generate import generate
 from lib_copier.models.sd_model import Conditioning, StableDiffusion
+
+LORA_TAG = re.compile(r"<lora:([^:>]+):([-0-9.]+)>")
 
 
 class Hijacked(nn.Module):
@@ -66,13 +76,50 @@ class A1111Model(nn.Module):
 
 
 class A1111Host:
-    def __init__(self, model: StableDiffusion):
+    """The host side: conditioning and txt2img as A1111 does them, `<lora:name:w>` loaded from `lora_dir` the way
+    its Lora extension would, and a progress bar and Interrupt button that tests can read and press."""
+
+    def __init__(self, model: StableDiffusion, lora_dir: Path | None = None):
         self.sd_model = A1111Model(model)
-        self.generated = 0
+        self.lora_dir = lora_dir
+        self.checkpoint = "stand-in.safetensors"
+        self.prompts: list[str] = []
+        self.shown: list[tuple[str, int, int]] = []
+        self.previews = 0
+        self.interrupt_when = lambda shown: False
+        self.prepared_jobs = 0
+        self.replaced = False
 
     def conditioning(self, prompts, height, width):
         return self.sd_model.get_learned_conditioning(prompts, height, width)
 
     def txt2img(self, request, progress=None):
-        self.generated += 1
-        return generate(self.sd_model.ours[0], request, progress)
+        self.prompts.append(request.prompt)
+        model = self.sd_model.ours[0]
+        with ExitStack() as stack:
+            for name, weight in LORA_TAG.findall(request.prompt):
+                lora = read_lora(self.lora_dir / f"{name}.safetensors")
+                network = LoRANetwork.from_weights(lora.modules)
+                table = by_key(
+                    lora_targets({n: tuple(p.shape) for n, p in model.named_parameters()}, lora.family, True)
+                )
+                stack.enter_context(network.applied(dict(model.named_modules()), table, float(weight)))
+            request = dataclasses.replace(request, prompt=LORA_TAG.sub("", request.prompt).strip())
+            return generate(model, request, progress)
+
+    @contextmanager
+    def prepared(self):
+        self.prepared_jobs += 1
+        yield
+
+    def model_changed(self):
+        return self.replaced
+
+    def interrupted(self):
+        return self.interrupt_when(self.shown)
+
+    def show_progress(self, text, step, total):
+        self.shown.append((text, step, total))
+
+    def show_preview(self, image):
+        self.previews += 1

@@ -72,23 +72,10 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def _effects(specs: list[str], processed_images: list[str]):
-    from lib_copier.effects.chain import Chain
     from lib_copier.effects.image_io import load_image
-    from lib_copier.recipes.job import Effect
+    from lib_copier.recipes.job import make_effects
 
-    effects = []
-    for spec in specs:
-        chain = Chain.parse(spec.split("+"))
-        label = "-".join(slug(s.effect, 20) for s in chain.steps)
-        effects.append(Effect(label, chain=chain))
-    for path in processed_images:
-        effects.append(Effect(slug(Path(path).stem, 30), image=load_image(path)))
-    seen: dict[str, int] = {}
-    for effect in effects:  # the same effect twice with other parameters: number them
-        seen[effect.label] = seen.get(effect.label, 0) + 1
-        if seen[effect.label] > 1:
-            effect.label = f"{effect.label}{seen[effect.label]}"
-    return effects
+    return make_effects([spec.split("+") for spec in specs], [(Path(p).stem, load_image(p)) for p in processed_images])
 
 
 def _bar_callbacks(bar_holder: dict):

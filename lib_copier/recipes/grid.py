@@ -13,22 +13,34 @@ from lib_copier.models.generate import Txt2Img
 GRID_WEIGHTS = (-1.0, 0.0, 0.5, 1.0, 1.5)
 HEADER = 18  # pixels of label above each column
 
+Render = Callable[[Txt2Img, float], Image.Image]  # one image of a request with the LoRA at a weight
+
+
+def network_render(backend: Backend, network: LoRANetwork, unchanged: dict | None = None) -> Render:
+    """Draw with a LoRA held in memory. `unchanged` caches the weight-0 images (the model without the LoRA), so
+    the grids of one job share them."""
+    cache = {} if unchanged is None else unchanged
+
+    def render(request: Txt2Img, weight: float) -> Image.Image:
+        if weight:
+            return backend.generate(request, [(network, weight)])
+        if request not in cache:
+            cache[request] = backend.generate(request)
+        return cache[request]
+
+    return render
+
 
 def strength_grid(
-    backend: Backend,
-    network: LoRANetwork,
+    render: Render,
     prompts: list[str],
+    side: int,
     weights: tuple[float, ...] = GRID_WEIGHTS,
     seed: int = 0,
     steps: int = 20,
-    size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-    unchanged: dict | None = None,
 ) -> Image.Image:
-    """Row i draws `prompts[i]` at seed `seed + i` once per weight, so columns differ only by the weight.
-
-    `unchanged` caches the weight-0 images (the model without the LoRA): grids of one job share them."""
-    side = size or backend.resolution
+    """Row i draws `prompts[i]` at seed `seed + i` once per weight, so columns differ only by the weight."""
     grid = Image.new("RGB", (side * len(weights), HEADER + side * len(prompts)), "white")
     draw = ImageDraw.Draw(grid)
     for col, weight in enumerate(weights):
@@ -37,14 +49,7 @@ def strength_grid(
     for row, prompt in enumerate(prompts):
         for col, weight in enumerate(weights):
             request = Txt2Img(prompt, seed=seed + row, steps=steps, width=side, height=side)
-            if weight:
-                image = backend.generate(request, [(network, weight)])
-            else:
-                unchanged = {} if unchanged is None else unchanged
-                if request not in unchanged:
-                    unchanged[request] = backend.generate(request)
-                image = unchanged[request]
-            grid.paste(image, (col * side, HEADER + row * side))
+            grid.paste(render(request, weight), (col * side, HEADER + row * side))
             done += 1
             if progress:
                 progress(done, total)

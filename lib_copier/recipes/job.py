@@ -20,7 +20,7 @@ from lib_copier.errors import CopierError
 from lib_copier.lora.metadata import NetworkInfo
 from lib_copier.lora.network import LoRANetwork
 from lib_copier.lora.weights import LoRAWeights
-from lib_copier.recipes.grid import strength_grid
+from lib_copier.recipes.grid import network_render, strength_grid
 from lib_copier.recipes.methods import Weights, extraction, merge_processed, shrink, train_copier, train_processed
 from lib_copier.recipes.outputs import Written, free_name, sidecar, write_result
 from lib_copier.train.config import TrainConfig, make_config
@@ -49,6 +49,24 @@ class Effect:
         if self.image is not None:
             return self.image.convert("RGB").resize(original.size, Image.Resampling.LANCZOS)
         return self.chain.apply(original)
+
+
+def make_effects(chains: list[list[str]], edited: list[tuple[str, Image.Image]] = ()) -> list[Effect]:
+    """Effects from chain specs (`[["outline:thickness=3", "grayscale"], ["posterize"]]`) and from images the
+    user edited (label, image), labelled for file names; the same label twice gets numbered."""
+    from lib_copier.models.cli import slug
+
+    effects = []
+    for specs in chains:
+        chain = Chain.parse(specs)
+        effects.append(Effect("-".join(slug(s.effect, 20) for s in chain.steps), chain=chain))
+    effects += [Effect(slug(label, 30), image=image) for label, image in edited]
+    seen: dict[str, int] = {}
+    for effect in effects:
+        seen[effect.label] = seen.get(effect.label, 0) + 1
+        if seen[effect.label] > 1:
+            effect.label = f"{effect.label}{seen[effect.label]}"
+    return effects
 
 
 @dataclass
@@ -226,9 +244,8 @@ def _finish(backend: Backend, job: Job, pending: list[_Pending], grids: bool) ->
         grid = None
         if grids and job.grid_prompts:
             network = LoRANetwork.from_weights(item.weights).to(backend.device)
-            grid = strength_grid(
-                backend, network, job.grid_prompts, seed=job.grid_seed, steps=job.grid_steps, unchanged=unchanged
-            )
+            render = network_render(backend, network, unchanged)
+            grid = strength_grid(render, job.grid_prompts, backend.resolution, seed=job.grid_seed, steps=job.grid_steps)
         prepared.append((item, name, grid))
     results, done = [], []
     try:

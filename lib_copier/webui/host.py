@@ -1,0 +1,133 @@
+"""The A1111 side of the WebUI backend: the host's conditioning and txt2img, and leaving its model as it was.
+
+Imported only inside a running A1111 (it imports `modules.*` and the built-in Lora extension's `networks`).
+What A1111 does that matters here is written up in docs/dev/a1111-internals.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+
+from PIL import Image
+
+from lib_copier.backends import StepProgress
+from lib_copier.errors import CopierError
+from lib_copier.models.generate import Txt2Img
+
+SAMPLERS = {"euler": "Euler", "ddim": "DDIM"}
+
+
+def is_forge() -> bool:
+    return importlib.util.find_spec("modules_forge") is not None
+
+
+def lora_dir() -> str:
+    from modules import shared
+
+    return getattr(shared.cmd_opts, "copier_lora_dir", None) or shared.cmd_opts.lora_dir
+
+
+def _networks():
+    """The built-in Lora extension's module, if it is loaded."""
+    return sys.modules.get("networks")
+
+
+class A1111Host:
+    def __init__(self):
+        from modules import shared
+
+        if shared.sd_model is None:
+            raise CopierError("the WebUI has no model loaded; pick a checkpoint first")
+        self.sd_model = shared.sd_model
+        self.checkpoint = getattr(getattr(self.sd_model, "sd_checkpoint_info", None), "title", "")
+
+    def conditioning(self, prompts: list[str], height: int, width: int):
+        from modules import devices, prompt_parser
+
+        with devices.autocast():
+            return self.sd_model.get_learned_conditioning(
+                prompt_parser.SdConditioning(prompts, width=width, height=height)
+            )
+
+    def txt2img(self, request: Txt2Img, progress: StepProgress | None = None) -> Image.Image:
+        from modules import processing, shared
+
+        clear_cached_conditioning()  # a text-encoder LoRA attached now is not part of the cache's key
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=self.sd_model,
+            prompt=request.prompt,
+            negative_prompt=request.negative,
+            seed=request.seed,
+            steps=request.steps,
+            cfg_scale=request.cfg,
+            width=request.width or 512,
+            height=request.height or 512,
+            sampler_name=SAMPLERS.get(request.sampler, request.sampler),
+            do_not_save_grid=True,
+            do_not_save_samples=True,
+            do_not_reload_embeddings=True,
+        )
+        saved = shared.state.job_count, shared.state.job_no, shared.state.textinfo
+        try:
+            with closing(p):
+                processed = processing.process_images(p)
+        finally:
+            shared.state.job_count, shared.state.job_no, shared.state.textinfo = saved
+        if not processed.images:
+            raise CopierError("the WebUI's txt2img returned no image (was it interrupted?)")
+        return processed.images[0]
+
+    def model_changed(self) -> bool:
+        from modules import shared
+
+        return shared.sd_model is not self.sd_model
+
+    @contextmanager
+    def prepared(self) -> Iterator[None]:
+        """The model as its checkpoint has it for the whole job, and the WebUI's caches fresh after it."""
+        from modules import sd_unet, shared
+
+        if getattr(shared.cmd_opts, "lowvram", False):
+            raise CopierError("Copier LoRA cannot train under --lowvram; restart the WebUI with --medvram or neither")
+        unet_override = sd_unet.current_unet is not None
+        if unet_override:
+            sd_unet.apply_unet("None")
+        undo_lora_merges(self.sd_model)
+        try:
+            yield
+        finally:
+            undo_lora_merges(self.sd_model)  # the host-drawn grids merged the new LoRAs into the weights
+            clear_cached_conditioning()
+            if unet_override:
+                sd_unet.apply_unet()
+            refresh_loras()
+
+
+def undo_lora_merges(sd_model) -> None:
+    """Take out what the built-in Lora extension merged in place, and forget it, so training starts from the
+    checkpoint's weights and the next generation re-merges from them."""
+    networks = _networks()
+    if networks is None:
+        return
+    networks.loaded_networks.clear()
+    for module in getattr(sd_model, "network_layer_mapping", {}).values():
+        networks.network_restore_weights_from_backup(module)
+        networks.network_reset_cached_weight(module)
+
+
+def clear_cached_conditioning() -> None:
+    from modules import processing
+
+    processing.StableDiffusionProcessing.cached_c = [None, None]
+    processing.StableDiffusionProcessing.cached_uc = [None, None]
+    processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
+    processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
+
+
+def refresh_loras() -> None:
+    networks = _networks()
+    if networks is not None:
+        networks.list_available_networks()

@@ -1,0 +1,165 @@
+"""One training run inside the WebUI, as the tab, the gallery button and the HTTP API start it.
+
+The job runs on the host's loaded model (`WebUIBackend`), writes into the WebUI's LoRA folder, and then draws each
+result's strength grid through the host's own txt2img with `<lora:name:w>`, so the built-in Lora extension loads
+the new file: a grid is also proof that the WebUI reads it. Progress goes to a `JobState` (the API) and to the
+host's progress bar; the WebUI's Interrupt button and the job's own interrupt both stop it between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image
+
+from lib_copier.atomic import atomic_write
+from lib_copier.backends.webui import Host, WebUIBackend
+from lib_copier.errors import CopierError
+from lib_copier.models.generate import Txt2Img
+from lib_copier.recipes.grid import Render, strength_grid
+from lib_copier.recipes.job import Effect, Job, Result, fit_image, run_job
+from lib_copier.recipes.outputs import check_name
+from lib_copier.recipes.prompts import GRID_PROMPTS, prompt_pool
+from lib_copier.train.trainer import Callbacks, Progress
+from lib_copier.webui.infotext import with_lora
+from lib_copier.webui.jobs import JobState
+
+
+class WebUIHost(Host, Protocol):
+    checkpoint: str  # the loaded checkpoint's title, recorded in the LoRA's metadata
+
+    def prepared(self):
+        """A context: the model as its checkpoint has it during the job, the WebUI's caches fresh after it."""
+
+    def model_changed(self) -> bool: ...
+
+    def interrupted(self) -> bool:
+        """The WebUI's own Interrupt button was pressed."""
+
+    def show_progress(self, text: str, step: int, total: int) -> None: ...
+
+    def show_preview(self, image: Image.Image) -> None: ...
+
+
+@dataclass
+class TrainRequest:
+    image: Image.Image
+    name: str
+    effects: list[Effect] = field(default_factory=list)
+    method: str = "copier"
+    preset: str = "quick"
+    overrides: dict = field(default_factory=dict)
+    caption: str = ""
+    prompt_pool: int = 32
+    size: int | None = None  # the side the image is trained at (about size² pixels); None: the model's native
+    grid_prompts: list[str] = field(default_factory=lambda: GRID_PROMPTS[:2])
+    grid_steps: int = 20
+    grid_seed: int = 0
+    save_on_interrupt: bool = False
+
+
+def train_in_webui(request: TrainRequest, host: WebUIHost, out_dir: Path, state: JobState) -> list[dict]:
+    check_name(request.name)
+    backend = WebUIBackend(host)
+    side = request.size or backend.resolution
+    job = Job(
+        originals=[fit_image(request.image, side)],
+        effects=request.effects,
+        name=request.name,
+        out_dir=out_dir,
+        method=request.method,
+        preset=request.preset,
+        overrides={**request.overrides, "save_on_cancel": request.save_on_interrupt},
+        caption=request.caption,
+        prompt_pool=prompt_pool(False, request.prompt_pool),
+        base_model=host.checkpoint,
+    )
+    with host.prepared():
+        results = run_job(backend, job, _callbacks(host, state), _stage(host, state))
+        try:
+            grids = _host_grids(host, request, results, side, state)
+        except BaseException:
+            if not request.save_on_interrupt:  # the job is all or nothing, its grids included
+                for r in results:
+                    for path in (r.written.lora, r.written.sidecar, r.written.lora.with_suffix(".png")):
+                        path.unlink(missing_ok=True)
+            raise
+    return [_describe(r, grid) for r, grid in zip(results, grids, strict=True)]
+
+
+def _callbacks(host: WebUIHost, state: JobState) -> Callbacks:
+    def progress(p: Progress) -> None:
+        state.on_progress(p)
+        eta = f", {p.eta:.0f} s left" if p.eta is not None else ""
+        host.show_progress(f"{state.stage}: step {p.step}/{p.total}, loss {p.loss:.4f}{eta}", p.step, p.total)
+
+    def cancelled() -> bool:
+        if host.model_changed():
+            raise CopierError("the WebUI's model changed during the run; nothing was kept")
+        return state.interrupted.is_set() or host.interrupted()
+
+    return Callbacks(progress=progress, cancelled=cancelled, preview=lambda step, image: host.show_preview(image))
+
+
+def _stage(host: WebUIHost, state: JobState):
+    def stage(text: str) -> None:
+        state.on_stage(text)
+        host.show_progress(text, 0, 0)
+
+    return stage
+
+
+def _host_grids(host: WebUIHost, request: TrainRequest, results: list[Result], side: int, state: JobState):
+    unchanged: dict[Txt2Img, Image.Image] = {}
+    grids = []
+    for result in results:
+        name = result.written.name
+        state.on_stage(f"strength grid: {name}")
+
+        def progress(done: int, total: int, name=name) -> None:
+            host.show_progress(f"strength grid: {name}", done, total)
+            if state.interrupted.is_set() or host.interrupted():
+                raise CopierError("interrupted while drawing the strength grids")
+
+        grid = strength_grid(
+            _tag_render(host, name, unchanged),
+            request.grid_prompts,
+            side,
+            seed=request.grid_seed,
+            steps=request.grid_steps,
+            progress=progress,
+        )
+        # Beside the LoRA, where the Lora page takes its card's preview from.
+        grids.append(
+            atomic_write(result.written.lora.with_suffix(".png"), lambda tmp, grid=grid: grid.save(tmp, format="PNG"))
+        )
+    return grids
+
+
+def _tag_render(host: WebUIHost, name: str, unchanged: dict) -> Render:
+    def render(request: Txt2Img, weight: float) -> Image.Image:
+        if weight:
+            return host.txt2img(dataclasses.replace(request, prompt=with_lora(request.prompt, name, weight)))
+        if request not in unchanged:
+            unchanged[request] = host.txt2img(request)
+        return unchanged[request]
+
+    return render
+
+
+def _describe(result: Result, grid: Path) -> dict:
+    return {
+        "kind": result.kind,
+        "effect": result.effect,
+        "name": result.written.name,
+        "lora": str(result.written.lora),
+        "sidecar": str(result.written.sidecar),
+        "grid": str(grid),
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "final_loss": result.final_loss,
+        "prompt": with_lora("", result.written.name, 1.0),
+    }

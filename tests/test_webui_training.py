@@ -1,0 +1,88 @@
+"""A training run as the WebUI starts it, on the A1111-shaped stand-in: files in the LoRA folder, grids drawn by the
+host through `<lora:name:w>` from those files, progress on the host's bar, and Interrupt / model change handled."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lib_copier.errors import CopierError
+from lib_copier.models.configs import TINY
+from lib_copier.models.generate import Txt2Img, generate
+from lib_copier.models.sd_model import build_model
+from lib_copier.recipes.grid import HEADER
+from lib_copier.recipes.job import make_effects
+from lib_copier.train.trainer import Cancelled
+from lib_copier.webui.jobs import JobState
+from lib_copier.webui.training import TrainRequest, train_in_webui
+from tests.a1111_like import A1111Host
+from tests.conftest import randomize_
+
+
+@pytest.fixture
+def host(tmp_path):
+    return A1111Host(randomize_(build_model(TINY)), lora_dir=tmp_path)
+
+
+def request_for(host, **kw) -> TrainRequest:
+    image = generate(host.sd_model.ours[0], Txt2Img("a cat", seed=0, steps=2))
+    defaults = dict(
+        image=image,
+        name="cat",
+        effects=make_effects([["grayscale"]]),
+        overrides={"steps": 3},
+        prompt_pool=2,
+        size=64,
+        grid_prompts=["a dog"],
+        grid_steps=2,
+    )
+    return TrainRequest(**{**defaults, **kw})
+
+
+def weights(host):
+    return {n: p.detach().clone() for n, p in host.sd_model.named_parameters()}
+
+
+def test_a_run_writes_loras_whose_grids_the_host_draws_from_the_files(host, tmp_path):
+    before = weights(host)
+    state = JobState("j")
+    results = train_in_webui(request_for(host), host, tmp_path, state)
+    assert [(r["kind"], r["name"]) for r in results] == [("copier", "cat-copier"), ("processed", "cat-grayscale")]
+    for r in results:
+        for key in ("lora", "sidecar", "grid"):
+            assert (tmp_path / r[key]).is_file()
+        assert r["prompt"] == f"<lora:{r['name']}:1>"
+    assert any("<lora:cat-copier:1.5>" in p for p in host.prompts)
+    assert any("<lora:cat-grayscale:-1>" in p for p in host.prompts)
+    # The copier at +1.5 draws something else than the model alone: the file was loaded and applied.
+    grid = np.asarray(Image.open(results[0]["grid"]))
+    assert grid.shape == (HEADER + 64, 5 * 64, 3)
+    assert not np.array_equal(grid[HEADER:, 64:128], grid[HEADER:, 256:320])
+    assert host.prepared_jobs == 1 and state.stage.startswith("strength grid")
+    assert any("step 3/3" in text for text, _, _ in host.shown)
+    assert all(torch.equal(before[n], p) for n, p in host.sd_model.named_parameters())
+
+
+def test_interrupt_from_the_webui_keeps_nothing_unless_asked(host, tmp_path):
+    host.interrupt_when = lambda shown: len(shown) > 2
+    with pytest.raises(Cancelled):
+        train_in_webui(request_for(host), host, tmp_path / "a", JobState("a"))
+    assert not (tmp_path / "a").exists() or not list((tmp_path / "a").iterdir())
+
+    with pytest.raises(Cancelled):
+        train_in_webui(request_for(host, save_on_interrupt=True), host, tmp_path / "b", JobState("b"))
+    assert (tmp_path / "b" / "cat-copier.safetensors").is_file()
+
+
+def test_a_model_change_mid_run_aborts_with_one_sentence_and_keeps_nothing(host, tmp_path):
+    state = JobState("j")
+    state.on_progress = lambda p: setattr(host, "replaced", p.step >= 2)
+    with pytest.raises(CopierError, match="model changed"):
+        train_in_webui(request_for(host), host, tmp_path, state)
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_a_bad_name_is_refused_before_anything_runs(host, tmp_path):
+    with pytest.raises(CopierError, match="path separators"):
+        train_in_webui(request_for(host, name="../evil"), host, tmp_path, JobState("j"))
+    assert host.prepared_jobs == 0
