@@ -80,6 +80,23 @@ class A1111Host:
             raise CopierError("the WebUI's txt2img returned no image (was it interrupted?)")
         return processed.images[0]
 
+    def interrupted(self) -> bool:
+        from modules import shared
+
+        return bool(shared.state.interrupted)
+
+    def show_progress(self, text: str, step: int, total: int) -> None:
+        """Onto the WebUI's progress bar: `job_no / job_count` is its fraction, `textinfo` its text."""
+        from modules import shared
+
+        shared.state.textinfo = text
+        shared.state.job_count, shared.state.job_no, shared.state.sampling_step = total, step, 0
+
+    def show_preview(self, image: Image.Image) -> None:
+        from modules import shared
+
+        shared.state.assign_current_image(image)
+
     def model_changed(self) -> bool:
         from modules import shared
 

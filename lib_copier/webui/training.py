@@ -27,6 +27,8 @@ from lib_copier.train.trainer import Callbacks, Progress
 from lib_copier.webui.infotext import with_lora
 from lib_copier.webui.jobs import JobState
 
+DEFAULT_GRID_PROMPTS = GRID_PROMPTS[:2]
+
 
 class WebUIHost(Host, Protocol):
     checkpoint: str  # the loaded checkpoint's title, recorded in the LoRA's metadata
@@ -46,8 +48,9 @@ class WebUIHost(Host, Protocol):
 
 @dataclass
 class TrainRequest:
-    image: Image.Image
+    image: Image.Image | None  # None: `generate` draws it with the host first
     name: str
+    generate: Txt2Img | None = None
     effects: list[Effect] = field(default_factory=list)
     method: str = "copier"
     preset: str = "quick"
@@ -55,7 +58,7 @@ class TrainRequest:
     caption: str = ""
     prompt_pool: int = 32
     size: int | None = None  # the side the image is trained at (about size² pixels); None: the model's native
-    grid_prompts: list[str] = field(default_factory=lambda: GRID_PROMPTS[:2])
+    grid_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_GRID_PROMPTS))
     grid_steps: int = 20
     grid_seed: int = 0
     save_on_interrupt: bool = False
@@ -65,8 +68,12 @@ def train_in_webui(request: TrainRequest, host: WebUIHost, out_dir: Path, state:
     check_name(request.name)
     backend = WebUIBackend(host)
     side = request.size or backend.resolution
+    image = request.image
+    if image is None:
+        state.on_stage("generating the original")
+        image = host.txt2img(request.generate)
     job = Job(
-        originals=[fit_image(request.image, side)],
+        originals=[fit_image(image, side)],
         effects=request.effects,
         name=request.name,
         out_dir=out_dir,

@@ -1,0 +1,51 @@
+// Copier LoRA tab: progress bar, Interrupt, taking images from the galleries, refreshing the Lora cards.
+// Uses A1111's own helpers: gradioApp, randomId, requestProgress, selected_gallery_index, opts.
+
+function copierLoraShowTab() {
+    const tabs = gradioApp().querySelectorAll("#tabs > .tabitem");
+    const buttons = gradioApp().querySelectorAll("#tabs > .tab-nav > button");
+    tabs.forEach(function(tab, i) {
+        if (tab.id === "tab_copier_lora" && buttons[i]) buttons[i].click();
+    });
+}
+
+function copierLoraRefreshCards() {
+    ["txt2img", "img2img"].forEach(function(tab) {
+        const button = gradioApp().getElementById(tab + "_lora_extra_refresh_internal");
+        if (button) button.dispatchEvent(new Event("click"));
+    });
+}
+
+function copierLoraStart() {
+    const id = randomId();
+    requestProgress(
+        id,
+        gradioApp().getElementById("copier_lora_status"),
+        null,
+        copierLoraRefreshCards
+    );
+    const args = Array.from(arguments);
+    args[0] = id;
+    return args;
+}
+
+function copierLoraGalleryStart() {
+    if (typeof opts !== "undefined" && opts.copier_lora_gallery_trains === false) {
+        return Array.from(arguments);
+    }
+    return copierLoraStart.apply(null, arguments);
+}
+
+function copierLoraTake(gallery, info, index) {
+    // Called from the gallery's own button (its tab is visible) or from the tab's "From …" buttons.
+    const selected = selected_gallery_index();
+    copierLoraShowTab();
+    return [gallery, info, selected];
+}
+
+function copierLoraInterrupt() {
+    // The WebUI's Interrupt sets the flag the trainer checks between steps.
+    const button = gradioApp().getElementById("txt2img_interrupt");
+    if (button) button.click();
+    return [];
+}

@@ -1,0 +1,133 @@
+"""What `scripts/copier_lora.py` registers with the WebUI: the routes, the tab, the gallery buttons, the settings.
+
+Nothing here imports A1111 at import time, so a WebUI that is not A1111 (Forge) gets a tab that says so instead
+of an import error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lib_copier.webui.host import is_forge, lora_dir
+from lib_copier.webui.jobs import JobRunner
+
+SECTION = ("copier_lora", "Copier LoRA")
+FORGE_MESSAGE = (
+    "Copier LoRA does not support Forge yet: it needs A1111's Lora extension and model internals (A1111 1.10)."
+)
+_runner: JobRunner | None = None
+
+
+def runner() -> JobRunner:
+    global _runner
+    if _runner is None:
+        from modules import call_queue
+
+        _runner = JobRunner(call_queue.queue_lock)
+    return _runner
+
+
+def run(request, state):
+    """Train on the loaded model into the LoRA folder (the caller holds the queue lock)."""
+    from lib_copier.webui.host import A1111Host
+    from lib_copier.webui.training import train_in_webui
+
+    return train_in_webui(request, A1111Host(), Path(lora_dir()), state)
+
+
+def run_api_job(request, state):
+    """An API job has no gradio call around it to begin and end the WebUI's job state."""
+    from modules import shared
+
+    shared.state.begin(job="copier-lora")
+    try:
+        return run(request, state)
+    finally:
+        shared.state.end()
+
+
+def checkpoint_file(name: str) -> Path:
+    from modules import sd_models
+
+    from lib_copier.errors import CopierError
+
+    info = sd_models.get_closet_checkpoint_match(name)
+    if info is None:
+        raise CopierError(f"there is no checkpoint named {name!r}")
+    return Path(info.filename)
+
+
+def checkpoint_dir() -> Path:
+    from modules import sd_models
+
+    return Path(sd_models.model_path)
+
+
+def on_app_started(demo, app) -> None:
+    if is_forge():
+        return
+    from modules import shared
+
+    from lib_copier.webui.api import add_routes
+
+    add_routes(
+        app,
+        runner(),
+        run_api_job,
+        lambda: Path(lora_dir()),
+        checkpoint_file,
+        checkpoint_dir,
+        getattr(shared.cmd_opts, "api_auth", None),
+    )
+
+
+def on_ui_settings() -> None:
+    import gradio as gr
+    from modules import shared
+
+    shared.opts.add_option(
+        "copier_lora_gallery_trains",
+        shared.OptionInfo(
+            True,
+            "The gallery's Copier LoRA button starts training (off: it only loads the image into the tab)",
+            gr.Checkbox,
+            section=SECTION,
+        ),
+    )
+
+
+def on_ui_tabs():
+    from lib_copier.webui.tab import build_tab
+
+    if is_forge():
+        return [(build_tab(None, forge=True), "Copier LoRA", "copier_lora")]
+    import gradio as gr
+    from modules import call_queue, infotext_utils, shared
+
+    from lib_copier.webui import gallery
+    from lib_copier.webui.tab import Hooks
+
+    def paste(button, text):
+        binding = infotext_utils.ParamBinding(paste_button=button, tabname="txt2img", source_text_component=text)
+        infotext_utils.register_paste_params_button(binding)
+
+    hooks = Hooks(
+        run=run,
+        wrap=lambda fn: call_queue.wrap_gradio_gpu_call(fn, extra_outputs=[[], "[]", gr.update()]),
+        paste_to_txt2img=paste,
+        galleries=gallery.complete(),
+        gallery_trains=lambda: bool(getattr(shared.opts, "copier_lora_gallery_trains", True)),
+    )
+    return [(build_tab(hooks), "Copier LoRA", "copier_lora")]
+
+
+def on_after_component(component, **kwargs) -> None:
+    from lib_copier.webui.gallery import remember
+
+    remember(component, kwargs.get("elem_id"))
+
+
+def on_before_reload() -> None:
+    if _runner is not None:
+        for state in _runner.jobs.values():
+            state.interrupted.set()

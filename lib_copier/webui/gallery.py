@@ -1,0 +1,70 @@
+"""The Copier LoRA button under the txt2img and img2img galleries, and reading the image it was clicked for.
+
+A1111 fires `after_component` for every component; the button goes in after the last of the image buttons, while
+that row is still open, and the gallery and its generation info are remembered for the tab to wire the click.
+"""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from lib_copier.errors import CopierError
+from lib_copier.webui.infotext import parse_infotext
+
+LAST_BUTTON = {"txt2img_upscale": "txt2img", "img2img_send_to_extras": "img2img"}
+galleries: dict[str, list] = {}  # tab → [gallery, generation info, button], filled as the WebUI builds its UI
+
+
+def remember(component, elem_id: str | None) -> None:
+    if elem_id in ("txt2img_gallery", "img2img_gallery"):
+        galleries.setdefault(elem_id.split("_")[0], [None, None, None])[0] = component
+    elif elem_id in ("generation_info_txt2img", "generation_info_img2img"):
+        galleries.setdefault(elem_id.rsplit("_", 1)[1], [None, None, None])[1] = component
+    elif elem_id in LAST_BUTTON:
+        from modules.ui_components import ToolButton
+
+        tab = LAST_BUTTON[elem_id]
+        button = ToolButton("🧬", elem_id=f"copier_lora_from_{tab}", tooltip="Train a Copier LoRA on this image")
+        galleries.setdefault(tab, [None, None, None])[2] = button
+
+
+def complete() -> dict[str, tuple]:
+    """The galleries whose gallery, info and button all exist."""
+    return {tab: tuple(parts) for tab, parts in galleries.items() if all(p is not None for p in parts)}
+
+
+def _path(item) -> str | None:
+    """A gallery item's file on gradio 3 ({"name": path}) and gradio 4 ((path, caption) or {"image": {"path"}})."""
+    if isinstance(item, (list, tuple)):
+        item = item[0]
+    if isinstance(item, dict):
+        inner = item.get("image", item)
+        return inner.get("path") or inner.get("name") if isinstance(inner, dict) else inner
+    return item if isinstance(item, str) else None
+
+
+def selected_image(gallery, generation_info: str, index) -> Image.Image:
+    """The gallery's selected image (the first if none is selected), with its infotext as PNG `parameters`."""
+    items = list(gallery or [])
+    if not items:
+        raise CopierError("the gallery is empty; generate an image first")
+    try:
+        index = int(float(index))
+    except (TypeError, ValueError):
+        index = 0
+    index = index if 0 <= index < len(items) else 0
+    path = _path(items[index])
+    if path is None:
+        raise CopierError("the gallery's image could not be read")
+    image = Image.open(path)
+    image.load()
+    texts = []
+    try:
+        texts = json.loads(generation_info or "{}").get("infotexts", [])
+    except json.JSONDecodeError:
+        pass
+    if index < len(texts) and texts[index] and parse_infotext(texts[index]).prompt is not None:
+        image.info["parameters"] = texts[index]
+    return image.convert("RGB") if image.mode != "RGB" else image

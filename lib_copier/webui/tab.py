@@ -1,0 +1,242 @@
+"""The Copier LoRA tab: source image, effects, method and settings, training with progress, results.
+
+Works on gradio 3.41 (A1111 1.10) and gradio 4: components are configured through constructor arguments only,
+and event JS goes through `_on` (gradio 3 calls it `_js`, gradio 4 `js`). The A1111-specific pieces (queue lock,
+progress bar, paste buttons) come in through `Hooks`, so the tab can be built and driven without a WebUI.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import gradio as gr
+from PIL import Image
+
+from lib_copier.effects.registry import all_effects
+from lib_copier.errors import CopierError
+from lib_copier.models.cli import slug
+from lib_copier.recipes.job import METHODS, RECIPE_PRESETS, make_effects
+from lib_copier.train.config import field_info, make_config
+from lib_copier.webui.infotext import Infotext, build_infotext, image_infotext, with_lora
+from lib_copier.webui.jobs import JobState
+from lib_copier.webui.training import DEFAULT_GRID_PROMPTS, TrainRequest
+
+FORGE_MESSAGE = "Copier LoRA does not support Forge yet: it needs A1111 1.10's Lora extension and model internals."
+
+
+@dataclass
+class Hooks:
+    run: Callable[[TrainRequest, JobState], list[dict]]  # trains on the host; blocks until done
+    wrap: Callable[[Callable], Callable] = lambda fn: fn  # the host's queue lock and progress (wrap_gradio_gpu_call)
+    paste_to_txt2img: Callable[[gr.Button, gr.Textbox], None] | None = None
+    galleries: dict = field(default_factory=dict)  # tab name → (gallery, generation info, button), from gallery.py
+    gallery_trains: Callable[[], bool] = lambda: True
+
+
+def _on(event, fn, inputs, outputs, js: str | None = None):
+    """`component.click(...)` etc. with JS, on gradio 3 and 4."""
+    kwargs = {}
+    if js:
+        kwargs["js" if "js" in inspect.signature(event).parameters else "_js"] = js
+    return event(fn=fn, inputs=inputs, outputs=outputs, **kwargs)
+
+
+def effect_specs(selected: list[str], values: dict[str, float]) -> list[list[str]]:
+    """Checked effects with their parameter values → one chain spec per effect (`name:param=value,…`)."""
+    specs = []
+    for effect in all_effects():
+        if effect.name in selected:
+            given = [(p.name, values.get(f"{effect.name}.{p.name}")) for p in effect.params]
+            params = ",".join(f"{key}={value}" for key, value in given if value is not None)
+            specs.append([f"{effect.name}:{params}" if params else effect.name])
+    return specs
+
+
+def describe_image(image: Image.Image | None) -> str:
+    if image is None:
+        return ""
+    info = image_infotext(image)
+    if info is None:
+        return f"{image.width}x{image.height}, no generation parameters"
+    seed, size = info.params.get("Seed", "?"), info.params.get("Size", f"{image.width}x{image.height}")
+    return f"{info.prompt}\nseed {seed}, size {size}"
+
+
+def default_name(image: Image.Image | None, selected: list[str]) -> str:
+    info = image_infotext(image) if image is not None else None
+    stem = slug(info.prompt, 24) if info and info.prompt else "copier"
+    return "-".join(filter(None, [stem, *selected[:1]])) or "copier"
+
+
+def build_request(image, name, selected, values, edited, method, preset, settings, save_on_interrupt, grid_prompts):
+    if image is None:
+        raise CopierError("there is no original image: upload one, take one from a gallery, or generate one")
+    edits = [("edited", edited)] if edited is not None else []
+    effects = make_effects(effect_specs(selected, values), edits)
+    caption = (image_infotext(image) or Infotext("")).prompt
+    defaults = make_config(preset)
+    overrides = {k: v for k, v in settings.items() if v is not None and v != getattr(defaults, k)}
+    return TrainRequest(
+        image=image.convert("RGB"),
+        name=name.strip() or default_name(image, selected),
+        effects=effects,
+        method=method,
+        preset=preset,
+        overrides=overrides,
+        caption=caption,
+        grid_prompts=[p for p in grid_prompts.splitlines() if p.strip()] or list(DEFAULT_GRID_PROMPTS),
+        save_on_interrupt=save_on_interrupt,
+    )
+
+
+def results_html(results: list[dict]) -> str:
+    rows = "".join(
+        f"<li><b>{r['name']}</b> ({r['kind']}{', ' + r['effect'] if r['effect'] else ''}): "
+        f"{r['steps']} steps in {r['seconds']} s — <code>{r['lora']}</code></li>"
+        for r in results
+    )
+    return f"<ul>{rows}</ul>"
+
+
+def txt2img_infotext(prompt: str, results: list[dict], pick: str) -> str:
+    """The infotext "Send to txt2img" pastes: the prompt with the chosen LoRA at weight 1, no model override."""
+    chosen = next((r for r in results if r["name"] == pick), results[0] if results else None)
+    text = with_lora(prompt, chosen["name"], 1.0) if chosen else prompt
+    return build_infotext(Infotext(text))
+
+
+def build_tab(hooks: Hooks | None, forge: bool = False) -> gr.Blocks:
+    with gr.Blocks(analytics_enabled=False) as tab:
+        if forge or hooks is None:
+            gr.Markdown(FORGE_MESSAGE)
+            return tab
+        effects = all_effects()
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(label="Original", type="pil", elem_id="copier_lora_image")
+                info = gr.Textbox(label="Its generation parameters", lines=2, interactive=False)
+                with gr.Row():
+                    from_buttons = {tab_name: gr.Button(f"From {tab_name}") for tab_name in ("txt2img", "img2img")}
+                edited = gr.Image(label="Or your own edit of it (a processed image)", type="pil")
+            with gr.Column(scale=1):
+                selected = gr.CheckboxGroup([e.name for e in effects], value=["grayscale"], label="Effects")
+                previews = gr.Gallery(label="Processed previews", columns=4, height=200)
+                sliders = {}
+                with gr.Accordion("Effect parameters", open=False):
+                    for effect in effects:
+                        for p in effect.params:
+                            key = f"{effect.name}.{p.name}"
+                            label = f"{effect.label}: {p.name}"
+                            if p.kind == "bool":
+                                sliders[key] = gr.Checkbox(value=bool(p.default), label=label, info=p.help)
+                            else:
+                                sliders[key] = gr.Slider(
+                                    p.min, p.max, value=p.default, step=p.step or (1 if p.kind == "int" else 0.01),
+                                    label=label, info=p.help,
+                                )  # fmt: skip
+        with gr.Row():
+            method = gr.Radio(list(METHODS), value="copier", label="Method")
+            preset = gr.Radio(list(RECIPE_PRESETS), value="quick", label="Preset")
+            name = gr.Textbox(label="Output name", placeholder="from the image and effect")
+            save_on_interrupt = gr.Checkbox(False, label="Keep what is finished when interrupted")
+        settings = {}
+        with gr.Accordion("Advanced", open=False):
+            grid_prompts = gr.Textbox("\n".join(DEFAULT_GRID_PROMPTS), lines=2, label="Strength grid prompts")
+            quick = make_config("quick")
+            for key, meta in field_info().items():
+                default = getattr(quick, key)
+                if meta["choices"]:
+                    settings[key] = gr.Dropdown(list(meta["choices"]), value=default, label=key, info=meta["help"])
+                elif meta["type"] is bool:
+                    settings[key] = gr.Checkbox(default, label=key, info=meta["help"])
+                else:
+                    settings[key] = gr.Number(default, label=key, info=meta["help"])
+        with gr.Row():
+            train = gr.Button("Train", variant="primary", elem_id="copier_lora_train")
+            interrupt = gr.Button("Interrupt", elem_id="copier_lora_interrupt")
+        status = gr.HTML(elem_id="copier_lora_status")
+        grids = gr.Gallery(label="Strength grids (weights -1, 0, +0.5, +1, +1.5)", elem_id="copier_lora_results")
+        results_json = gr.Textbox(visible=False)
+        with gr.Row():
+            pick = gr.Dropdown([], label="LoRA to send")
+            send_prompt = gr.Textbox(label="Prompt to send with it", lines=1)
+            send = gr.Button("Send to txt2img", elem_id="copier_lora_send_txt2img")
+        paste_text = gr.Textbox(visible=False, elem_id="copier_lora_paste")
+        task_id = gr.Textbox(visible=False)
+
+        slider_list = list(sliders.values())
+
+        def preview(img, chosen, *values):
+            if img is None:
+                return []
+            by_key = dict(zip(sliders, values, strict=True))
+            out = []
+            for effect in make_effects(effect_specs(chosen, by_key)):
+                out.append((effect.process(img.convert("RGB")), effect.label))
+            return out
+
+        def on_image(img, chosen, current_name):
+            return describe_image(img), current_name or default_name(img, chosen)
+
+        image.change(on_image, [image, selected, name], [info, name])
+        preset.change(
+            lambda chosen: [gr.update(value=getattr(make_config(chosen), key)) for key in settings],
+            [preset],
+            list(settings.values()),
+        )
+        for trigger in (image.change, selected.change):
+            trigger(preview, [image, selected, *slider_list], [previews])
+
+        def start(_task, img, out_name, chosen, edit, meth, pre, grid_text, keep, *rest):
+            values = dict(zip(sliders, rest[: len(sliders)], strict=True))
+            chosen_settings = dict(zip(settings, rest[len(sliders) :], strict=True))
+            chosen_settings = {k: int(v) if field_info()[k]["type"] is int else v for k, v in chosen_settings.items()}
+            try:
+                request = build_request(
+                    img, out_name, chosen, values, edit, meth, pre, chosen_settings, keep, grid_text
+                )
+                results = hooks.run(request, JobState("tab"))
+            except CopierError as exc:
+                return [], "[]", gr.update(choices=[]), f"<p class='copier-lora-error'>{exc}</p>"
+            names = [r["name"] for r in results]
+            grid_images = [(Image.open(r["grid"]), r["name"]) for r in results]
+            pick_update = gr.update(choices=names, value=names[-1] if names else None)
+            return grid_images, json.dumps(results), pick_update, results_html(results)
+
+        train_inputs = [task_id, image, name, selected, edited, method, preset, grid_prompts, save_on_interrupt,
+                        *slider_list, *settings.values()]  # fmt: skip
+        train_outputs = [grids, results_json, pick, status]
+        _on(train.click, hooks.wrap(start), train_inputs, train_outputs, js="copierLoraStart")
+
+        def start_from_gallery(*args):
+            if not hooks.gallery_trains():  # Settings → Copier LoRA: the button only loads the image
+                return gr.update(), gr.update(), gr.update(), ""
+            return start(*args)
+
+        _on(interrupt.click, None, [], [], js="copierLoraInterrupt")
+        _on(
+            send.click,
+            lambda prompt, results, chosen: txt2img_infotext(prompt, json.loads(results or "[]"), chosen),
+            [send_prompt, results_json, pick],
+            [paste_text],
+        )
+        if hooks.paste_to_txt2img:
+            hooks.paste_to_txt2img(send, paste_text)
+
+        def take(gallery, generation_info, index):
+            from lib_copier.webui.gallery import selected_image
+
+            img = selected_image(gallery, generation_info, index)
+            return img, describe_image(img)
+
+        for tab_name, button in from_buttons.items():
+            if tab_name in hooks.galleries:
+                gallery, generation_info, _ = hooks.galleries[tab_name]
+                _on(button.click, take, [gallery, generation_info, task_id], [image, info], js="copierLoraTake")
+        for gallery, generation_info, button in hooks.galleries.values():
+            loaded = _on(button.click, take, [gallery, generation_info, task_id], [image, info], js="copierLoraTake")
+            _on(loaded.then, hooks.wrap(start_from_gallery), train_inputs, train_outputs, js="copierLoraGalleryStart")
+    return tab

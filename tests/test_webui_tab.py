@@ -1,0 +1,63 @@
+"""The tab builds with gradio, its inputs become a training request, and gallery images are read on gradio 3 and 4."""
+
+import json
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from lib_copier.errors import CopierError
+from lib_copier.webui.gallery import selected_image
+from lib_copier.webui.infotext import parse_infotext
+from lib_copier.webui.tab import FORGE_MESSAGE, Hooks, build_request, build_tab, effect_specs, txt2img_infotext
+
+INFO = "a red fox in snow\nNegative prompt: blurry\nSteps: 20, Sampler: Euler, Seed: 42, Size: 64x64"
+
+
+def test_the_tab_builds_and_forge_gets_one_sentence():
+    calls = []
+    tab = build_tab(Hooks(run=lambda request, state: calls.append(request) or []))
+    assert isinstance(tab, gr.Blocks)
+    ids = {getattr(block, "elem_id", None) for block in tab.blocks.values()}
+    assert {"copier_lora_train", "copier_lora_interrupt", "copier_lora_send_txt2img", "copier_lora_image"} <= ids
+    forge = build_tab(None, forge=True)
+    assert any(getattr(b, "value", None) == FORGE_MESSAGE for b in forge.blocks.values())
+
+
+def test_inputs_become_a_request_named_after_the_image_and_effect():
+    image = Image.new("RGB", (64, 64), "red")
+    image.info["parameters"] = INFO
+    values = {"outline.thickness": 3, "outline.darkness": 0.5}
+    assert effect_specs(["outline"], values)[0][0].startswith("outline:thickness=3")
+    request = build_request(image, "", ["grayscale"], {}, None, "both", "quick", {"rank": 8}, False, "a\n\nb")
+    assert request.name == "a-red-fox-in-snow-grayscale"
+    assert request.caption == "a red fox in snow" and request.grid_prompts == ["a", "b"]
+    assert request.overrides == {"rank": 8} and [e.label for e in request.effects] == ["grayscale"]
+    with pytest.raises(CopierError, match="no original"):
+        build_request(None, "", [], {}, None, "copier", "quick", {}, False, "")
+
+
+def test_send_to_txt2img_pastes_the_prompt_with_the_lora_and_no_model():
+    results = [{"name": "fox-copier"}, {"name": "fox-grayscale"}]
+    text = txt2img_infotext("a cat", results, "fox-grayscale")
+    info = parse_infotext(text)
+    assert info.prompt == "a cat <lora:fox-grayscale:1>" and "Model hash" not in info.params
+
+
+@pytest.mark.parametrize("shape", ["gradio3", "gradio4-tuple", "gradio4-dict"])
+def test_the_selected_gallery_image_comes_with_its_infotext(tmp_path, shape):
+    paths = []
+    for i, colour in enumerate(("red", "blue")):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (8, 8), colour).save(paths[-1])
+    gallery = {
+        "gradio3": [{"name": p, "is_file": True} for p in paths],
+        "gradio4-tuple": [(p, None) for p in paths],
+        "gradio4-dict": [{"image": {"path": p}, "caption": None} for p in paths],
+    }[shape]
+    info = json.dumps({"infotexts": ["first", INFO]})
+    image = selected_image(gallery, info, 1)
+    assert image.getpixel((0, 0)) == (0, 0, 255) and image.info["parameters"] == INFO
+    assert selected_image(gallery, info, -1).getpixel((0, 0)) == (255, 0, 0)
+    with pytest.raises(CopierError, match="empty"):
+        selected_image([], info, 0)
