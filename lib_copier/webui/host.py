@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 
+import torch
 from PIL import Image
 
 from lib_copier.backends import StepProgress
@@ -130,9 +131,10 @@ def undo_lora_merges(sd_model) -> None:
     if networks is None:
         return
     networks.loaded_networks.clear()
-    for module in getattr(sd_model, "network_layer_mapping", {}).values():
-        networks.network_restore_weights_from_backup(module)
-        networks.network_reset_cached_weight(module)
+    with torch.no_grad():  # A1111's parameters require grad; the Lora extension restores under no_grad too
+        for module in getattr(sd_model, "network_layer_mapping", {}).values():
+            networks.network_restore_weights_from_backup(module)
+            networks.network_reset_cached_weight(module)
 
 
 def clear_cached_conditioning() -> None:

@@ -71,7 +71,20 @@ def default_name(image: Image.Image | None, selected: list[str]) -> str:
     return "-".join(filter(None, [stem, *selected[:1]])) or "copier"
 
 
-def build_request(image, name, selected, values, edited, method, preset, settings, save_on_interrupt, grid_prompts):
+def build_request(
+    image,
+    name,
+    selected,
+    values,
+    edited,
+    method,
+    preset,
+    settings,
+    save_on_interrupt,
+    grid_prompts,
+    size=0,
+    grid_steps=20,
+):
     if image is None:
         raise CopierError("there is no original image: upload one, take one from a gallery, or generate one")
     edits = [("edited", edited)] if edited is not None else []
@@ -89,6 +102,8 @@ def build_request(image, name, selected, values, edited, method, preset, setting
         caption=caption,
         grid_prompts=[p for p in grid_prompts.splitlines() if p.strip()] or list(DEFAULT_GRID_PROMPTS),
         save_on_interrupt=save_on_interrupt,
+        size=int(size) or None,
+        grid_steps=int(grid_steps),
     )
 
 
@@ -145,15 +160,22 @@ def build_tab(hooks: Hooks | None, forge: bool = False) -> gr.Blocks:
         settings = {}
         with gr.Accordion("Advanced", open=False):
             grid_prompts = gr.Textbox("\n".join(DEFAULT_GRID_PROMPTS), lines=2, label="Strength grid prompts")
+            with gr.Row():
+                size = gr.Number(
+                    0, label="Training size", info="image side to train at; 0: the model's native",
+                    elem_id="copier_lora_size",
+                )  # fmt: skip
+                grid_steps = gr.Number(20, label="Grid sampling steps", elem_id="copier_lora_grid_steps")
             quick = make_config("quick")
             for key, meta in field_info().items():
+                common = {"label": key, "info": meta["help"], "elem_id": f"copier_lora_{key}"}
                 default = getattr(quick, key)
                 if meta["choices"]:
-                    settings[key] = gr.Dropdown(list(meta["choices"]), value=default, label=key, info=meta["help"])
+                    settings[key] = gr.Dropdown(list(meta["choices"]), value=default, **common)
                 elif meta["type"] is bool:
-                    settings[key] = gr.Checkbox(default, label=key, info=meta["help"])
+                    settings[key] = gr.Checkbox(default, **common)
                 else:
-                    settings[key] = gr.Number(default, label=key, info=meta["help"])
+                    settings[key] = gr.Number(default, **common)
         with gr.Row():
             train = gr.Button("Train", variant="primary", elem_id="copier_lora_train")
             interrupt = gr.Button("Interrupt", elem_id="copier_lora_interrupt")
@@ -190,13 +212,24 @@ def build_tab(hooks: Hooks | None, forge: bool = False) -> gr.Blocks:
         for trigger in (image.change, selected.change):
             trigger(preview, [image, selected, *slider_list], [previews])
 
-        def start(_task, img, out_name, chosen, edit, meth, pre, grid_text, keep, *rest):
+        def start(_task, img, out_name, chosen, edit, meth, pre, grid_text, keep, side, grid_step_count, *rest):
             values = dict(zip(sliders, rest[: len(sliders)], strict=True))
             chosen_settings = dict(zip(settings, rest[len(sliders) :], strict=True))
             chosen_settings = {k: int(v) if field_info()[k]["type"] is int else v for k, v in chosen_settings.items()}
             try:
                 request = build_request(
-                    img, out_name, chosen, values, edit, meth, pre, chosen_settings, keep, grid_text
+                    img,
+                    out_name,
+                    chosen,
+                    values,
+                    edit,
+                    meth,
+                    pre,
+                    chosen_settings,
+                    keep,
+                    grid_text,
+                    side,
+                    grid_step_count,
                 )
                 results = hooks.run(request, JobState("tab"))
             except CopierError as exc:
@@ -206,8 +239,8 @@ def build_tab(hooks: Hooks | None, forge: bool = False) -> gr.Blocks:
             pick_update = gr.update(choices=names, value=names[-1] if names else None)
             return grid_images, json.dumps(results), pick_update, results_html(results)
 
-        train_inputs = [task_id, image, name, selected, edited, method, preset, grid_prompts, save_on_interrupt,
-                        *slider_list, *settings.values()]  # fmt: skip
+        train_inputs = [task_id, image, name, selected, edited, method, preset, grid_prompts, save_on_interrupt, size,
+                        grid_steps, *slider_list, *settings.values()]  # fmt: skip
         train_outputs = [grids, results_json, pick, status]
         _on(train.click, hooks.wrap(start), train_inputs, train_outputs, js="copierLoraStart")
 

@@ -1,0 +1,48 @@
+"""In headless Chromium against the live WebUI: txt2img, then the gallery's Copier LoRA button, which opens the
+tab, shows the progress bar, and ends with the strength grids. Screenshots go to COPIER_SCREENSHOTS (or a temp dir).
+
+Needs playwright (`pip install -e ".[integration]"`) and a Chromium: COPIER_CHROMIUM, else /usr/bin/chromium.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import URL
+
+playwright = pytest.importorskip("playwright.sync_api")
+CHROMIUM = os.environ.get("COPIER_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture
+def page(webui, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(URL)
+        page.wait_for_selector("#txt2img_prompt textarea", timeout=120_000)
+        yield page
+        browser.close()
+
+
+def test_gallery_button_trains_and_shows_the_grids(page, tmp_path):
+    shots = Path(os.environ.get("COPIER_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page.fill("#txt2img_prompt textarea", "a red apple")
+    page.click("#txt2img_generate")
+    page.wait_for_selector("#txt2img_gallery img", timeout=300_000)
+    page.screenshot(path=shots / "1-txt2img.png")
+
+    page.click("#copier_lora_from_txt2img")
+    page.wait_for_selector("#tab_copier_lora .progressDiv", timeout=120_000)
+    page.screenshot(path=shots / "2-training.png")
+    assert page.input_value("#copier_lora_size input") == "64"  # the small settings from ui-config are in place
+
+    page.wait_for_selector("#copier_lora_results img", timeout=900_000)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=shots / "3-results.png", full_page=True)
+    status = page.inner_text("#copier_lora_status")
+    assert "safetensors" in status and "copier" in status
