@@ -10,16 +10,18 @@ from lib_copier.errors import CopierError
 from lib_copier.webui.gallery import selected_image
 from lib_copier.webui.infotext import parse_infotext
 from lib_copier.webui.tab import FORGE_MESSAGE, Hooks, build_request, build_tab, effect_specs, txt2img_infotext
+from lib_copier.webui.utilities_tab import tool_body
 
 INFO = "a red fox in snow\nNegative prompt: blurry\nSteps: 20, Sampler: Euler, Seed: 42, Size: 64x64"
 
 
 def test_the_tab_builds_and_forge_gets_one_sentence():
-    calls = []
-    tab = build_tab(Hooks(run=lambda request, state: calls.append(request) or []))
+    hooks = Hooks(run=lambda request, state: [], generate=lambda request: None, run_tool=lambda tool, body: {})
+    tab = build_tab(hooks)
     assert isinstance(tab, gr.Blocks)
     ids = {getattr(block, "elem_id", None) for block in tab.blocks.values()}
-    assert {"copier_lora_train", "copier_lora_interrupt", "copier_lora_send_txt2img", "copier_lora_image"} <= ids
+    assert {"copier_lora_train", "copier_lora_interrupt", "copier_lora_send_txt2img", "copier_lora_image",
+            "copier_lora_generate", "copier_lora_utilities_run"} <= ids  # fmt: skip
     forge = build_tab(None, forge=True)
     assert any(getattr(b, "value", None) == FORGE_MESSAGE for b in forge.blocks.values())
 
@@ -51,7 +53,7 @@ def test_the_selected_gallery_image_comes_with_its_infotext(tmp_path, shape):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.new("RGB", (8, 8), colour).save(paths[-1])
     gallery = {
-        "gradio3": [{"name": p, "is_file": True} for p in paths],
+        "gradio3": [{"name": p + "?1795429040.34", "is_file": True} for p in paths],
         "gradio4-tuple": [(p, None) for p in paths],
         "gradio4-dict": [{"image": {"path": p}, "caption": None} for p in paths],
     }[shape]
@@ -61,3 +63,13 @@ def test_the_selected_gallery_image_comes_with_its_infotext(tmp_path, shape):
     assert selected_image(gallery, info, -1).getpixel((0, 0)) == (255, 0, 0)
     with pytest.raises(CopierError, match="empty"):
         selected_image([], info, 0)
+
+
+def test_the_utilities_form_becomes_the_api_body():
+    assert tool_body("merge", ["a", "b"], "", None, None, "1, -0.5", 8, 0, "none", 0.9, "ab") == {
+        "out": "ab", "loras": ["a", "b"], "ratios": [1.0, -0.5]}  # fmt: skip
+    assert tool_body("resize", ["a"], "", None, None, "", 4, 0, "sv_fro", 0.9, "small") == {
+        "out": "small", "lora": "a", "rank": 4, "dynamic_method": "sv_fro", "dynamic_param": 0.9}  # fmt: skip
+    assert tool_body("extract", [], "", "base", "tuned", "", 16, 8, "none", 0, "x")["conv_rank"] == 8
+    with pytest.raises(CopierError, match="ratios"):
+        tool_body("svd-merge", ["a"], "", None, None, "one", 8, 0, "none", 0, "x")

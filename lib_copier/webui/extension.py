@@ -102,7 +102,7 @@ def on_ui_tabs():
     if is_forge():
         return [(build_tab(None, forge=True), "Copier LoRA", "copier_lora")]
     import gradio as gr
-    from modules import call_queue, infotext_utils, shared
+    from modules import call_queue, infotext_utils, sd_models, shared
 
     from lib_copier.webui import gallery
     from lib_copier.webui.tab import Hooks
@@ -111,8 +111,19 @@ def on_ui_tabs():
         binding = infotext_utils.ParamBinding(paste_button=button, tabname="txt2img", source_text_component=text)
         infotext_utils.register_paste_params_button(binding)
 
+    from lib_copier.webui.host import A1111Host
+    from lib_copier.webui.lora_tools import run_tool
+
+    def tool(name: str, body: dict) -> dict:
+        return run_tool(name, body, Path(lora_dir()), checkpoint_file, checkpoint_dir())
+
     hooks = Hooks(
         run=run,
+        generate=call_queue.wrap_queued_call(lambda request: A1111Host().txt2img(request)),
+        run_tool=call_queue.wrap_queued_call(tool),
+        loras=lambda: sorted(p.stem for p in Path(lora_dir()).glob("*.safetensors")),
+        checkpoints=lambda: list(sd_models.checkpoint_tiles()),
+        open_gallery_item=infotext_utils.image_from_url_text,
         wrap=lambda fn: call_queue.wrap_gradio_gpu_call(fn, extra_outputs=[[], "[]", gr.update()]),
         paste_to_txt2img=paste,
         galleries=gallery.complete(),

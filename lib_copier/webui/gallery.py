@@ -7,6 +7,7 @@ that row is still open, and the gallery and its generation info are remembered f
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from PIL import Image
 
@@ -45,8 +46,18 @@ def _path(item) -> str | None:
     return item if isinstance(item, str) else None
 
 
-def selected_image(gallery, generation_info: str, index) -> Image.Image:
-    """The gallery's selected image (the first if none is selected), with its infotext as PNG `parameters`."""
+def open_item(item) -> Image.Image:
+    """A gallery item's image file (gradio 3 adds a `?timestamp` to the name to defeat caches)."""
+    path = _path(item)
+    if path is None:
+        raise CopierError("the gallery's image could not be read")
+    return Image.open(path.split("?", 1)[0])
+
+
+def selected_image(gallery, generation_info: str, index, load: Callable = open_item) -> Image.Image:
+    """The gallery's selected image (the first if none is selected), with its infotext as PNG `parameters`.
+
+    In the WebUI `load` is its own `image_from_url_text`, which also refuses files outside its output folders."""
     items = list(gallery or [])
     if not items:
         raise CopierError("the gallery is empty; generate an image first")
@@ -55,10 +66,7 @@ def selected_image(gallery, generation_info: str, index) -> Image.Image:
     except (TypeError, ValueError):
         index = 0
     index = index if 0 <= index < len(items) else 0
-    path = _path(items[index])
-    if path is None:
-        raise CopierError("the gallery's image could not be read")
-    image = Image.open(path)
+    image = load(items[index])
     image.load()
     texts = []
     try:

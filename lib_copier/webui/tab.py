@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,11 +19,13 @@ from PIL import Image
 from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError
 from lib_copier.models.cli import slug
+from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.job import METHODS, RECIPE_PRESETS, make_effects
 from lib_copier.train.config import field_info, make_config
 from lib_copier.webui.infotext import Infotext, build_infotext, image_infotext, with_lora
 from lib_copier.webui.jobs import JobState
 from lib_copier.webui.training import DEFAULT_GRID_PROMPTS, TrainRequest
+from lib_copier.webui.utilities_tab import build_utilities
 
 FORGE_MESSAGE = "Copier LoRA does not support Forge yet: it needs A1111 1.10's Lora extension and model internals."
 
@@ -34,6 +37,11 @@ class Hooks:
     paste_to_txt2img: Callable[[gr.Button, gr.Textbox], None] | None = None
     galleries: dict = field(default_factory=dict)  # tab name → (gallery, generation info, button), from gallery.py
     gallery_trains: Callable[[], bool] = lambda: True
+    generate: Callable[[Txt2Img], Image.Image] | None = None  # the host's txt2img, for "Generate here"
+    run_tool: Callable[[str, dict], dict] | None = None  # lora_tools.run_tool over the WebUI's folders
+    loras: Callable[[], list[str]] = list
+    checkpoints: Callable[[], list[str]] = list
+    open_gallery_item: Callable | None = None  # the host's own reader of gallery items (it checks the folder)
 
 
 def _on(event, fn, inputs, outputs, js: str | None = None):
@@ -135,6 +143,15 @@ def build_tab(hooks: Hooks | None, forge: bool = False) -> gr.Blocks:
                 info = gr.Textbox(label="Its generation parameters", lines=2, interactive=False)
                 with gr.Row():
                     from_buttons = {tab_name: gr.Button(f"From {tab_name}") for tab_name in ("txt2img", "img2img")}
+                with gr.Accordion("Generate here, with the loaded model", open=False):
+                    gen_prompt = gr.Textbox(label="Prompt", lines=2)
+                    gen_negative = gr.Textbox(label="Negative prompt")
+                    with gr.Row():
+                        gen_seed = gr.Number(-1, label="Seed (-1: random)")
+                        gen_steps = gr.Number(20, label="Steps")
+                        gen_cfg = gr.Number(7.0, label="CFG scale")
+                        gen_size = gr.Number(512, label="Width and height")
+                    gen_button = gr.Button("Generate", elem_id="copier_lora_generate")
                 edited = gr.Image(label="Or your own edit of it (a processed image)", type="pil")
             with gr.Column(scale=1):
                 selected = gr.CheckboxGroup([e.name for e in effects], value=["grayscale"], label="Effects")
@@ -260,15 +277,33 @@ def build_tab(hooks: Hooks | None, forge: bool = False) -> gr.Blocks:
             hooks.paste_to_txt2img(send, paste_text)
 
         def take(gallery, generation_info, index):
-            from lib_copier.webui.gallery import selected_image
+            from lib_copier.webui.gallery import open_item, selected_image
 
-            img = selected_image(gallery, generation_info, index)
+            img = selected_image(gallery, generation_info, index, hooks.open_gallery_item or open_item)
             return img, describe_image(img)
 
         for tab_name, button in from_buttons.items():
             if tab_name in hooks.galleries:
                 gallery, generation_info, _ = hooks.galleries[tab_name]
                 _on(button.click, take, [gallery, generation_info, task_id], [image, info], js="copierLoraTake")
+
+        def generate_here(prompt, negative, seed, steps, cfg, side):
+            seed = int(seed) if seed >= 0 else random.randrange(2**32)
+            request = Txt2Img(prompt, negative, seed, int(steps), float(cfg), int(side), int(side))
+            img = hooks.generate(request)
+            img.info["parameters"] = build_infotext(
+                Infotext(
+                    prompt, negative, {"Steps": int(steps), "CFG scale": cfg, "Seed": seed, "Size": f"{side}x{side}"}
+                )
+            )
+            return img
+
+        if hooks.generate:
+            _on(gen_button.click, generate_here, [gen_prompt, gen_negative, gen_seed, gen_steps, gen_cfg, gen_size],
+                [image])  # fmt: skip
+        if hooks.run_tool:
+            with gr.Tab("Utilities"):
+                build_utilities(hooks.run_tool, hooks.loras, hooks.checkpoints)
         for gallery, generation_info, button in hooks.galleries.values():
             loaded = _on(button.click, take, [gallery, generation_info, task_id], [image, info], js="copierLoraTake")
             _on(loaded.then, hooks.wrap(start_from_gallery), train_inputs, train_outputs, js="copierLoraGalleryStart")

@@ -84,8 +84,11 @@ def train_in_webui(request: TrainRequest, host: WebUIHost, out_dir: Path, state:
         prompt_pool=prompt_pool(False, request.prompt_pool),
         base_model=host.checkpoint,
     )
+    callbacks = _callbacks(host, state)
+    preview_prompt = request.caption or next(iter(request.grid_prompts), "")
+    callbacks.preview_request = Txt2Img(preview_prompt, steps=request.grid_steps, width=side, height=side)
     with host.prepared():
-        results = run_job(backend, job, _callbacks(host, state), _stage(host, state))
+        results = run_job(backend, job, callbacks, _stage(host, state))
         try:
             grids = _host_grids(host, request, results, side, state)
         except BaseException:

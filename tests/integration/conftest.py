@@ -21,7 +21,7 @@ URL = f"http://127.0.0.1:{PORT}"
 UI_CONFIG = {
     "txt2img/Width/value": 64,
     "txt2img/Height/value": 64,
-    "txt2img/Sampling steps/value": 4,
+    "customscript/sampler.py/txt2img/Sampling steps/value": 4,
     "copier_lora/Training size/value": 64,
     "copier_lora/Grid sampling steps/value": 4,
     "copier_lora/Strength grid prompts/value": "a red apple",

@@ -33,7 +33,10 @@ def test_gallery_button_trains_and_shows_the_grids(page, tmp_path):
     shots.mkdir(parents=True, exist_ok=True)
     page.fill("#txt2img_prompt textarea", "a red apple")
     page.click("#txt2img_generate")
-    page.wait_for_selector("#txt2img_gallery img", timeout=300_000)
+    # Done when the infotext is shown (the gallery already shows live previews while it runs).
+    page.wait_for_function(
+        "() => (document.querySelector('#html_info_txt2img') || {}).innerText?.includes('Steps:')", timeout=300_000
+    )
     page.screenshot(path=shots / "1-txt2img.png")
 
     page.click("#copier_lora_from_txt2img")

@@ -1,0 +1,74 @@
+"""The Utilities sub-tab: merge, SVD-merge, resize and extract over the WebUI's LoRA and checkpoint files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gradio as gr
+
+from lib_copier.errors import CopierError
+
+
+def _numbers(text: str) -> list[float] | None:
+    try:
+        return [float(x) for x in text.replace(",", " ").split()] or None
+    except ValueError as exc:
+        raise CopierError(f"ratios must be numbers, not {text!r}") from exc
+
+
+def tool_body(tool: str, loras, checkpoint, original, tuned, ratios, rank, conv_rank, dynamic, dynamic_param, out):
+    """The form's values → the body `run_tool` takes (the same as the HTTP API's)."""
+    body: dict = {"out": out}
+    if tool in ("merge", "svd-merge"):
+        body["loras"] = list(loras or [])
+        body["ratios"] = _numbers(ratios or "")
+        if tool == "merge" and checkpoint:
+            body["checkpoint"] = checkpoint
+    if tool == "resize":
+        body["lora"] = (loras or [None])[0]
+    if tool == "extract":
+        body["original"], body["tuned"] = original, tuned
+    if tool != "merge":
+        body["rank"] = int(rank)
+        body["conv_rank"] = int(conv_rank) or None
+    if tool == "resize" and dynamic != "none":
+        body["dynamic_method"], body["dynamic_param"] = dynamic, float(dynamic_param)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def build_utilities(
+    run_tool: Callable[[str, dict], dict], loras: Callable[[], list[str]], checkpoints: Callable[[], list[str]]
+) -> None:
+    """Inside an open gr.Tab: the form, run through `run_tool(tool, body)`."""
+    tool = gr.Radio(["merge", "svd-merge", "resize", "extract"], value="merge", label="Tool")
+    with gr.Row():
+        lora_files = gr.Dropdown(loras(), multiselect=True, label="LoRAs (resize: the first)")
+        refresh = gr.Button("Refresh lists")
+    ratios = gr.Textbox(label="Ratios, one per LoRA (merge, svd-merge; negative subtracts)", placeholder="1 1")
+    with gr.Row():
+        checkpoint = gr.Dropdown([""] + checkpoints(), value="", label="Merge into this checkpoint (optional)")
+        original = gr.Dropdown(checkpoints(), label="Extract: original checkpoint")
+        tuned = gr.Dropdown(checkpoints(), label="Extract: tuned checkpoint")
+    with gr.Row():
+        rank = gr.Number(8, label="Rank (svd-merge, resize, extract)")
+        conv_rank = gr.Number(0, label="Conv rank (0: none)")
+        dynamic = gr.Dropdown(["none", "sv_ratio", "sv_fro", "sv_cumulative"], value="none", label="Dynamic resize")
+        dynamic_param = gr.Number(0.9, label="Dynamic parameter")
+    out = gr.Textbox(label="Output name (written as <name>.safetensors)")
+    go = gr.Button("Run", variant="primary", elem_id="copier_lora_utilities_run")
+    log = gr.Textbox(label="Result", lines=4, interactive=False)
+
+    def run(*values):
+        try:
+            result = run_tool(values[0], tool_body(*values))
+        except CopierError as exc:
+            return f"error: {exc}"
+        return f"wrote {result['path']}\n{result['log']}"
+
+    go.click(run, [tool, lora_files, checkpoint, original, tuned, ratios, rank, conv_rank, dynamic, dynamic_param, out],
+             [log])  # fmt: skip
+    refresh.click(
+        lambda: (gr.update(choices=loras()), gr.update(choices=[""] + checkpoints()),
+                 gr.update(choices=checkpoints()), gr.update(choices=checkpoints())),
+        [], [lora_files, checkpoint, original, tuned],
+    )  # fmt: skip
