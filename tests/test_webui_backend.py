@@ -119,7 +119,7 @@ def test_a_job_on_the_host_previews_through_its_txt2img_and_a_cancelled_one_chan
     job.grid_prompts, job.grid_steps = ["a cat"], 2
     results = run_job(host, job)
     assert {r.kind for r in results} == {"copier", "processed"}
-    assert host.host.generated > 0  # the grids were drawn by the host
+    assert host.host.prompts  # the grids were drawn by the host
     assert_identical(host, before)
 
     steps = []

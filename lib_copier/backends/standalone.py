@@ -11,7 +11,7 @@ from torch import nn
 
 from lib_copier.backends import StepProgress
 from lib_copier.lora.naming import Target, lora_targets
-from lib_copier.lora.network import LoRANetwork
+from lib_copier.lora.network import LoRANetwork, all_applied
 from lib_copier.models.generate import Txt2Img, generate
 from lib_copier.models.sd_model import Conditioning, StableDiffusion
 
@@ -93,6 +93,5 @@ class StandaloneBackend:
             for module in self._offloaded:
                 module.to(self.device)
                 stack.callback(module.to, "cpu")
-            for network, weight in loras:
-                stack.enter_context(network.applied(self._layers, table, weight))
+            stack.enter_context(all_applied(loras, self._layers, table))
             return generate(self.model, request, progress)

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from lib_copier.backends import StepProgress
 from lib_copier.errors import CopierError
 from lib_copier.lora.naming import Target, lora_targets, model_family
-from lib_copier.lora.network import LoRANetwork
+from lib_copier.lora.network import LoRANetwork, all_applied
 from lib_copier.models.generate import Txt2Img
 from lib_copier.models.sd_model import Conditioning
 
@@ -150,9 +150,7 @@ class WebUIBackend:
         progress: StepProgress | None = None,
     ) -> Image.Image:
         table = {t.key: t for t in self.lora_targets(conv=True)}
-        with ExitStack() as stack:
-            for network, weight in loras:
-                stack.enter_context(network.applied(self._layers, table, weight))
+        with all_applied(loras, self._layers, table):
             return self.host.txt2img(request, progress)
 
 

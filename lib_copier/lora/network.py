@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +209,17 @@ class LoRANetwork(nn.Module):
             with torch.no_grad():
                 for weight, original in backups.values():
                     weight.copy_(original)
+
+
+@contextmanager
+def all_applied(
+    loras: Iterable[tuple[LoRANetwork, float]], layers: Mapping[str, nn.Module], table: Mapping[str, Target]
+):
+    """Several networks attached at their weights for the block, as `LoRANetwork.applied` attaches one."""
+    with ExitStack() as stack:
+        for network, weight in loras:
+            stack.enter_context(network.applied(layers, table, weight))
+        yield
 
 
 def _side_path_hook(lora: LoRAModule):

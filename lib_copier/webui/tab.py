@@ -137,74 +137,78 @@ def build_tab(hooks: Hooks | None, forge: bool = False) -> gr.Blocks:
             gr.Markdown(FORGE_MESSAGE)
             return tab
         effects = all_effects()
-        with gr.Row():
-            with gr.Column(scale=1):
-                image = gr.Image(label="Original", type="pil", elem_id="copier_lora_image")
-                info = gr.Textbox(label="Its generation parameters", lines=2, interactive=False)
-                with gr.Row():
-                    from_buttons = {tab_name: gr.Button(f"From {tab_name}") for tab_name in ("txt2img", "img2img")}
-                with gr.Accordion("Generate here, with the loaded model", open=False):
-                    gen_prompt = gr.Textbox(label="Prompt", lines=2)
-                    gen_negative = gr.Textbox(label="Negative prompt")
-                    with gr.Row():
-                        gen_seed = gr.Number(-1, label="Seed (-1: random)")
-                        gen_steps = gr.Number(20, label="Steps")
-                        gen_cfg = gr.Number(7.0, label="CFG scale")
-                        gen_size = gr.Number(512, label="Width and height")
-                    gen_button = gr.Button("Generate", elem_id="copier_lora_generate")
-                edited = gr.Image(label="Or your own edit of it (a processed image)", type="pil")
-            with gr.Column(scale=1):
-                selected = gr.CheckboxGroup([e.name for e in effects], value=["grayscale"], label="Effects")
-                previews = gr.Gallery(label="Processed previews", columns=4, height=200)
-                sliders = {}
-                with gr.Accordion("Effect parameters", open=False):
-                    for effect in effects:
-                        for p in effect.params:
-                            key = f"{effect.name}.{p.name}"
-                            label = f"{effect.label}: {p.name}"
-                            if p.kind == "bool":
-                                sliders[key] = gr.Checkbox(value=bool(p.default), label=label, info=p.help)
-                            else:
-                                sliders[key] = gr.Slider(
-                                    p.min, p.max, value=p.default, step=p.step or (1 if p.kind == "int" else 0.01),
-                                    label=label, info=p.help,
-                                )  # fmt: skip
-        with gr.Row():
-            method = gr.Radio(list(METHODS), value="copier", label="Method")
-            preset = gr.Radio(list(RECIPE_PRESETS), value="quick", label="Preset")
-            name = gr.Textbox(label="Output name", placeholder="from the image and effect")
-            save_on_interrupt = gr.Checkbox(False, label="Keep what is finished when interrupted")
-        settings = {}
-        with gr.Accordion("Advanced", open=False):
-            grid_prompts = gr.Textbox("\n".join(DEFAULT_GRID_PROMPTS), lines=2, label="Strength grid prompts")
+        with gr.Tab("Train"):
             with gr.Row():
-                size = gr.Number(
-                    0, label="Training size", info="image side to train at; 0: the model's native",
-                    elem_id="copier_lora_size",
-                )  # fmt: skip
-                grid_steps = gr.Number(20, label="Grid sampling steps", elem_id="copier_lora_grid_steps")
-            quick = make_config("quick")
-            for key, meta in field_info().items():
-                common = {"label": key, "info": meta["help"], "elem_id": f"copier_lora_{key}"}
-                default = getattr(quick, key)
-                if meta["choices"]:
-                    settings[key] = gr.Dropdown(list(meta["choices"]), value=default, **common)
-                elif meta["type"] is bool:
-                    settings[key] = gr.Checkbox(default, **common)
-                else:
-                    settings[key] = gr.Number(default, **common)
-        with gr.Row():
-            train = gr.Button("Train", variant="primary", elem_id="copier_lora_train")
-            interrupt = gr.Button("Interrupt", elem_id="copier_lora_interrupt")
-        status = gr.HTML(elem_id="copier_lora_status")
-        grids = gr.Gallery(label="Strength grids (weights -1, 0, +0.5, +1, +1.5)", elem_id="copier_lora_results")
-        results_json = gr.Textbox(visible=False)
-        with gr.Row():
-            pick = gr.Dropdown([], label="LoRA to send")
-            send_prompt = gr.Textbox(label="Prompt to send with it", lines=1)
-            send = gr.Button("Send to txt2img", elem_id="copier_lora_send_txt2img")
-        paste_text = gr.Textbox(visible=False, elem_id="copier_lora_paste")
-        task_id = gr.Textbox(visible=False)
+                with gr.Column(scale=1):
+                    image = gr.Image(label="Original", type="pil", elem_id="copier_lora_image")
+                    info = gr.Textbox(label="Its generation parameters", lines=2, interactive=False)
+                    with gr.Row():
+                        from_buttons = {tab_name: gr.Button(f"From {tab_name}") for tab_name in ("txt2img", "img2img")}
+                    with gr.Accordion("Generate here, with the loaded model", open=False):
+                        gen_prompt = gr.Textbox(label="Prompt", lines=2)
+                        gen_negative = gr.Textbox(label="Negative prompt")
+                        with gr.Row():
+                            gen_seed = gr.Number(-1, label="Seed (-1: random)")
+                            gen_steps = gr.Number(20, label="Steps")
+                            gen_cfg = gr.Number(7.0, label="CFG scale")
+                            gen_size = gr.Number(512, label="Width and height")
+                        gen_button = gr.Button("Generate", elem_id="copier_lora_generate")
+                    edited = gr.Image(label="Or your own edit of it (a processed image)", type="pil")
+                with gr.Column(scale=1):
+                    selected = gr.CheckboxGroup([e.name for e in effects], value=["grayscale"], label="Effects")
+                    previews = gr.Gallery(label="Processed previews", columns=4, height=200)
+                    sliders = {}
+                    with gr.Accordion("Effect parameters", open=False):
+                        for effect in effects:
+                            for p in effect.params:
+                                key = f"{effect.name}.{p.name}"
+                                label = f"{effect.label}: {p.name}"
+                                if p.kind == "bool":
+                                    sliders[key] = gr.Checkbox(value=bool(p.default), label=label, info=p.help)
+                                else:
+                                    sliders[key] = gr.Slider(
+                                        p.min, p.max, value=p.default, step=p.step or (1 if p.kind == "int" else 0.01),
+                                        label=label, info=p.help,
+                                    )  # fmt: skip
+            with gr.Row():
+                method = gr.Radio(list(METHODS), value="copier", label="Method")
+                preset = gr.Radio(list(RECIPE_PRESETS), value="quick", label="Preset")
+                name = gr.Textbox(label="Output name", placeholder="from the image and effect")
+                save_on_interrupt = gr.Checkbox(False, label="Keep what is finished when interrupted")
+            settings = {}
+            with gr.Accordion("Advanced", open=False):
+                grid_prompts = gr.Textbox("\n".join(DEFAULT_GRID_PROMPTS), lines=2, label="Strength grid prompts")
+                with gr.Row():
+                    size = gr.Number(
+                        0, label="Training size", info="image side to train at; 0: the model's native",
+                        elem_id="copier_lora_size",
+                    )  # fmt: skip
+                    grid_steps = gr.Number(20, label="Grid sampling steps", elem_id="copier_lora_grid_steps")
+                quick = make_config("quick")
+                for key, meta in field_info().items():
+                    common = {"label": key, "info": meta["help"], "elem_id": f"copier_lora_{key}"}
+                    default = getattr(quick, key)
+                    if meta["choices"]:
+                        settings[key] = gr.Dropdown(list(meta["choices"]), value=default, **common)
+                    elif meta["type"] is bool:
+                        settings[key] = gr.Checkbox(default, **common)
+                    else:
+                        settings[key] = gr.Number(default, **common)
+            with gr.Row():
+                train = gr.Button("Train", variant="primary", elem_id="copier_lora_train")
+                interrupt = gr.Button("Interrupt", elem_id="copier_lora_interrupt")
+            status = gr.HTML(elem_id="copier_lora_status")
+            grids = gr.Gallery(
+                label="Strength grids (weights -1, 0, +0.5, +1, +1.5)", elem_id="copier_lora_results",
+                columns=2, object_fit="contain", height=420,
+            )  # fmt: skip
+            results_json = gr.Textbox(visible=False)
+            with gr.Row():
+                pick = gr.Dropdown([], label="LoRA to send")
+                send_prompt = gr.Textbox(label="Prompt to send with it", lines=1)
+                send = gr.Button("Send to txt2img", elem_id="copier_lora_send_txt2img")
+            paste_text = gr.Textbox(visible=False, elem_id="copier_lora_paste")
+            task_id = gr.Textbox(visible=False)
 
         slider_list = list(sliders.values())
 
