@@ -271,12 +271,13 @@ def build_tab(hooks: Hooks | None, forge: bool = False) -> gr.Blocks:
             return start(*args)
 
         _on(interrupt.click, None, [], [], js="copierLoraInterrupt")
-        _on(
-            send.click,
-            lambda prompt, results, chosen: txt2img_infotext(prompt, json.loads(results or "[]"), chosen),
-            [send_prompt, results_json, pick],
-            [paste_text],
-        )
+
+        # The WebUI's paste binding reads `paste_text` the moment Send is clicked, so it is kept current.
+        def paste_infotext(prompt, results, chosen):
+            return txt2img_infotext(prompt, json.loads(results or "[]"), chosen)
+
+        for source in (send_prompt, results_json, pick):
+            source.change(paste_infotext, [send_prompt, results_json, pick], [paste_text])
         if hooks.paste_to_txt2img:
             hooks.paste_to_txt2img(send, paste_text)
 

@@ -49,3 +49,11 @@ def test_gallery_button_trains_and_shows_the_grids(page, tmp_path):
     page.screenshot(path=shots / "3-results.png", full_page=True)
     status = page.inner_text("#copier_lora_status")
     assert "safetensors" in status and "copier" in status
+
+    # Send to txt2img: the prompt with the new LoRA, on the txt2img tab.
+    page.click("#copier_lora_send_txt2img")
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_prompt textarea').value.includes('<lora:')", timeout=60_000
+    )
+    assert "<lora:a-red-apple-grayscale" in page.input_value("#txt2img_prompt textarea")
+    page.screenshot(path=shots / "4-sent-to-txt2img.png")
