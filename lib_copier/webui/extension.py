@@ -12,9 +12,6 @@ from lib_copier.webui.host import is_forge, lora_dir
 from lib_copier.webui.jobs import JobRunner
 
 SECTION = ("copier_lora", "Copier LoRA")
-FORGE_MESSAGE = (
-    "Copier LoRA does not support Forge yet: it needs A1111's Lora extension and model internals (A1111 1.10)."
-)
 _runner: JobRunner | None = None
 
 
@@ -105,14 +102,13 @@ def on_ui_tabs():
     from modules import call_queue, infotext_utils, sd_models, shared
 
     from lib_copier.webui import gallery
+    from lib_copier.webui.host import A1111Host
+    from lib_copier.webui.lora_tools import run_tool
     from lib_copier.webui.tab import Hooks
 
     def paste(button, text):
         binding = infotext_utils.ParamBinding(paste_button=button, tabname="txt2img", source_text_component=text)
         infotext_utils.register_paste_params_button(binding)
-
-    from lib_copier.webui.host import A1111Host
-    from lib_copier.webui.lora_tools import run_tool
 
     def tool(name: str, body: dict) -> dict:
         return run_tool(name, body, Path(lora_dir()), checkpoint_file, checkpoint_dir())

@@ -12,6 +12,7 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from html import escape
 
 import gradio as gr
 from PIL import Image
@@ -117,8 +118,8 @@ def build_request(
 
 def results_html(results: list[dict]) -> str:
     rows = "".join(
-        f"<li><b>{r['name']}</b> ({r['kind']}{', ' + r['effect'] if r['effect'] else ''}): "
-        f"{r['steps']} steps in {r['seconds']} s — <code>{r['lora']}</code></li>"
+        f"<li><b>{escape(r['name'])}</b> ({r['kind']}{', ' + escape(r['effect']) if r['effect'] else ''}): "
+        f"{r['steps']} steps in {r['seconds']} s — <code>{escape(r['lora'])}</code></li>"
         for r in results
     )
     return f"<ul>{rows}</ul>"
@@ -254,7 +255,7 @@ def build_tab(hooks: Hooks | None, forge: bool = False) -> gr.Blocks:
                 )
                 results = hooks.run(request, JobState("tab"))
             except CopierError as exc:
-                return [], "[]", gr.update(choices=[]), f"<p class='copier-lora-error'>{exc}</p>"
+                return [], "[]", gr.update(choices=[]), f"<p class='copier-lora-error'>{escape(str(exc))}</p>"
             names = [r["name"] for r in results]
             grid_images = [(Image.open(r["grid"]), r["name"]) for r in results]
             pick_update = gr.update(choices=names, value=names[-1] if names else None)
