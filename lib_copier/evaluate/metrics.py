@@ -111,7 +111,7 @@ class Metric:
 
 EFFECT_METRICS = {
     "grayscale": Metric("chroma", chroma, -1, "mean max(R,G,B) − min(R,G,B)"),
-    "posterize": Metric("tone levels", tone_levels, -1, "effective levels per channel, 2^entropy of a 64-bin histogram"),
+    "posterize": Metric("tone levels", tone_levels, -1, "levels per channel: 2^entropy of a 64-bin histogram"),
     "outline": Metric("edge darkness", edge_darkness, +1, "mean black-hat (5x5 closing − image) of the luminance"),
     "high_contrast": Metric("luminance spread", luminance_spread, +1, "standard deviation of the luminance"),
     "flatten": Metric("local variation", local_variation, -1, "mean 3x3 luminance std, strongest 10 % left out"),
