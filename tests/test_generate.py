@@ -1,11 +1,12 @@
 """Text to image with the tiny model: reproducible, prompt- and seed-sensitive, and the CLI writes a PNG."""
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from lib_copier.cli import main
 from lib_copier.models.configs import TINY
-from lib_copier.models.generate import Txt2Img, generate
+from lib_copier.models.generate import Txt2Img, generate, generate_batch
 from lib_copier.models.sd_model import build_model
 from tests.conftest import randomize_
 
@@ -27,6 +28,16 @@ def test_same_seed_same_image_and_inputs_matter(tiny):
 def test_sizes_samplers_and_guidance(tiny, sampler):
     image = generate(tiny, Txt2Img("x", seed=0, steps=2, width=96, height=64, sampler=sampler, cfg=1.0))
     assert image.size == (96, 64)
+
+
+def test_a_batch_draws_what_each_request_draws_alone(tiny):
+    requests = [Txt2Img("a red circle", seed=1, steps=3), Txt2Img("a blue square", negative="red", seed=2, steps=3)]
+    batch = generate_batch(tiny, requests)
+    for image, request in zip(batch, requests, strict=True):
+        alone = np.asarray(generate(tiny, request), dtype=int)
+        assert np.abs(np.asarray(image, dtype=int) - alone).max() <= 1  # float rounding of a batched matmul
+    with pytest.raises(ValueError, match="must share size, steps"):
+        generate_batch(tiny, [requests[0], Txt2Img("x", steps=4)])
 
 
 def test_bad_size_is_named(tiny):

@@ -1,5 +1,9 @@
-"""Measuring the method (issue 8): naive vs copier vs extraction, per effect.
+"""`python -m lib_copier evaluate`: measure the method — naive vs copier vs extraction, per effect.
 
-metrics.py holds the image measures (per-effect metrics, layout similarity, PSNR), numpy and PIL only. The
-`evaluate` command that renders and reports with them is still being built.
+- metrics.py: image measures (per-effect metrics, layout similarity, PSNR), numpy and PIL only.
+- render.py: batched generation with LoRAs, so hundreds of evaluation images stay cheap on a CPU.
+- train.py: the three methods' LoRAs for a set of originals and effects.
+- measure.py: render at every weight and turn the images into numbers (results.json).
+- charts.py, report.py: the Markdown report with its strength grids and charts.
+- cli.py: the command.
 """

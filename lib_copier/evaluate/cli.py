@@ -1,0 +1,119 @@
+"""`python -m lib_copier evaluate`: naive vs copier vs extraction, per effect, into a Markdown report."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from lib_copier.errors import CopierError
+from lib_copier.models.cli import add_model_arguments
+
+SETTINGS = ("originals", "prompts", "seeds", "steps", "lr", "prompt_pool", "sample_steps", "grid_rows")
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "evaluate",
+        help="measure the method: naive vs copier vs extraction LoRAs per effect, into a Markdown report",
+        description="Train naive, copier and extraction LoRAs for each effect from the same originals, draw them at "
+        "weights -1 … +1.5 on held-out prompts and seeds, and measure effect transfer, content leakage, structure "
+        "kept and copier fidelity. Writes report.md, results.json and images/ into --out.",
+    )
+    p.add_argument("--out", default="copier-evaluate", help="output folder (default: copier-evaluate)")
+    p.add_argument("--name", help="file stem: NAME.md, NAME.json and images/NAME/ instead of report.md, results.json")
+    p.add_argument(
+        "--effect",
+        action="append",
+        help="an effect chain to evaluate, e.g. posterize:levels=3 or outline+grayscale (repeat); 'seeds' stands "
+        "for the six default effects (outline, flatten, high_contrast, posterize, jpeg_noise, grayscale)",
+    )
+    p.add_argument("--image", action="append", default=[], help="an original image (repeat) instead of generated ones")
+    p.add_argument("--originals", type=int, help="how many generated originals (default 8; quick 2)")
+    p.add_argument("--prompts", type=int, help="held-out prompts (default 4; quick 2)")
+    p.add_argument("--seeds", type=int, help="seeds per prompt (default 3; quick 2)")
+    p.add_argument("--steps", type=int, help="training steps per LoRA (default 400; quick 250)")
+    p.add_argument("--lr", type=float, help="learning rate (default 3e-3)")
+    p.add_argument("--prompt-pool", type=int, help="training prompts mixed with the empty caption (default 32)")
+    p.add_argument("--sample-steps", type=int, help="Euler steps per evaluation image (default 16; quick 12)")
+    p.add_argument("--grid-rows", type=int, help="prompts per method in the strength grids (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a trainer setting")
+    p.add_argument(
+        "--processed-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a trainer setting of the copier method's B only (experiments: timestep range, rank …)",
+    )
+    p.add_argument("--quick", action="store_true", help="a small evaluation (about 4 minutes on 2 CPU cores)")
+    p.add_argument("--notes", help="a Markdown file whose text goes into the report under the result")
+    p.add_argument(
+        "--workers", type=int, help="processes drawing and training in parallel (default: 2 on a CPU, 1 on a GPU)"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default 1 on a CPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+    add_model_arguments(p)
+    p.set_defaults(func=run_evaluate)
+
+
+def settings_from(args: argparse.Namespace):
+    from lib_copier.evaluate.run import QUICK, SEED_EFFECTS, Settings
+    from lib_copier.recipes.cli import parse_overrides
+
+    values = dict(QUICK) if args.quick else {}
+    values.update({k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
+    effects = []
+    for spec in args.effect or ["seeds"]:
+        effects += list(SEED_EFFECTS) if spec == "seeds" else [spec]
+    for key in ("originals", "prompts", "seeds", "steps", "sample_steps"):
+        if key in values and values[key] < 1:
+            raise CopierError(f"--{key.replace('_', '-')} must be at least 1, not {values[key]}")
+    return Settings(
+        effects=list(dict.fromkeys(effects)),
+        overrides=parse_overrides(args.set),
+        processed_overrides=parse_overrides(args.processed_set),
+        **values,
+    )
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from lib_copier.effects.image_io import load_image
+    from lib_copier.evaluate.report import Layout
+    from lib_copier.evaluate.run import evaluate
+    from lib_copier.evaluate.workers import ModelSpec, Workers, default_workers
+    from lib_copier.recipes.job import fit_image
+    from lib_copier.recipes.outputs import check_name
+
+    settings = settings_from(args)
+    layout = Layout(Path(args.out), check_name(args.name) if args.name else None)
+    if layout.existing() and not args.overwrite:
+        raise CopierError(f"{layout.existing()[0]} already exists; choose another --out or --name, or --overwrite")
+    notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else ""
+    start = time.perf_counter()
+
+    def stage(text: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f} s] {text}", flush=True)
+
+    spec = ModelSpec(args.model, args.device, args.dtype, args.prediction)
+    count = args.workers or default_workers(args.device)
+    with Workers(spec, count, args.threads) as workers:
+        images = [fit_image(load_image(path), workers.resolution()) for path in args.image]
+        results = evaluate(
+            workers, settings, layout, args.model is None, _command(), images, notes, args.overwrite, stage=stage
+        )
+    print(f"done in {time.perf_counter() - start:.0f} s: {layout.markdown.resolve()}")
+    print("\n".join(_headline(results)))
+    return 0
+
+
+def _headline(results: dict) -> list[str]:
+    from lib_copier.evaluate.report import headline
+
+    return headline(results)
+
+
+def _command() -> str:
+    argv = sys.argv[1:]
+    return "python -m lib_copier " + shlex.join(argv) if argv[:1] == ["evaluate"] else "lib_copier.evaluate"

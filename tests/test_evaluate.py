@@ -1,0 +1,86 @@
+"""The evaluation's arithmetic, charts and command hold together on a tiny run (the metrics themselves:
+test_evaluate_core_metrics.py)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lib_copier.evaluate.charts import Series, line_chart
+from lib_copier.evaluate.measure import _summary
+
+
+def test_summary_normalises_transfer_by_the_effects_own_change():
+    # weights (-1, 0, 1), one prompt, two seeds; the effect itself lowers the metric by 10 on both seeds.
+    metric = np.array([[[60.0, 62.0]], [[50.0, 50.0]], [[45.0, 44.0]]])
+    raw = {
+        "metric": metric,
+        "distance": np.array([[[20.0, 20.0]], [[10.0, 10.0]], [[5.0, 5.0]]]),
+        "leak_layout": np.array([[[0.1, 0.1]], [[0.2, 0.2]], [[0.5, 0.3]]]),
+        "leak_psnr": np.array([[[9.0, 9.0]], [[10.0, 10.0]], [[13.0, 12.0]]]),
+        "control_psnr": np.array([[[9.5, 9.5]], [[10.0, 10.0]], [[11.0, 11.0]]]),
+        "control_layout": np.zeros((3, 1, 2)),
+        "kept_layout": np.array([[[0.8, 0.8]], [[1.0, 1.0]], [[0.9, 0.9]]]),
+        "kept_psnr": np.zeros((3, 1, 2)),
+    }
+    reference = {
+        "metric_base": np.array([[50.0, 50.0]]),
+        "metric_effect": np.array([[40.0, 40.0]]),
+        "distance": np.array([[10.0, 10.0]]),
+    }
+    summary = _summary(raw, reference, zero=1)
+    assert summary["transfer"]["mean"] == pytest.approx([-1.1, 0.0, 0.55])
+    assert summary["transfer"]["sd"][2] == pytest.approx(np.std([0.5, 0.6], ddof=1), abs=1e-4)
+    assert summary["closeness"]["mean"] == pytest.approx([-1.0, 0.0, 0.5])
+    assert summary["leak_layout"]["mean"] == pytest.approx([-0.1, 0.0, 0.2])
+    assert summary["leak"]["mean"] == pytest.approx([-0.5, 0.0, 1.5])  # toward the originals beyond the controls
+
+
+def test_line_chart_draws_each_series_in_its_colour():
+    chart = line_chart("t", [-1, 0, 1], [Series("a", [0.0, 0.5, None], [0.1, 0.0, None], (255, 0, 0))])
+    colours = {c for _, c in chart.getcolors(100000)}
+    assert (255, 0, 0) in colours and chart.size == (250, 170)
+
+
+def test_evaluate_command_writes_a_report_on_a_tiny_run(tmp_path, capsys):
+    from lib_copier.cli import main
+
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--out", str(out), "--effect", "grayscale", "--originals", "2", "--prompts", "1"]
+    argv += [
+        "--seeds",
+        "2",
+        "--steps",
+        "3",
+        "--sample-steps",
+        "2",
+        "--prompt-pool",
+        "2",
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+    ]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    grayscale = results["effects"]["grayscale"]
+    assert set(grayscale["variants"]) == {"single", "merged"}
+    assert set(grayscale["variants"]["merged"]) == {"naive", "copier", "extraction"}
+    summary = grayscale["variants"]["merged"]["copier"]["summary"]
+    assert len(summary["transfer"]["mean"]) == 6 and summary["kept_layout"]["mean"][2] == pytest.approx(1.0)
+    report = (out / "report.md").read_text()
+    assert "## Result" in report and "images/grayscale-grid.png" in report
+    for name in ("originals", "grayscale-grid", "grayscale-charts"):
+        assert (out / "images" / f"{name}.png").is_file()
+    assert main(argv) == 2  # an existing report is not overwritten
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_monotone_allows_a_flat_start_but_not_a_step_back_or_no_change():
+    from lib_copier.evaluate.report import _monotone
+
+    assert _monotone([-0.1, -0.05, 0.0, 0.1, 0.2, 0.3])
+    assert _monotone([0.01, 0.0, 0.0, 0.1, 0.2, 0.3])  # nothing to undo at negative weights: fine
+    assert not _monotone([0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert not _monotone([-0.1, 0.0, 0.0, 0.3, 0.1, 0.4])
+    assert not _monotone([-0.1, None, 0.0, 0.1, 0.2, 0.3])
