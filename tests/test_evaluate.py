@@ -84,3 +84,13 @@ def test_monotone_allows_a_flat_start_but_not_a_step_back_or_no_change():
     assert not _monotone([0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     assert not _monotone([-0.1, 0.0, 0.0, 0.3, 0.1, 0.4])
     assert not _monotone([-0.1, None, 0.0, 0.1, 0.2, 0.3])
+
+
+def test_a_bad_effect_or_count_is_one_sentence_before_anything_runs(tmp_path, capsys):
+    from lib_copier.cli import main
+
+    assert main(["evaluate", "--out", str(tmp_path), "--effect", "grayscale+sepiaa"]) == 2
+    assert "sepiaa" in capsys.readouterr().err
+    assert main(["evaluate", "--out", str(tmp_path), "--seeds", "0"]) == 2
+    assert "--seeds must be at least 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -61,12 +61,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def settings_from(args: argparse.Namespace):
     from lib_copier.evaluate.run import QUICK, SEED_EFFECTS, Settings
     from lib_copier.recipes.cli import parse_overrides
+    from lib_copier.recipes.job import make_effects
 
     values = dict(QUICK) if args.quick else {}
     values.update({k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
     effects = []
     for spec in args.effect or ["seeds"]:
         effects += list(SEED_EFFECTS) if spec == "seeds" else [spec]
+    make_effects([spec.split("+") for spec in effects])  # a bad effect stops here, before any model is loaded
     for key in ("originals", "prompts", "seeds", "steps", "sample_steps"):
         if key in values and values[key] < 1:
             raise CopierError(f"--{key.replace('_', '-')} must be at least 1, not {values[key]}")
