@@ -14,6 +14,7 @@ from PIL import Image
 
 from lib_copier.backends.standalone import StandaloneBackend
 from lib_copier.effects.chain import Chain
+from lib_copier.evaluate.metrics import chroma, psnr
 from lib_copier.lora.files import read_lora
 from lib_copier.lora.network import LoRANetwork
 from lib_copier.models.builtin.scenes import sample_captions
@@ -28,20 +29,6 @@ PROMPTS = ["a small green circle on a white background", "a blue square with str
 SEEDS = (10, 11, 12, 13)
 STEPS = 400
 POOL = [""] + sample_captions(32, seed=5)  # the CLI's default prompt pool for the built-in model
-
-
-def pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.float64)
-
-
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    return float(10 * np.log10(255**2 / ((pixels(a) - pixels(b)) ** 2).mean()))
-
-
-def chroma(image: Image.Image) -> float:
-    """Mean per-pixel colourfulness: max(R,G,B) − min(R,G,B), 0 for a gray image."""
-    p = pixels(image)
-    return float((p.max(-1) - p.min(-1)).mean())
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ def settings_from(args: argparse.Namespace):
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from lib_copier.effects.image_io import load_image
-    from lib_copier.evaluate.report import Layout
+    from lib_copier.evaluate.report import Layout, headline
     from lib_copier.evaluate.run import evaluate
     from lib_copier.evaluate.workers import ModelSpec, Workers, default_workers
     from lib_copier.recipes.job import fit_image
@@ -106,14 +106,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
             workers, settings, layout, args.model is None, _command(), images, notes, args.overwrite, stage=stage
         )
     print(f"done in {time.perf_counter() - start:.0f} s: {layout.markdown.resolve()}")
-    print("\n".join(_headline(results)))
+    print("\n".join(headline(results)))
     return 0
-
-
-def _headline(results: dict) -> list[str]:
-    from lib_copier.evaluate.report import headline
-
-    return headline(results)
 
 
 def _command() -> str:
