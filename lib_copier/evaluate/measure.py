@@ -22,13 +22,14 @@ import numpy as np
 from PIL import Image
 
 from lib_copier.evaluate import metrics
-from lib_copier.evaluate.render import render
 from lib_copier.evaluate.train import METHODS, Trained
 from lib_copier.evaluate.workers import Packed, Workers, backend, unpack
 from lib_copier.lora.network import LoRANetwork
+from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.job import Effect
 
 WEIGHTS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
+BATCH = 12
 
 
 @dataclass
@@ -62,7 +63,10 @@ class RenderTask:
 def render_task(task: RenderTask) -> list[Image.Image]:
     model = backend()
     loras = [(LoRANetwork.from_weights(unpack(lora)).to(model.device), weight) for lora, weight in task.loras]
-    return render(model, task.prompts, task.seeds, task.steps, loras)
+    requests = [Txt2Img(p, seed=s, steps=task.steps) for p, s in zip(task.prompts, task.seeds, strict=True)]
+    # A dozen images per UNet call: the evaluation draws thousands of them, and batches are much faster on a CPU.
+    batches = [requests[i : i + BATCH] for i in range(0, len(requests), BATCH)]
+    return [image for batch in batches for image in model.generate_batch(batch, loras)]
 
 
 def measure(
