@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lib_copier.backends.webui import WebUIBackend
 from lib_copier.lora.files import read_lora
 from lib_copier.lora.naming import by_key, lora_targets
 from lib_copier.lora.network import LoRANetwork
@@ -80,6 +81,7 @@ class A1111Host:
     its Lora extension would, and a progress bar and Interrupt button that tests can read and press."""
 
     def __init__(self, model: StableDiffusion, lora_dir: Path | None = None):
+        self.model = model
         self.sd_model = A1111Model(model)
         self.lora_dir = lora_dir
         self.checkpoint = "stand-in.safetensors"
@@ -89,6 +91,9 @@ class A1111Host:
         self.interrupt_when = lambda shown: False
         self.prepared_jobs = 0
         self.replaced = False
+
+    def backend(self):
+        return WebUIBackend(self)
 
     def conditioning(self, prompts, height, width):
         return self.sd_model.get_learned_conditioning(prompts, height, width)

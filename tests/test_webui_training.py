@@ -1,4 +1,4 @@
-"""A training run as the WebUI starts it, on the A1111-shaped stand-in: files in the LoRA folder, grids drawn by the
+"""A training run as the WebUI starts it, on the A1111- and the Forge-shaped stand-ins alike: files in the LoRA folder, grids drawn by the
 host through `<lora:name:w>` from those files, progress on the host's bar, and Interrupt / model change handled."""
 
 import numpy as np
@@ -17,15 +17,16 @@ from lib_copier.webui.jobs import JobState
 from lib_copier.webui.training import TrainRequest, train_in_webui
 from tests.a1111_like import A1111Host
 from tests.conftest import randomize_
+from tests.forge_like import ForgeHost
 
 
-@pytest.fixture
-def host(tmp_path):
-    return A1111Host(randomize_(build_model(TINY)), lora_dir=tmp_path)
+@pytest.fixture(params=[A1111Host, ForgeHost])
+def host(request, tmp_path):
+    return request.param(randomize_(build_model(TINY)), lora_dir=tmp_path)
 
 
 def request_for(host, **kw) -> TrainRequest:
-    image = generate(host.sd_model.ours[0], Txt2Img("a cat", seed=0, steps=2))
+    image = generate(host.model, Txt2Img("a cat", seed=0, steps=2))
     defaults = dict(
         image=image,
         name="cat",
@@ -40,7 +41,7 @@ def request_for(host, **kw) -> TrainRequest:
 
 
 def weights(host):
-    return {n: p.detach().clone() for n, p in host.sd_model.named_parameters()}
+    return {n: p.detach().clone() for n, p in host.backend().weights()}
 
 
 def test_a_run_writes_loras_whose_grids_the_host_draws_from_the_files(host, tmp_path):
@@ -60,7 +61,7 @@ def test_a_run_writes_loras_whose_grids_the_host_draws_from_the_files(host, tmp_
     assert not np.array_equal(grid[HEADER:, 64:128], grid[HEADER:, 256:320])
     assert host.prepared_jobs == 1 and state.stage.startswith("strength grid")
     assert any("step 3/3" in text for text, _, _ in host.shown)
-    assert all(torch.equal(before[n], p) for n, p in host.sd_model.named_parameters())
+    assert all(torch.equal(before[n], p) for n, p in host.backend().weights())
 
 
 def test_interrupt_from_the_webui_keeps_nothing_unless_asked(host, tmp_path):

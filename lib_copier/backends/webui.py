@@ -45,73 +45,42 @@ def checkpoint_name(name: str) -> str:
     return _WRAPPED.sub("", name)
 
 
-class WebUIBackend:
-    def __init__(self, host: Host):
+class HostBackend:
+    """What every WebUI backend shares: the host's conditioning and txt2img, LoRA layers by LDM name, training mode.
+
+    A subclass finds the host's weights and layers under their LDM names and says how to encode, predict and
+    which modules are the UNet and the text encoders."""
+
+    def __init__(self, host: Host, params: Mapping[str, torch.Tensor], layers: Mapping[str, nn.Module], family: str):
         self.host = host
         self.sd_model = host.sd_model
-        self._params = {checkpoint_name(n): p for n, p in self.sd_model.named_parameters()}
+        self._params = dict(params)
+        self._layers = dict(layers)
+        self.family = family
         fp8 = [n for n, p in self._params.items() if p.dtype in _FP8]
         if fp8:
             raise CopierError(
                 "the loaded model stores its weights in fp8 (Settings → Optimizations → FP8 weight); "
                 "LoRA training needs it off"
             )
-        self.family = model_family(self._params)
-        self.prediction = "v" if getattr(self.sd_model, "parameterization", "eps") == "v" else "eps"
-        self.resolution = {"sdxl": 1024, "sd2": 768 if self.prediction == "v" else 512}.get(self.family, 512)
-        param = next(self.unet().parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self._layers: dict[str, nn.Module] = {}
-        for name, module in self.sd_model.named_modules():
-            self._layers.setdefault(checkpoint_name(name), module)
 
-    # What the trainer reads.
+    def unet(self) -> nn.Module:
+        raise NotImplementedError
 
-    def alphas_cumprod(self) -> torch.Tensor:
-        # A1111 rewrites `alphas_cumprod` per generation (downcast, zero terminal SNR); the original is what the
-        # model was trained on.
-        schedule = getattr(self.sd_model, "alphas_cumprod_original", None)
-        if schedule is None:
-            schedule = self.sd_model.alphas_cumprod
-        return schedule.detach().to("cpu", torch.float32)
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        # The posterior's mean straight from the encoder: no sampling, and none of the host's encode options
-        # (TAESD approximation) apply.
-        vae = self.sd_model.first_stage_model
-        param = next(vae.parameters())
-        moments = vae.quant_conv(vae.encoder(images.to(param.device, param.dtype)))
-        latents = moments[:, : moments.shape[1] // 2].float() * float(self.sd_model.scale_factor)
-        if not torch.isfinite(latents).all():
-            raise CopierError(
-                "the VAE gave NaN for this image (an fp16 VAE overflow); start the WebUI with --no-half-vae"
-            )
-        return latents.to(self.device)
+    def text_encoders(self) -> list[nn.Module]:
+        raise NotImplementedError
 
     def encode_prompts(self, prompts: list[str], height: int, width: int) -> Conditioning:
         cond = self.host.conditioning(list(prompts), height, width)
         if isinstance(cond, dict):
-            return Conditioning(cond["crossattn"], cond["vector"])
-        return Conditioning(cond)
-
-    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        c = cond.context if cond.vector is None else {"crossattn": cond.context, "vector": cond.vector}
-        return self.sd_model.apply_model(x, t, c).float()
+            return Conditioning(_ordinary(cond["crossattn"]), _ordinary(cond["vector"]))
+        return Conditioning(_ordinary(cond))
 
     def lora_layers(self) -> Mapping[str, nn.Module]:
         return self._layers
 
     def lora_targets(self, conv: bool = False) -> list[Target]:
         return lora_targets({n: tuple(p.shape) for n, p in self._params.items()}, self.family, conv=conv)
-
-    def unet(self) -> nn.Module:
-        return self.sd_model.model.diffusion_model
-
-    def text_encoders(self) -> list[nn.Module]:
-        if hasattr(self.sd_model, "conditioner"):
-            return [e for e in self.sd_model.conditioner.embedders if next(e.parameters(), None) is not None]
-        return [self.sd_model.cond_stage_model]
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter(self._params.items())
@@ -131,17 +100,15 @@ class WebUIBackend:
                     if isinstance(getattr(module, flag, None), bool):
                         stack.callback(setattr, module, flag, getattr(module, flag))
                         setattr(module, flag, False)
-            if text_encoders:
-                # SGM's conditioner runs embedders under no_grad unless they say they are trainable.
-                for embedder in self.text_encoders():
-                    if hasattr(embedder, "is_trainable"):
-                        stack.callback(setattr, embedder, "is_trainable", embedder.is_trainable)
-                        embedder.is_trainable = True
+            self._while_training(stack, text_encoders)
             if gradient_checkpointing:
                 for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
                     stack.callback(_restore_forward, block, block.__dict__.get("forward"))
                     block.forward = _checkpointed(block.forward)
             yield
+
+    def _while_training(self, stack: ExitStack, text_encoders: bool) -> None:
+        """What else the host's model needs while it trains; undone by `stack`."""
 
     def generate(
         self,
@@ -152,6 +119,77 @@ class WebUIBackend:
         table = {t.key: t for t in self.lora_targets(conv=True)}
         with all_applied(loras, self._layers, table):
             return self.host.txt2img(request, progress)
+
+
+class WebUIBackend(HostBackend):
+    """A1111's loaded model: LDM/SGM modules with the hijack's `.wrapped` levels."""
+
+    def __init__(self, host: Host):
+        params = {checkpoint_name(n): p for n, p in host.sd_model.named_parameters()}
+        layers: dict[str, nn.Module] = {}
+        for name, module in host.sd_model.named_modules():
+            layers.setdefault(checkpoint_name(name), module)
+        super().__init__(host, params, layers, model_family(params))
+        self.prediction = "v" if getattr(self.sd_model, "parameterization", "eps") == "v" else "eps"
+        self.resolution = {"sdxl": 1024, "sd2": 768 if self.prediction == "v" else 512}.get(self.family, 512)
+        param = next(self.unet().parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    # What the trainer reads.
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        # A1111 rewrites `alphas_cumprod` per generation (downcast, zero terminal SNR); the original is what the
+        # model was trained on.
+        schedule = getattr(self.sd_model, "alphas_cumprod_original", None)
+        if schedule is None:
+            schedule = self.sd_model.alphas_cumprod
+        return schedule.detach().to("cpu", torch.float32)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        # The posterior's mean straight from the encoder: no sampling, and none of the host's encode options
+        # (TAESD approximation) apply.
+        return posterior_mean(self.sd_model.first_stage_model, images, float(self.sd_model.scale_factor)).to(
+            self.device
+        )
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        c = cond.context if cond.vector is None else {"crossattn": cond.context, "vector": cond.vector}
+        return self.sd_model.apply_model(x, t, c).float()
+
+    def unet(self) -> nn.Module:
+        return self.sd_model.model.diffusion_model
+
+    def text_encoders(self) -> list[nn.Module]:
+        if hasattr(self.sd_model, "conditioner"):
+            return [e for e in self.sd_model.conditioner.embedders if next(e.parameters(), None) is not None]
+        return [self.sd_model.cond_stage_model]
+
+    def _while_training(self, stack: ExitStack, text_encoders: bool) -> None:
+        if text_encoders:
+            # SGM's conditioner runs embedders under no_grad unless they say they are trainable.
+            for embedder in self.text_encoders():
+                if hasattr(embedder, "is_trainable"):
+                    stack.callback(setattr, embedder, "is_trainable", embedder.is_trainable)
+                    embedder.is_trainable = True
+
+
+def posterior_mean(vae: nn.Module, images: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
+    """`(mean - shift) * scale` of an LDM-style VAE's posterior, float32, on the VAE's device."""
+    param = next(vae.parameters())
+    moments = vae.quant_conv(vae.encoder(images.to(param.device, param.dtype)))
+    latents = (moments[:, : moments.shape[1] // 2].float() - shift) * scale
+    if not torch.isfinite(latents).all():
+        raise CopierError(
+            "the VAE gave NaN for this image (an fp16 VAE overflow); start the WebUI with its full-precision VAE "
+            "(--no-half-vae in A1111, --vae-in-fp32 in Forge)"
+        )
+    return latents
+
+
+def _ordinary(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor made under `torch.inference_mode` (Forge's conditioning) cannot enter autograd: copy it."""
+    return tensor.clone() if tensor.is_inference() else tensor
 
 
 def _checkpointed(forward: Callable) -> Callable:

@@ -5,6 +5,10 @@ a checkpoint file), so the table is the same wherever the weights come from. Rul
 UNet Linear and 1x1 conv layers inside transformer blocks; with `conv=True` also ResBlocks, down- and upsamplers
 (3x3 convs get the conv rank); text encoders' attention and MLP projections. OpenCLIP's fused `in_proj_weight`
 is three targets (q, k, v rows), named like the Hugging Face CLIP layers kohya converts it to.
+
+Forge keeps the LDM names for the UNet but holds every text encoder in the Hugging Face layout under its own
+names (`clip_l`, `clip_g`, `clip_h`); `forge_to_ldm` gives those the LDM root of the same encoder, so this one table
+serves Forge too (SDXL's bigG then comes with separate q/k/v weights instead of OpenCLIP's fused one).
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ from lib_copier.lora.unet_names import ldm_to_diffusers
 
 UNET = "model.diffusion_model."
 FAMILIES = ("sd1", "sd2", "sdxl")
+# Forge's text encoders (`JointTextEncoder` entries) → the LDM/SGM root of the same encoder, per family.
+_FORGE_ENCODERS = {
+    "sd1": {"clip_l": "cond_stage_model."},
+    "sd2": {"clip_h": "cond_stage_model."},
+    "sdxl": {"clip_l": "conditioner.embedders.0.", "clip_g": "conditioner.embedders.1."},
+}
 
 _HF_LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])")
 _OPENCLIP_LAYER = re.compile(r"transformer\.resblocks\.(\d+)\.(attn\.in_proj|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)")
@@ -58,6 +68,18 @@ def model_family(names: Mapping[str, object]) -> str:
     if any(name.startswith("cond_stage_model.transformer.") for name in names):
         return "sd1"
     raise CopierError("the weights have no text encoder in the LDM layout, so their model family is unknown")
+
+
+def forge_to_ldm(name: str, family: str) -> str | None:
+    """A Forge parameter or module name → the LDM/SGM name the naming table reads; None for what has no LDM name.
+
+    Forge's names are `diffusion_model.…` under its `KModel` and `clip_l.transformer.text_model.…` (`clip_g`, `clip_h`)
+    under its `JointTextEncoder`."""
+    if name.startswith("diffusion_model."):
+        return "model." + name
+    encoder, _, rest = name.partition(".")
+    root = _FORGE_ENCODERS.get(family, {}).get(encoder)
+    return root + rest if root and rest else None
 
 
 def lora_targets(shapes: Mapping[str, tuple[int, ...]], family: str, conv: bool = False) -> list[Target]:
@@ -117,9 +139,12 @@ def _text_prefix(family: str, embedder: str | None) -> str:
 def _text_targets(shapes: dict[str, tuple[int, ...]], family: str) -> list[Target]:
     targets = []
     openclip_layers: dict[str, int] = {}
+    hf_layers: dict[str, int] = {}
     for name in shapes:
         if (m := _ENCODER_ROOT.fullmatch(name)) and (layer := _OPENCLIP_LAYER.match(m[4])):
             openclip_layers[m[1]] = max(openclip_layers.get(m[1], 0), int(layer[1]) + 1)
+        if m and (layer := _HF_LAYER.match(m[4])):
+            hf_layers[m[1]] = max(hf_layers.get(m[1], 0), int(layer[1]) + 1)
     for name, shape in shapes.items():
         m = _ENCODER_ROOT.fullmatch(name)
         if m is None:
@@ -127,6 +152,8 @@ def _text_targets(shapes: dict[str, tuple[int, ...]], family: str) -> list[Targe
         root, inner = name[: -len(m[4])], m[4]
         prefix = _text_prefix(family, m[2])
         if m[3] == "transformer" and (layer := _HF_LAYER.fullmatch(inner.removesuffix(".weight"))):
+            if family == "sd2" and int(layer[1]) == hf_layers[m[1]] - 1:
+                continue  # SD2's last layer, as in the OpenCLIP layout below
             key = f"{prefix}text_model_encoder_layers_{layer[1]}_{layer[2].replace('.', '_')}"
             targets.append(Target(key, root + inner[: -len(".weight")], "weight", None, shape))
         elif m[3] == "model" and (

@@ -1,6 +1,6 @@
 """One training run inside the WebUI, as the tab, the gallery button and the HTTP API start it.
 
-The job runs on the host's loaded model (`WebUIBackend`), writes into the WebUI's LoRA folder, and then draws each
+The job runs on the host's loaded model (the host's `backend()`), writes into the WebUI's LoRA folder, and then draws each
 result's strength grid through the host's own txt2img with `<lora:name:w>`, so the built-in Lora extension loads
 the new file: a grid is also proof that the WebUI reads it. Progress goes to a `JobState` (the API) and to the
 host's progress bar; the WebUI's Interrupt button and the job's own interrupt both stop it between steps.
@@ -16,7 +16,8 @@ from typing import Protocol
 from PIL import Image
 
 from lib_copier.atomic import atomic_write
-from lib_copier.backends.webui import Host, WebUIBackend
+from lib_copier.backends import Backend
+from lib_copier.backends.webui import Host
 from lib_copier.errors import CopierError
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.grid import Render, strength_grid
@@ -31,7 +32,12 @@ DEFAULT_GRID_PROMPTS = GRID_PROMPTS[:2]
 
 
 class WebUIHost(Host, Protocol):
+    """One WebUI (A1111, Forge): everything the tab, the API and the job runner need from it."""
+
     checkpoint: str  # the loaded checkpoint's title, recorded in the LoRA's metadata
+
+    def backend(self) -> Backend:
+        """The trainer's view of the loaded model, in place; made inside `prepared()`."""
 
     def prepared(self):
         """A context: the model as its checkpoint has it during the job, the WebUI's caches fresh after it."""
@@ -66,28 +72,28 @@ class TrainRequest:
 
 def train_in_webui(request: TrainRequest, host: WebUIHost, out_dir: Path, state: JobState) -> list[dict]:
     check_name(request.name)
-    backend = WebUIBackend(host)
-    side = request.size or backend.resolution
-    image = request.image
-    if image is None:
-        state.on_stage("generating the original")
-        image = host.txt2img(request.generate)
-    job = Job(
-        originals=[fit_image(image, side)],
-        effects=request.effects,
-        name=request.name,
-        out_dir=out_dir,
-        method=request.method,
-        preset=request.preset,
-        overrides={**request.overrides, "save_on_cancel": request.save_on_interrupt},
-        caption=request.caption,
-        prompt_pool=prompt_pool(False, request.prompt_pool),
-        base_model=host.checkpoint,
-    )
-    callbacks = _callbacks(host, state)
-    preview_prompt = request.caption or next(iter(request.grid_prompts), "")
-    callbacks.preview_request = Txt2Img(preview_prompt, steps=request.grid_steps, width=side, height=side)
     with host.prepared():
+        backend = host.backend()
+        side = request.size or backend.resolution
+        image = request.image
+        if image is None:
+            state.on_stage("generating the original")
+            image = host.txt2img(request.generate)
+        job = Job(
+            originals=[fit_image(image, side)],
+            effects=request.effects,
+            name=request.name,
+            out_dir=out_dir,
+            method=request.method,
+            preset=request.preset,
+            overrides={**request.overrides, "save_on_cancel": request.save_on_interrupt},
+            caption=request.caption,
+            prompt_pool=prompt_pool(False, request.prompt_pool),
+            base_model=host.checkpoint,
+        )
+        callbacks = _callbacks(host, state)
+        preview_prompt = request.caption or next(iter(request.grid_prompts), "")
+        callbacks.preview_request = Txt2Img(preview_prompt, steps=request.grid_steps, width=side, height=side)
         results = run_job(backend, job, callbacks, _stage(host, state))
         try:
             grids = _host_grids(host, request, results, side, state)

@@ -1,0 +1,202 @@
+"""The Backend over the model Forge (and Forge Neo) has loaded: `sd_model.forge_objects`, trained in place.
+
+Forge keeps the LDM names for its UNet but little else of A1111's model; what differs, each point measured inside a
+running Forge (main dfdcbab6), and what is done about it:
+- Its weights are inference tensors (loaded under `torch.inference_mode`), which autograd refuses to save and
+  in-place fusing refuses to touch: `borrowed` swaps them for ordinary tensors for the job, one tensor at a time
+  (no second copy of the model), and makes them inference tensors with the same bits again afterwards.
+- Its LoRA loader bakes LoRAs into new Parameters until the next refresh: `borrowed` refreshes the original patchers
+  before and after the job and makes Forge re-apply its LoRAs at its next generation.
+- `BasicTransformerBlock` adds residuals in place into a tensor its LayerNorms saved for backward: while training,
+  the UNet's LayerNorms read a copy of their input.
+- `KModel.apply_model` works in sigma space and returns x0: `predict` calls the UNet itself.
+- `VAE.encode` samples the posterior: `encode_images` takes the encoder's mean, `(mean - shift) * scale`.
+- Its conditioning is made under inference mode: `HostBackend.encode_prompts` copies it.
+- Its memory manager moves models between devices: the UNet is loaded before the loop and again if it moved.
+- Low-bit storage (fp8, nf4, gguf) cannot be fused and restored bit-exactly: refused.
+Its `Linear` is not an `nn.Linear`; nothing here (or in `lora.network`) relies on the class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+from lib_copier.backends.webui import Host, HostBackend, posterior_mean
+from lib_copier.errors import CopierError
+from lib_copier.lora.naming import forge_to_ldm
+from lib_copier.models.sd_model import Conditioning
+
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
+_FULL_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+
+
+def is_forge_model(sd_model) -> bool:
+    return getattr(sd_model, "forge_objects_original", None) is not None
+
+
+def forge_family(sd_model) -> str:
+    """sd1 / sd2 / sdxl from the flags Forge's engines set; one sentence for everything else (Flux, SD3, refiner)."""
+    for flag, family in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
+        if getattr(sd_model, flag, False):
+            if family == "sdxl" and "clip_l" not in sd_model.forge_objects_original.clip.cond_stage_model:
+                break  # the SDXL refiner: no CLIP-L, and no LoRA format for it
+            return family
+    raise CopierError(
+        f"Copier LoRA trains SD1, SD2 and SDXL models; the loaded model is a {type(sd_model).__name__}: "
+        "pick an SD1, SD2 or SDXL checkpoint"
+    )
+
+
+def live_parameters(sd_model, family: str) -> Iterator[tuple[str, nn.Parameter]]:
+    """Forge's UNet and text-encoder parameters under their LDM names, as the modules hold them now."""
+    objects = sd_model.forge_objects_original
+    for module in (objects.unet.model, objects.clip.cond_stage_model):
+        for name, param in module.named_parameters():
+            ldm = forge_to_ldm(name, family)
+            if ldm is not None:
+                yield ldm, param
+
+
+def forge_conditioning(sd_model, prompts):
+    """Forge's own `get_learned_conditioning` for `prompts` (an `SdConditioning`, which carries the image size). It
+    runs under inference mode, which gives no gradient; for text-encoder training the function it wraps is called."""
+    method = type(sd_model).get_learned_conditioning
+    if torch.is_grad_enabled():
+        method = getattr(method, "__wrapped__", None)
+        if method is None:
+            raise CopierError(
+                "this Forge's prompt encoding cannot be trained through; untick 'Train the text encoder'"
+            )
+    return method(sd_model, prompts)
+
+
+class ForgeBackend(HostBackend):
+    def __init__(self, host: Host, load: Callable[[object], None] = lambda patcher: None):
+        """`load` is Forge's `memory_management.load_model_gpu`: it puts a patcher's model on its device."""
+        sd_model = host.sd_model
+        family = forge_family(sd_model)
+        self._objects = sd_model.forge_objects_original
+        self._load = load
+        kmodel = self._objects.unet.model
+        _refuse_low_bits(kmodel)
+        layers = {}
+        for module in (kmodel, self._objects.clip.cond_stage_model):
+            for name, layer in module.named_modules():
+                if (ldm := forge_to_ldm(name, family)) is not None:
+                    layers[ldm] = layer
+        super().__init__(host, dict(live_parameters(sd_model, family)), layers, family)
+        prediction = getattr(kmodel.predictor, "prediction_type", None)
+        if prediction not in PREDICTIONS:
+            raise CopierError(
+                f"the loaded model predicts {prediction!r}; Copier LoRA trains epsilon and v-prediction models"
+            )
+        self.prediction = PREDICTIONS[prediction]
+        self.resolution = 512 if family == "sd2" and self.prediction == "eps" else _RESOLUTION[family]
+        self.device = torch.device(self._objects.unet.load_device)
+        self.dtype = kmodel.computation_dtype
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        # Forge replaces Parameter objects (LoRA refresh, device moves): read them where they are now.
+        return live_parameters(self.sd_model, self.family)
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._objects.unet.model.predictor.alphas_cumprod.detach().to("cpu", torch.float32)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        self._load(self._objects.vae.patcher)
+        vae = self._objects.vae.first_stage_model
+        shift = float(getattr(vae, "shift_factor", 0.0) or 0.0)
+        return posterior_mean(vae, images, float(vae.scaling_factor), shift).to(self.device)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        unet = self.unet()
+        if next(unet.parameters()).device != self.device:
+            self._load(self._objects.unet)  # drawing a preview may have made room for the VAE
+        extra = {} if cond.vector is None else {"y": cond.vector}
+        return unet(x, t, context=cond.context, **extra).float()
+
+    def unet(self) -> nn.Module:
+        return self._objects.unet.model.diffusion_model
+
+    def text_encoders(self) -> list[nn.Module]:
+        return list(self._objects.clip.cond_stage_model.children())
+
+    def _while_training(self, stack: ExitStack, text_encoders: bool) -> None:
+        self._load(self._objects.unet)
+        for module in self.unet().modules():
+            if isinstance(module, nn.LayerNorm):
+                stack.callback(module.register_forward_pre_hook(_read_a_copy).remove)
+
+
+def _read_a_copy(module: nn.Module, args: tuple) -> tuple:
+    # The block adds its residual in place into the very tensor this norm read; autograd needs the norm's input.
+    return (args[0].clone(), *args[1:]) if torch.is_grad_enabled() else args
+
+
+def _refuse_low_bits(kmodel: nn.Module) -> None:
+    storage = getattr(kmodel, "storage_dtype", torch.float16)
+    quantised = any(
+        hasattr(p, "bnb_quantized") or hasattr(p, "gguf_cls") or p.dtype not in _FULL_PRECISION
+        for p in kmodel.parameters()
+    )
+    if storage not in _FULL_PRECISION or quantised:
+        raise CopierError(
+            f"the loaded model stores its weights in low bits ({storage}); LoRA training needs fp16, bf16 or fp32 "
+            "weights: set Forge's 'Diffusion in Low Bits' to Automatic (fp16) and load the model again"
+        )
+
+
+@contextmanager
+def borrowed(sd_model) -> Iterator[None]:
+    """For one job: Forge's model without any LoRA baked in, its weights ordinary tensors that autograd and fusing
+    can use; afterwards the same bits as inference tensors again, and Forge's LoRA state reset so that its next
+    generation applies whatever LoRAs its prompt asks for from the original weights."""
+    objects = sd_model.forge_objects_original
+    forget_loras(sd_model)
+    slots = [
+        (layer, name)
+        for module in (objects.unet.model, objects.clip.cond_stage_model)
+        for layer in module.modules()
+        for name, param in layer._parameters.items()
+        if param is not None and param.is_inference()
+    ]
+    try:
+        _replace_parameters(slots, lambda param: param.detach().clone())
+        yield
+    finally:
+        forget_loras(sd_model)  # restores what the host-drawn grids baked into the weights
+        with torch.inference_mode():
+            _replace_parameters(slots, lambda param: param if param.is_inference() else param.detach().clone())
+
+
+def forget_loras(sd_model) -> None:
+    """Forge's LoRAs out of the weights (its original patchers carry none), and its cache of what it applied reset."""
+    objects = sd_model.forge_objects_original
+    objects.unet.refresh_loras()
+    objects.clip.patcher.refresh_loras()
+    sd_model.current_lora_hash = str([])
+    sd_model.forge_objects = objects.shallow_copy()
+    sd_model.forge_objects_after_applying_lora = objects.shallow_copy()
+
+
+def _replace_parameters(slots: list[tuple[nn.Module, str]], copy: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Each parameter in `slots` replaced by `copy` of it (unless that returns it), one at a time so that at most
+    one tensor is held twice; a weight shared by several layers stays shared."""
+    groups: dict[int, list[tuple[nn.Module, str]]] = {}
+    for layer, name in slots:
+        groups.setdefault(id(layer._parameters[name]), []).append((layer, name))
+    for where in groups.values():
+        layer, name = where[0]
+        old = layer._parameters[name]
+        new = copy(old)
+        if new is not old:
+            new = nn.Parameter(new, requires_grad=False)
+            for layer, name in where:
+                layer._parameters[name] = new
+        del old, new

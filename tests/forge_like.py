@@ -1,0 +1,337 @@
+"""A Forge-shaped stand-in over our own models, for testing the Forge backend without Forge.
+
+It reproduces what broke training inside a real Forge (see lib_copier/backends/forge.py): parameters that are
+inference tensors, a `Linear` that is not an `nn.Linear`, transformer blocks that add residuals in place, a
+`KModel` whose `apply_model` works in sigma space, a VAE whose `encode` samples, conditioning made under inference
+mode, and a LoRA loader that bakes LoRAs into new Parameter objects until its next refresh. Text encoders sit in a
+`JointTextEncoder` as `clip_l` / `clip_g` in the Hugging Face layout (SDXL's bigG converted from our OpenCLIP one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib_copier.backends.forge import ForgeBackend, borrowed, forge_conditioning
+from lib_copier.lora.files import read_lora
+from lib_copier.lora.naming import by_key, forge_to_ldm, lora_targets
+from lib_copier.lora.network import LoRANetwork
+from lib_copier.models.clip_text import CLIPTextConfig, CLIPTextModel
+from lib_copier.models.generate import generate
+from lib_copier.models.sd_model import StableDiffusion
+from lib_copier.models.text_encoders import PromptEmbedder, _pick
+from lib_copier.models.tokenizer import OPENCLIP_PAD_ID, PromptTokenizer
+from lib_copier.models.unet import BasicTransformerBlock
+
+LORA_TAG = re.compile(r"<lora:([^:>]+):([-0-9.]+)>")
+
+
+class HFBigG(PromptEmbedder):
+    """SDXL's second text encoder as Forge holds it: Hugging Face layout (separate q/k/v) plus the projection."""
+
+    def __init__(self, openclip_embedder: nn.Module):
+        super().__init__()
+        source = openclip_embedder.model
+        c = source.config
+        config = CLIPTextConfig(c.vocab_size, c.width, c.layers, c.heads, c.max_positions, c.mlp_ratio, c.activation)
+        self.transformer = CLIPTextModel(config)
+        self.text_projection = nn.Parameter(source.text_projection.detach().clone())
+        self.layer, self.final_norm = openclip_embedder.layer, openclip_embedder.final_norm
+        self.tokenizer = PromptTokenizer(OPENCLIP_PAD_ID)
+        text = self.transformer.text_model
+        with torch.no_grad():
+            text.embeddings.token_embedding.weight.copy_(source.token_embedding.weight)
+            text.embeddings.position_embedding.weight.copy_(source.positional_embedding)
+            text.final_layer_norm.load_state_dict(source.ln_final.state_dict())
+            for ours, theirs in zip(text.encoder.layers, source.transformer.resblocks, strict=True):
+                for i, proj in enumerate((ours.self_attn.q_proj, ours.self_attn.k_proj, ours.self_attn.v_proj)):
+                    rows = slice(i * c.width, (i + 1) * c.width)
+                    proj.weight.copy_(theirs.attn.in_proj_weight[rows])
+                    proj.bias.copy_(theirs.attn.in_proj_bias[rows])
+                ours.self_attn.out_proj.load_state_dict(theirs.attn.out_proj.state_dict())
+                ours.layer_norm1.load_state_dict(theirs.ln_1.state_dict())
+                ours.layer_norm2.load_state_dict(theirs.ln_2.state_dict())
+                ours.mlp.fc1.load_state_dict(theirs.mlp.c_fc.state_dict())
+                ours.mlp.fc2.load_state_dict(theirs.mlp.c_proj.state_dict())
+
+    def encode_ids(self, ids):
+        output = self.transformer(ids)
+        context = _pick(output, self.layer, self.final_norm, self.transformer.text_model.final_layer_norm)
+        return context, output.pooled @ self.text_projection
+
+
+def hf_layout(model: StableDiffusion) -> StableDiffusion:
+    """SDXL's bigG moved to the Hugging Face layout, in place: the model Forge would load from the same file."""
+    if hasattr(model, "conditioner"):
+        model.conditioner.embedders[1] = HFBigG(model.conditioner.embedders[1]).requires_grad_(False)
+    return model
+
+
+class Linear(nn.Module):
+    """Forge's `operations.Linear`: a Module with weight and bias, not an `nn.Linear`."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class InPlaceBlock(BasicTransformerBlock):
+    """Forge's `BasicTransformerBlock._forward`: residuals added in place into what the norms read."""
+
+    def forward(self, x, context):
+        n = self.attn1(self.norm1(x))
+        x += n
+        n = self.attn2(self.norm2(x), context)
+        x += n
+        skip = x
+        x = self.ff(self.norm3(x))
+        x += skip
+        return x
+
+
+def _forge_modules(root: nn.Module) -> None:
+    for module in list(root.modules()):
+        if type(module) is BasicTransformerBlock:
+            module.__class__ = InPlaceBlock
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, Linear(child))
+
+
+class Predictor(nn.Module):
+    """k-diffusion's discrete schedule in sigma space, as Forge's `Prediction`."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction: str):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone())
+        self.register_buffer("sigmas", ((1 - alphas_cumprod) / alphas_cumprod).sqrt().float())
+        self.prediction_type = {"eps": "epsilon", "v": "v_prediction"}[prediction]
+
+    def timestep(self, sigma):
+        return (self.sigmas[None] - sigma[:, None]).abs().argmin(dim=1)
+
+    def calculate_denoised(self, sigma, out, x):
+        s = sigma.view(-1, 1, 1, 1)
+        if self.prediction_type == "epsilon":
+            return x - out * s
+        return x / (s**2 + 1) - out * s / (s**2 + 1).sqrt()
+
+
+class KModel(nn.Module):
+    def __init__(self, unet: nn.Module, predictor: Predictor):
+        super().__init__()
+        self.diffusion_model = unet
+        self.predictor = predictor
+        self.storage_dtype = self.computation_dtype = next(unet.parameters()).dtype
+
+    def apply_model(self, x, sigma, c_crossattn=None, y=None):
+        xc = x / (sigma.view(-1, 1, 1, 1) ** 2 + 1).sqrt()
+        extra = {} if y is None else {"y": y}
+        out = self.diffusion_model(xc, self.predictor.timestep(sigma), context=c_crossattn, **extra)
+        return self.predictor.calculate_denoised(sigma, out, x)
+
+
+class LoraLoader:
+    """Forge's `LoraLoader`: bakes patches into new Parameter objects, keeps the old ones until the next refresh."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.backup, self.loaded = model, {}, str([])
+
+    @torch.inference_mode()
+    def refresh(self, lora_patches: dict) -> None:
+        """`lora_patches`: {(file, weight): {parameter name: delta}}, what each LoRA adds."""
+        if str(list(lora_patches)) == self.loaded:
+            return
+        for name, param in self.backup.items():
+            _set(self.model, name, param)
+        self.backup = {}
+        for patches in lora_patches.values():
+            for name, delta in patches.items():
+                weight = self.model.get_parameter(name)
+                self.backup.setdefault(name, weight)
+                _set(self.model, name, nn.Parameter(weight + delta.to(weight.dtype), requires_grad=False))
+        self.loaded = str(list(lora_patches))
+
+
+def _set(root: nn.Module, name: str, param: nn.Parameter) -> None:
+    path, _, leaf = name.rpartition(".")
+    root.get_submodule(path)._parameters[leaf] = param
+
+
+@dataclasses.dataclass
+class Patcher:
+    model: nn.Module
+    loader: LoraLoader
+    lora_patches: dict = dataclasses.field(default_factory=dict)
+    load_device: torch.device = torch.device("cpu")
+
+    def refresh_loras(self):
+        self.loader.refresh(self.lora_patches)
+
+    def clone(self):
+        return Patcher(self.model, self.loader, dict(self.lora_patches), self.load_device)
+
+
+@dataclasses.dataclass
+class Clip:
+    cond_stage_model: nn.ModuleDict
+    patcher: Patcher
+
+
+@dataclasses.dataclass
+class VAE:
+    first_stage_model: nn.Module
+    patcher: Patcher
+
+
+@dataclasses.dataclass
+class ForgeObjects:
+    unet: Patcher
+    clip: Clip
+    vae: VAE
+
+    def shallow_copy(self):
+        return ForgeObjects(self.unet, self.clip, self.vae)
+
+
+class JointTextEncoder(nn.ModuleDict):
+    pass
+
+
+class SampledVAE(nn.Module):
+    """The VAE Forge holds: LDM encoder/quant_conv, a scaling and shift factor, and an `encode` that samples."""
+
+    def __init__(self, vae: nn.Module, scale: float):
+        super().__init__()
+        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
+        self.scaling_factor, self.shift_factor = scale, 0.0
+        self.ours = [vae]
+
+    def encode(self, x):
+        return self.ours[0].encode(x).sample(torch.Generator().manual_seed(0))
+
+
+class ForgeModel:
+    """`backend.diffusion_engine.sd15.StableDiffusion` / `sdxl.StableDiffusionXL`, over our model's modules."""
+
+    def __init__(self, model: StableDiffusion):
+        self.ours = model
+        self.first_stage_model = self.cond_stage_model = None  # as Forge has them
+        _forge_modules(model)
+        embedders = model.text_embedders
+        names = ["clip_l", "clip_g"] if len(embedders) == 2 else ["clip_l" if model.config.family == "sd1" else "clip_h"]
+        clip = JointTextEncoder(dict(zip(names, embedders, strict=True)))
+        predictor = Predictor(model.schedule.alphas_cumprod, model.config.prediction)
+        kmodel = KModel(model.unet, predictor)
+        vae = SampledVAE(model.first_stage_model, model.config.scale_factor)
+        self.forge_objects = ForgeObjects(
+            Patcher(kmodel, LoraLoader(kmodel)),
+            Clip(clip, Patcher(clip, LoraLoader(clip))),
+            VAE(vae, Patcher(vae, LoraLoader(vae))),
+        )
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+        self.current_lora_hash = str([])
+        self.is_sd1, self.is_sd2, self.is_sdxl = (model.config.family == f for f in ("sd1", "sd2", "sdxl"))
+        with torch.inference_mode():  # Forge loads its models under inference mode
+            for module in (kmodel, clip, vae):
+                for layer in module.modules():
+                    for name, param in list(layer._parameters.items()):
+                        if param is not None:
+                            layer._parameters[name] = nn.Parameter(param.clone(), requires_grad=False)
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, prompts):
+        cond = self.ours.encode_prompts(list(prompts), prompts.height, prompts.width)
+        return cond.context if cond.vector is None else {"crossattn": cond.context, "vector": cond.vector}
+
+
+class Prompts(list):
+    """A1111's `SdConditioning`: the prompts with the image size SDXL's conditioning reads."""
+
+    def __init__(self, prompts, width, height):
+        super().__init__(prompts)
+        self.width, self.height = width, height
+
+
+class ForgeHost:
+    """The host side as Forge does it: its conditioning, and txt2img that loads `<lora:name:w>` from `lora_dir` the
+    way its LoRA extension does (patcher clones, weights baked in at the next load)."""
+
+    def __init__(self, model: StableDiffusion, lora_dir: Path | None = None):
+        self.model = model
+        self.sd_model = ForgeModel(model)
+        self.lora_dir = lora_dir
+        self.prepared_jobs = 0
+        self.checkpoint = "forge-stand-in.safetensors"
+        self.prompts: list[str] = []
+        self.shown: list[tuple[str, int, int]] = []
+        self.previews = 0
+        self.loads: list[str] = []
+        self.interrupt_when = lambda shown: False
+        self.replaced = False
+
+    def backend(self) -> ForgeBackend:
+        return ForgeBackend(self, load=lambda patcher: self.loads.append(type(patcher.model).__name__))
+
+    def conditioning(self, prompts, height, width):
+        return forge_conditioning(self.sd_model, Prompts(prompts, width, height))
+
+    def txt2img(self, request, progress=None):
+        self.prompts.append(request.prompt)
+        sd = self.sd_model
+        loras = LORA_TAG.findall(request.prompt)
+        if str(loras) != sd.current_lora_hash:
+            sd.current_lora_hash = str(loras)
+            sd.forge_objects = sd.forge_objects_original.shallow_copy()
+            for name, weight in loras:
+                self._add_patches(self.lora_dir / f"{name}.safetensors", float(weight))
+            sd.forge_objects_after_applying_lora = sd.forge_objects.shallow_copy()
+        objects = sd.forge_objects_after_applying_lora
+        objects.unet.refresh_loras()  # what Forge's memory manager does when it loads the models
+        objects.clip.patcher.refresh_loras()
+        with torch.inference_mode():
+            return generate(sd.ours, dataclasses.replace(request, prompt=LORA_TAG.sub("", request.prompt).strip()))
+
+    def _add_patches(self, path: Path, weight: float) -> None:
+        lora, identifier = read_lora(path), (str(path), weight)
+        objects, family = self.sd_model.forge_objects, self.sd_model.ours.config.family
+        unet, clip = objects.unet.clone(), objects.clip.patcher.clone()
+        names = {}
+        for patcher in (unet, clip):
+            for name, param in patcher.model.named_parameters():
+                names[forge_to_ldm(name, family)] = (patcher, name, tuple(param.shape))
+        table = by_key(lora_targets({ldm: shape for ldm, (_, _, shape) in names.items() if ldm}, lora.family, True))
+        network = LoRANetwork.from_weights(lora.modules)
+        for key, module in network.modules_by_key.items():
+            target = table[key]
+            patcher, name, shape = names[target.param_name]
+            patcher.lora_patches.setdefault(identifier, {})[name] = module.delta().detach().reshape(shape) * weight
+        objects.unet, objects.clip = unet, Clip(objects.clip.cond_stage_model, clip)
+
+    @contextmanager
+    def prepared(self):
+        self.prepared_jobs += 1
+        with borrowed(self.sd_model):
+            yield
+
+    def model_changed(self):
+        return self.replaced
+
+    def interrupted(self):
+        return self.interrupt_when(self.shown)
+
+    def show_progress(self, text, step, total):
+        self.shown.append((text, step, total))
+
+    def show_preview(self, image):
+        self.previews += 1

@@ -1,0 +1,147 @@
+"""The Forge backend, run through a Forge-shaped stand-in (tests/forge_like.py) over our own SD1, SD2-v and SDXL.
+
+The reference is the standalone backend over an identical model (same seed, SDXL's bigG in the Hugging Face layout
+Forge holds it in): both must read, predict and train alike, and Forge's weights must come back bit-identical and
+as inference tensors after every kind of run, with Forge's LoRA state reset.
+"""
+
+import pytest
+import torch
+
+from lib_copier.backends.forge import ForgeBackend
+from lib_copier.backends.standalone import StandaloneBackend
+from lib_copier.effects.chain import Chain
+from lib_copier.errors import CopierError
+from lib_copier.lora.naming import forge_to_ldm, lora_targets
+from lib_copier.models.configs import TINY
+from lib_copier.models.generate import Txt2Img
+from lib_copier.models.sd_model import build_model
+from lib_copier.recipes.job import Effect, Job, run_job
+from lib_copier.train.config import make_config
+from lib_copier.train.trainer import Callbacks, Cancelled, image_tensor, train_lora
+from tests.conftest import TINY_SD2V, TINY_SDXL, randomize_
+from tests.forge_like import ForgeHost, hf_layout
+
+CONFIGS = {"sd1": TINY, "sd2-v": TINY_SD2V, "sdxl": TINY_SDXL}
+
+
+def model(config):
+    return hf_layout(randomize_(build_model(config)))
+
+
+def pair(config=TINY, lora_dir=None):
+    return StandaloneBackend(model(config)), ForgeHost(model(config), lora_dir)
+
+
+def snapshot(host):
+    with host.prepared():
+        return {name: p.detach().clone() for name, p in host.backend().weights()}
+
+
+def assert_as_loaded(host, before):
+    """Bit-identical, every weight an inference tensor again, and no LoRA left in Forge's bookkeeping."""
+    after = dict(host.backend().weights())
+    assert after.keys() == before.keys()
+    assert [n for n in before if not torch.equal(before[n], after[n])] == []
+    assert all(p.is_inference() for p in after.values())
+    sd = host.sd_model
+    assert sd.current_lora_hash == "[]" and not sd.forge_objects_after_applying_lora.unet.lora_patches
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_forge_names_give_the_ldm_targets(name):
+    ldm = build_model(CONFIGS[name])
+    family = ldm.config.family
+    host = ForgeHost(build_model(CONFIGS[name]))
+    objects = host.sd_model.forge_objects_original
+    forge = {
+        forge_to_ldm(n, family): tuple(p.shape)
+        for module in (objects.unet.model, objects.clip.cond_stage_model)
+        for n, p in module.named_parameters()
+    }
+    expected = {(t.key, t.shape) for t in lora_targets({n: p.shape for n, p in ldm.named_parameters()}, family, True)}
+    assert {(t.key, t.shape) for t in lora_targets(forge, family, conv=True)} == expected
+    assert forge_to_ldm("clip_g.transformer.text_model.final_layer_norm.weight", "sdxl") == (
+        "conditioner.embedders.1.transformer.text_model.final_layer_norm.weight"
+    )
+    assert forge_to_ldm("clip_g.transformer.x", "sd1") is None
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_forge_model_reads_like_the_standalone_one(name):
+    ours, host = pair(CONFIGS[name])
+    forge = host.backend()
+    assert (forge.family, forge.prediction, forge.device, forge.dtype) == (
+        ours.family,
+        ours.prediction,
+        ours.device,
+        ours.dtype,
+    )
+    assert [t.key for t in forge.lora_targets(conv=True)] == [t.key for t in ours.lora_targets(conv=True)]
+    assert torch.equal(forge.alphas_cumprod(), ours.alphas_cumprod())
+    image = image_tensor(ours.generate(Txt2Img("a cat", seed=0, steps=2)))
+    # The posterior's mean, not a sample of it (Forge's VAE.encode samples).
+    assert torch.allclose(forge.encode_images(image), ours.encode_images(image), atol=1e-6)
+    with torch.no_grad():
+        cond_forge, cond_ours = forge.encode_prompts(["a cat"], 64, 64), ours.encode_prompts(["a cat"], 64, 64)
+    assert not cond_forge.context.is_inference()
+    assert torch.allclose(cond_forge.context, cond_ours.context, atol=1e-6)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    with torch.no_grad():  # the UNet's own eps / v, not KModel's sigma-space x0
+        assert torch.allclose(forge.predict(x, t, cond_forge), ours.predict(x, t, cond_ours), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_training_on_forge_gives_the_standalone_lora_and_leaves_forge_as_loaded(name):
+    ours, host = pair(CONFIGS[name])
+    image = ours.generate(Txt2Img("a cat", seed=0, steps=2))
+    config = make_config("quick", steps=3, train_text_encoder=name == "sdxl")
+    before = snapshot(host)
+    expected = train_lora(ours, image, "a cat", config).network.to_weights()
+    with host.prepared():
+        forge = host.backend()
+        got = train_lora(forge, image, "a cat", config).network.to_weights()
+    assert got.keys() == expected.keys()
+    if name == "sdxl":  # both text encoders learned, through Forge's own conditioning code
+        assert {k[:8] for k, w in got.items() if k.startswith("lora_te") and w.up.abs().sum() > 0} == {
+            "lora_te1",
+            "lora_te2",
+        }
+    for key in expected:
+        assert torch.allclose(got[key].up, expected[key].up, atol=1e-5), key
+    assert_as_loaded(host, before)
+    assert "KModel" in host.loads  # the UNet was put on its device before the loop
+    assert not forge.unet().training
+
+
+def test_a_job_whose_grids_forge_draws_with_its_lora_loader_leaves_forge_as_loaded(tmp_path):
+    ours, host = pair(lora_dir=tmp_path)
+    image = ours.generate(Txt2Img("a cat", seed=0, steps=2))
+    before = snapshot(host)
+    plain = host.txt2img(Txt2Img("a dog", seed=1, steps=2))
+    with host.prepared():
+        job = Job([image], [Effect("gray", Chain.parse(["grayscale"]))], "cat", tmp_path, overrides={"steps": 2})
+        results = run_job(host.backend(), job)
+        assert {r.kind for r in results} == {"copier", "processed"}
+        # Forge bakes the LoRA into new Parameter objects, as its own LoRA extension does for a grid cell.
+        with_lora = host.txt2img(Txt2Img("a dog <lora:cat-gray:1.5>", seed=1, steps=2))
+    assert with_lora.tobytes() != plain.tobytes()
+    assert_as_loaded(host, before)
+    assert host.txt2img(Txt2Img("a dog", seed=1, steps=2)).tobytes() == plain.tobytes()
+
+    steps = []
+    callbacks = Callbacks(progress=lambda p: steps.append(p.step), cancelled=lambda: len(steps) >= 2)
+    with pytest.raises(Cancelled), host.prepared():
+        run_job(host.backend(), Job([image], [Effect("g", Chain.parse(["grayscale"]))], "cut", tmp_path), callbacks)
+    assert_as_loaded(host, before)
+
+
+def test_low_bit_storage_and_other_model_families_get_one_sentence():
+    _, host = pair()
+    host.sd_model.forge_objects_original.unet.model.storage_dtype = "nf4"
+    with pytest.raises(CopierError, match="Low Bits"):
+        ForgeBackend(host)
+    _, host = pair()
+    host.sd_model.is_sd1 = False  # Flux, SD3: none of Forge's SD flags set
+    with pytest.raises(CopierError, match="SD1, SD2 and SDXL"):
+        ForgeBackend(host)
