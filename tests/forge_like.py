@@ -228,7 +228,8 @@ class ForgeModel:
         self.first_stage_model = self.cond_stage_model = None  # as Forge has them
         _forge_modules(model)
         embedders = model.text_embedders
-        names = ["clip_l", "clip_g"] if len(embedders) == 2 else ["clip_l" if model.config.family == "sd1" else "clip_h"]
+        single = "clip_l" if model.config.family == "sd1" else "clip_h"
+        names = ["clip_l", "clip_g"] if len(embedders) == 2 else [single]
         clip = JointTextEncoder(dict(zip(names, embedders, strict=True)))
         predictor = Predictor(model.schedule.alphas_cumprod, model.config.prediction)
         kmodel = KModel(model.unet, predictor)

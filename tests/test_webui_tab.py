@@ -9,21 +9,19 @@ from PIL import Image
 from lib_copier.errors import CopierError
 from lib_copier.webui.gallery import selected_image
 from lib_copier.webui.infotext import parse_infotext
-from lib_copier.webui.tab import FORGE_MESSAGE, Hooks, build_request, build_tab, effect_specs, txt2img_infotext
+from lib_copier.webui.tab import Hooks, build_request, build_tab, effect_specs, txt2img_infotext
 from lib_copier.webui.utilities_tab import tool_body
 
 INFO = "a red fox in snow\nNegative prompt: blurry\nSteps: 20, Sampler: Euler, Seed: 42, Size: 64x64"
 
 
-def test_the_tab_builds_and_forge_gets_one_sentence():
+def test_the_tab_builds():
     hooks = Hooks(run=lambda request, state: [], generate=lambda request: None, run_tool=lambda tool, body: {})
     tab = build_tab(hooks)
     assert isinstance(tab, gr.Blocks)
     ids = {getattr(block, "elem_id", None) for block in tab.blocks.values()}
     assert {"copier_lora_train", "copier_lora_interrupt", "copier_lora_send_txt2img", "copier_lora_image",
             "copier_lora_generate", "copier_lora_utilities_run"} <= ids  # fmt: skip
-    forge = build_tab(None, forge=True)
-    assert any(getattr(b, "value", None) == FORGE_MESSAGE for b in forge.blocks.values())
 
 
 def test_inputs_become_a_request_named_after_the_image_and_effect():

@@ -1,5 +1,6 @@
-"""A training run as the WebUI starts it, on the A1111- and the Forge-shaped stand-ins alike: files in the LoRA folder, grids drawn by the
-host through `<lora:name:w>` from those files, progress on the host's bar, and Interrupt / model change handled."""
+"""A training run as the WebUI starts it, on the A1111- and the Forge-shaped stand-ins alike: files in the LoRA
+folder, grids drawn by the host through `<lora:name:w>` from those files, progress on the host's bar, and Interrupt /
+model change handled."""
 
 import numpy as np
 import pytest

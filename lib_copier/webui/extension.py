@@ -1,14 +1,14 @@
 """What `scripts/copier_lora.py` registers with the WebUI: the routes, the tab, the gallery buttons, the settings.
 
-Nothing here imports A1111 at import time, so a WebUI that is not A1111 (Forge) gets a tab that says so instead
-of an import error.
+Nothing here imports the WebUI at import time, and nothing asks which WebUI it is: A1111 and Forge keep the same
+`modules` for everything registered here, and the model-specific part is the host adapter `current_host()` picks.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lib_copier.webui.host import is_forge, lora_dir
+from lib_copier.webui.host import lora_dir
 from lib_copier.webui.jobs import JobRunner
 
 SECTION = ("copier_lora", "Copier LoRA")
@@ -26,10 +26,10 @@ def runner() -> JobRunner:
 
 def run(request, state):
     """Train on the loaded model into the LoRA folder (the caller holds the queue lock)."""
-    from lib_copier.webui.host import A1111Host
+    from lib_copier.webui.host import current_host
     from lib_copier.webui.training import train_in_webui
 
-    return train_in_webui(request, A1111Host(), Path(lora_dir()), state)
+    return train_in_webui(request, current_host(), Path(lora_dir()), state)
 
 
 def run_api_job(request, state):
@@ -61,8 +61,6 @@ def checkpoint_dir() -> Path:
 
 
 def on_app_started(demo, app) -> None:
-    if is_forge():
-        return
     from modules import shared
 
     from lib_copier.webui.api import add_routes
@@ -94,17 +92,13 @@ def on_ui_settings() -> None:
 
 
 def on_ui_tabs():
-    from lib_copier.webui.tab import build_tab
-
-    if is_forge():
-        return [(build_tab(None, forge=True), "Copier LoRA", "copier_lora")]
     import gradio as gr
     from modules import call_queue, infotext_utils, sd_models, shared
 
     from lib_copier.webui import gallery
-    from lib_copier.webui.host import A1111Host
+    from lib_copier.webui.host import current_host
     from lib_copier.webui.lora_tools import run_tool
-    from lib_copier.webui.tab import Hooks
+    from lib_copier.webui.tab import Hooks, build_tab
 
     def paste(button, text):
         binding = infotext_utils.ParamBinding(paste_button=button, tabname="txt2img", source_text_component=text)
@@ -115,7 +109,7 @@ def on_ui_tabs():
 
     hooks = Hooks(
         run=run,
-        generate=call_queue.wrap_queued_call(lambda request: A1111Host().txt2img(request)),
+        generate=call_queue.wrap_queued_call(lambda request: current_host().txt2img(request)),
         run_tool=call_queue.wrap_queued_call(tool),
         loras=lambda: sorted(p.stem for p in Path(lora_dir()).glob("*.safetensors")),
         checkpoints=lambda: list(sd_models.checkpoint_tiles()),

@@ -6,7 +6,6 @@ What A1111 does that matters here is written up in docs/dev/a1111-internals.md.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -21,8 +20,17 @@ from lib_copier.models.generate import Txt2Img
 SAMPLERS = {"euler": "Euler", "ddim": "DDIM"}
 
 
-def is_forge() -> bool:
-    return importlib.util.find_spec("modules_forge") is not None
+def current_host():
+    """The host adapter for the WebUI this runs in, told by what its loaded model exposes."""
+    from modules import shared
+
+    from lib_copier.backends.forge import is_forge_model
+
+    if is_forge_model(shared.sd_model):
+        from lib_copier.webui.forge_host import ForgeHost
+
+        return ForgeHost()
+    return A1111Host()
 
 
 def lora_dir() -> str:
@@ -44,6 +52,11 @@ class A1111Host:
             raise CopierError("the WebUI has no model loaded; pick a checkpoint first")
         self.sd_model = shared.sd_model
         self.checkpoint = getattr(getattr(self.sd_model, "sd_checkpoint_info", None), "title", "")
+
+    def backend(self):
+        from lib_copier.backends.webui import WebUIBackend
+
+        return WebUIBackend(self)
 
     def conditioning(self, prompts: list[str], height: int, width: int):
         from modules import devices, prompt_parser
@@ -140,10 +153,13 @@ def undo_lora_merges(sd_model) -> None:
 def clear_cached_conditioning() -> None:
     from modules import processing
 
-    processing.StableDiffusionProcessing.cached_c = [None, None]
-    processing.StableDiffusionProcessing.cached_uc = [None, None]
-    processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
-    processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
+    for cls, names in (
+        (processing.StableDiffusionProcessing, ("cached_c", "cached_uc")),
+        (processing.StableDiffusionProcessingTxt2Img, ("cached_hr_c", "cached_hr_uc")),
+    ):
+        for name in names:
+            if isinstance(getattr(cls, name, None), list):  # [None, None] in A1111, three entries in Forge
+                setattr(cls, name, [None] * len(getattr(cls, name)))
 
 
 def refresh_loras() -> None:

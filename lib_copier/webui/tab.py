@@ -28,8 +28,6 @@ from lib_copier.webui.jobs import JobState
 from lib_copier.webui.training import DEFAULT_GRID_PROMPTS, TrainRequest
 from lib_copier.webui.utilities_tab import build_utilities
 
-FORGE_MESSAGE = "Copier LoRA does not support Forge yet: it needs A1111 1.10's Lora extension and model internals."
-
 
 @dataclass
 class Hooks:
@@ -132,11 +130,8 @@ def txt2img_infotext(prompt: str, results: list[dict], pick: str) -> str:
     return build_infotext(Infotext(text))
 
 
-def build_tab(hooks: Hooks | None, forge: bool = False) -> gr.Blocks:
+def build_tab(hooks: Hooks) -> gr.Blocks:
     with gr.Blocks(analytics_enabled=False) as tab:
-        if forge or hooks is None:
-            gr.Markdown(FORGE_MESSAGE)
-            return tab
         effects = all_effects()
         with gr.Tab("Train"):
             with gr.Row():

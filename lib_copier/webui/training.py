@@ -1,9 +1,9 @@
 """One training run inside the WebUI, as the tab, the gallery button and the HTTP API start it.
 
-The job runs on the host's loaded model (the host's `backend()`), writes into the WebUI's LoRA folder, and then draws each
-result's strength grid through the host's own txt2img with `<lora:name:w>`, so the built-in Lora extension loads
-the new file: a grid is also proof that the WebUI reads it. Progress goes to a `JobState` (the API) and to the
-host's progress bar; the WebUI's Interrupt button and the job's own interrupt both stop it between steps.
+The job runs on the host's loaded model (the host's `backend()`), writes into the WebUI's LoRA folder, and then
+draws each result's strength grid through the host's own txt2img with `<lora:name:w>`, so the WebUI's own LoRA
+loader reads the new file: a grid is also proof that the WebUI reads it. Progress goes to a `JobState` (the API) and
+to the host's progress bar; the WebUI's Interrupt button and the job's own interrupt both stop it between steps.
 """
 
 from __future__ import annotations

@@ -1,0 +1,60 @@
+"""The Forge (and Forge Neo) side of the WebUI backend: Forge's conditioning, memory manager and LoRA loader.
+
+Forge keeps A1111's `modules` (processing, shared.state, call_queue, infotext_utils), so txt2img, progress and
+Interrupt are A1111Host's; what differs is the model (`lib_copier.backends.forge`) and how it is left as loaded.
+Imported only inside a running Forge.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from lib_copier.backends.forge import ForgeBackend, borrowed, forge_conditioning
+from lib_copier.errors import CopierError
+from lib_copier.webui.host import A1111Host, clear_cached_conditioning
+
+# Forge's memory states in which weights live in CPU memory and are cast per call ("swap"): training there would
+# stream the whole UNet every step, and LoRA fusing would miss the weights Forge keeps elsewhere.
+_SWAP_STATES = ("LOW_VRAM", "NO_VRAM")
+
+
+class ForgeHost(A1111Host):
+    def backend(self) -> ForgeBackend:
+        from backend import memory_management
+
+        return ForgeBackend(self, load=memory_management.load_model_gpu)
+
+    def conditioning(self, prompts: list[str], height: int, width: int):
+        from modules import prompt_parser
+
+        return forge_conditioning(self.sd_model, prompt_parser.SdConditioning(prompts, width=width, height=height))
+
+    @contextmanager
+    def prepared(self) -> Iterator[None]:
+        from backend import memory_management
+
+        state = getattr(memory_management.vram_state, "name", "")
+        if state in _SWAP_STATES or getattr(memory_management, "ALWAYS_VRAM_OFFLOAD", False):
+            raise CopierError(
+                f"Copier LoRA cannot train while Forge keeps the model in CPU memory ({state.lower()} mode, "
+                "--always-low-vram / --always-no-vram / --always-offload-from-vram); restart Forge without them"
+            )
+        try:
+            with borrowed(self.sd_model):
+                yield
+        finally:
+            clear_cached_conditioning()
+            refresh_loras()
+
+
+def refresh_loras() -> None:
+    """The Lora list re-read, and Forge's cache of LoRA files by name dropped (a new file may reuse a name)."""
+    networks = sys.modules.get("networks")
+    if networks is None:
+        return
+    cache = getattr(networks, "load_lora_state_dict", None)
+    if hasattr(cache, "cache_clear"):
+        cache.cache_clear()
+    networks.list_available_networks()
