@@ -1,7 +1,9 @@
-"""Shared by the live tests: a real A1111 1.10 started on CPU with this repo as an extension.
+"""Shared by the live tests: a real A1111 1.10 or Forge started on CPU with this repo as an extension.
 
-Skipped unless COPIER_WEBUI_DIR points at an A1111 checkout prepared with `prepare_webui.py` (a checkpoint and the
-offline tokenizer files). Small sizes come from a ui-config file, so the browser test trains in about a minute.
+Each runs only when its directory is given: COPIER_WEBUI_DIR an A1111 checkout, COPIER_FORGE_DIR a Forge checkout,
+each prepared with `prepare_webui.py` (random checkpoints and the offline tokenizer files). Both WebUIs take the same
+tests, one after the other (never both at once: each needs 7 GB and more). Small sizes come from a ui-config file,
+so the browser test trains in about a minute.
 """
 
 import json
@@ -10,11 +12,13 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-WEBUI = os.environ.get("COPIER_WEBUI_DIR")
+WEBUIS = {"a1111": os.environ.get("COPIER_WEBUI_DIR"), "forge": os.environ.get("COPIER_FORGE_DIR")}
+SD15 = "random-sd15"
 PORT = int(os.environ.get("COPIER_WEBUI_PORT", "7861"))
 URL = f"http://127.0.0.1:{PORT}"
 # What the WebUI's forms start with (A1111's ui-config keys): 64-pixel images, 4 sampling and training steps.
@@ -38,26 +42,43 @@ def call(path: str, body: dict | None = None, timeout: float = 600):
         return json.loads(reply.read())
 
 
-@pytest.fixture(scope="session")
-def webui(tmp_path_factory):
-    if not WEBUI:
-        pytest.skip("COPIER_WEBUI_DIR is not set")
-    root = Path(WEBUI)
+@dataclass
+class LiveWebUI:
+    kind: str  # "a1111" or "forge"
+    root: Path
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _arguments(kind: str, root: Path, ui_config: Path) -> list[str]:
+    python = os.environ.get("COPIER_WEBUI_PYTHON", str(root / "venv" / "bin" / "python"))
+    ckpt = root / "models" / "Stable-diffusion" / f"{SD15}.safetensors"
+    common = ["--api", "--skip-prepare-environment", "--skip-version-check", "--no-download-sd-model",
+              "--port", str(PORT), "--ckpt", str(ckpt), "--ui-config-file", str(ui_config)]  # fmt: skip
+    if kind == "forge":
+        return [python, "launch.py", "--always-cpu", *common]
+    return [python, "launch.py", "--use-cpu", "all", "--no-half", "--skip-install", "--skip-torch-cuda-test",
+            "--do-not-download-clip", *common]  # fmt: skip
+
+
+@pytest.fixture(scope="session", params=list(WEBUIS))
+def webui(request, tmp_path_factory):
+    if not WEBUIS[request.param]:
+        pytest.skip(f"{'COPIER_WEBUI_DIR' if request.param == 'a1111' else 'COPIER_FORGE_DIR'} is not set")
+    root = Path(WEBUIS[request.param])
     ui_config = tmp_path_factory.mktemp("webui") / "ui-config.json"
     ui_config.write_text(json.dumps(UI_CONFIG))
     link = root / "extensions" / "copier-lora"
     if not link.exists():
         link.symlink_to(Path(__file__).resolve().parents[2], target_is_directory=True)
-    python = os.environ.get("COPIER_WEBUI_PYTHON", str(root / "venv" / "bin" / "python"))
-    ckpt = next((root / "models" / "Stable-diffusion").glob("*.safetensors"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.setdefault("HF_HOME", str(root / "hf"))
-    args = [python, "launch.py", "--use-cpu", "all", "--no-half", "--api", "--skip-install",
-            "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check", "--no-download-sd-model",
-            "--do-not-download-clip", "--port", str(PORT), "--ckpt", str(ckpt),
-            "--ui-config-file", str(ui_config)]  # fmt: skip
-    log = open(root / "copier-lora-test.log", "w")  # noqa: SIM115 (open for the server's lifetime)
-    server = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log_path = root / "copier-lora-test.log"
+    log = open(log_path, "w")  # noqa: SIM115 (open for the server's lifetime)
+    server = subprocess.Popen(_arguments(request.param, root, ui_config), cwd=root, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)  # fmt: skip
     deadline = time.time() + 600
     while time.time() < deadline:
         try:
@@ -67,6 +88,6 @@ def webui(tmp_path_factory):
             time.sleep(3)
         if server.poll() is not None:
             pytest.fail(f"the WebUI exited; see {log.name}")
-    yield server
+    yield LiveWebUI(request.param, root, log_path)
     server.terminate()
     server.wait(60)

@@ -1,11 +1,13 @@
-"""Prepare an AUTOMATIC1111 WebUI install for offline integration tests: a random SD1.5 model and a CLIP tokenizer.
+"""Prepare an AUTOMATIC1111 or Forge install for offline integration tests: random models and a CLIP tokenizer.
 
-    python tests/integration/prepare_webui.py --webui /path/to/stable-diffusion-webui [--hf-home DIR] [--force]
+    python tests/integration/prepare_webui.py --webui /path/to/webui [--family sd1 sdxl] [--hf-home DIR] [--force]
 
-It writes two things, neither of which needs the network:
+It writes, without the network:
 
-- `<webui>/models/Stable-diffusion/random-sd15.safetensors`: a full-size SD1 model with random weights from a fixed
-  seed, fp16, in the LDM layout, so the WebUI loads it as an ordinary SD1.5 checkpoint (about 2 GB).
+- `<webui>/models/Stable-diffusion/random-sd15.safetensors` (and `random-sdxl.safetensors` with `--family sdxl`): a
+  full-size SD1 (SDXL) model with random weights from a fixed seed, fp16, in the LDM (SGM) layout, so the WebUI loads
+  it as an ordinary SD1.5 (SDXL) checkpoint: about 2 GB (7 GB). SDXL is built in fp16 from the start, so writing it
+  needs about 8 GB of memory.
 - `<hf-home>/hub/models--openai--clip-vit-large-patch14/`: the Hugging Face cache entry that A1111's SD1 text
   encoder reads (tokenizer files and the CLIPModel config.json), built from the BPE vocabulary that ships inside
   open-clip-torch. The default `<hf-home>` is `<webui>/hf`.
@@ -24,7 +26,7 @@ from pathlib import Path
 
 REPO = "openai/clip-vit-large-patch14"
 REVISION = "0" * 40  # any commit hash works as the snapshot name of a hand-made cache entry
-CHECKPOINT = "models/Stable-diffusion/random-sd15.safetensors"
+CHECKPOINTS = {"sd1": "random-sd15", "sdxl": "random-sdxl"}
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 TOKENIZER_CONFIG = {
@@ -77,16 +79,21 @@ MODEL_CONFIG = {
 CHECK_PROMPTS = ["a photo of a cat", "Hello, World! (masterpiece:1.2), 1girl, café", "don't  stop\tme now 1234"]
 
 
-def write_checkpoint(webui: Path, seed: int, force: bool) -> Path:
+def write_checkpoint(webui: Path, family: str, seed: int, force: bool) -> Path:
     import torch
 
     from lib_copier.models.checkpoint import save_checkpoint
     from lib_copier.models.sd_model import build_model
 
-    path = webui / CHECKPOINT
+    path = webui / "models" / "Stable-diffusion" / f"{CHECKPOINTS[family]}.safetensors"
     if path.exists() and not force:
         return path
-    model = build_model("sd1", seed=seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16 if family == "sdxl" else torch.float32)  # SDXL in fp32 would need 14 GB
+    try:
+        model = build_model(family, seed=seed)
+    finally:
+        torch.set_default_dtype(default)
     # Freshly initialised norms (weight 1, bias 0) make the text encoder's output mean exactly 0, and A1111's
     # "Original" emphasis divides by that mean: NaN conditioning for batches of prompts. A trained model's norms
     # are never like that, so give them small random offsets.
@@ -94,7 +101,7 @@ def write_checkpoint(webui: Path, seed: int, force: bool) -> Path:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim == 1 and "norm" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+                param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.05)
     return save_checkpoint(model, path, dtype=torch.float16, overwrite=True)
 
 
@@ -141,13 +148,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--webui", type=Path, required=True, help="the WebUI's root directory")
     parser.add_argument("--hf-home", type=Path, help="HF_HOME to write the tokenizer into (default: <webui>/hf)")
+    parser.add_argument("--family", nargs="+", choices=sorted(CHECKPOINTS), default=["sd1"],
+                        help="which random checkpoints to write (default: sd1)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     parser.add_argument("--force", action="store_true", help="rewrite the checkpoint if it already exists")
     args = parser.parse_args()
     snapshot = write_clip_cache(args.hf_home or args.webui / "hf")
     check_tokenizer(snapshot)
     print(f"tokenizer: {snapshot}")
-    print(f"checkpoint: {write_checkpoint(args.webui, args.seed, args.force)}")
+    for family in args.family:
+        print(f"checkpoint: {write_checkpoint(args.webui, family, args.seed, args.force)}")
 
 
 if __name__ == "__main__":
