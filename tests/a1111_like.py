@@ -76,21 +76,41 @@ class A1111Model(nn.Module):
         return self.ours[0].predict(x, t, Conditioning(cond))
 
 
-class A1111Host:
-    """The host side: conditioning and txt2img as A1111 does them, `<lora:name:w>` loaded from `lora_dir` the way
-    its Lora extension would, and a progress bar and Interrupt button that tests can read and press."""
+class StandInUI:
+    """What every stand-in host shows and takes like a WebUI: a progress bar, previews and an Interrupt button that
+    tests can read and press, the prompts it drew, and whether its model was replaced."""
 
-    def __init__(self, model: StableDiffusion, lora_dir: Path | None = None):
+    def __init__(self, model: StableDiffusion, lora_dir: Path | None):
         self.model = model
-        self.sd_model = A1111Model(model)
         self.lora_dir = lora_dir
-        self.checkpoint = "stand-in.safetensors"
         self.prompts: list[str] = []
         self.shown: list[tuple[str, int, int]] = []
         self.previews = 0
         self.interrupt_when = lambda shown: False
         self.prepared_jobs = 0
         self.replaced = False
+
+    def model_changed(self):
+        return self.replaced
+
+    def interrupted(self):
+        return self.interrupt_when(self.shown)
+
+    def show_progress(self, text, step, total):
+        self.shown.append((text, step, total))
+
+    def show_preview(self, image):
+        self.previews += 1
+
+
+class A1111Host(StandInUI):
+    """The host side: conditioning and txt2img as A1111 does them, `<lora:name:w>` loaded from `lora_dir` the way
+    its Lora extension would."""
+
+    def __init__(self, model: StableDiffusion, lora_dir: Path | None = None):
+        super().__init__(model, lora_dir)
+        self.sd_model = A1111Model(model)
+        self.checkpoint = "stand-in.safetensors"
 
     def backend(self):
         return WebUIBackend(self)
@@ -116,15 +136,3 @@ class A1111Host:
     def prepared(self):
         self.prepared_jobs += 1
         yield
-
-    def model_changed(self):
-        return self.replaced
-
-    def interrupted(self):
-        return self.interrupt_when(self.shown)
-
-    def show_progress(self, text, step, total):
-        self.shown.append((text, step, total))
-
-    def show_preview(self, image):
-        self.previews += 1

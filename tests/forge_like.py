@@ -28,6 +28,7 @@ from lib_copier.models.sd_model import StableDiffusion
 from lib_copier.models.text_encoders import PromptEmbedder, _pick
 from lib_copier.models.tokenizer import OPENCLIP_PAD_ID, PromptTokenizer
 from lib_copier.models.unet import BasicTransformerBlock
+from tests.a1111_like import StandInUI
 
 LORA_TAG = re.compile(r"<lora:([^:>]+):([-0-9.]+)>")
 
@@ -264,22 +265,15 @@ class Prompts(list):
         self.width, self.height = width, height
 
 
-class ForgeHost:
+class ForgeHost(StandInUI):
     """The host side as Forge does it: its conditioning, and txt2img that loads `<lora:name:w>` from `lora_dir` the
     way its LoRA extension does (patcher clones, weights baked in at the next load)."""
 
     def __init__(self, model: StableDiffusion, lora_dir: Path | None = None):
-        self.model = model
+        super().__init__(model, lora_dir)
         self.sd_model = ForgeModel(model)
-        self.lora_dir = lora_dir
-        self.prepared_jobs = 0
         self.checkpoint = "forge-stand-in.safetensors"
-        self.prompts: list[str] = []
-        self.shown: list[tuple[str, int, int]] = []
-        self.previews = 0
-        self.loads: list[str] = []
-        self.interrupt_when = lambda shown: False
-        self.replaced = False
+        self.loads: list[str] = []  # the patchers' models put on their device, in order
 
     def backend(self) -> ForgeBackend:
         return ForgeBackend(self, load=lambda patcher: self.loads.append(type(patcher.model).__name__))
@@ -324,15 +318,3 @@ class ForgeHost:
         self.prepared_jobs += 1
         with borrowed(self.sd_model):
             yield
-
-    def model_changed(self):
-        return self.replaced
-
-    def interrupted(self):
-        return self.interrupt_when(self.shown)
-
-    def show_progress(self, text, step, total):
-        self.shown.append((text, step, total))
-
-    def show_preview(self, image):
-        self.previews += 1

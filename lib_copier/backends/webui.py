@@ -10,6 +10,7 @@ levels that checkpoints and LoRA files do not have.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any, Protocol
@@ -45,7 +46,7 @@ def checkpoint_name(name: str) -> str:
     return _WRAPPED.sub("", name)
 
 
-class HostBackend:
+class HostBackend(ABC):
     """What every WebUI backend shares: the host's conditioning and txt2img, LoRA layers by LDM name, training mode.
 
     A subclass finds the host's weights and layers under their LDM names and says how to encode, predict and
@@ -64,11 +65,13 @@ class HostBackend:
                 "LoRA training needs it off"
             )
 
+    @abstractmethod
     def unet(self) -> nn.Module:
-        raise NotImplementedError
+        """The denoiser module."""
 
+    @abstractmethod
     def text_encoders(self) -> list[nn.Module]:
-        raise NotImplementedError
+        """The text encoder modules."""
 
     def encode_prompts(self, prompts: list[str], height: int, width: int) -> Conditioning:
         cond = self.host.conditioning(list(prompts), height, width)
@@ -107,6 +110,7 @@ class HostBackend:
                     block.forward = _checkpointed(block.forward)
             yield
 
+    @abstractmethod
     def _while_training(self, stack: ExitStack, text_encoders: bool) -> None:
         """What else the host's model needs while it trains; undone by `stack`."""
 
