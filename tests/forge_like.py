@@ -33,8 +33,9 @@ from tests.a1111_like import StandInUI
 LORA_TAG = re.compile(r"<lora:([^:>]+):([-0-9.]+)>")
 
 
-class HFBigG(PromptEmbedder):
-    """SDXL's second text encoder as Forge holds it: Hugging Face layout (separate q/k/v) plus the projection."""
+class HFOpenCLIP(PromptEmbedder):
+    """An OpenCLIP text tower (SD2's ViT-H, SDXL's bigG) as Forge holds it: Hugging Face layout (separate q/k/v)
+    plus the projection."""
 
     def __init__(self, openclip_embedder: nn.Module):
         super().__init__()
@@ -68,9 +69,11 @@ class HFBigG(PromptEmbedder):
 
 
 def hf_layout(model: StableDiffusion) -> StableDiffusion:
-    """SDXL's bigG moved to the Hugging Face layout, in place: the model Forge would load from the same file."""
+    """OpenCLIP towers moved to the Hugging Face layout, in place: the model Forge would load from the same file."""
     if hasattr(model, "conditioner"):
-        model.conditioner.embedders[1] = HFBigG(model.conditioner.embedders[1]).requires_grad_(False)
+        model.conditioner.embedders[1] = HFOpenCLIP(model.conditioner.embedders[1]).requires_grad_(False)
+    elif model.config.family == "sd2":
+        model.cond_stage_model = HFOpenCLIP(model.cond_stage_model).requires_grad_(False)
     return model
 
 

@@ -1,8 +1,8 @@
 """The Forge backend, run through a Forge-shaped stand-in (tests/forge_like.py) over our own SD1, SD2-v and SDXL.
 
-The reference is the standalone backend over an identical model (same seed, SDXL's bigG in the Hugging Face layout
-Forge holds it in): both must read, predict and train alike, and Forge's weights must come back bit-identical and
-as inference tensors after every kind of run, with Forge's LoRA state reset.
+The reference is the standalone backend over an identical model (same seed, OpenCLIP towers in the Hugging Face
+layout Forge holds them in): both must read, predict and train alike, and Forge's weights must come back
+bit-identical and as inference tensors after every kind of run, with Forge's LoRA state reset.
 """
 
 import pytest
@@ -52,7 +52,7 @@ def assert_as_loaded(host, before):
 def test_forge_names_give_the_ldm_targets(name):
     ldm = build_model(CONFIGS[name])
     family = ldm.config.family
-    host = ForgeHost(build_model(CONFIGS[name]))
+    host = ForgeHost(hf_layout(build_model(CONFIGS[name])))
     objects = host.sd_model.forge_objects_original
     forge = {
         forge_to_ldm(n, family): tuple(p.shape)

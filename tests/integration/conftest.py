@@ -88,6 +88,9 @@ def webui(request, tmp_path_factory):
             time.sleep(3)
         if server.poll() is not None:
             pytest.fail(f"the WebUI exited; see {log.name}")
+    # Live previews by "Approx NN" download a small model per family on first use (SDXL's is not shipped): offline,
+    # every SDXL txt2img would fail. The cheap approximation needs no file.
+    call("/sdapi/v1/options", {"show_progress_type": "Approx cheap"})
     yield LiveWebUI(request.param, root, log_path)
     server.terminate()
     server.wait(60)

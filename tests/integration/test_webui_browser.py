@@ -13,6 +13,8 @@ from tests.integration.conftest import URL
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = os.environ.get("COPIER_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync"]  # fmt: skip
 
 
 @pytest.fixture
@@ -20,7 +22,7 @@ def page(webui, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}")
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(URL)
         page.wait_for_selector("#txt2img_prompt textarea", timeout=120_000)
