@@ -102,12 +102,12 @@ class InPlaceBlock(BasicTransformerBlock):
         return x
 
 
-def _forge_modules(root: nn.Module) -> None:
+def _forge_modules(root: nn.Module, linear: bool) -> None:
     for module in list(root.modules()):
         if type(module) is BasicTransformerBlock:
             module.__class__ = InPlaceBlock
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            if linear and type(child) is nn.Linear:
                 setattr(module, name, Linear(child))
 
 
@@ -172,17 +172,32 @@ def _set(root: nn.Module, name: str, param: nn.Parameter) -> None:
 
 
 @dataclasses.dataclass
-class Patcher:
+class BasePatcher:
     model: nn.Module
-    loader: LoraLoader
+    loader: LoraLoader  # shared by a patcher and its clones, like the model
     lora_patches: dict = dataclasses.field(default_factory=dict)
     load_device: torch.device = torch.device("cpu")
 
-    def refresh_loras(self):
+    def load(self):
+        """What the memory manager does to a patcher it puts on its device: the weights get its LoRAs."""
         self.loader.refresh(self.lora_patches)
 
     def clone(self):
-        return Patcher(self.model, self.loader, dict(self.lora_patches), self.load_device)
+        return dataclasses.replace(self, lora_patches=dict(self.lora_patches))
+
+
+class Patcher(BasePatcher):
+    """Forge's `ModelPatcher`: `refresh_loras` bakes the LoRAs this patcher carries, and takes out any others."""
+
+    def refresh_loras(self):
+        self.load()
+
+
+class NeoPatcher(BasePatcher):
+    """Forge Neo's ComfyUI-style `ModelPatcher`: no `refresh_loras`; `unpatch_model` restores the shared backups."""
+
+    def unpatch_model(self):
+        self.loader.refresh({})
 
 
 @dataclasses.dataclass
@@ -212,41 +227,51 @@ class JointTextEncoder(nn.ModuleDict):
 
 
 class SampledVAE(nn.Module):
-    """The VAE Forge holds: LDM encoder/quant_conv, a scaling and shift factor, and an `encode` that samples."""
+    """The VAE Forge holds: LDM encoder/quant_conv, `process_in` (shift, then scale; Forge also shows the factors,
+    Neo does not), and an `encode` that samples."""
 
-    def __init__(self, vae: nn.Module, scale: float):
+    def __init__(self, vae: nn.Module, scale: float, neo: bool):
         super().__init__()
         self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
-        self.scaling_factor, self.shift_factor = scale, 0.0
+        self.scale = scale
+        if not neo:
+            self.scaling_factor, self.shift_factor = scale, 0.0
         self.ours = [vae]
+
+    def process_in(self, latent):
+        return latent * self.scale
 
     def encode(self, x):
         return self.ours[0].encode(x).sample(torch.Generator().manual_seed(0))
 
 
 class ForgeModel:
-    """`backend.diffusion_engine.sd15.StableDiffusion` / `sdxl.StableDiffusionXL`, over our model's modules."""
+    """`backend.diffusion_engine.sd15.StableDiffusion` / `sdxl.StableDiffusionXL`, over our model's modules; `neo`
+    gives Forge Neo's: ComfyUI-style patchers, a real `nn.Linear`, no VAE factors, no SD2 flag."""
 
-    def __init__(self, model: StableDiffusion):
+    def __init__(self, model: StableDiffusion, neo: bool = False):
         self.ours = model
         self.first_stage_model = self.cond_stage_model = None  # as Forge has them
-        _forge_modules(model)
+        _forge_modules(model, linear=not neo)
         embedders = model.text_embedders
         single = "clip_l" if model.config.family == "sd1" else "clip_h"
         names = ["clip_l", "clip_g"] if len(embedders) == 2 else [single]
         clip = JointTextEncoder(dict(zip(names, embedders, strict=True)))
         predictor = Predictor(model.schedule.alphas_cumprod, model.config.prediction)
         kmodel = KModel(model.unet, predictor)
-        vae = SampledVAE(model.first_stage_model, model.config.scale_factor)
+        vae = SampledVAE(model.first_stage_model, model.config.scale_factor, neo)
+        kind = NeoPatcher if neo else Patcher
         self.forge_objects = ForgeObjects(
-            Patcher(kmodel, LoraLoader(kmodel)),
-            Clip(clip, Patcher(clip, LoraLoader(clip))),
-            VAE(vae, Patcher(vae, LoraLoader(vae))),
+            kind(kmodel, LoraLoader(kmodel)),
+            Clip(clip, kind(clip, LoraLoader(clip))),
+            VAE(vae, kind(vae, LoraLoader(vae))),
         )
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
         self.current_lora_hash = str([])
-        self.is_sd1, self.is_sd2, self.is_sdxl = (model.config.family == f for f in ("sd1", "sd2", "sdxl"))
+        self.is_sd1, self.is_sdxl = model.config.family == "sd1", model.config.family == "sdxl"
+        if not neo:
+            self.is_sd2 = model.config.family == "sd2"
         with torch.inference_mode():  # Forge loads its models under inference mode
             for module in (kmodel, clip, vae):
                 for layer in module.modules():
@@ -272,14 +297,18 @@ class ForgeHost(StandInUI):
     """The host side as Forge does it: its conditioning, and txt2img that loads `<lora:name:w>` from `lora_dir` the
     way its LoRA extension does (patcher clones, weights baked in at the next load)."""
 
-    def __init__(self, model: StableDiffusion, lora_dir: Path | None = None):
+    def __init__(self, model: StableDiffusion, lora_dir: Path | None = None, neo: bool = False):
         super().__init__(model, lora_dir)
-        self.sd_model = ForgeModel(model)
+        self.sd_model = ForgeModel(model, neo)
         self.checkpoint = "forge-stand-in.safetensors"
         self.loads: list[str] = []  # the patchers' models put on their device, in order
 
     def backend(self) -> ForgeBackend:
-        return ForgeBackend(self, load=lambda patcher: self.loads.append(type(patcher.model).__name__))
+        def load(patcher):
+            self.loads.append(type(patcher.model).__name__)
+            patcher.load()
+
+        return ForgeBackend(self, load=load)
 
     def conditioning(self, prompts, height, width):
         return forge_conditioning(self.sd_model, Prompts(prompts, width, height))
@@ -295,8 +324,8 @@ class ForgeHost(StandInUI):
                 self._add_patches(self.lora_dir / f"{name}.safetensors", float(weight))
             sd.forge_objects_after_applying_lora = sd.forge_objects.shallow_copy()
         objects = sd.forge_objects_after_applying_lora
-        objects.unet.refresh_loras()  # what Forge's memory manager does when it loads the models
-        objects.clip.patcher.refresh_loras()
+        objects.unet.load()
+        objects.clip.patcher.load()
         with torch.inference_mode():
             return generate(sd.ours, dataclasses.replace(request, prompt=LORA_TAG.sub("", request.prompt).strip()))
 

@@ -1,4 +1,4 @@
-"""A training run as the WebUI starts it, on the A1111- and the Forge-shaped stand-ins alike: files in the LoRA
+"""A training run as the WebUI starts it, on the A1111-, Forge- and Forge Neo-shaped stand-ins alike: files in the LoRA
 folder, grids drawn by the host through `<lora:name:w>` from those files, progress on the host's bar, and Interrupt /
 model change handled."""
 
@@ -21,9 +21,12 @@ from tests.conftest import randomize_
 from tests.forge_like import ForgeHost
 
 
-@pytest.fixture(params=[A1111Host, ForgeHost])
+@pytest.fixture(params=["a1111", "forge", "neo"])
 def host(request, tmp_path):
-    return request.param(randomize_(build_model(TINY)), lora_dir=tmp_path)
+    model = randomize_(build_model(TINY))
+    if request.param == "a1111":
+        return A1111Host(model, lora_dir=tmp_path)
+    return ForgeHost(model, lora_dir=tmp_path, neo=request.param == "neo")
 
 
 def request_for(host, **kw) -> TrainRequest:

@@ -5,16 +5,19 @@ running Forge (main dfdcbab6), and what is done about it:
 - Its weights are inference tensors (loaded under `torch.inference_mode`), which autograd refuses to save and
   in-place fusing refuses to touch: `borrowed` swaps them for ordinary tensors for the job, one tensor at a time
   (no second copy of the model), and makes them inference tensors with the same bits again afterwards.
-- Its LoRA loader bakes LoRAs into new Parameters until the next refresh: `borrowed` refreshes the original patchers
-  before and after the job and makes Forge re-apply its LoRAs at its next generation.
+- Its LoRA loader bakes LoRAs into new Parameters until the next refresh (Neo: until its patcher is unpatched):
+  `borrowed` takes them out before and after the job and makes Forge re-apply its LoRAs at its next generation.
 - `BasicTransformerBlock` adds residuals in place into a tensor its LayerNorms saved for backward: while training,
   the UNet's LayerNorms read a copy of their input.
 - `KModel.apply_model` works in sigma space and returns x0: `predict` calls the UNet itself.
-- `VAE.encode` samples the posterior: `encode_images` takes the encoder's mean, `(mean - shift) * scale`.
+- `VAE.encode` samples the posterior: `encode_images` takes the encoder's mean, shifted and scaled by the VAE's own
+  `process_in`.
 - Its conditioning is made under inference mode: `HostBackend.encode_prompts` copies it.
 - Its memory manager moves models between devices: the UNet is loaded before the loop and again if it moved.
 - Low-bit storage (fp8, nf4, gguf) cannot be fused and restored bit-exactly: refused.
-Its `Linear` is not an `nn.Linear`; nothing here (or in `lora.network`) relies on the class.
+Its `Linear` is not an `nn.Linear` (Neo's is); nothing here (or in `lora.network`) relies on the class.
+Forge Neo keeps all of this but moves some of it: what differs (LoRA patchers, the VAE's scaling, SD2 and
+`ALWAYS_VRAM_OFFLOAD` gone, more low-bit formats) is handled where it is used, from what the objects expose.
 """
 
 from __future__ import annotations
@@ -91,9 +94,10 @@ class ForgeBackend(HostBackend):
                     layers[ldm] = layer
         super().__init__(host, dict(live_parameters(sd_model, family)), layers, family)
         prediction = getattr(kmodel.predictor, "prediction_type", None)
-        if prediction not in PREDICTIONS:
+        if prediction not in PREDICTIONS or not hasattr(kmodel.predictor, "alphas_cumprod"):
             raise CopierError(
-                f"the loaded model predicts {prediction!r}; Copier LoRA trains epsilon and v-prediction models"
+                f"the loaded model is not a diffusion model with a noise schedule (prediction {prediction!r}, "
+                "e.g. flow matching); Copier LoRA trains epsilon and v-prediction SD1, SD2 and SDXL models"
             )
         self.prediction = PREDICTIONS[prediction]
         self.resolution = 512 if family == "sd2" and self.prediction == "eps" else _RESOLUTION[family]
@@ -111,8 +115,7 @@ class ForgeBackend(HostBackend):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         self._load(self._objects.vae.patcher)
         vae = self._objects.vae.first_stage_model
-        shift = float(getattr(vae, "shift_factor", 0.0) or 0.0)
-        return posterior_mean(vae, images, float(vae.scaling_factor), shift).to(self.device)
+        return vae.process_in(posterior_mean(vae, images)).float().to(self.device)  # Forge's shift and scale
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         unet = self.unet()
@@ -141,8 +144,13 @@ def _read_a_copy(module: nn.Module, args: tuple) -> tuple:
 
 def _refuse_low_bits(kmodel: nn.Module) -> None:
     storage = getattr(kmodel, "storage_dtype", torch.float16)
+    # bitsandbytes (nf4/fp4) and gguf mark their parameters; Neo's mixed-precision and int8 formats are tensor
+    # subclasses or other dtypes.
     quantised = any(
-        hasattr(p, "bnb_quantized") or hasattr(p, "gguf_cls") or p.dtype not in _FULL_PRECISION
+        hasattr(p, "bnb_quantized")
+        or hasattr(p, "gguf_cls")
+        or type(p.data) is not torch.Tensor
+        or p.dtype not in _FULL_PRECISION
         for p in kmodel.parameters()
     )
     if storage not in _FULL_PRECISION or quantised:
@@ -176,10 +184,14 @@ def borrowed(sd_model) -> Iterator[None]:
 
 
 def forget_loras(sd_model) -> None:
-    """Forge's LoRAs out of the weights (its original patchers carry none), and its cache of what it applied reset."""
+    """Forge's LoRAs out of the weights, and its cache of what it applied reset. Forge refreshes a patcher to the
+    LoRAs it carries (the original ones carry none); Neo's ComfyUI-style patchers restore their shared backups."""
     objects = sd_model.forge_objects_original
-    objects.unet.refresh_loras()
-    objects.clip.patcher.refresh_loras()
+    for patcher in (objects.unet, objects.clip.patcher):
+        if hasattr(patcher, "refresh_loras"):
+            patcher.refresh_loras()
+        else:
+            patcher.unpatch_model()
     sd_model.current_lora_hash = str([])
     sd_model.forge_objects = objects.shallow_copy()
     sd_model.forge_objects_after_applying_lora = objects.shallow_copy()

@@ -153,9 +153,8 @@ class WebUIBackend(HostBackend):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         # The posterior's mean straight from the encoder: no sampling, and none of the host's encode options
         # (TAESD approximation) apply.
-        return posterior_mean(self.sd_model.first_stage_model, images, float(self.sd_model.scale_factor)).to(
-            self.device
-        )
+        mean = posterior_mean(self.sd_model.first_stage_model, images)
+        return (mean * float(self.sd_model.scale_factor)).to(self.device)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         c = cond.context if cond.vector is None else {"crossattn": cond.context, "vector": cond.vector}
@@ -178,17 +177,19 @@ class WebUIBackend(HostBackend):
                     embedder.is_trainable = True
 
 
-def posterior_mean(vae: nn.Module, images: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
-    """`(mean - shift) * scale` of an LDM-style VAE's posterior, float32, on the VAE's device."""
+def posterior_mean(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The unscaled mean of an LDM-style VAE's posterior, float32, on the VAE's device."""
     param = next(vae.parameters())
-    moments = vae.quant_conv(vae.encoder(images.to(param.device, param.dtype)))
-    latents = (moments[:, : moments.shape[1] // 2].float() - shift) * scale
-    if not torch.isfinite(latents).all():
+    moments = vae.encoder(images.to(param.device, param.dtype))
+    if getattr(vae, "quant_conv", None) is not None:
+        moments = vae.quant_conv(moments)
+    mean = moments[:, : moments.shape[1] // 2].float()
+    if not torch.isfinite(mean).all():
         raise CopierError(
             "the VAE gave NaN for this image (an fp16 VAE overflow); start the WebUI with its full-precision VAE "
             "(--no-half-vae in A1111, --vae-in-fp32 in Forge)"
         )
-    return latents
+    return mean
 
 
 def _ordinary(tensor: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ Imported only inside a running Forge.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,13 @@ class ForgeHost(A1111Host):
     def backend(self) -> ForgeBackend:
         from backend import memory_management
 
-        return ForgeBackend(self, load=memory_management.load_model_gpu)
+        load = memory_management.load_model_gpu
+        if "force_full_load" in inspect.signature(memory_management.load_models_gpu).parameters:
+            # Neo loads models partially when memory is short, leaving layers on the CPU: training needs them all.
+            def load(patcher):
+                memory_management.load_models_gpu([patcher], force_full_load=True)
+
+        return ForgeBackend(self, load=load)
 
     def conditioning(self, prompts: list[str], height: int, width: int):
         from modules import prompt_parser

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import URL
+from tests.integration.conftest import SD15, URL, call
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = os.environ.get("COPIER_CHROMIUM", "/usr/bin/chromium")
@@ -21,6 +21,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 def page(webui, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}")
+    # The page's checkpoint menu shows the saved setting, which an earlier test may have left on another model.
+    call("/sdapi/v1/options", {"sd_model_checkpoint": SD15})
+    if webui.kind == "forge":  # Forge's "UI defaults" for the "sd" preset replace the ui-config's txt2img size
+        call("/sdapi/v1/options", {"forge_preset": "sd", "sd_t2i_width": 64, "sd_t2i_height": 64})
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -40,6 +44,7 @@ def test_gallery_button_trains_and_shows_the_grids(page, tmp_path):
         "() => (document.querySelector('#html_info_txt2img') || {}).innerText?.includes('Steps:')", timeout=300_000
     )
     page.screenshot(path=shots / "1-txt2img.png")
+    assert "Size: 64x64" in page.inner_text("#html_info_txt2img")
 
     page.click("#copier_lora_from_txt2img")
     page.wait_for_selector("#tab_copier_lora .progressDiv", timeout=120_000)
