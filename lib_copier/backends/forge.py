@@ -73,7 +73,7 @@ def forge_conditioning(sd_model, prompts):
         method = getattr(method, "__wrapped__", None)
         if method is None:
             raise CopierError(
-                "this Forge's prompt encoding cannot be trained through; untick 'Train the text encoder'"
+                "this Forge's prompt encoding cannot be trained through; turn off train_text_encoder"
             )
     return method(sd_model, prompts)
 
@@ -119,7 +119,7 @@ class ForgeBackend(HostBackend):
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         unet = self.unet()
-        if next(unet.parameters()).device != self.device:
+        if not _same_device(next(unet.parameters()).device, self.device):
             self._load(self._objects.unet)  # drawing a preview may have made room for the VAE
         extra = {} if cond.vector is None else {"y": cond.vector}
         return unet(x, t, context=cond.context, **extra).float()
@@ -135,6 +135,10 @@ class ForgeBackend(HostBackend):
         for module in self.unet().modules():
             if isinstance(module, nn.LayerNorm):
                 stack.callback(module.register_forward_pre_hook(_read_a_copy).remove)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)  # "cuda" is "cuda:0"
 
 
 def _read_a_copy(module: nn.Module, args: tuple) -> tuple:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from lib_copier.backends.forge import ForgeBackend, borrowed, forge_conditioning
+from lib_copier.backends.forge import ForgeBackend, borrowed, forge_conditioning, is_forge_model
 from lib_copier.errors import CopierError
 from lib_copier.webui.host import A1111Host, clear_cached_conditioning
 
@@ -22,6 +22,11 @@ _SWAP_STATES = ("LOW_VRAM", "NO_VRAM")
 
 
 class ForgeHost(A1111Host):
+    def __init__(self):
+        super().__init__()
+        if not is_forge_model(self.sd_model):
+            raise CopierError("Forge has no Stable Diffusion model loaded; pick a checkpoint first")
+
     def backend(self) -> ForgeBackend:
         from backend import memory_management
 

@@ -1,6 +1,7 @@
-"""The A1111 side of the WebUI backend: the host's conditioning and txt2img, and leaving its model as it was.
+"""The A1111 side of the WebUI backend: the host's conditioning and txt2img, and leaving its model as it was; and
+`current_host()`, which picks the adapter for the WebUI this runs in (Forge's extends A1111's, forge_host.py).
 
-Imported only inside a running A1111 (it imports `modules.*` and the built-in Lora extension's `networks`).
+Imported only inside a running WebUI (it imports `modules.*` and the built-in Lora extension's `networks`).
 What A1111 does that matters here is written up in docs/dev/a1111-internals.md.
 """
 
@@ -21,12 +22,13 @@ SAMPLERS = {"euler": "Euler", "ddim": "DDIM"}
 
 
 def current_host():
-    """The host adapter for the WebUI this runs in, told by what its loaded model exposes."""
+    """The host adapter for the WebUI this runs in, told by what it exposes: Forge's model objects, or (with no
+    model loaded) its `backend` package."""
     from modules import shared
 
     from lib_copier.backends.forge import is_forge_model
 
-    if is_forge_model(shared.sd_model):
+    if is_forge_model(shared.sd_model) or "backend.memory_management" in sys.modules:
         from lib_copier.webui.forge_host import ForgeHost
 
         return ForgeHost()

@@ -8,6 +8,7 @@ and interrupt or a failure keeps nothing and changes nothing.
 """
 
 import json
+import re
 import sys
 import time
 
@@ -43,8 +44,8 @@ def train_body(name: str, **overrides) -> dict:
 def forge_loaded_keys(webui, name: str) -> dict[str, int]:
     """What Forge's LoRA loader said it applied of `name`: keys per part (UNet, CLIP); fails on any skipped key."""
     loaded = {}
-    for line in webui.log_text().splitlines():
-        if f"/{name}.safetensors" in line and "[LORA]" in line:
+    for line in webui.log_text().splitlines():  # Forge logs the file's path, Neo its name
+        if "[LORA]" in line and re.search(rf"(^|[ /]){re.escape(name)}\.safetensors ", line):
             assert "skipped 0 keys" in line and "unmatched" not in line and "Mismatch" not in line, line
             part = "clip" if "-CLIP with" in line else "unet"
             loaded[part] = int(line.split(" with ")[1].split(" keys")[0])
