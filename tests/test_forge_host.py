@@ -1,0 +1,74 @@
+"""The real Forge host adapter (lib_copier/webui/forge_host.py) over the Forge-shaped stand-in, with Forge's
+`modules.shared` and `backend.memory_management` stood in: which host is picked, and what is refused before any
+weight is touched."""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from lib_copier.errors import CopierError
+from lib_copier.models.configs import TINY
+from lib_copier.models.sd_model import build_model
+from lib_copier.webui.forge_host import ForgeHost
+from lib_copier.webui.host import A1111Host, current_host
+from tests.conftest import randomize_
+from tests.forge_like import ForgeModel
+
+
+@pytest.fixture
+def forge(monkeypatch):
+    """A Forge process as far as the adapter can tell: its shared model and its memory manager."""
+    sd_model = ForgeModel(randomize_(build_model(TINY)))
+    shared = types.SimpleNamespace(sd_model=sd_model, cmd_opts=types.SimpleNamespace())
+    processing = types.ModuleType("modules.processing")
+    processing.StableDiffusionProcessing = type("P", (), {"cached_c": [1, 2, 3], "cached_uc": [1, 2, 3]})
+    processing.StableDiffusionProcessingTxt2Img = type("T", (processing.StableDiffusionProcessing,), {})
+    modules = types.ModuleType("modules")
+    modules.shared, modules.processing = shared, processing
+    memory = types.ModuleType("backend.memory_management")
+    memory.vram_state = types.SimpleNamespace(name="NORMAL_VRAM")
+    memory.ALWAYS_VRAM_OFFLOAD = False
+    memory.load_model_gpu = lambda patcher: patcher.load()
+    memory.load_models_gpu = lambda patchers, memory_required=0: None
+    backend = types.ModuleType("backend")
+    backend.memory_management = memory
+    for name, module in (("modules", modules), ("modules.shared", shared), ("modules.processing", processing),
+                         ("backend", backend), ("backend.memory_management", memory)):  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+    return types.SimpleNamespace(shared=shared, memory=memory, model=sd_model, processing=processing)
+
+
+def test_forge_is_told_by_what_it_exposes(forge, monkeypatch):
+    assert type(current_host()) is ForgeHost
+    forge.shared.sd_model = object()  # Forge with no checkpoint loaded: still Forge, and one sentence
+    with pytest.raises(CopierError, match="pick a checkpoint"):
+        current_host()
+    monkeypatch.delitem(sys.modules, "backend.memory_management")
+    forge.shared.sd_model = types.SimpleNamespace()  # an A1111 model
+    assert type(current_host()) is A1111Host
+
+
+@pytest.mark.parametrize("state, offload", [("LOW_VRAM", False), ("NO_VRAM", False), ("NORMAL_VRAM", True)])
+def test_swap_modes_are_refused_before_any_weight_is_touched(forge, state, offload):
+    forge.memory.vram_state = types.SimpleNamespace(name=state)
+    forge.memory.ALWAYS_VRAM_OFFLOAD = offload
+    params = dict(forge.model.forge_objects_original.unet.model.named_parameters())
+    host = ForgeHost()
+    with pytest.raises(CopierError, match="--always-low-vram"), host.prepared():
+        pytest.fail("the job must not start")
+    after = dict(forge.model.forge_objects_original.unet.model.named_parameters())
+    assert all(after[n] is p and p.is_inference() for n, p in params.items())
+
+
+def test_a_full_load_is_asked_for_where_the_memory_manager_offers_it(forge):
+    calls = []
+    forge.memory.load_models_gpu = lambda patchers, memory_required=0, force_full_load=False: calls.append(
+        force_full_load
+    )
+    host = ForgeHost()
+    with host.prepared():
+        host.backend().encode_images(torch.zeros(1, 3, 64, 64))
+    assert calls == [True]
+    assert forge.processing.StableDiffusionProcessing.cached_c == [None, None, None]  # Forge's three-entry cache
