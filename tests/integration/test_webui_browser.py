@@ -5,6 +5,7 @@ Needs playwright (`pip install -e ".[integration]"`) and a Chromium: COPIER_CHRO
 """
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 def page(webui, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}")
-    # The page's checkpoint menu shows the saved setting, which an earlier test may have left on another model.
+    # txt2img draws with the saved checkpoint setting, which an earlier test may have left on another model.
     call("/sdapi/v1/options", {"sd_model_checkpoint": SD15})
     if webui.kind == "forge":  # Forge's "UI defaults" for the "sd" preset replace the ui-config's txt2img size
         call("/sdapi/v1/options", {"forge_preset": "sd", "sd_t2i_width": 64, "sd_t2i_height": 64})
@@ -43,6 +44,7 @@ def test_gallery_button_trains_and_shows_the_grids(page, tmp_path):
     page.wait_for_function(
         "() => (document.querySelector('#html_info_txt2img') || {}).innerText?.includes('Steps:')", timeout=300_000
     )
+    page.wait_for_selector("#tab_txt2img .progressDiv", state="detached", timeout=60_000)
     page.screenshot(path=shots / "1-txt2img.png")
     assert "Size: 64x64" in page.inner_text("#html_info_txt2img")
 
@@ -62,5 +64,6 @@ def test_gallery_button_trains_and_shows_the_grids(page, tmp_path):
     page.wait_for_function(
         "() => document.querySelector('#txt2img_prompt textarea').value.includes('<lora:')", timeout=60_000
     )
-    assert "<lora:a-red-apple-grayscale" in page.input_value("#txt2img_prompt textarea")
-    page.screenshot(path=shots / "4-sent-to-txt2img.png")
+    page.screenshot(path=shots / "4-sent-to-txt2img.png", full_page=True)
+    sent = re.search(r"<lora:([^:>]+):1>", page.input_value("#txt2img_prompt textarea"))
+    assert sent and sent[1].startswith("a-red-apple-grayscale") and f"{sent[1]}.safetensors" in status
