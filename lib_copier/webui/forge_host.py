@@ -8,13 +8,12 @@ Imported only inside a running Forge.
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from lib_copier.backends.forge import ForgeBackend, borrowed, forge_conditioning, is_forge_model
 from lib_copier.errors import CopierError
-from lib_copier.webui.host import A1111Host, clear_cached_conditioning
+from lib_copier.webui.host import A1111Host, clear_cached_conditioning, refresh_loras
 
 # Forge's memory states in which weights live in CPU memory and are cast per call ("swap"): training there would
 # stream the whole UNet every step, and LoRA fusing would miss the weights Forge keeps elsewhere.
@@ -60,13 +59,3 @@ class ForgeHost(A1111Host):
             clear_cached_conditioning()
             refresh_loras()
 
-
-def refresh_loras() -> None:
-    """The Lora list re-read, and Forge's cache of LoRA files by name dropped (a new file may reuse a name)."""
-    networks = sys.modules.get("networks")
-    if networks is None:
-        return
-    cache = getattr(networks, "load_lora_state_dict", None)
-    if hasattr(cache, "cache_clear"):
-        cache.cache_clear()
-    networks.list_available_networks()

@@ -165,6 +165,11 @@ def clear_cached_conditioning() -> None:
 
 
 def refresh_loras() -> None:
+    """The Lora list re-read, and Forge's cache of LoRA files by name dropped (a new file may reuse a name)."""
     networks = _networks()
-    if networks is not None:
-        networks.list_available_networks()
+    if networks is None:
+        return
+    cache = getattr(networks, "load_lora_state_dict", None)
+    if hasattr(cache, "cache_clear"):
+        cache.cache_clear()
+    networks.list_available_networks()
