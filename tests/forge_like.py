@@ -202,7 +202,7 @@ class NeoPatcher(BasePatcher):
 
 @dataclasses.dataclass
 class Clip:
-    cond_stage_model: nn.ModuleDict
+    cond_stage_model: nn.Module
     patcher: Patcher
 
 
@@ -222,8 +222,13 @@ class ForgeObjects:
         return ForgeObjects(self.unet, self.clip, self.vae)
 
 
-class JointTextEncoder(nn.ModuleDict):
-    pass
+class JointTextEncoder(nn.Module):
+    """Forge's own `ModuleDict`: a plain Module with the encoders as children, no mapping interface."""
+
+    def __init__(self, encoders: dict[str, nn.Module]):
+        super().__init__()
+        for name, module in encoders.items():
+            self.add_module(name, module)
 
 
 class SampledVAE(nn.Module):

@@ -46,7 +46,8 @@ def forge_family(sd_model) -> str:
     """sd1 / sd2 / sdxl from the flags Forge's engines set; one sentence for everything else (Flux, SD3, refiner)."""
     for flag, family in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
         if getattr(sd_model, flag, False):
-            if family == "sdxl" and "clip_l" not in sd_model.forge_objects_original.clip.cond_stage_model:
+            encoders = dict(sd_model.forge_objects_original.clip.cond_stage_model.named_children())
+            if family == "sdxl" and "clip_l" not in encoders:
                 break  # the SDXL refiner: no CLIP-L, and no LoRA format for it
             return family
     raise CopierError(
