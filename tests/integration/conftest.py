@@ -1,7 +1,8 @@
 """Shared by the live tests: a real A1111 1.10 or Forge started on CPU with this repo as an extension.
 
 Each runs only when its directory is given: COPIER_WEBUI_DIR an A1111 checkout, COPIER_FORGE_DIR a Forge checkout,
-each prepared with `prepare_webui.py` (random checkpoints and the offline tokenizer files). Both WebUIs take the same
+each prepared with `prepare_webui.py` (random checkpoints and the offline tokenizer files); COPIER_WEBUI_ARGS adds
+launch arguments. Both WebUIs take the same
 tests, one after the other (never both at once: each needs 7 GB and more). Small sizes come from a ui-config file,
 so the browser test trains in about a minute.
 """
@@ -57,6 +58,7 @@ def _arguments(kind: str, root: Path, ui_config: Path) -> list[str]:
     ckpt = root / "models" / "Stable-diffusion" / f"{SD15}.safetensors"
     common = ["--api", "--skip-prepare-environment", "--skip-version-check", "--no-download-sd-model",
               "--port", str(PORT), "--ckpt", str(ckpt), "--ui-config-file", str(ui_config)]  # fmt: skip
+    common += os.environ.get("COPIER_WEBUI_ARGS", "").split()  # e.g. Forge's --unet-in-bf16 where RAM is short
     if kind == "forge":
         return [python, "launch.py", "--always-cpu", *common]
     return [python, "launch.py", "--use-cpu", "all", "--no-half", "--skip-install", "--skip-torch-cuda-test",
