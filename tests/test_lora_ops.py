@@ -53,6 +53,26 @@ def test_svd_merge_at_full_rank_reproduces_the_sum():
         assert relative(module.delta(), expected[key]) < 1e-4
 
 
+# The largest module shapes of SD1, SD2 and SDXL: feed-forward out (the one a dense float32 SVD got 0.35 wrong) and in,
+# SDXL's cross-attention from the 2048-wide context, SD2's 1024-wide one, a 3x3 conv of the deepest blocks.
+LARGE_SHAPES = {
+    "lora_unet_ff_net_2": (1280, 5120),
+    "lora_unet_ff_net_0_proj": (10240, 1280),
+    "lora_unet_attn2_to_k_xl": (1280, 2048),
+    "lora_unet_attn2_to_k_sd2": (1280, 1024),
+    "lora_unet_resnets_conv": (1280, 1280, 3, 3),
+}
+
+
+@pytest.mark.parametrize("rank", [12, 16])
+def test_svd_merge_is_exact_on_the_large_modules_when_the_rank_holds_the_sum(rank):
+    pairs = [(random_lora(0, LARGE_SHAPES, rank=4, alpha=4), 1.0), (random_lora(1, LARGE_SHAPES, rank=8, alpha=8), 1.0)]
+    merged = merge_svd(pairs, rank=rank, conv_rank=rank)  # kohya's clamp on by default: it must not touch this
+    for key, expected in dense(pairs).items():
+        assert merged[key].rank == rank
+        assert relative(merged[key].delta(), expected) < 1e-4, key
+
+
 def test_svd_merge_truncation_is_the_best_low_rank_approximation():
     pairs = [(random_lora(0, SHAPES), 1.0), (random_lora(1, SHAPES), 1.0)]
     merged = merge_svd(pairs, rank=3, conv_rank=2, clamp_quantile=1.0)

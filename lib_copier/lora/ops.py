@@ -13,7 +13,7 @@ import torch
 
 from lib_copier.errors import CopierError
 from lib_copier.lora.naming import Target
-from lib_copier.lora.weights import LoRAWeights, low_rank
+from lib_copier.lora.weights import LoRAWeights, from_svd, low_rank
 
 Progress = Callable[[Iterable], Iterable]
 MIN_SINGULAR_VALUE = 1e-6  # kohya's MIN_SV: below this a module is treated as zero and kept at rank 1
@@ -80,19 +80,29 @@ def merge_svd(
     clamp_quantile: float = 0.99,
     progress: Progress = _quiet,
 ) -> dict[str, LoRAWeights]:
-    """sum(ratio * delta) per module, then its best rank-`rank` factorisation (kxk convs: `conv_rank`)."""
+    """sum(ratio * delta) per module, then its best rank-`rank` factorisation (kxk convs: `conv_rank`).
+
+    Computed in factored form, never as a dense matrix: the sum is one LoRA whose ranks are the inputs' side by side
+    (`merge_exact`), and `factored_svd` gives its exact singular values and vectors from a core the size of the
+    summed rank. The spectrum is exact, so whether the rank truncates anything, and hence whether kohya's clamp
+    applies, is decided on it, not on float32 noise of a large dense SVD.
+    """
     _check_rank(rank, conv_rank)
-    dense: dict[str, torch.Tensor] = {}
-    for modules, ratio in loras:
-        for key, module in modules.items():
-            delta = ratio * module.delta()
-            if key in dense and dense[key].shape != delta.shape:
-                raise CopierError(f"LoRA module {key} has different shapes in the inputs")
-            dense[key] = dense[key] + delta if key in dense else delta
-    return {
-        key: low_rank(delta, _rank_for(delta.shape, rank, conv_rank), clamp_quantile)
-        for key, delta in progress(list(dense.items()))
-    }
+    merged = {}
+    for key, module in progress(list(merge_exact(loras).items())):
+        u, s, vh = factored_svd(module)
+        keep = max(1, min(_rank_for(module.shape, rank, conv_rank), module.shape[0], module.down[0].numel()))
+        merged[key] = from_svd(u, s, vh, keep, module.shape, clamp_quantile)
+    return merged
+
+
+def factored_svd(module: LoRAWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh of `scale * up @ down` (flattened), from QR of both factors and an SVD of the rank x rank core:
+    the same values as an SVD of the dense matrix without its zeros, at a fraction of the cost."""
+    q1, r1 = torch.linalg.qr(module.up.float().flatten(1))
+    q2, r2 = torch.linalg.qr(module.down.float().flatten(1).T)
+    u, s, vh = torch.linalg.svd(r1 @ r2.T * module.scale)
+    return q1 @ u, s, (q2 @ vh.T).T
 
 
 def _check_rank(rank: int, conv_rank: int | None) -> None:
@@ -142,18 +152,15 @@ def resize(
 ) -> tuple[dict[str, LoRAWeights], list[ResizedModule]]:
     """Each module down to `rank` (a maximum when `dynamic` is set), keeping alpha/rank as kohya does.
 
-    The SVD is of the module's own (rank x rank) core: up = Q1 R1, down^T = Q2 R2, svd(R1 R2^T) — the same
-    singular values as kohya's SVD of the full matrix without its zeros, at a fraction of the cost. So a rank
-    never grows past the module's old rank (kohya's full-length spectrum can add a zero direction).
+    The SVD is of the module's own (rank x rank) core (`factored_svd`), so a rank never grows past the module's old
+    rank (kohya's full-length spectrum can add a zero direction).
     """
     _check_rank(rank, conv_rank)
     if dynamic is not None and dynamic_value is None:
         raise CopierError(f"dynamic resize with {dynamic} needs a value (--dynamic-param)")
     resized, report = {}, []
     for key, module in progress(list(modules.items())):
-        q1, r1 = torch.linalg.qr(module.up.float().flatten(1))
-        q2, r2 = torch.linalg.qr(module.down.float().flatten(1).T)
-        u, s, vh = torch.linalg.svd(r1 @ r2.T)
+        u, s, vh = factored_svd(LoRAWeights(module.down, module.up, float(module.rank)))  # without alpha/rank
         limit = _rank_for(module.shape, rank, conv_rank)
         if s[0] <= MIN_SINGULAR_VALUE:
             new_rank = 1
@@ -162,8 +169,8 @@ def resize(
         else:
             new_rank = limit
         new_rank = min(new_rank, module.rank)
-        up = (q1 @ u[:, :new_rank]) * s[:new_rank]
-        down = (q2 @ vh[:new_rank].T).T
+        up = u[:, :new_rank] * s[:new_rank]
+        down = vh[:new_rank]
         kept = float(s[:new_rank].pow(2).sum().sqrt() / s.pow(2).sum().sqrt()) if s[0] > 0 else 1.0
         if module.down.dim() == 4:
             up = up.reshape(module.up.shape[0], new_rank, 1, 1)

@@ -82,23 +82,33 @@ def join_modules(modules: Mapping[str, LoRAWeights], dtype: torch.dtype | None =
 
 
 def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> LoRAWeights:
-    """Best rank-`rank` factorisation of `delta` (SVD), alpha = rank, as kohya's extract and SVD merge do.
+    """Best rank-`rank` factorisation of `delta` (SVD), alpha = rank, as kohya's extract and SVD merge do."""
+    matrix = delta.float().flatten(1)
+    rank = max(1, min(rank, delta.shape[0], delta.shape[1]))  # kohya: at most the channel counts
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return from_svd(u, s, vh, rank, tuple(delta.shape), clamp_quantile)
+
+
+def from_svd(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, shape: tuple[int, ...], clamp_quantile: float
+) -> LoRAWeights:
+    """The LoRA (alpha = rank) of the first `rank` singular triplets of a delta shaped `shape`; zero directions pad
+    it when the spectrum is shorter than `rank`.
 
     kohya clamps both factors at a quantile of their values to drop outliers a truncated SVD produces; when the
     truncation drops nothing (rank >= the delta's numerical rank) there are no such outliers and clamping would
     only damage an exact result, so it is skipped.
     """
-    out_dim = delta.shape[0]
-    matrix = delta.float().flatten(1)
-    rank = max(1, min(rank, delta.shape[0], delta.shape[1]))  # kohya: at most the channel counts
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     truncated = len(s) > rank and s[rank] > 1e-6 * max(float(s[0]), 1e-30)
     up = u[:, :rank] * s[:rank]
     down = vh[:rank]
+    if up.shape[1] < rank:
+        up = torch.cat([up, up.new_zeros(up.shape[0], rank - up.shape[1])], dim=1)
+        down = torch.cat([down, down.new_zeros(rank - down.shape[0], down.shape[1])])
     if truncated and clamp_quantile < 1:
         high = torch.quantile(torch.cat([up.flatten(), down.flatten()]), clamp_quantile)
         up, down = up.clamp(-high, high), down.clamp(-high, high)
-    if delta.dim() == 4:
-        up = up.reshape(out_dim, rank, 1, 1)
-        down = down.reshape(rank, *delta.shape[1:])
+    if len(shape) == 4:
+        up = up.reshape(shape[0], rank, 1, 1)
+        down = down.reshape(rank, *shape[1:])
     return LoRAWeights(down.contiguous(), up.contiguous(), float(rank))
