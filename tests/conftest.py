@@ -46,3 +46,16 @@ TINY_SDXL = dataclasses.replace(
     ),
     resolution=64,
 )
+
+
+def assert_reads_like(backend, reference) -> None:
+    """A host backend sees what the standalone backend over the same model sees: the model's kind, where it
+    computes, its LoRA targets and its noise schedule."""
+    assert (backend.family, backend.prediction, backend.device, backend.dtype) == (
+        reference.family,
+        reference.prediction,
+        reference.device,
+        reference.dtype,
+    )
+    assert [t.key for t in backend.lora_targets(conv=True)] == [t.key for t in reference.lora_targets(conv=True)]
+    assert torch.equal(backend.alphas_cumprod(), reference.alphas_cumprod())

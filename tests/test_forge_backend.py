@@ -19,7 +19,7 @@ from lib_copier.models.sd_model import build_model
 from lib_copier.recipes.job import Effect, Job, run_job
 from lib_copier.train.config import make_config
 from lib_copier.train.trainer import Callbacks, Cancelled, image_tensor, train_lora
-from tests.conftest import TINY_SD2V, TINY_SDXL, randomize_
+from tests.conftest import TINY_SD2V, TINY_SDXL, assert_reads_like, randomize_
 from tests.forge_like import ForgeHost, hf_layout
 
 CONFIGS = {"sd1": TINY, "sd2-v": TINY_SD2V, "sdxl": TINY_SDXL}
@@ -71,14 +71,7 @@ def test_forge_names_give_the_ldm_targets(name):
 def test_the_forge_model_reads_like_the_standalone_one(name):
     ours, host = pair(CONFIGS[name], neo=name != "sd2-v")  # Neo has no SD2; its VAE shows no scaling factor
     forge = host.backend()
-    assert (forge.family, forge.prediction, forge.device, forge.dtype) == (
-        ours.family,
-        ours.prediction,
-        ours.device,
-        ours.dtype,
-    )
-    assert [t.key for t in forge.lora_targets(conv=True)] == [t.key for t in ours.lora_targets(conv=True)]
-    assert torch.equal(forge.alphas_cumprod(), ours.alphas_cumprod())
+    assert_reads_like(forge, ours)
     image = image_tensor(ours.generate(Txt2Img("a cat", seed=0, steps=2)))
     # The posterior's mean, not a sample of it (Forge's VAE.encode samples).
     assert torch.allclose(forge.encode_images(image), ours.encode_images(image), atol=1e-6)

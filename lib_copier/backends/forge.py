@@ -28,14 +28,13 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from lib_copier.backends.webui import Host, HostBackend, posterior_mean
+from lib_copier.backends.webui import Host, HostBackend, native_resolution, posterior_mean
 from lib_copier.errors import CopierError
 from lib_copier.lora.naming import forge_to_ldm
 from lib_copier.models.sd_model import Conditioning
 
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 _FULL_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
-_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 
 
 def is_forge_model(sd_model) -> bool:
@@ -44,9 +43,9 @@ def is_forge_model(sd_model) -> bool:
 
 def forge_family(sd_model) -> str:
     """sd1 / sd2 / sdxl from the flags Forge's engines set; one sentence for everything else (Flux, SD3, refiner)."""
+    encoders = dict(sd_model.forge_objects_original.clip.cond_stage_model.named_children())
     for flag, family in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
         if getattr(sd_model, flag, False):
-            encoders = dict(sd_model.forge_objects_original.clip.cond_stage_model.named_children())
             if family == "sdxl" and "clip_l" not in encoders:
                 break  # the SDXL refiner: no CLIP-L, and no LoRA format for it
             return family
@@ -101,7 +100,7 @@ class ForgeBackend(HostBackend):
                 "e.g. flow matching); Copier LoRA trains epsilon and v-prediction SD1, SD2 and SDXL models"
             )
         self.prediction = PREDICTIONS[prediction]
-        self.resolution = 512 if family == "sd2" and self.prediction == "eps" else _RESOLUTION[family]
+        self.resolution = native_resolution(family, self.prediction)
         self.device = torch.device(self._objects.unet.load_device)
         self.dtype = kmodel.computation_dtype
 

@@ -58,12 +58,6 @@ class HostBackend(ABC):
         self._params = dict(params)
         self._layers = dict(layers)
         self.family = family
-        fp8 = [n for n, p in self._params.items() if p.dtype in _FP8]
-        if fp8:
-            raise CopierError(
-                "the loaded model stores its weights in fp8 (Settings → Optimizations → FP8 weight); "
-                "LoRA training needs it off"
-            )
 
     @abstractmethod
     def unet(self) -> nn.Module:
@@ -130,12 +124,17 @@ class WebUIBackend(HostBackend):
 
     def __init__(self, host: Host):
         params = {checkpoint_name(n): p for n, p in host.sd_model.named_parameters()}
+        if any(p.dtype in _FP8 for p in params.values()):
+            raise CopierError(
+                "the loaded model stores its weights in fp8 (Settings → Optimizations → FP8 weight); "
+                "LoRA training needs it off"
+            )
         layers: dict[str, nn.Module] = {}
         for name, module in host.sd_model.named_modules():
             layers.setdefault(checkpoint_name(name), module)
         super().__init__(host, params, layers, model_family(params))
         self.prediction = "v" if getattr(self.sd_model, "parameterization", "eps") == "v" else "eps"
-        self.resolution = {"sdxl": 1024, "sd2": 768 if self.prediction == "v" else 512}.get(self.family, 512)
+        self.resolution = native_resolution(self.family, self.prediction)
         param = next(self.unet().parameters())
         self.device, self.dtype = param.device, param.dtype
 
@@ -175,6 +174,11 @@ class WebUIBackend(HostBackend):
                 if hasattr(embedder, "is_trainable"):
                     stack.callback(setattr, embedder, "is_trainable", embedder.is_trainable)
                     embedder.is_trainable = True
+
+
+def native_resolution(family: str, prediction: str) -> int:
+    """The image side a model family was trained at: SDXL 1024, SD2-v 768, SD1 and SD2 (eps) 512."""
+    return {"sdxl": 1024, "sd2": 768 if prediction == "v" else 512}.get(family, 512)
 
 
 def posterior_mean(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -89,19 +89,19 @@ def merge_svd(
     """
     _check_rank(rank, conv_rank)
     merged = {}
-    for key, module in progress(list(merge_exact(loras).items())):
-        u, s, vh = factored_svd(module)
+    for key, module in progress(list(merge_exact(loras).items())):  # alpha = rank: the factors are the delta
+        u, s, vh = factored_svd(module.up, module.down)
         keep = max(1, min(_rank_for(module.shape, rank, conv_rank), module.shape[0], module.down[0].numel()))
         merged[key] = from_svd(u, s, vh, keep, module.shape, clamp_quantile)
     return merged
 
 
-def factored_svd(module: LoRAWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, S, Vh of `scale * up @ down` (flattened), from QR of both factors and an SVD of the rank x rank core:
-    the same values as an SVD of the dense matrix without its zeros, at a fraction of the cost."""
-    q1, r1 = torch.linalg.qr(module.up.float().flatten(1))
-    q2, r2 = torch.linalg.qr(module.down.float().flatten(1).T)
-    u, s, vh = torch.linalg.svd(r1 @ r2.T * module.scale)
+def factored_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh of `up @ down` (flattened), from QR of both factors and an SVD of the rank x rank core: the same
+    values as an SVD of the dense matrix without its zeros, at a fraction of the cost."""
+    q1, r1 = torch.linalg.qr(up.float().flatten(1))
+    q2, r2 = torch.linalg.qr(down.float().flatten(1).T)
+    u, s, vh = torch.linalg.svd(r1 @ r2.T)
     return q1 @ u, s, (q2 @ vh.T).T
 
 
@@ -160,7 +160,7 @@ def resize(
         raise CopierError(f"dynamic resize with {dynamic} needs a value (--dynamic-param)")
     resized, report = {}, []
     for key, module in progress(list(modules.items())):
-        u, s, vh = factored_svd(LoRAWeights(module.down, module.up, float(module.rank)))  # without alpha/rank
+        u, s, vh = factored_svd(module.up, module.down)  # alpha/rank is kept apart, as kohya does
         limit = _rank_for(module.shape, rank, conv_rank)
         if s[0] <= MIN_SINGULAR_VALUE:
             new_rank = 1
