@@ -72,9 +72,7 @@ def forge_conditioning(sd_model, prompts):
     if torch.is_grad_enabled():
         method = getattr(method, "__wrapped__", None)
         if method is None:
-            raise CopierError(
-                "this Forge's prompt encoding cannot be trained through; turn off train_text_encoder"
-            )
+            raise CopierError("this Forge's prompt encoding cannot be trained through; turn off train_text_encoder")
     return method(sd_model, prompts)
 
 

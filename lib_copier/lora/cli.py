@@ -124,9 +124,10 @@ def _recipe(args, ratios) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
     from lib_copier.lora.files import read_lora
     from lib_copier.lora.hashes import sshs_hashes
-    from lib_copier.lora.weights import join_modules
 
     lora = read_lora(args.lora)
     text = sum(key.startswith("lora_te") for key in lora.modules)
@@ -134,12 +135,14 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"file      {args.lora}")
     print(f"family    {lora.family or 'unknown'}")
     print(f"modules   {len(lora.modules)} ({len(lora.modules) - text} UNet, {text} text encoder)")
-    print(f"ranks     {', '.join(map(str, sorted(lora.ranks)))}")
-    print(f"alphas    {', '.join(f'{a:g}' for a in alphas)}")
+    print(f"types     {', '.join(f'{kind} {count}' for kind, count in sorted(lora.types.items()))}")
+    plain = "" if set(lora.types) == {"LoRA"} else " (as plain LoRA factors)"
+    print(f"ranks     {', '.join(map(str, sorted(lora.ranks)))}{plain}")
+    print(f"alphas    {', '.join(f'{a:g}' for a in alphas)}{plain}")
     stored = lora.metadata.get("sshs_model_hash")
     if stored:
-        dtype = next(iter(lora.modules.values())).down.dtype
-        actual, _ = sshs_hashes(join_modules(lora.modules, dtype), lora.metadata)
+        with safe_open(str(args.lora), framework="pt") as f:
+            actual, _ = sshs_hashes({name: f.get_tensor(name) for name in f.keys()}, lora.metadata)
         print(f"hash      {stored} ({'matches the tensors' if actual == stored else 'does NOT match the tensors'})")
     for key in sorted(lora.metadata):
         value = lora.metadata[key]

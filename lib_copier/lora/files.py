@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ from lib_copier.atomic import atomic_write
 from lib_copier.errors import CopierError
 from lib_copier.lora.hashes import sshs_hashes
 from lib_copier.lora.metadata import family_from_metadata
+from lib_copier.lora.module_types import split_modules
 from lib_copier.lora.unet_names import sdxl_diffusers_to_ldm
-from lib_copier.lora.weights import LoRAWeights, join_modules, split_modules
+from lib_copier.lora.weights import LoRAWeights, join_modules
 
 PRECISIONS = {"fp32": torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,6 +46,7 @@ class LoRA:
     modules: dict[str, LoRAWeights]
     metadata: dict[str, str] = field(default_factory=dict)
     family: str | None = None  # sd1 / sd2 / sdxl, or None when neither keys, shapes nor metadata tell
+    types: Counter = field(default_factory=Counter)  # modules per type in the file: LoRA, LoHa, LoKr, ...
 
     @property
     def ranks(self) -> set[int]:
@@ -125,12 +128,12 @@ def read_lora(path: str | os.PathLike) -> LoRA:
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise CopierError(f"{path} is not a readable .safetensors file ({exc})") from exc
     try:
-        modules = split_modules(normalise(tensors))
+        modules, types = split_modules(normalise(tensors))
     except CopierError as exc:
         raise CopierError(f"{path} is not a LoRA: {exc}") from exc
     if not modules:
         raise CopierError(f"{path} is not a LoRA: it holds no lora_down/lora_up tensors")
-    return LoRA(modules, metadata, detect_family(modules, metadata))
+    return LoRA(modules, metadata, detect_family(modules, metadata), types)
 
 
 def write_lora(

@@ -13,7 +13,7 @@ import torch
 
 from lib_copier.errors import CopierError
 from lib_copier.lora.naming import Target
-from lib_copier.lora.weights import LoRAWeights, from_svd, low_rank
+from lib_copier.lora.weights import LoRAWeights, factored_svd, from_svd, low_rank
 
 Progress = Callable[[Iterable], Iterable]
 MIN_SINGULAR_VALUE = 1e-6  # kohya's MIN_SV: below this a module is treated as zero and kept at rank 1
@@ -64,13 +64,19 @@ def merge_exact(loras: list[tuple[Mapping[str, LoRAWeights], float]]) -> dict[st
             grouped.setdefault(key, []).append((module, ratio))
     merged = {}
     for key, parts in grouped.items():
-        shapes = {p.shape for p, _ in parts}
+        shapes = {_as_matrix(p.shape) for p, _ in parts}
         if len(shapes) > 1:
             raise CopierError(f"LoRA module {key} has different shapes in the inputs: {sorted(shapes)}")
-        down = torch.cat([p.down.float() for p, _ in parts])
-        up = torch.cat([p.up.float() * (ratio * p.scale) for p, ratio in parts], dim=1)
+        shape = max((p.shape for p, _ in parts), key=len)  # a 1x1 conv may come as a matrix (LyCORIS) or 4-D
+        conv = (1, 1) if len(shape) == 4 else ()
+        down = torch.cat([p.down.float().reshape(p.rank, *shape[1:]) for p, _ in parts])
+        up = torch.cat([(p.up.float() * (ratio * p.scale)).reshape(shape[0], p.rank, *conv) for p, ratio in parts], 1)
         merged[key] = LoRAWeights(down, up, float(down.shape[0]))
     return merged
+
+
+def _as_matrix(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[:2] if shape[2:] == (1, 1) else shape
 
 
 def merge_svd(
@@ -94,15 +100,6 @@ def merge_svd(
         keep = max(1, min(_rank_for(module.shape, rank, conv_rank), module.shape[0], module.down[0].numel()))
         merged[key] = from_svd(u, s, vh, keep, module.shape, clamp_quantile)
     return merged
-
-
-def factored_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, S, Vh of `up @ down` (flattened), from QR of both factors and an SVD of the rank x rank core: the same
-    values as an SVD of the dense matrix without its zeros, at a fraction of the cost."""
-    q1, r1 = torch.linalg.qr(up.float().flatten(1))
-    q2, r2 = torch.linalg.qr(down.float().flatten(1).T)
-    u, s, vh = torch.linalg.svd(r1 @ r2.T)
-    return q1 @ u, s, (q2 @ vh.T).T
 
 
 def _check_rank(rank: int, conv_rank: int | None) -> None:

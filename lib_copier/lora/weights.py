@@ -11,10 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lib_copier.errors import CopierError
-
-SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
-
 
 @dataclass
 class LoRAWeights:
@@ -40,30 +36,6 @@ class LoRAWeights:
         up = self.up.to(device=device, dtype=torch.float32).flatten(1)
         down = self.down.to(device=device, dtype=torch.float32).flatten(1)
         return (self.scale * (up @ down)).reshape(self.shape)
-
-
-def split_modules(tensors: Mapping[str, torch.Tensor]) -> dict[str, LoRAWeights]:
-    """Group a kohya tensor dict into modules; tensors that are not down/up/alpha are an error."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        for suffix, part in SUFFIXES.items():
-            if name.endswith(suffix):
-                parts.setdefault(name[: -len(suffix)], {})[part] = tensor
-                break
-        else:
-            raise CopierError(f"tensor {name!r} is not part of a LoRA module (expected lora_down, lora_up or alpha)")
-    modules = {}
-    for key, found in parts.items():
-        if "down" not in found or "up" not in found:
-            raise CopierError(f"LoRA module {key} lacks its {'lora_down' if 'down' not in found else 'lora_up'} weight")
-        down, up = found["down"], found["up"]
-        if up.shape[1] != down.shape[0] or down.dim() != up.dim():
-            raise CopierError(
-                f"LoRA module {key}: lora_up {tuple(up.shape)} does not fit lora_down {tuple(down.shape)}"
-            )
-        alpha = float(found["alpha"]) if "alpha" in found else float(down.shape[0])
-        modules[key] = LoRAWeights(down, up, alpha)
-    return modules
 
 
 def join_modules(modules: Mapping[str, LoRAWeights], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -112,3 +84,12 @@ def from_svd(
         up = up.reshape(shape[0], rank, 1, 1)
         down = down.reshape(rank, *shape[1:])
     return LoRAWeights(down.contiguous(), up.contiguous(), float(rank))
+
+
+def factored_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh of `up @ down` (flattened), from QR of both factors and an SVD of the rank x rank core: the same
+    values as an SVD of the dense matrix without its zeros, at a fraction of the cost."""
+    q1, r1 = torch.linalg.qr(up.float().flatten(1))
+    q2, r2 = torch.linalg.qr(down.float().flatten(1).T)
+    u, s, vh = torch.linalg.svd(r1 @ r2.T)
+    return q1 @ u, s, (q2 @ vh.T).T

@@ -58,4 +58,3 @@ class ForgeHost(A1111Host):
         finally:
             clear_cached_conditioning()
             refresh_loras()
-
