@@ -1,5 +1,7 @@
 """`python -m lib_copier lora …`: each action end to end on tiny files, and one-line errors with exit code 2."""
 
+import json
+
 import pytest
 import torch
 
@@ -100,3 +102,31 @@ def test_errors_are_one_line_and_exit_2(files, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_merged_files_say_the_ranks_they_hold_and_keep_fp32_by_default(files, tmp_path):
+    root, base, _, _ = files
+    targets = lora_targets(TensorSource(base).shapes(), "sd1", conv=True)
+    paths = []
+    for seed, (rank, conv) in enumerate([(4, 2), (8, 2)]):
+        network = LoRANetwork.create(targets, rank=rank, alpha=rank / 2, conv_rank=conv, conv_alpha=1.0, seed=seed)
+        for module in network.modules_by_key.values():
+            torch.nn.init.normal_(module.lora_up.weight, std=0.1)
+        metadata = build_metadata(NetworkInfo("sd1", rank, rank / 2, f"c{seed}", conv_rank=conv, conv_alpha=1.0))
+        paths.append(write_lora(tmp_path / f"c{seed}.safetensors", network.to_weights(), metadata, "fp32"))
+    out = tmp_path / "merged.safetensors"
+    assert main(["lora", "merge", *map(str, paths), "--out", str(out)]) == 0
+    merged = read_lora(out)
+    assert {m.down.dtype for m in merged.modules.values()} == {torch.float32}
+    assert (merged.metadata["ss_network_dim"], merged.metadata["ss_network_alpha"]) == ("12", "12.0")
+    assert json.loads(merged.metadata["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4.0"}
+    out = tmp_path / "svd.safetensors"
+    assert main(["lora", "svd-merge", *map(str, paths), "--new-rank", "6", "--new-conv-rank", "3", "--out", str(out)]) == 0
+    merged = read_lora(out)
+    assert merged.metadata["ss_network_dim"] == "6"
+    assert json.loads(merged.metadata["ss_network_args"]) == {"conv_dim": "3", "conv_alpha": "3.0"}
+    out = tmp_path / "dynamic.safetensors"
+    args = ["--dynamic-method", "sv_ratio", "--dynamic-param", "2"]
+    assert main(["lora", "resize", str(paths[1]), "--new-rank", "8", *args, "--out", str(out)]) == 0
+    resized = read_lora(out)
+    assert len(resized.ranks) > 1 and resized.metadata["ss_network_dim"] == "Dynamic"

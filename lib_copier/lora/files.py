@@ -7,6 +7,7 @@ diffusers names. Writing casts to the save precision, adds kohya's hashes and re
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import Counter
@@ -136,6 +137,29 @@ def read_lora(path: str | os.PathLike) -> LoRA:
     return LoRA(modules, metadata, detect_family(modules, metadata), types)
 
 
+_CONV_ARGS = ("conv_dim", "conv_alpha")
+
+
+def _one(values: set) -> str:
+    return str(values.pop()) if len(values) == 1 else "Dynamic"  # kohya's word for ranks that differ by module
+
+
+def network_shape(modules: Mapping[str, LoRAWeights], metadata: Mapping[str, str]) -> dict[str, str]:
+    """`ss_network_dim`, `ss_network_alpha` and the `conv_dim`/`conv_alpha` of `ss_network_args` as the modules
+    are: a value where every module of the kind (kxk convs, the rest) has it, "Dynamic" where they differ."""
+    kxk = {key for key, m in modules.items() if len(m.shape) == 4 and m.shape[2:] != (1, 1)}
+    linear = [m for key, m in modules.items() if key not in kxk] or list(modules.values())
+    args = {k: v for k, v in json.loads(metadata.get("ss_network_args") or "{}").items() if k not in _CONV_ARGS}
+    if kxk:
+        args["conv_dim"] = _one({modules[key].rank for key in kxk})
+        args["conv_alpha"] = _one({float(modules[key].alpha) for key in kxk})
+    return {
+        "ss_network_dim": _one({m.rank for m in linear}),
+        "ss_network_alpha": _one({float(m.alpha) for m in linear}),
+        "ss_network_args": json.dumps(args),
+    }
+
+
 def write_lora(
     path: str | os.PathLike,
     modules: Mapping[str, LoRAWeights],
@@ -143,11 +167,12 @@ def write_lora(
     precision: str = "fp16",
     overwrite: bool = False,
 ) -> Path:
-    """Write a kohya LoRA file with its `sshs_*` hashes; the metadata is written in sorted key order."""
+    """Write a kohya LoRA file with its `sshs_*` hashes; the metadata is written in sorted key order, with the network
+    shape as the tensors have it (`network_shape`)."""
     if precision not in PRECISIONS:
         raise CopierError(f"unknown precision {precision!r}; expected fp32, fp16 or bf16")
     tensors = join_modules(modules, PRECISIONS[precision])
-    metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
+    metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")} | network_shape(modules, metadata)
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = sshs_hashes(tensors, metadata)
     ordered = dict(sorted(metadata.items()))
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=ordered), overwrite)
