@@ -121,7 +121,9 @@ def test_merged_files_say_the_ranks_they_hold_and_keep_fp32_by_default(files, tm
     assert (merged.metadata["ss_network_dim"], merged.metadata["ss_network_alpha"]) == ("12", "12.0")
     assert json.loads(merged.metadata["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4.0"}
     out = tmp_path / "svd.safetensors"
-    assert main(["lora", "svd-merge", *map(str, paths), "--new-rank", "6", "--new-conv-rank", "3", "--out", str(out)]) == 0
+    assert (
+        main(["lora", "svd-merge", *map(str, paths), "--new-rank", "6", "--new-conv-rank", "3", "--out", str(out)]) == 0
+    )
     merged = read_lora(out)
     assert merged.metadata["ss_network_dim"] == "6"
     assert json.loads(merged.metadata["ss_network_args"]) == {"conv_dim": "3", "conv_alpha": "3.0"}

@@ -81,15 +81,28 @@ def test_extraction_moves_toward_the_processed_image():
 
 def test_both_methods_write_loadable_loras_with_metadata_sidecar_and_grid(backend, original, tmp_path):
     before = {k: v.clone() for k, v in backend.weights()}
-    stages = []
-    results = run_job(backend, job(tmp_path, original, method="both"), stage=stages.append)
+    stages, counts = [], []
+    callbacks = Callbacks(counted=lambda done, total: counts.append((stages[-1], done, total)))
+    results = run_job(backend, job(tmp_path, original, method="both"), callbacks, stage=stages.append)
     assert [(r.kind, r.effect) for r in results] == [
         ("copier", ""),
         ("processed", "grayscale"),
         ("extraction", "grayscale"),
     ]
     assert [r.written.name for r in results] == ["cat-copier", "cat-grayscale", "cat-grayscale-extraction"]
-    assert stages == ["copier", "processed: grayscale", "extraction: grayscale", "strength grids"]
+    assert stages == [
+        "copier",
+        "processed: grayscale",
+        "extraction: grayscale",
+        "merging and resizing",
+        "strength grids",
+    ]
+    modules = len(read_lora(results[0].written.lora).modules)
+    assert counts[0] == ("extraction: grayscale", 0, modules) and counts[-1] == (
+        "extraction: grayscale",
+        modules,
+        modules,
+    )
     for result in results:
         lora = read_lora(result.written.lora)
         assert lora.family == "sd1" and lora.metadata["ss_copier_recipe"] == result.kind

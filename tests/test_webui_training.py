@@ -91,3 +91,10 @@ def test_a_bad_name_is_refused_before_anything_runs(host, tmp_path):
     with pytest.raises(CopierError, match="path separators"):
         train_in_webui(request_for(host, name="../evil"), host, tmp_path, JobState("j"))
     assert host.prepared_jobs == 0
+
+
+def test_the_extraction_stage_counts_its_modules_on_the_host_bar(host, tmp_path):
+    train_in_webui(request_for(host, method="extraction"), host, tmp_path, JobState("j"))
+    counted = [(step, total) for text, step, total in host.shown if text.startswith("extraction: grayscale: ")]
+    assert counted and counted[-1][0] == counted[-1][1] > 0
+    assert any(text.endswith(f"{total}/{total} modules") for text, _, total in host.shown)

@@ -9,9 +9,20 @@ from lib_copier.errors import CopierError
 
 
 def _tqdm(desc: str):
+    """A `(done, total)` progress callback drawing a tqdm bar that closes when done reaches total."""
     from tqdm import tqdm
 
-    return lambda items: tqdm(items, desc=desc, unit="module", leave=False)
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="module", leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return progress
 
 
 def _output(parser: argparse.ArgumentParser) -> None:

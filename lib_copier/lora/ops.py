@@ -6,7 +6,7 @@ The numbers follow kohya's `merge_lora.py`, `svd_merge_lora.py`, `resize_lora.py
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -15,13 +15,19 @@ from lib_copier.errors import CopierError
 from lib_copier.lora.naming import Target
 from lib_copier.lora.weights import LoRAWeights, factored_svd, from_svd, low_rank
 
-Progress = Callable[[Iterable], Iterable]
+Progress = Callable[[int, int], None]  # (modules done, modules in all), after each module
 MIN_SINGULAR_VALUE = 1e-6  # kohya's MIN_SV: below this a module is treated as zero and kept at rank 1
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 
 
-def _quiet(items: Iterable) -> Iterable:
-    return items
+def _counted(items: Iterable, progress: Progress | None) -> Iterator:
+    """The items, reporting each one done (and 0 of n before the first, so a UI can show the total at once)."""
+    items = list(items)
+    report = progress or (lambda done, total: None)
+    report(0, len(items))
+    for i, item in enumerate(items):
+        yield item
+        report(i + 1, len(items))
 
 
 def _check_fits(key: str, delta: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -34,26 +40,26 @@ def apply_to_state_dict(
     state: MutableMapping[str, torch.Tensor],
     loras: list[tuple[Mapping[str, LoRAWeights], float]],
     table: Mapping[str, Target],
-    progress: Progress = _quiet,
+    progress: Progress | None = None,
 ) -> int:
     """W += ratio * alpha/rank * up @ down for every module of every (LoRA, ratio); returns the modules applied.
 
     Each weight is updated in float32 and cast back once, so several LoRAs do not round several times.
     """
     changes: dict[str, torch.Tensor] = {}
-    for modules, ratio in loras:
-        unknown = [key for key in modules if key not in table]
-        if unknown:
-            raise CopierError(f"LoRA module {unknown[0]} matches no layer of the checkpoint (model families differ?)")
-        for key, module in progress(list(modules.items())):
-            target = table[key]
-            if target.param_name not in changes:
-                changes[target.param_name] = state[target.param_name].float().clone()
-            weight = changes[target.param_name]
-            weight[target.rows] += ratio * _check_fits(key, module.delta(), target.shape)
+    unknown = [key for modules, _ in loras for key in modules if key not in table]
+    if unknown:
+        raise CopierError(f"LoRA module {unknown[0]} matches no layer of the checkpoint (model families differ?)")
+    every = [(key, module, ratio) for modules, ratio in loras for key, module in modules.items()]
+    for key, module, ratio in _counted(every, progress):
+        target = table[key]
+        if target.param_name not in changes:
+            changes[target.param_name] = state[target.param_name].float().clone()
+        weight = changes[target.param_name]
+        weight[target.rows] += ratio * _check_fits(key, module.delta(), target.shape)
     for name, weight in changes.items():
         state[name] = weight.to(state[name].dtype)
-    return sum(len(modules) for modules, _ in loras)
+    return len(every)
 
 
 def merge_exact(loras: list[tuple[Mapping[str, LoRAWeights], float]]) -> dict[str, LoRAWeights]:
@@ -84,7 +90,7 @@ def merge_svd(
     rank: int,
     conv_rank: int | None = None,
     clamp_quantile: float = 0.99,
-    progress: Progress = _quiet,
+    progress: Progress | None = None,
 ) -> dict[str, LoRAWeights]:
     """sum(ratio * delta) per module, then its best rank-`rank` factorisation (kxk convs: `conv_rank`).
 
@@ -95,7 +101,7 @@ def merge_svd(
     """
     _check_rank(rank, conv_rank)
     merged = {}
-    for key, module in progress(list(merge_exact(loras).items())):  # alpha = rank: the factors are the delta
+    for key, module in _counted(merge_exact(loras).items(), progress):  # alpha = rank: the factors are the delta
         u, s, vh = factored_svd(module.up, module.down)
         keep = max(1, min(_rank_for(module.shape, rank, conv_rank), module.shape[0], module.down[0].numel()))
         merged[key] = from_svd(u, s, vh, keep, module.shape, clamp_quantile)
@@ -145,7 +151,7 @@ def resize(
     conv_rank: int | None = None,
     dynamic: str | None = None,
     dynamic_value: float | None = None,
-    progress: Progress = _quiet,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, LoRAWeights], list[ResizedModule]]:
     """Each module down to `rank` (a maximum when `dynamic` is set), keeping alpha/rank as kohya does.
 
@@ -156,7 +162,7 @@ def resize(
     if dynamic is not None and dynamic_value is None:
         raise CopierError(f"dynamic resize with {dynamic} needs a value (--dynamic-param)")
     resized, report = {}, []
-    for key, module in progress(list(modules.items())):
+    for key, module in _counted(modules.items(), progress):
         u, s, vh = factored_svd(module.up, module.down)  # alpha/rank is kept apart, as kohya does
         limit = _rank_for(module.shape, rank, conv_rank)
         if s[0] <= MIN_SINGULAR_VALUE:
@@ -185,7 +191,7 @@ def extract(
     conv_rank: int | None = None,
     clamp_quantile: float = 0.99,
     min_diff: float = 0.01,
-    progress: Progress = _quiet,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, LoRAWeights], bool]:
     """A LoRA approximating `tuned - original` (weights read by parameter name). Text encoders whose largest
     absolute difference is at most `min_diff` are left out, as kohya does; returns (modules, text included)."""
@@ -201,6 +207,6 @@ def extract(
     text = any(float(difference(t).abs().max()) > min_diff for t in text_targets)
     chosen = [t for t in targets if text or not t.key.startswith("lora_te")]
     modules = {}
-    for target in progress(chosen):
+    for target in _counted(chosen, progress):
         modules[target.key] = low_rank(difference(target), _rank_for(target.shape, rank, conv_rank), clamp_quantile)
     return modules, text

@@ -87,7 +87,12 @@ def _bar_callbacks(bar_holder: dict):
         bar.update(p.step - bar.n)
         bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}")
 
-    return Callbacks(progress=progress)
+    def counted(done, total):
+        bar = bar_holder["bar"]
+        bar.total, bar.unit = total, "module"
+        bar.update(done - bar.n)
+
+    return Callbacks(progress=progress, counted=counted)
 
 
 def run_job_with_progress(backend, job):

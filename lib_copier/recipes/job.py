@@ -19,6 +19,7 @@ from lib_copier.effects.chain import Chain
 from lib_copier.errors import CopierError
 from lib_copier.lora.metadata import NetworkInfo
 from lib_copier.lora.network import LoRANetwork
+from lib_copier.lora.ops import Progress
 from lib_copier.lora.weights import LoRAWeights
 from lib_copier.recipes.grid import network_render, strength_grid
 from lib_copier.recipes.methods import Weights, extraction, merge_processed, shrink, train_copier, train_processed
@@ -192,32 +193,36 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
                     stage(f"extraction: {effect.label}{tag}")
                     current = ("processed-copier", effect.label)
                     run = train_copier(backend, processed_image, job.captions(), config, callbacks)
-                    weights = extraction(copier_weights, _cpu(run.network.to_weights()), extraction_rank)
+                    weights = extraction(
+                        copier_weights, _cpu(run.network.to_weights()), extraction_rank, callbacks.counted
+                    )
                     trained.setdefault((effect.label, "extraction"), []).append((weights, run))
     except Cancelled as cancelled:
         if config.save_on_cancel:
             partial = cancelled.result
             kind, label = current
             note = f"{kind} LoRA {label}, interrupted at step {partial.steps}".replace("  ", " ")
-            finished = _merged(job, config, trained)
+            finished = _merged(job, config, trained, callbacks.counted)
             pending.append(_pending(kind, label, _cpu(partial.network.to_weights()), [partial], note))
             _finish(backend, job, pending + finished, grids=False)
         raise
+    stage("merging and resizing")
+    finished = _merged(job, config, trained, callbacks.counted)
     stage("strength grids")
-    return _finish(backend, job, pending + _merged(job, config, trained), grids=True)
+    return _finish(backend, job, pending + finished, grids=True)
 
 
-def _merged(job: Job, config: TrainConfig, trained: dict) -> list[_Pending]:
+def _merged(job: Job, config: TrainConfig, trained: dict, progress: Progress | None) -> list[_Pending]:
     """One result per effect and kind: the LoRAs of several originals merged, processed ones resized."""
     ranks = RECIPE_PRESETS[job.preset]
     chains = {e.label: e.chain.to_json() if e.chain else "" for e in job.effects}
     out = []
     for (label, kind), items in trained.items():
         if kind == "processed":
-            merged = merge_processed([w for w, _ in items], ranks["resize_rank"] or config.rank)
-            weights = shrink(merged, ranks["resize_rank"])
+            merged = merge_processed([w for w, _ in items], ranks["resize_rank"] or config.rank, progress)
+            weights = shrink(merged, ranks["resize_rank"], progress)
         else:
-            weights = merge_processed([w for w, _ in items], ranks["extraction_rank"])
+            weights = merge_processed([w for w, _ in items], ranks["extraction_rank"], progress)
         runs = [run for _, run in items]
         out.append(_pending(kind, label, weights, runs, f"{kind} LoRA: {label}", chains[label]))
     return out

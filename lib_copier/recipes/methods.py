@@ -14,7 +14,7 @@ from PIL import Image
 
 from lib_copier.backends import Backend
 from lib_copier.lora.network import LoRANetwork
-from lib_copier.lora.ops import merge_svd, resize
+from lib_copier.lora.ops import Progress, merge_svd, resize
 from lib_copier.lora.weights import LoRAWeights
 from lib_copier.train.config import TrainConfig
 from lib_copier.train.trainer import Callbacks, TrainResult, train_lora
@@ -43,21 +43,21 @@ def train_processed(
     return train_lora(backend, processed, caption, config, frozen=[(copier, 1.0)], callbacks=callbacks)
 
 
-def shrink(weights: Weights, rank: int | None) -> Weights:
+def shrink(weights: Weights, rank: int | None, progress: Progress | None = None) -> Weights:
     """Resize to `rank` (kohya's resize, fixed rank); None keeps the trained rank."""
-    return weights if rank is None else resize(weights, rank, conv_rank=rank)[0]
+    return weights if rank is None else resize(weights, rank, conv_rank=rank, progress=progress)[0]
 
 
-def extraction(copier: Weights, processed_copier: Weights, rank: int) -> Weights:
+def extraction(copier: Weights, processed_copier: Weights, rank: int, progress: Progress | None = None) -> Weights:
     """(A′ − A) at `rank`: positive weights move toward the processed image.
 
     The write-ups merged (A, A′) with ratios (1, −1), whose positive weight *removed* the effect; we flip it."""
-    return merge_svd([(processed_copier, 1.0), (copier, -1.0)], rank, conv_rank=rank)
+    return merge_svd([(processed_copier, 1.0), (copier, -1.0)], rank, conv_rank=rank, progress=progress)
 
 
-def merge_processed(processed: list[Weights], rank: int) -> Weights:
+def merge_processed(processed: list[Weights], rank: int, progress: Progress | None = None) -> Weights:
     """One LoRA from the B of several originals: their mean, at `rank`."""
     if len(processed) == 1:
         return processed[0]
     share = 1.0 / len(processed)
-    return merge_svd([(weights, share) for weights in processed], rank, conv_rank=rank)
+    return merge_svd([(weights, share) for weights in processed], rank, conv_rank=rank, progress=progress)

@@ -45,6 +45,7 @@ class Callbacks:
     cancelled: Callable[[], bool] | None = None
     preview: Callable[[int, Image.Image], None] | None = None
     preview_request: Txt2Img | None = None  # what to draw every `preview_every` steps
+    counted: Callable[[int, int], None] | None = None  # work between trainings (SVD merges): modules done, in all
 
 
 @dataclass

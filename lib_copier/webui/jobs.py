@@ -35,12 +35,16 @@ class JobState:
     def on_progress(self, progress: Progress) -> None:
         self.step, self.total, self.loss, self.eta = progress.step, progress.total, progress.loss, progress.eta
 
+    def on_count(self, done: int, total: int) -> None:
+        """Work without a loss (SVD merges): done of total, under the current stage."""
+        self.step, self.total, self.loss, self.eta = done, total, None, None
+
     def on_stage(self, text: str) -> None:
         self.stage, self.step, self.total, self.loss, self.eta = text, 0, 0, None, None
 
     def callbacks(self) -> Callbacks:
         """Trainer callbacks that report here and stop when the job is interrupted."""
-        return Callbacks(progress=self.on_progress, cancelled=self.interrupted.is_set)
+        return Callbacks(progress=self.on_progress, cancelled=self.interrupted.is_set, counted=self.on_count)
 
     def as_dict(self) -> dict:
         keys = ("id", "status", "stage", "step", "total", "loss", "eta", "started", "finished", "results", "error")

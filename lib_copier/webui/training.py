@@ -117,7 +117,16 @@ def _callbacks(host: WebUIHost, state: JobState) -> Callbacks:
             raise CopierError("the WebUI's model changed during the run; nothing was kept")
         return state.interrupted.is_set() or host.interrupted()
 
-    return Callbacks(progress=progress, cancelled=cancelled, preview=lambda step, image: host.show_preview(image))
+    def counted(done: int, total: int) -> None:
+        state.on_count(done, total)
+        host.show_progress(f"{state.stage}: {done}/{total} modules", done, total)
+
+    return Callbacks(
+        progress=progress,
+        cancelled=cancelled,
+        preview=lambda step, image: host.show_preview(image),
+        counted=counted,
+    )
 
 
 def _stage(host: WebUIHost, state: JobState):
