@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "lib_copier.effects.cli",
     "lib_copier.effects.bench",
     "lib_copier.lora.cli",
+    "lib_copier.lora.bench",
     "lib_copier.recipes.cli",
     "lib_copier.evaluate.cli",
     "lib_copier.train.bench",
