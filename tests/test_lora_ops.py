@@ -157,9 +157,27 @@ def test_extract_recovers_a_low_rank_difference_and_drops_unchanged_text():
     original = {"unet.a.weight": torch.randn(32, 24, generator=gen), "te.b.weight": torch.randn(24, 24, generator=gen)}
     delta = random_lora(4, {"lora_unet_a": (32, 24)}, rank=3, alpha=3.0)["lora_unet_a"].delta()
     tuned = {"unet.a.weight": original["unet.a.weight"] + delta, "te.b.weight": original["te.b.weight"] + 0.001}
-    modules, text = extract(original.__getitem__, tuned.__getitem__, targets, rank=4)
+    modules, text, _ = extract(original.__getitem__, tuned.__getitem__, targets, rank=4)
     assert not text and set(modules) == {"lora_unet_a"}
     assert relative(modules["lora_unet_a"].delta(), delta) < 1e-4
     tuned["te.b.weight"] = original["te.b.weight"] + 0.1
-    modules, text = extract(original.__getitem__, tuned.__getitem__, targets, rank=4)
+    modules, text, _ = extract(original.__getitem__, tuned.__getitem__, targets, rank=4)
     assert text and set(modules) == {"lora_unet_a", "lora_te_b"}
+
+
+def test_randomized_extraction_of_a_large_module_comes_within_a_hair_of_the_optimum():
+    # A fine-tune's difference: a few strong directions over a slowly falling tail, at SD's largest linear shape.
+    gen = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(1280, 64, generator=gen))[0]
+    v = torch.linalg.qr(torch.randn(5120, 64, generator=gen))[0]
+    spectrum = torch.cat([torch.tensor([8.0, 6.0, 5.0, 4.0]), 1.0 / torch.arange(1, 61).float() ** 0.5])
+    delta = (u * spectrum) @ v.T
+    target = Target("lora_unet_ff", "unet.ff", "weight", None, (1280, 5120))
+    original = {"unet.ff.weight": torch.zeros(1280, 5120)}
+    tuned = {"unet.ff.weight": delta}
+    optimum = float(spectrum[8:].norm() / spectrum.norm())
+    for randomized in (True, False):
+        modules, _, kept = extract(original.get, tuned.get, [target], 8, clamp_quantile=1.0, randomized=randomized)
+        error = relative(modules["lora_unet_ff"].delta(), delta)
+        assert error < optimum * 1.01, randomized
+        assert abs(kept["lora_unet_ff"] ** 2 + error**2 - 1) < 1e-3  # kept is what the error leaves

@@ -77,9 +77,7 @@ def bench_lora(args: argparse.Namespace) -> int:
     exact, figures["merge_s"] = _timed(lambda: merge_exact(pairs))
     _, figures["svd_merge_s"] = _timed(lambda: merge_svd(pairs, args.rank, args.rank))
     full, figures["svd_merge_full_rank_s"] = _timed(lambda: merge_svd(pairs, 2 * args.rank, 2 * args.rank))
-    figures["svd_merge_full_rank_worst_error"] = max(
-        _relative_error(full[k].delta(), exact[k].delta()) for k in exact
-    )
+    figures["svd_merge_full_rank_worst_error"] = max(_relative_error(full[k].delta(), exact[k].delta()) for k in exact)
     _, figures["resize_s"] = _timed(lambda: resize(exact, args.rank, args.rank))
     largest = sorted(targets, key=lambda t: -torch.Size(t.shape).numel())[: args.dense_modules]
     subset = [({t.key: a[t.key]}, 1.0) for t in largest] + [({t.key: b[t.key]}, -0.5) for t in largest]
@@ -123,7 +121,7 @@ def _bench_extract(args, shapes, lora) -> dict[str, float]:
         del state
         out = folder / "extracted.safetensors"
         command = ["lora", "extract", str(folder / "base.safetensors"), str(folder / "tuned.safetensors")]
-        command += ["--dim", str(args.extract_rank), "--conv-dim", str(args.extract_rank)]
+        command += ["--dim", str(args.extract_rank), "--conv-dim", str(args.extract_rank), "--svd", args.svd]
         done = subprocess.run(
             [sys.executable, "-c", _CHILD, *command, "--out", str(out)], capture_output=True, text=True, check=False
         )

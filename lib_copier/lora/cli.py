@@ -88,6 +88,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--clamp-quantile", "--clamp_quantile", type=float, default=0.99)
     p.add_argument("--min-diff", "--min_diff", type=float, default=0.01, help="drop text encoders that differ less")
     p.add_argument("--device", default="cpu", help="where the SVDs run (cpu, cuda)")
+    p.add_argument(
+        "--svd",
+        default="lowrank",
+        choices=("lowrank", "exact"),
+        help="lowrank (default): a randomized SVD for the large modules, seconds instead of minutes; exact: a full "
+        "SVD of every module, as kohya",
+    )
     _output(p)
     p.set_defaults(func=run_extract)
 
@@ -257,7 +264,7 @@ def run_extract(args: argparse.Namespace) -> int:
     family = model_family(shapes)
     device = torch.device(args.device)
     targets = lora_targets(shapes, family, conv=args.conv_rank is not None)
-    modules, text = extract(
+    modules, text, kept = extract(
         lambda name: original.get(name).to(device),
         lambda name: tuned.get(name).to(device),
         targets,
@@ -266,9 +273,15 @@ def run_extract(args: argparse.Namespace) -> int:
         args.clamp_quantile,
         args.min_diff,
         _tqdm("extracting"),
+        randomized=args.svd == "lowrank",
     )
     if not text:
         print(f"text encoders differ by at most {args.min_diff}: left out")
+    lowest = min(kept, key=kept.get)
+    print(
+        f"Frobenius norm of the difference kept: mean {sum(kept.values()) / len(kept):.2%}, "
+        f"lowest {kept[lowest]:.2%} ({lowest})"
+    )
     v = tuned.metadata.get("modelspec.prediction_type") == "v"
     comment = f"extracted from {args.tuned.name} - {args.original.name}"
     info = NetworkInfo(

@@ -192,9 +192,14 @@ def extract(
     clamp_quantile: float = 0.99,
     min_diff: float = 0.01,
     progress: Progress | None = None,
-) -> tuple[dict[str, LoRAWeights], bool]:
-    """A LoRA approximating `tuned - original` (weights read by parameter name). Text encoders whose largest
-    absolute difference is at most `min_diff` are left out, as kohya does; returns (modules, text included)."""
+    randomized: bool = True,
+) -> tuple[dict[str, LoRAWeights], bool, dict[str, float]]:
+    """A LoRA approximating `tuned - original` (weights read by parameter name, one module at a time). Text encoders
+    whose largest absolute difference is at most `min_diff` are left out, as kohya does. Returns (modules, text
+    included, the fraction of each module's difference the LoRA keeps: 1 is exact).
+
+    `randomized` takes the large modules' leading singular vectors from a randomized SVD (`truncated_svd`): its
+    directions come within a small fraction of the optimum's error at a small fraction of a full SVD's cost."""
     _check_rank(rank, conv_rank)
     targets = [t for t in targets if not t.conv or conv_rank is not None]
 
@@ -206,7 +211,8 @@ def extract(
     text_targets = [t for t in targets if t.key.startswith("lora_te")]
     text = any(float(difference(t).abs().max()) > min_diff for t in text_targets)
     chosen = [t for t in targets if text or not t.key.startswith("lora_te")]
-    modules = {}
+    modules, kept = {}, {}
     for target in _counted(chosen, progress):
-        modules[target.key] = low_rank(difference(target), _rank_for(target.shape, rank, conv_rank), clamp_quantile)
-    return modules, text
+        target_rank = _rank_for(target.shape, rank, conv_rank)
+        modules[target.key], kept[target.key] = low_rank(difference(target), target_rank, clamp_quantile, randomized)
+    return modules, text, kept

@@ -53,12 +53,33 @@ def join_modules(modules: Mapping[str, LoRAWeights], dtype: torch.dtype | None =
     return tensors
 
 
-def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> LoRAWeights:
-    """Best rank-`rank` factorisation of `delta` (SVD), alpha = rank, as kohya's extract and SVD merge do."""
+OVERSAMPLE = 16  # extra directions the randomized SVD carries past the rank (Halko, Martinsson & Tropp)
+POWER_ITERATIONS = 4  # each sharpens a slowly falling spectrum; two matrix products each, cheap beside an SVD
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int, randomized: bool = False):
+    """U, S, Vh holding at least the leading `rank` singular triplets of `matrix`: an exact SVD, or with `randomized`
+    a seeded `torch.svd_lowrank` where the matrix is large against the rank (else the exact one)."""
+    q = rank + OVERSAMPLE
+    if randomized and q < min(matrix.shape) // 2:
+        with torch.random.fork_rng(devices=[matrix.device] if matrix.is_cuda else []):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(matrix, q=q, niter=POWER_ITERATIONS)
+        return u, s, v.mT
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def low_rank(
+    delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99, randomized: bool = False
+) -> tuple[LoRAWeights, float]:
+    """Best rank-`rank` factorisation of `delta` (SVD), alpha = rank, as kohya's extract and SVD merge do, and the
+    fraction of the delta's Frobenius norm it keeps (before the clamp)."""
     matrix = delta.float().flatten(1)
     rank = max(1, min(rank, delta.shape[0], delta.shape[1]))  # kohya: at most the channel counts
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return from_svd(u, s, vh, rank, tuple(delta.shape), clamp_quantile)
+    u, s, vh = truncated_svd(matrix, rank, randomized)
+    norm = float(matrix.norm())
+    kept = float(s[:rank].norm()) / norm if norm > 0 else 1.0
+    return from_svd(u, s, vh, rank, tuple(delta.shape), clamp_quantile), kept
 
 
 def from_svd(

@@ -8,11 +8,12 @@ memory (plus the file's page cache). The family is read from the keys; a config 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lib_copier.atomic import atomic_write
@@ -30,6 +31,55 @@ FAMILY_MARKERS = (
 )
 
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _Safetensors:
+    """A `.safetensors` file read one tensor at a time with a plain read, not through a memory map.
+
+    `safe_open` maps the whole file, and every page a read touches then counts in the process's RSS for as long as
+    the file is open: going through two SD checkpoints held both in memory. A read leaves only the tensor (the page
+    cache belongs to the system)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > path.stat().st_size - 8:
+                    raise ValueError(f"a header of {length} bytes in a file of {path.stat().st_size}")
+                header = json.loads(f.read(length))
+            self.metadata = header.pop("__metadata__", None) or {}
+            self.entries = {name: (_DTYPES[e["dtype"]], e["shape"], *e["data_offsets"]) for name, e in header.items()}
+        except (struct.error, ValueError, KeyError, TypeError) as exc:
+            raise CopierError(f"checkpoint {path} is not a readable .safetensors file ({exc!r})") from exc
+        self.start = 8 + length
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        data = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            if f.readinto(data) != len(data):
+                raise CopierError(f"checkpoint {self.path} is truncated: {name} is cut off")
+        if not data:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+
 class TensorSource:
     """Keys, metadata and lazily read tensors of a `.safetensors` file or a weights-only `.ckpt`."""
 
@@ -38,14 +88,11 @@ class TensorSource:
         if not path.is_file():
             raise CopierError(f"checkpoint {path} does not exist")
         if path.suffix == ".safetensors":
-            try:
-                self._file = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own error types for a damaged header
-                raise CopierError(f"checkpoint {path} is not a readable .safetensors file ({exc})") from exc
-            self.keys = set(self._file.keys())
-            self.metadata = self._file.metadata() or {}
-            self.get = self._file.get_tensor
-            self._shape = lambda name: tuple(self._file.get_slice(name).get_shape())
+            file = _Safetensors(path)
+            self.keys = set(file.entries)
+            self.metadata = file.metadata
+            self.get = file.get
+            self._shape = lambda name: tuple(file.entries[name][1])
         elif path.suffix in (".ckpt", ".pt", ".pth"):
             try:
                 data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
