@@ -2,7 +2,9 @@
 
 import base64
 import io
+import struct
 import threading
+import zlib
 
 import pytest
 from fastapi import FastAPI
@@ -12,7 +14,8 @@ from lib_copier.errors import CopierError
 from lib_copier.models.configs import TINY
 from lib_copier.models.generate import Txt2Img, generate
 from lib_copier.models.sd_model import build_model
-from lib_copier.webui.api import PREFIX, add_routes, decode_image, train_request
+from lib_copier.recipes.request import decode_image, request_from_json
+from lib_copier.webui.api import PREFIX, add_routes
 from lib_copier.webui.jobs import JobRunner
 from lib_copier.webui.training import train_in_webui
 from tests.a1111_like import A1111Host
@@ -80,11 +83,94 @@ def test_interrupt_stops_a_job_and_keeps_nothing(api, tmp_path):
 def test_images_and_requests_are_checked():
     with pytest.raises(CopierError, match="base64"):
         decode_image("not base64!")
-    with pytest.raises(CopierError, match="could not be read"):
+    with pytest.raises(CopierError, match="not an image"):
         decode_image(base64.b64encode(b"GIF89a broken").decode())
     with pytest.raises(CopierError, match="either"):
-        train_request({"name": "x"})
+        request_from_json({"name": "x"})
     with pytest.raises(CopierError, match="unknown field"):
-        train_request({"image": "", "colour": "red"})
-    request = train_request({"generate": {"prompt": "a red cube", "seed": 3}, "method": "both"})
+        request_from_json({"image": "", "colour": "red"})
+    request = request_from_json(
+        {"generate": {"prompt": "a red cube", "seed": 3}, "method": "both", "effects": ["blur"]}
+    )
     assert request.generate.seed == 3 and request.name == "a-red-cube"
+
+
+def _png(side: int) -> str:
+    """A PNG that is only a header saying side x side: all the checks may read before they refuse it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", b"") + chunk(b"IEND", b"")).decode()
+
+
+GENERATE = {"generate": {"prompt": "a cat"}}
+BAD_TRAIN = [
+    ({**GENERATE, "name": 123}, '"name" must be text'),
+    ({**GENERATE, "overrides": [1, 2]}, '"overrides" must be an object'),
+    ({**GENERATE, "prompt_pool": "abc"}, '"prompt_pool" must be a whole number'),
+    ({**GENERATE, "size": "abc"}, '"size" must be a whole number'),
+    ({**GENERATE, "size": -64}, '"size" is -64; it must be between 64 and 2048'),
+    ({**GENERATE, "size": 100000}, '"size" is 100000'),
+    ({**GENERATE, "grid_steps": -1}, '"grid_steps" is -1'),
+    ({"generate": {"prompt": "a cat", "steps": -3}}, '"generate.steps" is -3'),
+    ({"generate": {"prompt": "a cat", "width": 100000}}, '"generate.width" is 100000'),
+    ({"generate": {"prompt": "a cat", "colour": 1}}, '"generate" has unknown field(s) colour'),
+    ({**GENERATE, "method": "extraction"}, 'method "extraction" needs at least one effect'),
+    ({**GENERATE, "grid_prompts": "a cat"}, '"grid_prompts" must be a list'),
+    ({**GENERATE, "grid_prompts": []}, '"grid_prompts" has 0 items'),
+    ({**GENERATE, "effects": "grayscale"}, '"effects" must be a list'),
+    ({**GENERATE, "overrides": {"steps": "many"}}, "setting steps must be a whole number"),
+    ({**GENERATE, "method": "magic"}, "\"method\" is 'magic'; choose one of copier, extraction, both"),
+    ({"image": _png(15000)}, "refused as a possible decompression bomb"),
+    ({"image": _png(6000)}, "6000x6000 px"),
+    ({"image": "data:image/png;base64,@@@"}, "not valid base64"),
+    ([1, 2], "must be a JSON object"),
+    ("text", "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("payload", "sentence"), BAD_TRAIN, ids=[s[:30] for _, s in BAD_TRAIN])
+def test_every_bad_train_request_is_a_400_sentence_before_any_job(api, payload, sentence):
+    client, runner, _ = api
+    reply = client.post(f"{PREFIX}/train", json=payload)
+    assert reply.status_code == 400, reply.text
+    detail = reply.json()["detail"]
+    assert sentence in detail and "\n" not in detail and len(detail) < 400
+    assert not runner.jobs  # nothing was queued, so nothing reached the training function
+
+
+BAD_TOOLS = [
+    ("resize", {"lora": "absent", "rank": 2, "out": "x"}, "there is no LoRA named 'absent'"),
+    ("resize", {"lora": "base", "rank": 0, "out": "x"}, '"rank" is 0; it must be between 1 and 1024'),
+    ("resize", {"lora": "base", "rank": "8", "out": "x"}, '"rank" must be a whole number'),
+    ("resize", {"lora": "base", "rank": 2, "out": "base"}, "base.safetensors already exists"),
+    ("resize", {"lora": "../base", "rank": 2, "out": "x"}, "\"lora\" '../base' must not contain"),
+    ("resize", {"lora": "base", "rank": 2, "out": "x", "dynamic_method": "sv_fro"}, "go together"),
+    ("merge", {"loras": "base", "out": "x"}, '"loras" must be a list'),
+    ("merge", {"loras": ["base"], "out": "x", "ratios": [1, 2]}, '1 "loras" but 2 "ratios"'),
+    ("merge", {"loras": ["base"], "out": "x", "ratios": ["a"]}, '"ratios" must be a list of numbers'),
+    ("svd-merge", {"loras": ["base"], "out": "x"}, 'needs "rank"'),
+    ("extract", {"original": "a", "tuned": "b", "out": "x", "rank": 4}, "checkpoints are not available"),
+]
+
+
+@pytest.mark.parametrize(("tool", "payload", "sentence"), BAD_TOOLS, ids=[s[:30] for _, _, s in BAD_TOOLS])
+def test_bad_utility_requests_answer_at_once_even_while_a_job_holds_the_lock(api, tmp_path, tool, payload, sentence):
+    client, runner, host = api
+    (tmp_path / "base.safetensors").write_bytes(b"")  # an existing name; it is never read
+    with runner.lock:  # a training is running: a bad request must not wait for it
+        reply = client.post(f"{PREFIX}/lora/{tool}", json=payload)
+    assert reply.status_code == 400 and sentence in reply.json()["detail"], reply.text
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_docs_describe_each_request_with_its_limits(api):
+    client, _, _ = api
+    spec = client.get("/openapi.json").json()
+    train = spec["paths"][f"{PREFIX}/train"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert train["properties"]["size"]["maximum"] == 2048 and train["properties"]["size"]["description"]
+    assert train["properties"]["generate"]["properties"]["steps"]["minimum"] == 1
+    resize = spec["paths"][f"{PREFIX}/lora/resize"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(resize["required"]) == {"lora", "out", "rank"}

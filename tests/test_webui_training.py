@@ -13,9 +13,10 @@ from lib_copier.models.generate import Txt2Img, generate
 from lib_copier.models.sd_model import build_model
 from lib_copier.recipes.grid import HEADER
 from lib_copier.recipes.job import make_effects
+from lib_copier.recipes.request import TrainRequest
 from lib_copier.train.trainer import Cancelled
 from lib_copier.webui.jobs import JobState
-from lib_copier.webui.training import TrainRequest, train_in_webui
+from lib_copier.webui.training import train_in_webui
 from tests.a1111_like import A1111Host
 from tests.conftest import randomize_
 from tests.forge_like import ForgeHost

@@ -53,19 +53,25 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise CopierError(f"image {path} does not exist")
+    return read_image(path, f"image {path}")
+
+
+def read_image(source, what: str = "the image") -> Image.Image:
+    """8-bit RGB from a path or a binary file object; its size is checked from the header before any pixel is
+    decoded, and a header that claims an absurd size is refused as a decompression bomb."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                check_size(image.size, f"image {path}")  # from the header, before any pixel is decoded
+            with Image.open(source) as image:
+                check_size(image.size, what)
                 image.load()
-                return to_rgb(image, f"image {path}")
+                return to_rgb(image, what)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise CopierError(f"image {path} claims {exc}; refused as a possible decompression bomb") from exc
+        raise CopierError(f"{what} claims {exc}; refused as a possible decompression bomb") from exc
     except UnidentifiedImageError as exc:
-        raise CopierError(f"{path} is not an image PIL can read") from exc
+        raise CopierError(f"{what} is not an image PIL can read (PNG, JPEG, WebP ...)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise CopierError(f"image {path} is damaged or truncated ({exc})") from exc
+        raise CopierError(f"{what} is damaged or truncated ({exc})") from exc
 
 
 def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:

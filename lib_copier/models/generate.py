@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lib_copier.models.sampling import Progress, sample
+from lib_copier.fields import setting
+from lib_copier.models.sampling import SAMPLERS, Progress, sample
 from lib_copier.models.sd_model import Conditioning, StableDiffusion
 
 
@@ -33,18 +34,22 @@ def check_size(model: StableDiffusion, height: int, width: int) -> None:
             raise ValueError(f"{name} {value} must be a positive multiple of {multiple} for this model")
 
 
+MAX_SIDE = 2048  # a generated image's largest side: SDXL's native 1024 twice over
+MAX_STEPS = 150
+
+
 @dataclass(frozen=True)
 class Txt2Img:
     """One text-to-image request; width/height None mean the model's native resolution."""
 
-    prompt: str
-    negative: str = ""
-    seed: int = 0
-    steps: int = 20
-    cfg: float = 7.0
-    width: int | None = None
-    height: int | None = None
-    sampler: str = "euler"
+    prompt: str = setting(help="what to draw", hi=10_000)
+    negative: str = setting("", "what not to draw", hi=10_000)
+    seed: int = setting(0, "noise seed", 0, 2**32 - 1)
+    steps: int = setting(20, "sampling steps", 1, MAX_STEPS)
+    cfg: float = setting(7.0, "classifier-free guidance scale", 0.0, 30.0)
+    width: int | None = setting(None, "image width in pixels (default: the model's native side)", 64, MAX_SIDE)
+    height: int | None = setting(None, "image height in pixels (default: the model's native side)", 64, MAX_SIDE)
+    sampler: str = setting("euler", "sampler", choices=SAMPLERS)
 
 
 def _batch_key(request: Txt2Img) -> tuple:

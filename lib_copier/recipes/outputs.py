@@ -21,15 +21,15 @@ SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # the sidecar's "sd v
 _ALLOWED = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+\-()\[\]]*")
 
 
-def check_name(name: str) -> str:
-    """A file stem that stays inside the output folder, or a CopierError saying what is wrong with it."""
-    if not name or not name.strip():
-        raise CopierError("the output name is empty")
+def check_name(name: str, what: str = "the output name") -> str:
+    """A file stem that stays inside its folder, or a CopierError saying what is wrong with it."""
+    if not isinstance(name, str) or not name.strip():
+        raise CopierError(f"{what} is empty")
     if "/" in name or "\\" in name or ".." in name:
-        raise CopierError(f"the output name {name!r} must not contain path separators or '..'")
+        raise CopierError(f"{what} {name!r} must not contain path separators or '..'")
     if not _ALLOWED.fullmatch(name) or len(name) > 120:
         raise CopierError(
-            f"the output name {name!r} may use letters, digits, spaces and . _ + - ( ) [ ], "
+            f"{what} {name!r} may use letters, digits, spaces and . _ + - ( ) [ ], "
             "start with a letter or digit, and be at most 120 characters"
         )
     return name

@@ -7,45 +7,42 @@ API are all built from this one place and validated by `validate`.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lib_copier.errors import CopierError
+from lib_copier.fields import check, setting
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion")
 SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16", "fp16")
 
 
-def _f(default, help: str, lo=None, hi=None, choices=None):
-    return field(default=default, metadata={"help": help, "min": lo, "max": hi, "choices": choices})
-
-
 @dataclass(frozen=True)
 class TrainConfig:
-    rank: int = _f(16, "LoRA rank (network_dim) of linear layers and 1x1 convolutions", 1, 1024)
-    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / rank", 0.0, 1024.0)
-    conv_rank: int = _f(0, "rank of 3x3 convolutions; 0 leaves them out", 0, 1024)
-    conv_alpha: float = _f(0.0, "alpha of 3x3 convolutions; 0 means equal to conv_rank", 0.0, 1024.0)
-    steps: int = _f(500, "optimisation steps", 1, 100_000)
-    lr: float = _f(1e-3, "UNet learning rate", 0.0, 1.0)
-    train_text_encoder: bool = _f(False, "also train LoRA on the text encoder(s)")
-    text_lr: float = _f(5e-5, "text encoder learning rate", 0.0, 1.0)
-    optimizer: str = _f("adamw", "adamw (torch), adamw8bit (bitsandbytes), lion (lion-pytorch)", choices=OPTIMIZERS)
-    weight_decay: float = _f(0.01, "AdamW/Lion weight decay", 0.0, 1.0)
-    scheduler: str = _f("cosine", "learning-rate schedule after warm-up", choices=SCHEDULERS)
-    warmup_steps: int = _f(0, "linear warm-up steps", 0, 100_000)
-    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 turns clipping off", 0.0, 1000.0)
-    batch_size: int = _f(1, "images per step (the one image repeated)", 1, 64)
-    flip: bool = _f(False, "randomly mirror the image left-right")
-    timestep_min: int = _f(0, "lowest training timestep", 0, 999)
-    timestep_max: int = _f(1000, "highest training timestep, exclusive", 1, 1000)
-    min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma; 0 turns it off", 0.0, 100.0)
-    noise_offset: float = _f(0.0, "per-channel constant noise added to the training noise", 0.0, 1.0)
-    mixed_precision: str = _f("bf16", "autocast dtype on CUDA (the CPU always computes in fp32)", choices=PRECISIONS)
-    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory, slower")
-    seed: int = _f(0, "seed of the LoRA initialisation, the noise and the timesteps", 0, 2**31 - 1)
-    preview_every: int = _f(0, "sample a preview every N steps; 0 turns previews off", 0, 100_000)
-    save_on_cancel: bool = _f(False, "an interrupted run keeps what it has trained so far")
+    rank: int = setting(16, "LoRA rank (network_dim) of linear layers and 1x1 convolutions", 1, 1024)
+    alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / rank", 0.0, 1024.0)
+    conv_rank: int = setting(0, "rank of 3x3 convolutions; 0 leaves them out", 0, 1024)
+    conv_alpha: float = setting(0.0, "alpha of 3x3 convolutions; 0 means equal to conv_rank", 0.0, 1024.0)
+    steps: int = setting(500, "optimisation steps", 1, 100_000)
+    lr: float = setting(1e-3, "UNet learning rate", 0.0, 1.0)
+    train_text_encoder: bool = setting(False, "also train LoRA on the text encoder(s)")
+    text_lr: float = setting(5e-5, "text encoder learning rate", 0.0, 1.0)
+    optimizer: str = setting("adamw", "adamw (torch), adamw8bit (bitsandbytes), lion", choices=OPTIMIZERS)
+    weight_decay: float = setting(0.01, "AdamW/Lion weight decay", 0.0, 1.0)
+    scheduler: str = setting("cosine", "learning-rate schedule after warm-up", choices=SCHEDULERS)
+    warmup_steps: int = setting(0, "linear warm-up steps", 0, 100_000)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm; 0 turns clipping off", 0.0, 1000.0)
+    batch_size: int = setting(1, "images per step (the one image repeated)", 1, 64)
+    flip: bool = setting(False, "randomly mirror the image left-right")
+    timestep_min: int = setting(0, "lowest training timestep", 0, 999)
+    timestep_max: int = setting(1000, "highest training timestep, exclusive", 1, 1000)
+    min_snr_gamma: float = setting(0.0, "Min-SNR loss weighting gamma; 0 turns it off", 0.0, 100.0)
+    noise_offset: float = setting(0.0, "per-channel constant noise added to the training noise", 0.0, 1.0)
+    mixed_precision: str = setting("bf16", "autocast dtype on CUDA (the CPU computes in fp32)", choices=PRECISIONS)
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, slower")
+    seed: int = setting(0, "seed of the LoRA initialisation, the noise and the timesteps", 0, 2**31 - 1)
+    preview_every: int = setting(0, "sample a preview every N steps; 0 turns previews off", 0, 100_000)
+    save_on_cancel: bool = setting(False, "an interrupted run keeps what it has trained so far")
 
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -66,17 +63,7 @@ def field_info() -> dict[str, dict]:
 
 def validate(config: TrainConfig) -> TrainConfig:
     """The config itself, or a CopierError naming the first setting out of range."""
-    for name, meta in field_info().items():
-        value = getattr(config, name)
-        kind = meta["type"]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise CopierError(f"setting {name} must be {kind.__name__}, not {value!r}")
-        if meta["choices"] and value not in meta["choices"]:
-            raise CopierError(f"setting {name} is {value!r}; choose one of {', '.join(meta['choices'])}")
-        if meta["min"] is not None and not meta["min"] <= value <= meta["max"]:
-            raise CopierError(f"setting {name} is {value}; it must be between {meta['min']} and {meta['max']}")
+    check(config, lambda name: f"setting {name}")
     if config.timestep_min >= config.timestep_max:
         raise CopierError(f"timestep_min ({config.timestep_min}) must be below timestep_max ({config.timestep_max})")
     return config

@@ -97,20 +97,21 @@ def on_ui_tabs():
 
     from lib_copier.webui import gallery
     from lib_copier.webui.host import current_host
-    from lib_copier.webui.lora_tools import run_tool
+    from lib_copier.webui.lora_tools import check_tool, run_checked
     from lib_copier.webui.tab import Hooks, build_tab
 
     def paste(button, text):
         binding = infotext_utils.ParamBinding(paste_button=button, tabname="txt2img", source_text_component=text)
         infotext_utils.register_paste_params_button(binding)
 
-    def tool(name: str, body: dict) -> dict:
-        return run_tool(name, body, Path(lora_dir()), checkpoint_file, checkpoint_dir())
+    def tool(name: str, body: dict) -> dict:  # checked before it waits for the WebUI's queue
+        checked = check_tool(name, body, Path(lora_dir()), checkpoint_file, checkpoint_dir())
+        return call_queue.wrap_queued_call(run_checked)(checked)
 
     hooks = Hooks(
         run=run,
         generate=call_queue.wrap_queued_call(lambda request: current_host().txt2img(request)),
-        run_tool=call_queue.wrap_queued_call(tool),
+        run_tool=tool,
         loras=lambda: sorted(p.stem for p in Path(lora_dir()).glob("*.safetensors")),
         checkpoints=lambda: list(sd_models.checkpoint_tiles()),
         open_gallery_item=infotext_utils.image_from_url_text,

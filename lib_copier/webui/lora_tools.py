@@ -1,7 +1,9 @@
 """Merge, SVD-merge, resize and extract over the files in the WebUI's folders, for the Utilities tab and the API.
 
-Requests name files, not paths: LoRAs in the LoRA folder, checkpoints among the WebUI's checkpoints. They are run
-through the very command line `python -m lib_copier lora …`, so the checks and results are the same as there.
+Requests name files, not paths: LoRAs in the LoRA folder, checkpoints among the WebUI's checkpoints. Each tool has
+one typed request (`REQUESTS`); `check_tool` checks it completely, names and files included, before any lock is
+taken, and `run_checked` runs it through the very command line `python -m lib_copier lora …`, so the numbers and
+files are the same as there.
 """
 
 from __future__ import annotations
@@ -9,78 +11,131 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from lib_copier.errors import CopierError
+from lib_copier.fields import from_json, quoted, setting
+from lib_copier.lora.ops import DYNAMIC_METHODS
 from lib_copier.recipes.outputs import check_name
 
-TOOLS = ("merge", "svd-merge", "resize", "extract")
-_OPTIONS = {  # JSON field → command-line option, per tool
-    "merge": ("ratios", "precision"),
-    "svd-merge": ("ratios", "rank", "conv_rank", "precision"),
-    "resize": ("rank", "conv_rank", "dynamic_method", "dynamic_param", "precision"),
-    "extract": ("rank", "conv_rank", "precision"),
-}
+PRECISIONS = ("fp32", "fp16", "bf16")
+_OUT = "name of the file to write, without .safetensors"
+_LORAS = "LoRA names in the LoRA folder, without .safetensors"
+_RATIOS = "one per LoRA (default 1 each); a negative ratio subtracts"
+_RANK = "rank of linear layers and 1x1 convolutions"
+_CONV = "rank of 3x3 convolutions (none: they are left as they are, or out)"
+_PRECISION = "save precision"
+
+
+@dataclass
+class Merge:
+    loras: list[str] = setting(help=_LORAS, lo=1, hi=32)
+    out: str = setting(help=_OUT)
+    ratios: list[float] | None = setting(None, _RATIOS)
+    checkpoint: str | None = setting(
+        None, "merge into this checkpoint instead; writes a model to the checkpoint folder"
+    )
+    precision: str = setting("fp32", _PRECISION, choices=PRECISIONS)
+
+
+@dataclass
+class SvdMerge:
+    loras: list[str] = setting(help=_LORAS, lo=1, hi=32)
+    out: str = setting(help=_OUT)
+    rank: int = setting(help=_RANK, lo=1, hi=1024)
+    ratios: list[float] | None = setting(None, _RATIOS)
+    conv_rank: int | None = setting(None, _CONV, 1, 1024)
+    precision: str = setting("fp32", _PRECISION, choices=PRECISIONS)
+
+
+@dataclass
+class Resize:
+    lora: str = setting(help="the LoRA to resize, by name")
+    out: str = setting(help=_OUT)
+    rank: int = setting(help="new rank (the most, with dynamic_method)", lo=1, hi=1024)
+    conv_rank: int | None = setting(None, _CONV, 1, 1024)
+    dynamic_method: str | None = setting(None, "pick each module's rank by its spectrum", choices=DYNAMIC_METHODS)
+    dynamic_param: float | None = setting(None, "the dynamic method's threshold", 0.0, 1e6)
+    precision: str = setting("fp32", _PRECISION, choices=PRECISIONS)
+
+
+@dataclass
+class Extract:
+    original: str = setting(help="the base checkpoint, by name")
+    tuned: str = setting(help="the fine-tuned checkpoint, by name")
+    out: str = setting(help=_OUT)
+    rank: int = setting(help=_RANK, lo=1, hi=1024)
+    conv_rank: int | None = setting(None, _CONV, 1, 1024)
+    precision: str = setting("fp32", _PRECISION, choices=PRECISIONS)
+
+
+REQUESTS = {"merge": Merge, "svd-merge": SvdMerge, "resize": Resize, "extract": Extract}
+TOOLS = tuple(REQUESTS)
 _FLAGS = {"rank": "--new-rank", "conv_rank": "--new-conv-rank"}
 _EXTRACT_FLAGS = {"rank": "--dim", "conv_rank": "--conv-dim"}
 
 
-def lora_file(folder: Path, name: str) -> Path:
-    path = folder / f"{check_name(name)}.safetensors"
+@dataclass
+class CheckedTool:
+    argv: list[str]
+    path: Path
+
+
+def lora_file(folder: Path, name: str, field: str = "loras") -> Path:
+    path = folder / f"{check_name(name, quoted(field))}.safetensors"
     if not path.is_file():
         raise CopierError(f"there is no LoRA named {name!r} in {folder}")
     return path
 
 
-def run_tool(
-    tool: str, body: dict, lora_dir: Path, checkpoint: Callable[[str], Path] | None = None, checkpoint_dir=None
-) -> dict:
-    """Run one tool; returns {"path": the file written, "log": what the tool printed}."""
-    if tool not in TOOLS:
+def check_tool(
+    tool: str, body, lora_dir: Path, checkpoint: Callable[[str], Path] | None = None, checkpoint_dir=None
+) -> CheckedTool:
+    """The request of one tool, checked through to its files, as the command line it runs; nothing is locked."""
+    if tool not in REQUESTS:
         raise CopierError(f"unknown tool {tool!r}; choose one of {', '.join(TOOLS)}")
-    allowed = {"out", "loras", "lora", "original", "tuned", "checkpoint", *_OPTIONS[tool]}
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise CopierError(f"{tool} takes {', '.join(sorted(allowed))}; not {', '.join(unknown)}")
-    if "out" not in body:
-        raise CopierError(f'{tool} needs "out", the name of the file to write')
-    into_checkpoint = tool == "merge" and body.get("checkpoint")
-    out_folder = Path(checkpoint_dir) if into_checkpoint else lora_dir
-    out = out_folder / f"{check_name(body['out'])}.safetensors"
+    request = from_json(REQUESTS[tool], body, what=f"a {tool} request")
+    into_checkpoint = isinstance(request, Merge) and request.checkpoint
+    folder = Path(checkpoint_dir) if into_checkpoint else lora_dir
+    out = folder / f"{check_name(request.out, quoted('out'))}.safetensors"
+    if out.exists():
+        raise CopierError(f'{out.name} already exists in {folder}; choose another "out"')
     argv = ["lora", tool]
-    if tool in ("merge", "svd-merge"):
-        argv += [str(lora_file(lora_dir, n)) for n in body.get("loras", [])] or _missing(tool, "loras")
-    elif tool == "resize":
-        argv.append(str(lora_file(lora_dir, body.get("lora") or _missing(tool, "lora"))))
-    if tool == "extract" or into_checkpoint:
+    if isinstance(request, Merge | SvdMerge):
+        argv += [str(lora_file(lora_dir, name)) for name in request.loras]
+        if request.ratios is not None and len(request.ratios) != len(request.loras):
+            raise CopierError(f'{len(request.loras)} "loras" but {len(request.ratios)} "ratios"; give one per LoRA')
+    if isinstance(request, Resize):
+        argv.append(str(lora_file(lora_dir, request.lora, "lora")))
+        if (request.dynamic_method is None) != (request.dynamic_param is None):
+            raise CopierError('"dynamic_method" and "dynamic_param" go together: give both or neither')
+    if isinstance(request, Extract) or into_checkpoint:
         if checkpoint is None:
             raise CopierError("checkpoints are not available here")
-        names = ["original", "tuned"] if tool == "extract" else ["checkpoint"]
-        paths = [str(checkpoint(body.get(n) or _missing(tool, n))) for n in names]
-        argv += paths if tool == "extract" else ["--model", paths[0]]
-    flags = _EXTRACT_FLAGS if tool == "extract" else _FLAGS
-    for field in _OPTIONS[tool]:
-        value = body.get(field)
-        if value is None:
+        if isinstance(request, Extract):
+            argv += [str(checkpoint(request.original)), str(checkpoint(request.tuned))]
+        else:
+            argv += ["--model", str(checkpoint(request.checkpoint))]
+    flags = _EXTRACT_FLAGS if isinstance(request, Extract) else _FLAGS
+    for field, value in vars(request).items():
+        if value is None or field in ("loras", "lora", "original", "tuned", "checkpoint", "out"):
             continue
         option = flags.get(field, "--" + field.replace("_", "-"))
         argv += [option, *map(str, value)] if isinstance(value, list) else [option, str(value)]
-    argv += ["--out", str(out)]
-    return {"path": str(out), "log": _run(argv)}
+    return CheckedTool([*argv, "--out", str(out)], out)
 
 
-def _missing(tool: str, field: str):
-    raise CopierError(f'{tool} needs "{field}"')
-
-
-def _run(argv: list[str]) -> str:
+def run_checked(checked: CheckedTool) -> dict:
+    """Run a checked tool; returns {"path": the file written, "log": what the tool printed}."""
     from lib_copier.cli import build_parser
 
-    output, errors = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(errors):
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit as exc:
-            raise CopierError(errors.getvalue().strip().splitlines()[-1]) from exc
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(io.StringIO()):
+        args = build_parser().parse_args(checked.argv)
         args.func(args)
-    return output.getvalue().strip()
+    return {"path": str(checked.path), "log": output.getvalue().strip()}
+
+
+def run_tool(tool: str, body, lora_dir: Path, checkpoint=None, checkpoint_dir=None) -> dict:
+    return run_checked(check_tool(tool, body, lora_dir, checkpoint, checkpoint_dir))

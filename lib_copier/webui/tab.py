@@ -22,10 +22,10 @@ from lib_copier.errors import CopierError
 from lib_copier.models.cli import slug
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.job import METHODS, RECIPE_PRESETS, make_effects
+from lib_copier.recipes.request import DEFAULT_GRID_PROMPTS, TrainRequest
 from lib_copier.train.config import field_info, make_config
 from lib_copier.webui.infotext import Infotext, build_infotext, image_infotext, with_lora
 from lib_copier.webui.jobs import JobState
-from lib_copier.webui.training import DEFAULT_GRID_PROMPTS, TrainRequest
 from lib_copier.webui.utilities_tab import build_utilities
 
 

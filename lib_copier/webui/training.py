@@ -9,7 +9,6 @@ to the host's progress bar; the WebUI's Interrupt button and the job's own inter
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -21,14 +20,12 @@ from lib_copier.backends.webui import Host
 from lib_copier.errors import CopierError
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.grid import Render, strength_grid
-from lib_copier.recipes.job import Effect, Job, Result, fit_image, run_job
-from lib_copier.recipes.outputs import check_name
-from lib_copier.recipes.prompts import GRID_PROMPTS, prompt_pool
+from lib_copier.recipes.job import Job, Result, fit_image, run_job
+from lib_copier.recipes.prompts import prompt_pool
+from lib_copier.recipes.request import TrainRequest, check_request
 from lib_copier.train.trainer import Callbacks, Progress
 from lib_copier.webui.infotext import with_lora
 from lib_copier.webui.jobs import JobState
-
-DEFAULT_GRID_PROMPTS = GRID_PROMPTS[:2]
 
 
 class WebUIHost(Host, Protocol):
@@ -52,26 +49,8 @@ class WebUIHost(Host, Protocol):
     def show_preview(self, image: Image.Image) -> None: ...
 
 
-@dataclass
-class TrainRequest:
-    image: Image.Image | None  # None: `generate` draws it with the host first
-    name: str
-    generate: Txt2Img | None = None
-    effects: list[Effect] = field(default_factory=list)
-    method: str = "copier"
-    preset: str = "quick"
-    overrides: dict = field(default_factory=dict)
-    caption: str = ""
-    prompt_pool: int = 32
-    size: int | None = None  # the side the image is trained at (about size² pixels); None: the model's native
-    grid_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_GRID_PROMPTS))
-    grid_steps: int = 20
-    grid_seed: int = 0
-    save_on_interrupt: bool = False
-
-
 def train_in_webui(request: TrainRequest, host: WebUIHost, out_dir: Path, state: JobState) -> list[dict]:
-    check_name(request.name)
+    check_request(request)
     with host.prepared():
         backend = host.backend()
         side = request.size or backend.resolution

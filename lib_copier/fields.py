@@ -1,0 +1,177 @@
+"""Typed requests and settings: dataclass fields that carry their help, range and choices, checked in one place.
+
+A field declared with `setting(...)` says what it is; `check` enforces types, ranges and choices with one sentence
+naming the field; `from_json` reads a JSON object into the dataclass with JSON's own types checked first (a string
+where a list belongs is an error, not a list of letters), converting the fields that say how (`decode`); and
+`json_schema` describes the fields for an API's /docs. The trainer's settings, the training request and the txt2img
+request are all declared this way, so the tab, the API and the CLI get the same checks and sentences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping
+from functools import cache
+
+from lib_copier.errors import CopierError
+
+Name = Callable[[str], str]  # how a sentence names a field: "setting rank", '"size"', "--size"
+
+
+def setting(
+    default=dataclasses.MISSING,
+    help: str = "",
+    lo=None,
+    hi=None,
+    choices=None,
+    *,
+    factory=dataclasses.MISSING,
+    decode: Callable | None = None,
+    json_type: type | None = None,
+):
+    """A dataclass field with its help and limits. `lo`/`hi` bound a number, or a list's or text's length.
+
+    `decode` turns the field's JSON value (of `json_type`, checked first) into the field's type, e.g. base64 into an
+    image; fields without it take JSON values of their own type."""
+    metadata = {"help": help, "min": lo, "max": hi, "choices": choices, "decode": decode, "json_type": json_type}
+    return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
+
+
+def quoted(name: str) -> str:
+    return f'"{name}"'
+
+
+@cache
+def _hints(cls) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _kind(hint) -> tuple[object, bool]:
+    """(the type without None, whether None is allowed)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else object), True  # several types besides None: checked by a decoder
+    return hint, False
+
+
+_WORDS = {
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+    str: "text",
+    list: "a list",
+    dict: "an object",
+}
+
+_ITEMS = {int: "whole numbers", float: "numbers", bool: "true/false values", str: "strings"}
+
+
+def _is(value, kind) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_type(label: str, value, hint) -> None:
+    kind, optional = _kind(hint)
+    if value is None:
+        if not optional:
+            raise CopierError(f"{label} is required")
+        return
+    origin = typing.get_origin(kind) or kind
+    if origin in _WORDS and not _is(value, origin):
+        raise CopierError(f"{label} must be {_WORDS[origin]}, not {value!r}"[:300])
+    if origin is list:
+        (item,) = typing.get_args(kind) or (object,)
+        if item in _ITEMS and not all(_is(v, item) for v in value):
+            raise CopierError(f"{label} must be a list of {_ITEMS[item]}, not {value!r}"[:300])
+
+
+def _check_limits(label: str, value, meta: Mapping) -> None:
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise CopierError(f"{label} is {value!r}; choose one of {', '.join(map(str, meta['choices']))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is None and hi is None:
+        return
+    size = len(value) if isinstance(value, list | str) else value
+    if (lo is not None and size < lo) or (hi is not None and size > hi):
+        if isinstance(value, list | str):
+            what = "items" if isinstance(value, list) else "characters"
+            raise CopierError(f"{label} has {size} {what}; it must have between {lo} and {hi}")
+        raise CopierError(f"{label} is {value}; it must be between {lo} and {hi}")
+
+
+def check(obj, name: Name = quoted):
+    """`obj` itself, or a CopierError naming its first field of the wrong type or out of its limits."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("decode") is None:
+            _check_type(name(f.name), value, _hints(type(obj))[f.name])
+        _check_limits(name(f.name), value, f.metadata)
+        if dataclasses.is_dataclass(value):
+            check(value, lambda inner, outer=f.name: name(f"{outer}.{inner}"))
+    return obj
+
+
+def from_json(cls, body, name: Name = quoted, what: str = "the request"):
+    """An instance of dataclass `cls` from a JSON object, checked completely (`check`)."""
+    if not isinstance(body, dict):
+        raise CopierError(f"{what} must be a JSON object, not {type(body).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise CopierError(f"{what} has unknown field(s) {', '.join(unknown)}; its fields are {', '.join(fields)}")
+    values = {}
+    for key, raw in body.items():
+        f, hint = fields[key], _hints(cls)[key]
+        decode = f.metadata.get("decode")
+        kind, optional = _kind(hint)
+        if decode is not None:
+            _check_type(name(key), raw, f.metadata["json_type"] | None if optional else f.metadata["json_type"])
+            values[key] = None if raw is None else decode(raw)
+        elif dataclasses.is_dataclass(kind) and raw is not None:
+            values[key] = from_json(kind, raw, lambda inner, outer=key: name(f"{outer}.{inner}"), name(key))
+        else:
+            _check_type(name(key), raw, hint)
+            values[key] = float(raw) if kind is float and raw is not None else raw
+    required = [k for k, f in fields.items() if f.default is f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise CopierError(f"{what} needs {name(missing[0])}")
+    return check(cls(**values), name)
+
+
+def json_schema(cls) -> dict:
+    """A JSON Schema of dataclass `cls`'s JSON form, with each field's help and limits."""
+    names = {int: "integer", float: "number", bool: "boolean", str: "string", list: "array", dict: "object"}
+    properties, required = {}, []
+    for f in dataclasses.fields(cls):
+        kind, _ = _kind(_hints(cls)[f.name])
+        meta = f.metadata
+        if dataclasses.is_dataclass(kind):
+            entry = json_schema(kind)
+        else:
+            json_kind = meta.get("json_type") or typing.get_origin(kind) or kind
+            entry = {"type": names[json_kind]} if json_kind in names else {}
+        if meta.get("help"):
+            entry["description"] = meta["help"]
+        if meta.get("choices"):
+            entry["enum"] = list(meta["choices"])
+        bounds = {"array": ("minItems", "maxItems"), "string": ("minLength", "maxLength")}
+        bounds = bounds.get(entry.get("type"), ("minimum", "maximum"))
+        for bound, value in zip(bounds, (meta.get("min"), meta.get("max")), strict=True):
+            if value is not None:
+                entry[bound] = value
+        if f.default is not dataclasses.MISSING and isinstance(f.default, int | float | str | bool):
+            entry["default"] = f.default
+        if f.default is f.default_factory is dataclasses.MISSING:
+            required.append(f.name)
+        properties[f.name] = entry
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}

@@ -1,0 +1,106 @@
+"""One training request, as the tab, the HTTP API and the gallery button make it, checked completely before any work.
+
+Every field carries its help and limits (`lib_copier.fields`); `check_request` adds the rules between fields. The
+API reads the same type from JSON (`request_from_json`), so its /docs schema, its checks and the tab's are one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+from dataclasses import dataclass
+
+from PIL import Image
+
+from lib_copier.effects.image_io import read_image
+from lib_copier.errors import CopierError
+from lib_copier.fields import check as check_fields
+from lib_copier.fields import from_json, quoted, setting
+from lib_copier.models.cli import slug
+from lib_copier.models.generate import MAX_STEPS, Txt2Img
+from lib_copier.recipes.job import METHODS, Effect, make_effects
+from lib_copier.recipes.outputs import check_name
+from lib_copier.recipes.prompts import GRID_PROMPTS
+from lib_copier.train.config import PRESETS, make_config
+
+DEFAULT_GRID_PROMPTS = GRID_PROMPTS[:2]
+MAX_IMAGE_BYTES = 64 * 2**20  # of base64 text: a 4096-px PNG fits several times over
+
+
+def decode_image(data: str) -> Image.Image:
+    """A base64 image (a `data:image/...;base64,` prefix allowed) → RGB, or one sentence saying what is wrong."""
+    if len(data) > MAX_IMAGE_BYTES:
+        raise CopierError(f'"image" is {len(data) // 2**20} MB of base64; the most allowed is 64 MB')
+    try:
+        raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise CopierError('"image" is not valid base64') from exc
+    return read_image(io.BytesIO(raw), '"image"')
+
+
+def parse_effects(specs: list) -> list[Effect]:
+    """Effect chains as strings like "outline:thickness=3+grayscale" or lists of steps."""
+    chains = []
+    for spec in specs:
+        if isinstance(spec, str):
+            chains.append(spec.split("+"))
+        elif isinstance(spec, list) and spec and all(isinstance(s, str) for s in spec):
+            chains.append(spec)
+        else:
+            raise CopierError(f'each of "effects" is a string like "outline:thickness=3+grayscale", not {spec!r}')
+    return make_effects(chains)
+
+
+@dataclass
+class TrainRequest:
+    image: Image.Image | None = setting(
+        None,
+        "the original image, base64 PNG, JPEG or WebP (a data: URL is fine); or give generate",
+        decode=decode_image,
+        json_type=str,
+    )
+    name: str = setting("", "output name; the files are <name>-copier, <name>-<effect> ... (default: from the prompt)")
+    generate: Txt2Img | None = setting(None, "draw the original with the loaded model instead of giving image")
+    effects: list[Effect] = setting(
+        factory=list,
+        help='effect chains, e.g. ["grayscale", "outline:thickness=3+posterize:levels=4"]; one LoRA per chain',
+        hi=16,
+        decode=parse_effects,
+        json_type=list,
+    )
+    method: str = setting("copier", "copier, extraction (needs an effect) or both", choices=METHODS)
+    preset: str = setting("quick", "trainer preset", choices=tuple(PRESETS))
+    overrides: dict = setting(factory=dict, help='trainer settings over the preset, e.g. {"steps": 200}')
+    caption: str = setting("", "training caption", hi=10_000)
+    prompt_pool: int = setting(32, "varied prompts mixed with the caption; 0: the caption only", 0, 1024)
+    size: int | None = setting(None, "the side the image is trained at, about size² pixels (default: native)", 64, 2048)
+    grid_prompts: list[str] = setting(
+        factory=lambda: list(DEFAULT_GRID_PROMPTS), help="one strength-grid row per prompt", lo=1, hi=8
+    )
+    grid_steps: int = setting(20, "sampling steps of each grid image", 1, MAX_STEPS)
+    grid_seed: int = setting(0, "seed of the grid images", 0, 2**32 - 1)
+    save_on_interrupt: bool = setting(False, "an interrupted run keeps what it trained so far")
+
+
+def check_request(request: TrainRequest) -> TrainRequest:
+    """The request itself, or one sentence naming what is wrong: field types and limits, then the rules between
+    fields. Nothing here touches a model, a file or a lock."""
+    check_fields(request, quoted)
+    if (request.image is None) == (request.generate is None):
+        raise CopierError('give either "image" or "generate", not both or neither')
+    check_name(request.name)
+    if request.method != "copier" and not request.effects:
+        raise CopierError(f'method "{request.method}" needs at least one effect in "effects"')
+    make_config(request.preset, **request.overrides)  # unknown settings and out-of-range values
+    return request
+
+
+def request_from_json(body, default_name: str = "copier") -> TrainRequest:
+    """POST /train's JSON → a checked request; the name defaults to one made from the prompt."""
+    request = from_json(TrainRequest, body)
+    if not request.name:
+        prompt = request.generate.prompt if request.generate else ""
+        request = dataclasses.replace(request, name=slug(prompt, 30) or default_name)
+    return check_request(request)
