@@ -92,3 +92,29 @@ def test_only_the_newest_finished_jobs_are_kept():
     runner = JobRunner(threading.Lock(), keep=3)
     ids = [runner.wait(runner.submit(fake_training(1)).id, 10).id for _ in range(5)]
     assert set(runner.jobs) == set(ids[-3:])
+
+
+def test_queued_jobs_say_their_place_and_an_interrupted_one_says_so_at_once():
+    lock = RecordingLock()
+    runner = JobRunner(lock)
+    with lock:  # a generation holds the WebUI's queue
+        first, second = runner.submit(fake_training(1)), runner.submit(fake_training(1))
+        assert runner.describe(first.id)["queue_position"] == 0
+        assert runner.describe(second.id)["queue_position"] == 1
+        runner.interrupt(first.id)
+        assert runner.describe(first.id)["status"] == "interrupted"  # before the lock is free
+        assert runner.describe(second.id)["queue_position"] == 0
+    assert runner.wait(second.id, timeout=10).status == "done"
+    assert runner.wait(first.id, timeout=10).status == "interrupted" and first.results == []
+    assert "queue_position" not in runner.describe(second.id)
+
+
+def test_a_failed_job_says_so_on_the_console(capsys):
+    runner = JobRunner(threading.Lock())
+
+    def broken(state):
+        raise RuntimeError("the GPU fell off")
+
+    runner.wait(runner.submit(broken).id, timeout=10)
+    err = capsys.readouterr().err
+    assert "Copier LoRA: job" in err and "failed: RuntimeError: the GPU fell off" in err and "Traceback" in err

@@ -73,7 +73,7 @@ def add_routes(
 
     def job(job_id: str):
         try:
-            return runner.get(job_id).as_dict()
+            return runner.describe(job_id)
         except CopierError as exc:
             raise HTTPException(404, str(exc)) from exc
 

@@ -6,8 +6,10 @@ Plain Python: the WebUI passes its `modules.call_queue.queue_lock`; tests pass a
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -50,6 +52,12 @@ class JobState:
         keys = ("id", "status", "stage", "step", "total", "loss", "eta", "started", "finished", "results", "error")
         return {key: getattr(self, key) for key in keys}
 
+    def log_failure(self, exc: BaseException) -> None:
+        """A failed job says so on the WebUI's console too; an unexpected error with its traceback."""
+        print(f"Copier LoRA: job {self.id} failed: {self.error}", file=sys.stderr)
+        if not isinstance(exc, CopierError):
+            traceback.print_exception(exc, file=sys.stderr)
+
 
 Work = Callable[[JobState], list[dict]]
 
@@ -59,6 +67,7 @@ class JobRunner:
         self.lock, self.keep = lock, keep
         self.jobs: dict[str, JobState] = {}
         self.threads: dict[str, threading.Thread] = {}
+        self._status = threading.Lock()  # a job's status moves out of "queued" once, by interrupt or by start
 
     def submit(self, work: Work) -> JobState:
         """Start `work(state)` in the background; it returns the results to publish."""
@@ -75,9 +84,21 @@ class JobRunner:
             raise CopierError(f"there is no job {job_id!r}")
         return self.jobs[job_id]
 
+    def describe(self, job_id: str) -> dict:
+        """The job as GET /jobs/{id} shows it; a queued job also says how many of our jobs are ahead of it."""
+        state = self.get(job_id)
+        reply = state.as_dict()
+        if state.status == "queued":
+            ahead = list(self.jobs).index(job_id)
+            reply["queue_position"] = sum(s.status in ("queued", "running") for s in list(self.jobs.values())[:ahead])
+        return reply
+
     def interrupt(self, job_id: str) -> JobState:
         state = self.get(job_id)
-        state.interrupted.set()
+        with self._status:
+            state.interrupted.set()
+            if state.status == "queued":  # it never starts: say so now, not when it reaches the lock
+                state.status, state.finished = "interrupted", time.time()
         return state
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobState:
@@ -86,19 +107,19 @@ class JobRunner:
 
     def _run(self, state: JobState, work: Work) -> None:
         with self.lock:
-            state.status, state.started = "running", time.time()
-            try:
-                if state.interrupted.is_set():  # interrupted while it waited for the lock
-                    state.status = "interrupted"
+            with self._status:
+                if state.interrupted.is_set():  # interrupted while it waited for the lock: already said so
                     return
+                state.status, state.started = "running", time.time()
+            try:
                 state.results = work(state)
                 state.status = "done"
             except Cancelled:
                 state.status = "interrupted"
-            except CopierError as exc:
-                state.status, state.error = "failed", str(exc)
             except Exception as exc:  # a job thread must record every failure: nobody else will see it
-                state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
+                state.status = "failed"
+                state.error = str(exc) if isinstance(exc, CopierError) else f"{type(exc).__name__}: {exc}"
+                state.log_failure(exc)
             finally:
                 state.finished = time.time()
 

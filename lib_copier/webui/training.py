@@ -124,6 +124,7 @@ def _host_grids(host: WebUIHost, request: TrainRequest, results: list[Result], s
         state.on_stage(f"strength grid: {name}")
 
         def progress(done: int, total: int, name=name) -> None:
+            state.on_count(done, total)
             host.show_progress(f"strength grid: {name}", done, total)
             if state.interrupted.is_set() or host.interrupted():
                 raise CopierError("interrupted while drawing the strength grids")
