@@ -120,6 +120,14 @@ def check(obj, name: Name = quoted):
     return obj
 
 
+def check_field(cls, field: str, value, name: Name = quoted):
+    """One value for field `field` of dataclass `cls`, checked as `check` would check it there."""
+    (f,) = [f for f in dataclasses.fields(cls) if f.name == field]
+    _check_type(name(field), value, _hints(cls)[field])
+    _check_limits(name(field), value, f.metadata)
+    return value
+
+
 def from_json(cls, body, name: Name = quoted, what: str = "the request"):
     """An instance of dataclass `cls` from a JSON object, checked completely (`check`)."""
     if not isinstance(body, dict):

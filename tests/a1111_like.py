@@ -84,6 +84,7 @@ class StandInUI:
         self.model = model
         self.lora_dir = lora_dir
         self.prompts: list[str] = []
+        self.lora_files: list[Path] = []  # each LoRA file the host loaded, relative to lora_dir
         self.shown: list[tuple[str, int, int]] = []
         self.previews = 0
         self.interrupt_when = lambda shown: False
@@ -92,6 +93,12 @@ class StandInUI:
 
     def model_changed(self):
         return self.replaced
+
+    def find_lora(self, name: str) -> Path:
+        """As the WebUIs' Lora extensions do: by file name, anywhere under the LoRA folder."""
+        path = next(self.lora_dir.rglob(f"{name}.safetensors"))
+        self.lora_files.append(path.relative_to(self.lora_dir))
+        return path
 
     def interrupted(self):
         return self.interrupt_when(self.shown)
@@ -123,7 +130,7 @@ class A1111Host(StandInUI):
         model = self.sd_model.ours[0]
         with ExitStack() as stack:
             for name, weight in LORA_TAG.findall(request.prompt):
-                lora = read_lora(self.lora_dir / f"{name}.safetensors")
+                lora = read_lora(self.find_lora(name))
                 network = LoRANetwork.from_weights(lora.modules)
                 table = by_key(
                     lora_targets({n: tuple(p.shape) for n, p in model.named_parameters()}, lora.family, True)

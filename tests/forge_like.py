@@ -326,7 +326,7 @@ class ForgeHost(StandInUI):
             sd.current_lora_hash = str(loras)
             sd.forge_objects = sd.forge_objects_original.shallow_copy()
             for name, weight in loras:
-                self._add_patches(self.lora_dir / f"{name}.safetensors", float(weight))
+                self._add_patches(self.find_lora(name), float(weight))
             sd.forge_objects_after_applying_lora = sd.forge_objects.shallow_copy()
         objects = sd.forge_objects_after_applying_lora
         objects.unet.load()

@@ -174,9 +174,13 @@ def test_copier_command_and_its_errors(backend, tmp_path, capsys):
     assert main([*args, "--name", "../up"]) == 2
     assert main([*args, "--set", "rank=zero"]) == 2
     assert main(["copier", "--image", str(tmp_path / "missing.png"), *common]) == 2
+    assert main([*args, "--size", "5"]) == 2
     err = capsys.readouterr().err
     assert "must not contain path separators" in err and "'zero' is not a valid int" in err
+    assert "--size is 5; it must be between 64 and 2048" in err
     assert len(list(out.iterdir())) == 6  # nothing more was written
+    assert main([*args, "--size", "96", "--name", "wide"]) == 0
+    assert read_lora(out / "wide-copier.safetensors").metadata["ss_resolution"] == "(96, 96)"
 
 
 def test_demo_writes_everything_into_its_folder(backend, tmp_path):

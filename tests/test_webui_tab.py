@@ -7,9 +7,19 @@ import pytest
 from PIL import Image
 
 from lib_copier.errors import CopierError
+from lib_copier.train.config import field_info
 from lib_copier.webui.gallery import selected_image
 from lib_copier.webui.infotext import parse_infotext
-from lib_copier.webui.tab import Hooks, build_request, build_tab, effect_specs, txt2img_infotext
+from lib_copier.webui.tab import (
+    LABELS,
+    SETTING_GROUPS,
+    Hooks,
+    build_request,
+    build_tab,
+    effect_descriptions,
+    effect_specs,
+    txt2img_infotext,
+)
 from lib_copier.webui.utilities_tab import tool_body
 
 INFO = "a red fox in snow\nNegative prompt: blurry\nSteps: 20, Sampler: Euler, Seed: 42, Size: 64x64"
@@ -22,15 +32,25 @@ def test_the_tab_builds():
     ids = {getattr(block, "elem_id", None) for block in tab.blocks.values()}
     assert {"copier_lora_train", "copier_lora_interrupt", "copier_lora_send_txt2img", "copier_lora_image",
             "copier_lora_generate", "copier_lora_utilities_run"} <= ids  # fmt: skip
+    # Every trainer setting is in one of the Advanced groups, once.
+    grouped = [key for keys in SETTING_GROUPS.values() for key in keys]
+    assert sorted(grouped) == sorted(field_info())
+    assert {f"copier_lora_{key}" for key in grouped} <= ids
 
 
-def test_inputs_become_a_request_named_after_the_image_and_effect():
+def test_the_effects_are_ticked_by_label_and_described():
+    assert LABELS["high_contrast"] != "high_contrast"  # a label in words, not the registry's name
+    text = effect_descriptions([LABELS["grayscale"], LABELS["outline"]])
+    assert text.count("\n- ") == 1 and LABELS["outline"] in text
+
+
+def test_inputs_become_a_request_named_after_the_image():
     image = Image.new("RGB", (64, 64), "red")
     image.info["parameters"] = INFO
     values = {"outline.thickness": 3, "outline.darkness": 0.5}
-    assert effect_specs(["outline"], values)[0][0].startswith("outline:thickness=3")
-    request = build_request(image, "", ["grayscale"], {}, None, "both", "quick", {"rank": 8}, False, "a\n\nb")
-    assert request.name == "a-red-fox-in-snow-grayscale"
+    assert effect_specs(["Outline"], values)[0][0].startswith("outline:thickness=3")  # ticked by its label
+    request = build_request(image, "", ["Grayscale"], {}, None, "both", "quick", {"rank": 8}, False, "a\n\nb")
+    assert request.name == "a-red-fox-in-snow"  # the results add the effect: a-red-fox-in-snow-grayscale
     assert request.caption == "a red fox in snow" and request.grid_prompts == ["a", "b"]
     assert request.overrides == {"rank": 8} and [e.label for e in request.effects] == ["grayscale"]
     with pytest.raises(CopierError, match="no original"):

@@ -16,7 +16,7 @@ from lib_copier.recipes.job import make_effects
 from lib_copier.recipes.request import TrainRequest
 from lib_copier.train.trainer import Cancelled
 from lib_copier.webui.jobs import JobState
-from lib_copier.webui.training import train_in_webui
+from lib_copier.webui.training import STAGING, train_in_webui
 from tests.a1111_like import A1111Host
 from tests.conftest import randomize_
 from tests.forge_like import ForgeHost
@@ -65,6 +65,11 @@ def test_a_run_writes_loras_whose_grids_the_host_draws_from_the_files(host, tmp_
     assert grid.shape == (HEADER + 64, 5 * 64, 3)
     assert not np.array_equal(grid[HEADER:, 64:128], grid[HEADER:, 256:320])
     assert host.prepared_jobs == 1 and state.stage.startswith("strength grid")
+    # The grids were drawn from files in their own folder; the LoRA folder got them only when all had succeeded.
+    assert host.lora_files and all(f.parts[0] == STAGING for f in host.lora_files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{r['name']}{suffix}" for r in results for suffix in (".safetensors", ".json", ".png")
+    )
     assert any("step 3/3" in text for text, _, _ in host.shown)
     assert all(torch.equal(before[n], p) for n, p in host.backend().weights())
 
@@ -78,6 +83,12 @@ def test_interrupt_from_the_webui_keeps_nothing_unless_asked(host, tmp_path):
     with pytest.raises(Cancelled):
         train_in_webui(request_for(host, save_on_interrupt=True), host, tmp_path / "b", JobState("b"))
     assert (tmp_path / "b" / "cat-copier.safetensors").is_file()
+    assert not (tmp_path / "b" / STAGING).exists()
+
+    host.interrupt_when = lambda shown: any(text.startswith("strength grid") for text, _, _ in shown)
+    with pytest.raises(CopierError, match="interrupted while drawing"):
+        train_in_webui(request_for(host), host, tmp_path / "c", JobState("c"))
+    assert host.lora_files and list((tmp_path / "c").iterdir()) == []  # trained and drawn from, then dropped
 
 
 def test_a_model_change_mid_run_aborts_with_one_sentence_and_keeps_nothing(host, tmp_path):

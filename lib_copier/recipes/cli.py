@@ -39,6 +39,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="train with N varied prompts mixed with the caption, so the copier ignores the prompt (0: caption only)",
     )
+    p.add_argument(
+        "--size",
+        type=int,
+        help="the side the images are trained at, about size² pixels (default: the model's native side; "
+        "on a CPU 64-128 trains about ten times faster than 512)",
+    )
     p.add_argument("--name", help="output name (default: from the image or prompt)")
     p.add_argument("--out", default="models/Lora", help="output folder (default: models/Lora)")
     p.add_argument("--grid-prompt", action="append", default=[], help="a prompt for the strength grid's rows")
@@ -133,18 +139,23 @@ def _load(args):
 
 def run_copier(args: argparse.Namespace) -> int:
     from lib_copier.effects.image_io import load_image
+    from lib_copier.fields import check_field
     from lib_copier.models.generate import Txt2Img
     from lib_copier.recipes.job import Job, fit_image
+    from lib_copier.recipes.request import TrainRequest
 
     overrides = parse_overrides(args.set)
     overrides.update({k: getattr(args, k) for k in ("steps", "rank", "alpha", "lr") if getattr(args, k) is not None})
+    if args.size is not None:
+        check_field(TrainRequest, "size", args.size, lambda name: f"--{name}")
     effects = _effects(args.effect, args.processed_image)
     backend = _load(args)
+    side = args.size or backend.resolution
     if args.generate:
-        originals = [backend.generate(Txt2Img(args.generate, seed=args.seed))]
+        originals = [fit_image(backend.generate(Txt2Img(args.generate, seed=args.seed)), side)]
         name = args.name or slug(args.generate, 30)
     else:
-        originals = [fit_image(load_image(path), backend.resolution) for path in args.image]
+        originals = [fit_image(load_image(path), side) for path in args.image]
         name = args.name or slug(Path(args.image[0]).stem, 30)
     job = Job(
         originals=originals,

@@ -88,6 +88,7 @@ class Job:
     grid_steps: int = 20
     base_model: str = ""
     keep_copier: bool = True  # also write the copier LoRA A itself
+    publish_dir: Path | None = None  # where out_dir's files go once the caller is done: their names must be free there
 
     def captions(self) -> list[str]:
         return [self.caption, *self.prompt_pool]
@@ -244,7 +245,7 @@ def _finish(backend: Backend, job: Job, pending: list[_Pending], grids: bool) ->
     prepared, unchanged = [], {}
     for item in pending:
         stem = "-".join(part for part in (job.name, item.effect, SUFFIX[item.kind]) if part)
-        name = free_name(job.out_dir, stem, names)
+        name = free_name([job.out_dir, *filter(None, [job.publish_dir])], stem, names)
         names.add(name)
         grid = None
         if grids and job.grid_prompts:

@@ -35,11 +35,12 @@ def check_name(name: str, what: str = "the output name") -> str:
     return name
 
 
-def free_name(folder: Path, name: str, taken: set[str] = frozenset()) -> str:
-    """`name`, or `name-2`, `name-3` … : the first for which none of the result files exists yet."""
+def free_name(folders: Path | list[Path], name: str, taken: set[str] = frozenset()) -> str:
+    """`name`, or `name-2`, `name-3` … : the first for which none of the result files exists yet in any folder."""
     check_name(name)
+    folders = [folders] if isinstance(folders, Path) else folders
     candidate, n = name, 1
-    while candidate in taken or any((folder / f"{candidate}{s}").exists() for s in SUFFIXES):
+    while candidate in taken or any((f / f"{candidate}{s}").exists() for f in folders for s in SUFFIXES):
         n += 1
         candidate = f"{name}-{n}"
     return candidate

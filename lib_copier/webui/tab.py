@@ -51,11 +51,31 @@ def _on(event, fn, inputs, outputs, js: str | None = None):
     return event(fn=fn, inputs=inputs, outputs=outputs, **kwargs)
 
 
+LABELS = {e.name: e.label for e in all_effects()}
+METHOD_HELP = (
+    "copier: trains a copier of the image, then one effect LoRA on top of it (the seeds' method); "
+    "extraction: a copier of each processed image too, and their difference; both: each kind"
+)
+PRESET_HELP = "quick: rank 16, 500 steps per LoRA; thorough: rank 64, 3000-4000 steps, resized to rank 8 (~8x longer)"
+SETTING_GROUPS = {
+    "Network": ("rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "text_lr"),
+    "Optimisation": ("steps", "lr", "optimizer", "weight_decay", "max_grad_norm", "batch_size", "scheduler",
+                     "warmup_steps"),
+    "Noise and timesteps": ("timestep_min", "timestep_max", "min_snr_gamma", "noise_offset", "flip", "seed"),
+    "Memory and output": ("mixed_precision", "gradient_checkpointing", "preview_every", "save_on_cancel"),
+}  # fmt: skip
+
+
+def effect_descriptions(chosen: list[str]) -> str:
+    """One line per ticked effect (by label): what it does to the image."""
+    return "\n".join(f"- **{e.label}**: {e.description}" for e in all_effects() if e.label in chosen)
+
+
 def effect_specs(selected: list[str], values: dict[str, float]) -> list[list[str]]:
-    """Checked effects with their parameter values → one chain spec per effect (`name:param=value,…`)."""
+    """Checked effects (by label or name) with their parameter values → one chain spec per effect."""
     specs = []
     for effect in all_effects():
-        if effect.name in selected:
+        if effect.name in selected or effect.label in selected:
             given = [(p.name, values.get(f"{effect.name}.{p.name}")) for p in effect.params]
             params = ",".join(f"{key}={value}" for key, value in given if value is not None)
             specs.append([f"{effect.name}:{params}" if params else effect.name])
@@ -72,10 +92,10 @@ def describe_image(image: Image.Image | None) -> str:
     return f"{info.prompt}\nseed {seed}, size {size}"
 
 
-def default_name(image: Image.Image | None, selected: list[str]) -> str:
+def default_name(image: Image.Image | None) -> str:
+    """From the image's prompt; the effect is added by each result's own file name (`<name>-<effect>`)."""
     info = image_infotext(image) if image is not None else None
-    stem = slug(info.prompt, 24) if info and info.prompt else "copier"
-    return "-".join(filter(None, [stem, *selected[:1]])) or "copier"
+    return (slug(info.prompt, 24) if info and info.prompt else "") or "copier"
 
 
 def build_request(
@@ -101,7 +121,7 @@ def build_request(
     overrides = {k: v for k, v in settings.items() if v is not None and v != getattr(defaults, k)}
     return TrainRequest(
         image=image.convert("RGB"),
-        name=name.strip() or default_name(image, selected),
+        name=name.strip() or default_name(image),
         effects=effects,
         method=method,
         preset=preset,
@@ -151,14 +171,18 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                         gen_button = gr.Button("Generate", elem_id="copier_lora_generate")
                     edited = gr.Image(label="Or your own edit of it (a processed image)", type="pil")
                 with gr.Column(scale=1):
-                    selected = gr.CheckboxGroup([e.name for e in effects], value=["grayscale"], label="Effects")
+                    selected = gr.CheckboxGroup(
+                        [e.label for e in effects], value=[LABELS["grayscale"]], label="Effects",
+                        info="one effect LoRA per ticked effect", elem_id="copier_lora_effects",
+                    )  # fmt: skip
+                    described = gr.Markdown(effect_descriptions([LABELS["grayscale"]]))
                     previews = gr.Gallery(label="Processed previews", columns=4, height=200)
-                    sliders = {}
-                    with gr.Accordion("Effect parameters", open=False):
-                        for effect in effects:
+                    sliders, groups = {}, {}
+                    for effect in effects:
+                        with gr.Column(visible=effect.name == "grayscale") as groups[effect.name]:
                             for p in effect.params:
                                 key = f"{effect.name}.{p.name}"
-                                label = f"{effect.label}: {p.name}"
+                                label = f"{effect.label}: {p.name.replace('_', ' ')}"
                                 if p.kind == "bool":
                                     sliders[key] = gr.Checkbox(value=bool(p.default), label=label, info=p.help)
                                 else:
@@ -167,8 +191,8 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                                         label=label, info=p.help,
                                     )  # fmt: skip
             with gr.Row():
-                method = gr.Radio(list(METHODS), value="copier", label="Method")
-                preset = gr.Radio(list(RECIPE_PRESETS), value="quick", label="Preset")
+                method = gr.Radio(list(METHODS), value="copier", label="Method", info=METHOD_HELP)
+                preset = gr.Radio(list(RECIPE_PRESETS), value="quick", label="Preset", info=PRESET_HELP)
                 name = gr.Textbox(label="Output name", placeholder="from the image and effect")
                 save_on_interrupt = gr.Checkbox(False, label="Keep what is finished when interrupted")
             settings = {}
@@ -180,20 +204,27 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                         elem_id="copier_lora_size",
                     )  # fmt: skip
                     grid_steps = gr.Number(20, label="Grid sampling steps", elem_id="copier_lora_grid_steps")
-                quick = make_config("quick")
-                for key, meta in field_info().items():
-                    common = {"label": key, "info": meta["help"], "elem_id": f"copier_lora_{key}"}
-                    default = getattr(quick, key)
-                    if meta["choices"]:
-                        settings[key] = gr.Dropdown(list(meta["choices"]), value=default, **common)
-                    elif meta["type"] is bool:
-                        settings[key] = gr.Checkbox(default, **common)
-                    else:
-                        settings[key] = gr.Number(default, **common)
+                quick, fields = make_config("quick"), field_info()
+                with gr.Row():
+                    for group, keys in SETTING_GROUPS.items():
+                        with gr.Column(min_width=220):
+                            gr.Markdown(f"**{group}**")
+                            for key in keys:
+                                meta = fields[key]
+                                label = key.replace("_", " ")
+                                common = {"label": label, "info": meta["help"], "elem_id": f"copier_lora_{key}"}
+                                default = getattr(quick, key)
+                                if meta["choices"]:
+                                    settings[key] = gr.Dropdown(list(meta["choices"]), value=default, **common)
+                                elif meta["type"] is bool:
+                                    settings[key] = gr.Checkbox(default, **common)
+                                else:
+                                    settings[key] = gr.Number(default, **common)
             with gr.Row():
                 train = gr.Button("Train", variant="primary", elem_id="copier_lora_train")
                 interrupt = gr.Button("Interrupt", elem_id="copier_lora_interrupt")
-            status = gr.HTML(elem_id="copier_lora_status")
+            with gr.Column(elem_id="copier_lora_progress"):  # the WebUI's progress bar is drawn at its top
+                status = gr.HTML(elem_id="copier_lora_status")
             grids = gr.Gallery(
                 label="Strength grids (weights -1, 0, +0.5, +1, +1.5)", elem_id="copier_lora_results",
                 columns=2, object_fit="contain", height=420,
@@ -218,7 +249,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             return out
 
         def on_image(img, chosen, current_name):
-            return describe_image(img), current_name or default_name(img, chosen)
+            return describe_image(img), current_name or default_name(img)
 
         image.change(on_image, [image, selected, name], [info, name])
         preset.change(
@@ -226,8 +257,13 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             [preset],
             list(settings.values()),
         )
-        for trigger in (image.change, selected.change):
+        for trigger in (image.change, selected.change, *(slider.change for slider in slider_list)):
             trigger(preview, [image, selected, *slider_list], [previews])
+        selected.change(
+            lambda chosen: [effect_descriptions(chosen)] + [gr.update(visible=e.label in chosen) for e in effects],
+            [selected],
+            [described, *groups.values()],
+        )
 
         def start(_task, img, out_name, chosen, edit, meth, pre, grid_text, keep, side, grid_step_count, *rest):
             values = dict(zip(sliders, rest[: len(sliders)], strict=True))

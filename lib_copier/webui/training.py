@@ -8,7 +8,10 @@ to the host's progress bar; the WebUI's Interrupt button and the job's own inter
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 from typing import Protocol
 
@@ -49,40 +52,68 @@ class WebUIHost(Host, Protocol):
     def show_preview(self, image: Image.Image) -> None: ...
 
 
+STAGING = "copier-lora-unfinished"  # in the LoRA folder, where the WebUI finds the LoRAs to draw their grids
+
+
 def train_in_webui(request: TrainRequest, host: WebUIHost, out_dir: Path, state: JobState) -> list[dict]:
+    """Train, write the results into a folder of their own inside the LoRA folder, draw their grids through the
+    host, and only then move them into the LoRA folder: a run that fails leaves nothing (unless the request keeps
+    an interrupted run's LoRAs)."""
     check_request(request)
-    with host.prepared():
-        backend = host.backend()
-        side = request.size or backend.resolution
-        image = request.image
-        if image is None:
-            state.on_stage("generating the original")
-            image = host.txt2img(request.generate)
-        job = Job(
-            originals=[fit_image(image, side)],
-            effects=request.effects,
-            name=request.name,
-            out_dir=out_dir,
-            method=request.method,
-            preset=request.preset,
-            overrides={**request.overrides, "save_on_cancel": request.save_on_interrupt},
-            caption=request.caption,
-            prompt_pool=prompt_pool(False, request.prompt_pool),
-            base_model=host.checkpoint,
-        )
-        callbacks = _callbacks(host, state)
-        preview_prompt = request.caption or next(iter(request.grid_prompts), "")
-        callbacks.preview_request = Txt2Img(preview_prompt, steps=request.grid_steps, width=side, height=side)
-        results = run_job(backend, job, callbacks, _stage(host, state))
-        try:
-            grids = _host_grids(host, request, results, side, state)
-        except BaseException:
-            if not request.save_on_interrupt:  # the job is all or nothing, its grids included
-                for r in results:
-                    for path in (r.written.lora, r.written.sidecar, r.written.lora.with_suffix(".png")):
-                        path.unlink(missing_ok=True)
-            raise
-    return [_describe(r, grid) for r, grid in zip(results, grids, strict=True)]
+    staging = out_dir / STAGING / state.id
+    try:
+        with host.prepared():
+            results, grids = _train_and_draw(request, host, out_dir, staging, state)
+        return [_describe(r, grid, out_dir) for r, grid in zip(results, grids, strict=True)]
+    except BaseException:
+        if request.save_on_interrupt:  # what an interrupted run wrote is kept; the error that stopped it is the news
+            with contextlib.suppress(CopierError):
+                _publish(staging, out_dir)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            staging.parent.rmdir()  # only when no other run's files are in it
+
+
+def _train_and_draw(request: TrainRequest, host: WebUIHost, out_dir: Path, staging: Path, state: JobState):
+    backend = host.backend()
+    side = request.size or backend.resolution
+    image = request.image
+    if image is None:
+        state.on_stage("generating the original")
+        image = host.txt2img(request.generate)
+    job = Job(
+        originals=[fit_image(image, side)],
+        effects=request.effects,
+        name=request.name,
+        out_dir=staging,
+        publish_dir=out_dir,
+        method=request.method,
+        preset=request.preset,
+        overrides={**request.overrides, "save_on_cancel": request.save_on_interrupt},
+        caption=request.caption,
+        prompt_pool=prompt_pool(False, request.prompt_pool),
+        base_model=host.checkpoint,
+    )
+    callbacks = _callbacks(host, state)
+    preview_prompt = request.caption or next(iter(request.grid_prompts), "")
+    callbacks.preview_request = Txt2Img(preview_prompt, steps=request.grid_steps, width=side, height=side)
+    staging.mkdir(parents=True, exist_ok=True)
+    results = run_job(backend, job, callbacks, _stage(host, state))
+    grids = _host_grids(host, request, results, side, state)
+    _publish(staging, out_dir)
+    return results, grids
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move a run's files into the LoRA folder, all of them or (a name taken there meanwhile) none."""
+    files = sorted(staging.glob("*")) if staging.is_dir() else []
+    clash = [f.name for f in files if (out_dir / f.name).exists()]
+    if clash:
+        raise CopierError(f"{clash[0]} appeared in {out_dir} during the run, so nothing was written; run it again")
+    for file in files:
+        os.replace(file, out_dir / file.name)
 
 
 def _callbacks(host: WebUIHost, state: JobState) -> Callbacks:
@@ -155,14 +186,14 @@ def _tag_render(host: WebUIHost, name: str, unchanged: dict) -> Render:
     return render
 
 
-def _describe(result: Result, grid: Path) -> dict:
+def _describe(result: Result, grid: Path, out_dir: Path) -> dict:
     return {
         "kind": result.kind,
         "effect": result.effect,
         "name": result.written.name,
-        "lora": str(result.written.lora),
-        "sidecar": str(result.written.sidecar),
-        "grid": str(grid),
+        "lora": str(out_dir / result.written.lora.name),
+        "sidecar": str(out_dir / result.written.sidecar.name),
+        "grid": str(out_dir / grid.name),
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
         "final_loss": result.final_loss,
