@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from lib_copier.backends.standalone import StandaloneBackend
 from lib_copier.cli import main
@@ -17,6 +17,7 @@ from lib_copier.models.checkpoint import save_checkpoint
 from lib_copier.models.configs import TINY
 from lib_copier.models.generate import Txt2Img
 from lib_copier.models.sd_model import build_model
+from lib_copier.recipes.grid import column_label
 from lib_copier.recipes.job import Effect, Job, fit_image, run_job
 from lib_copier.recipes.methods import extraction
 from lib_copier.recipes.outputs import check_name, free_name, sidecar, write_result
@@ -193,3 +194,10 @@ def test_demo_writes_everything_into_its_folder(backend, tmp_path):
     assert kinds == ["copier"] + ["extraction"] * 3 + ["processed"] * 3
     assert all((out / name).exists() for name in ("original.png", "processed-grayscale.png", "demo-copier.png"))
     assert main(["demo", "--model", str(model), "--out", str(out), "--steps", "1"]) == 2
+
+
+def test_grid_labels_fit_their_columns():
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert column_label(0.5, 256, draw) == "weight +0.5"
+    assert column_label(0.5, 64, draw) == "+0.5"  # "weight +0.5" would run into the next column's label
+    assert draw.textlength(column_label(-1.0, 64, draw)) <= 64 - 16

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from lib_copier.errors import CopierError
+from lib_copier.recipes.estimate import estimate, recipe_steps
 from lib_copier.train.config import field_info
 from lib_copier.webui.gallery import selected_image
 from lib_copier.webui.infotext import parse_infotext
@@ -91,3 +92,13 @@ def test_the_utilities_form_becomes_the_api_body():
     assert tool_body("extract", [], "", "base", "tuned", "", 16, 8, "none", 0, "x")["conv_rank"] == 8
     with pytest.raises(CopierError, match="ratios"):
         tool_body("svd-merge", ["a"], "", None, None, "one", 8, 0, "none", 0, "x")
+
+
+def test_the_estimate_counts_the_recipe_and_warns_a_cpu_user_before_hours_of_training():
+    assert recipe_steps("copier", 2, "quick", {}) == 500 * 3
+    assert recipe_steps("both", 1, "thorough", {}) == 3000 + 4000 + 3000
+    assert recipe_steps("extraction", 1, "thorough", {"steps": 10}) == 20
+    slow = estimate(1000, "cpu", 512)
+    assert "hours" in slow and "training size of 128" in slow
+    assert "training size" not in estimate(40, "cpu", 64) and "min" in estimate(500, "cpu", 64)
+    assert "hours" not in estimate(1000, "cuda", 512) and "1000 training steps" in estimate(1000, "cuda", 512)

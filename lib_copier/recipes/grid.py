@@ -31,6 +31,12 @@ def network_render(backend: Backend, network: LoRANetwork, unchanged: dict | Non
     return render
 
 
+def column_label(weight: float, side: int, draw: ImageDraw.ImageDraw) -> str:
+    """The column's label, `weight +0.5`, or just `+0.5` where the column is too narrow for the word."""
+    text = f"weight {weight:+g}"
+    return text if draw.textlength(text) <= side - 16 else f"{weight:+g}"  # a gap to the next label
+
+
 def strength_grid(
     render: Render,
     prompts: list[str],
@@ -44,7 +50,7 @@ def strength_grid(
     grid = Image.new("RGB", (side * len(weights), HEADER + side * len(prompts)), "white")
     draw = ImageDraw.Draw(grid)
     for col, weight in enumerate(weights):
-        draw.text((col * side + 4, 3), f"weight {weight:+g}", fill="black")
+        draw.text((col * side + 4, 3), column_label(weight, side, draw), fill="black")
     total, done = len(prompts) * len(weights), 0
     for row, prompt in enumerate(prompts):
         for col, weight in enumerate(weights):

@@ -93,7 +93,7 @@ def on_ui_settings() -> None:
 
 def on_ui_tabs():
     import gradio as gr
-    from modules import call_queue, infotext_utils, sd_models, shared
+    from modules import call_queue, devices, infotext_utils, sd_models, shared
 
     from lib_copier.webui import gallery
     from lib_copier.webui.host import current_host
@@ -119,6 +119,7 @@ def on_ui_tabs():
         paste_to_txt2img=paste,
         galleries=gallery.complete(),
         gallery_trains=lambda: bool(getattr(shared.opts, "copier_lora_gallery_trains", True)),
+        device=lambda: (devices.device.type, bool(getattr(shared.sd_model, "is_sdxl", False))),
     )
     return [(build_tab(hooks), "Copier LoRA", "copier_lora")]
 

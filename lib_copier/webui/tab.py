@@ -21,6 +21,7 @@ from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError
 from lib_copier.models.cli import slug
 from lib_copier.models.generate import Txt2Img
+from lib_copier.recipes.estimate import estimate, recipe_steps
 from lib_copier.recipes.job import METHODS, RECIPE_PRESETS, make_effects
 from lib_copier.recipes.request import DEFAULT_GRID_PROMPTS, TrainRequest
 from lib_copier.train.config import field_info, make_config
@@ -41,6 +42,7 @@ class Hooks:
     loras: Callable[[], list[str]] = list
     checkpoints: Callable[[], list[str]] = list
     open_gallery_item: Callable | None = None  # the host's own reader of gallery items (it checks the folder)
+    device: Callable[[], tuple[str, bool]] | None = None  # (torch device type, whether the model is SDXL)
 
 
 def _on(event, fn, inputs, outputs, js: str | None = None):
@@ -223,6 +225,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             with gr.Row():
                 train = gr.Button("Train", variant="primary", elem_id="copier_lora_train")
                 interrupt = gr.Button("Interrupt", elem_id="copier_lora_interrupt")
+            estimated = gr.Markdown(elem_id="copier_lora_estimate")
             with gr.Column(elem_id="copier_lora_progress"):  # the WebUI's progress bar is drawn at its top
                 status = gr.HTML(elem_id="copier_lora_status")
             grids = gr.Gallery(
@@ -257,6 +260,19 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             [preset],
             list(settings.values()),
         )
+
+        def estimate_text(meth, pre, chosen, side, steps):
+            if hooks.device is None:
+                return ""
+            device, sdxl = hooks.device()
+            overrides = {} if steps == make_config(pre).steps else {"steps": int(steps)}
+            total = recipe_steps(meth, len(chosen), pre, overrides)
+            return estimate(total, device, int(side) or (1024 if sdxl else 512), sdxl)
+
+        estimate_inputs = [method, preset, selected, size, settings["steps"]]
+        for component in (*estimate_inputs, image):  # not at build time: the WebUI may still be loading its model
+            component.change(estimate_text, estimate_inputs, [estimated])
+
         for trigger in (image.change, selected.change, *(slider.change for slider in slider_list)):
             trigger(preview, [image, selected, *slider_list], [previews])
         selected.change(

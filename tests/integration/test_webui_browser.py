@@ -52,12 +52,28 @@ def test_gallery_button_trains_and_shows_the_grids(page, tmp_path):
     page.wait_for_selector("#tab_copier_lora .progressDiv", timeout=120_000)
     page.screenshot(path=shots / "2-training.png")
     assert page.input_value("#copier_lora_size input") == "64"  # the small settings from ui-config are in place
+    # The progress bar is drawn where the user looks: just above the status, under Train, not at the top of the tab.
+    where = ("#tab_copier_lora .progressDiv", "#copier_lora_status", "#copier_lora_train")
+    bar, status, train = (page.locator(selector).bounding_box() for selector in where)
+    assert train["y"] < bar["y"] <= status["y"] + 5, (bar, status, train)
 
     page.wait_for_selector("#copier_lora_results img", timeout=900_000)
     page.wait_for_timeout(1000)
     page.screenshot(path=shots / "3-results.png", full_page=True)
     status = page.inner_text("#copier_lora_status")
     assert "safetensors" in status and "copier" in status
+
+    # Effects by their labels, each described; only the ticked effects' parameters are shown.
+    effects = page.inner_text("#copier_lora_effects")
+    assert "Grayscale" in effects and "Sharpen / detail" in effects and "jpeg_noise" not in effects
+    thickness = page.get_by_label("Outline: thickness").first
+    assert not thickness.is_visible()
+    page.locator("#copier_lora_effects label", has_text="Outline").click()
+    thickness.wait_for(state="visible", timeout=30_000)
+    page.screenshot(path=shots / "3b-effects.png")
+    page.locator("#copier_lora_effects label", has_text="Outline").click()
+    height = page.evaluate("() => document.documentElement.scrollHeight")
+    assert height < 3000, f"the tab is {height} px tall"
 
     # Send to txt2img: the prompt with the new LoRA, on the txt2img tab.
     page.click("#copier_lora_send_txt2img")
@@ -67,3 +83,4 @@ def test_gallery_button_trains_and_shows_the_grids(page, tmp_path):
     page.screenshot(path=shots / "4-sent-to-txt2img.png", full_page=True)
     sent = re.search(r"<lora:([^:>]+):1>", page.input_value("#txt2img_prompt textarea"))
     assert sent and sent[1].startswith("a-red-apple-grayscale") and f"{sent[1]}.safetensors" in status
+    assert "grayscale-grayscale" not in status  # the default name does not repeat the effect
