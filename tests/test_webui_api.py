@@ -126,6 +126,9 @@ BAD_TRAIN = [
     ({"image": _png(15000)}, "refused as a possible decompression bomb"),
     ({"image": _png(6000)}, "6000x6000 px"),
     ({"image": "data:image/png;base64,@@@"}, "not valid base64"),
+    ({**GENERATE, "more_images": "abc"}, '"more_images" must be a list'),
+    ({**GENERATE, "more_images": [1]}, '"more_images" must be a list of base64 images'),
+    ({**GENERATE, "more_images": [_png(6000)]}, '"more_images"[0] is 6000x6000 px'),
     ([1, 2], "must be a JSON object"),
     ("text", "must be a JSON object"),
 ]

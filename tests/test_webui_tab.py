@@ -98,7 +98,21 @@ def test_the_estimate_counts_the_recipe_and_warns_a_cpu_user_before_hours_of_tra
     assert recipe_steps("copier", 2, "quick", {}) == 500 * 3
     assert recipe_steps("both", 1, "thorough", {}) == 3000 + 4000 + 3000
     assert recipe_steps("extraction", 1, "thorough", {"steps": 10}) == 20
+    assert recipe_steps("copier", 1, "quick", {}, originals=3) == 3 * 1000
     slow = estimate(1000, "cpu", 512)
     assert "hours" in slow and "training size of 128" in slow
     assert "training size" not in estimate(40, "cpu", 64) and "min" in estimate(500, "cpu", 64)
     assert "hours" not in estimate(1000, "cuda", 512) and "1000 training steps" in estimate(1000, "cuda", 512)
+
+
+def test_more_originals_come_from_the_file_box(tmp_path):
+    image = Image.new("RGB", (64, 64), "red")
+    paths = []
+    for colour in ("blue", "green"):
+        Image.new("RGB", (64, 48), colour).save(tmp_path / f"{colour}.png")
+        paths.append(str(tmp_path / f"{colour}.png"))  # gradio 4 gives paths; gradio 3 objects with .name
+    request = build_request(image, "", ["Grayscale"], {}, None, "copier", "quick", {}, False, "", more=paths)
+    assert [im.size for im in request.more_images] == [(64, 48), (64, 48)]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(CopierError, match="original broken.png is not an image"):
+        build_request(image, "", [], {}, None, "copier", "quick", {}, False, "", more=[str(tmp_path / "broken.png")])

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from lib_copier.errors import CopierError
+from lib_copier.lora.files import read_lora
 from lib_copier.models.configs import TINY
 from lib_copier.models.generate import Txt2Img, generate
 from lib_copier.models.sd_model import build_model
@@ -110,3 +111,10 @@ def test_the_extraction_stage_counts_its_modules_on_the_host_bar(host, tmp_path)
     counted = [(step, total) for text, step, total in host.shown if text.startswith("extraction: grayscale: ")]
     assert counted and counted[-1][0] == counted[-1][1] > 0
     assert any(text.endswith(f"{total}/{total} modules") for text, _, total in host.shown)
+
+
+def test_several_originals_make_one_processed_lora_over_all_of_them(host, tmp_path):
+    second = generate(host.model, Txt2Img("a dog", seed=3, steps=2))
+    results = train_in_webui(request_for(host, more_images=[second]), host, tmp_path, JobState("j"))
+    processed = read_lora(next(r["lora"] for r in results if r["kind"] == "processed"))
+    assert processed.metadata["ss_copier_originals"] == "2"

@@ -15,8 +15,8 @@ SDXL_FACTOR = 3.0
 SMALL_SIDE = 128
 
 
-def recipe_steps(method: str, effects: int, preset: str, overrides: dict) -> int:
-    """Training steps of a run with one original: the copier, then per effect its processed LoRA and/or A′."""
+def recipe_steps(method: str, effects: int, preset: str, overrides: dict, originals: int = 1) -> int:
+    """Training steps of a run: per original the copier, then per effect its processed LoRA and/or A′."""
     config = make_config(preset, **overrides)
     processed = RECIPE_PRESETS[preset]["processed_steps"]
     processed = config.steps if processed is None or "steps" in overrides else processed
@@ -25,7 +25,7 @@ def recipe_steps(method: str, effects: int, preset: str, overrides: dict) -> int
         steps += effects * processed
     if method in ("extraction", "both"):
         steps += effects * config.steps
-    return steps
+    return steps * originals
 
 
 def _duration(seconds: float) -> str:

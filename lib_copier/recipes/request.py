@@ -29,15 +29,22 @@ DEFAULT_GRID_PROMPTS = GRID_PROMPTS[:2]
 MAX_IMAGE_BYTES = 64 * 2**20  # of base64 text: a 4096-px PNG fits several times over
 
 
-def decode_image(data: str) -> Image.Image:
+def decode_image(data: str, what: str = '"image"') -> Image.Image:
     """A base64 image (a `data:image/...;base64,` prefix allowed) → RGB, or one sentence saying what is wrong."""
     if len(data) > MAX_IMAGE_BYTES:
-        raise CopierError(f'"image" is {len(data) // 2**20} MB of base64; the most allowed is 64 MB')
+        raise CopierError(f"{what} is {len(data) // 2**20} MB of base64; the most allowed is 64 MB")
     try:
         raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise CopierError('"image" is not valid base64') from exc
-    return read_image(io.BytesIO(raw), '"image"')
+        raise CopierError(f"{what} is not valid base64") from exc
+    return read_image(io.BytesIO(raw), what)
+
+
+def decode_images(items: list) -> list[Image.Image]:
+    """Further originals, each base64 like "image"."""
+    if not all(isinstance(item, str) for item in items):
+        raise CopierError('"more_images" must be a list of base64 images')
+    return [decode_image(item, f'"more_images"[{i}]') for i, item in enumerate(items)]
 
 
 def parse_effects(specs: list) -> list[Effect]:
@@ -60,6 +67,13 @@ class TrainRequest:
         "the original image, base64 PNG, JPEG or WebP (a data: URL is fine); or give generate",
         decode=decode_image,
         json_type=str,
+    )
+    more_images: list[Image.Image] = setting(
+        factory=list,
+        help="further originals, base64 like image: each effect LoRA is learned over all of them (merged by SVD)",
+        hi=15,
+        decode=decode_images,
+        json_type=list,
     )
     name: str = setting("", "output name; the files are <name>-copier, <name>-<effect> ... (default: from the prompt)")
     generate: Txt2Img | None = setting(None, "draw the original with the loaded model instead of giving image")

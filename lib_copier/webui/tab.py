@@ -13,10 +13,12 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
+from pathlib import Path
 
 import gradio as gr
 from PIL import Image
 
+from lib_copier.effects.image_io import read_image
 from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError
 from lib_copier.models.cli import slug
@@ -113,9 +115,11 @@ def build_request(
     grid_prompts,
     size=0,
     grid_steps=20,
+    more=(),
 ):
     if image is None:
         raise CopierError("there is no original image: upload one, take one from a gallery, or generate one")
+    more_images = [read_image(_path(f), f"original {Path(_path(f)).name}") for f in more or ()]
     edits = [("edited", edited)] if edited is not None else []
     effects = make_effects(effect_specs(selected, values), edits)
     caption = (image_infotext(image) or Infotext("")).prompt
@@ -133,7 +137,13 @@ def build_request(
         save_on_interrupt=save_on_interrupt,
         size=int(size) or None,
         grid_steps=int(grid_steps),
+        more_images=more_images,
     )
+
+
+def _path(file) -> str:
+    """A gr.File item's path: a temp-file object on gradio 3, a path string on gradio 4."""
+    return getattr(file, "name", file)
 
 
 def results_html(results: list[dict]) -> str:
@@ -172,6 +182,10 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                             gen_size = gr.Number(512, label="Width and height")
                         gen_button = gr.Button("Generate", elem_id="copier_lora_generate")
                     edited = gr.Image(label="Or your own edit of it (a processed image)", type="pil")
+                    more = gr.File(
+                        label="More originals (optional): each effect LoRA is learned over all of them",
+                        file_count="multiple", file_types=["image"], elem_id="copier_lora_more_originals",
+                    )  # fmt: skip
                 with gr.Column(scale=1):
                     selected = gr.CheckboxGroup(
                         [e.label for e in effects], value=[LABELS["grayscale"]], label="Effects",
@@ -261,15 +275,15 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             list(settings.values()),
         )
 
-        def estimate_text(meth, pre, chosen, side, steps):
+        def estimate_text(meth, pre, chosen, side, steps, extra):
             if hooks.device is None:
                 return ""
             device, sdxl = hooks.device()
             overrides = {} if steps == make_config(pre).steps else {"steps": int(steps)}
-            total = recipe_steps(meth, len(chosen), pre, overrides)
+            total = recipe_steps(meth, len(chosen), pre, overrides, 1 + len(extra or ()))
             return estimate(total, device, int(side) or (1024 if sdxl else 512), sdxl)
 
-        estimate_inputs = [method, preset, selected, size, settings["steps"]]
+        estimate_inputs = [method, preset, selected, size, settings["steps"], more]
         for component in (*estimate_inputs, image):  # not at build time: the WebUI may still be loading its model
             component.change(estimate_text, estimate_inputs, [estimated])
 
@@ -281,7 +295,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             [described, *groups.values()],
         )
 
-        def start(_task, img, out_name, chosen, edit, meth, pre, grid_text, keep, side, grid_step_count, *rest):
+        def start(_task, img, out_name, chosen, edit, meth, pre, grid_text, keep, side, grid_step_count, extra, *rest):
             values = dict(zip(sliders, rest[: len(sliders)], strict=True))
             chosen_settings = dict(zip(settings, rest[len(sliders) :], strict=True))
             chosen_settings = {k: int(v) if field_info()[k]["type"] is int else v for k, v in chosen_settings.items()}
@@ -299,6 +313,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                     grid_text,
                     side,
                     grid_step_count,
+                    extra,
                 )
                 results = hooks.run(request, JobState("tab"))
             except CopierError as exc:
@@ -309,7 +324,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             return grid_images, json.dumps(results), pick_update, results_html(results)
 
         train_inputs = [task_id, image, name, selected, edited, method, preset, grid_prompts, save_on_interrupt, size,
-                        grid_steps, *slider_list, *settings.values()]  # fmt: skip
+                        grid_steps, more, *slider_list, *settings.values()]  # fmt: skip
         train_outputs = [grids, results_json, pick, status]
         _on(train.click, hooks.wrap(start), train_inputs, train_outputs, js="copierLoraStart")
 

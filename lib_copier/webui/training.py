@@ -84,7 +84,7 @@ def _train_and_draw(request: TrainRequest, host: WebUIHost, out_dir: Path, stagi
         state.on_stage("generating the original")
         image = host.txt2img(request.generate)
     job = Job(
-        originals=[fit_image(image, side)],
+        originals=[fit_image(original, side) for original in (image, *request.more_images)],
         effects=request.effects,
         name=request.name,
         out_dir=staging,

@@ -54,7 +54,7 @@ def test_gallery_button_trains_and_shows_the_grids(page, tmp_path):
     assert page.input_value("#copier_lora_size input") == "64"  # the small settings from ui-config are in place
     # The progress bar is drawn where the user looks: just above the status, under Train, not at the top of the tab.
     where = ("#tab_copier_lora .progressDiv", "#copier_lora_status", "#copier_lora_train")
-    bar, status, train = (page.locator(selector).bounding_box() for selector in where)
+    bar, status, train = (page.locator(selector).first.bounding_box() for selector in where)
     assert train["y"] < bar["y"] <= status["y"] + 5, (bar, status, train)
 
     page.wait_for_selector("#copier_lora_results img", timeout=900_000)

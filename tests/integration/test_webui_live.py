@@ -11,6 +11,7 @@ import json
 import re
 import sys
 import time
+import urllib.error
 
 import pytest
 
@@ -67,17 +68,30 @@ def test_train_through_the_api_and_use_the_lora(webui):
     print(json.dumps({"webui": webui.kind, "seconds": round(time.time() - started), **state}), file=sys.stderr)
 
 
-def test_a_run_that_fails_while_drawing_its_grids_changes_nothing(webui):
+def test_a_run_stopped_while_drawing_its_grids_changes_nothing(webui):
     before = txt2img("a red apple")
-    name = f"fail-{int(time.time())}"
-    # A negative step count is only refused when the grids are drawn, after the LoRAs were trained and (Forge)
-    # baked into the weights by the WebUI's own loader. If the API learns to refuse it up front, pick another
-    # failure that happens mid-run.
-    state = wait(call("/copier-lora/v1/train", {**train_body(name), "grid_steps": -1})["id"])
-    assert state["status"] == "failed"
+    name = f"stop-{int(time.time())}"
+    # Stopped once the LoRAs are trained, written and being drawn by the WebUI's own loader (Forge bakes them into
+    # its weights): the files go, and the model draws as before.
+    body = {**train_body(name), "grid_prompts": ["a red apple", "a blue cube", "a house"], "grid_steps": 30}
+    job = call("/copier-lora/v1/train", body)["id"]
+    deadline = time.time() + 900
+    while not call(f"/copier-lora/v1/jobs/{job}")["stage"].startswith("strength grid") and time.time() < deadline:
+        time.sleep(0.5)
+    call(f"/copier-lora/v1/jobs/{job}/interrupt", {})
+    assert wait(job)["status"] in ("interrupted", "failed")
     call("/sdapi/v1/refresh-loras", {})
     assert not any(lora["name"].startswith(name) for lora in call("/sdapi/v1/loras"))
+    assert not list((webui.root / "models" / "Lora").rglob(f"{name}*"))
     assert txt2img("a red apple") == before
+
+
+def test_bad_requests_are_refused_before_any_job(webui):
+    for body, words in [({**train_body("x"), "grid_steps": -1}, '"grid_steps" is -1'),
+                        ({**train_body("x"), "size": "big"}, '"size" must be a whole number')]:  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            call("/copier-lora/v1/train", body)
+        assert refused.value.code == 400 and words in json.loads(refused.value.read())["detail"]
 
 
 def test_interrupt_keeps_nothing(webui):
