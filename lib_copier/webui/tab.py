@@ -242,9 +242,9 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             estimated = gr.Markdown(elem_id="copier_lora_estimate")
             with gr.Column(elem_id="copier_lora_progress"):  # the WebUI's progress bar is drawn at its top
                 status = gr.HTML(elem_id="copier_lora_status")
-            grids = gr.Gallery(
+            grids = gr.Gallery(  # one grid large at a time (square thumbnails would letterbox the wide grids)
                 label="Strength grids (weights -1, 0, +0.5, +1, +1.5)", elem_id="copier_lora_results",
-                columns=2, object_fit="contain", height=420,
+                columns=4, object_fit="contain", height=480, preview=True,
             )  # fmt: skip
             results_json = gr.Textbox(visible=False)
             with gr.Row():
