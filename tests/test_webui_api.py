@@ -129,6 +129,7 @@ BAD_TRAIN = [
     ({**GENERATE, "more_images": "abc"}, '"more_images" must be a list'),
     ({**GENERATE, "more_images": [1]}, '"more_images" must be a list of base64 images'),
     ({**GENERATE, "more_images": [_png(6000)]}, '"more_images"[0] is 6000x6000 px'),
+    ({**GENERATE, "more_images": ["x"] * 16}, '"more_images" has 16 items; it must have at most 15'),
     ([1, 2], "must be a JSON object"),
     ("text", "must be a JSON object"),
 ]

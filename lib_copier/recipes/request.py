@@ -27,6 +27,7 @@ from lib_copier.train.config import PRESETS, make_config
 
 DEFAULT_GRID_PROMPTS = GRID_PROMPTS[:2]
 MAX_IMAGE_BYTES = 64 * 2**20  # of base64 text: a 4096-px PNG fits several times over
+MAX_MORE_IMAGES = 15
 
 
 def decode_image(data: str, what: str = '"image"') -> Image.Image:
@@ -44,6 +45,8 @@ def decode_images(items: list) -> list[Image.Image]:
     """Further originals, each base64 like "image"."""
     if not all(isinstance(item, str) for item in items):
         raise CopierError('"more_images" must be a list of base64 images')
+    if len(items) > MAX_MORE_IMAGES:  # before decoding any of them
+        raise CopierError(f'"more_images" has {len(items)} items; it must have at most {MAX_MORE_IMAGES}')
     return [decode_image(item, f'"more_images"[{i}]') for i, item in enumerate(items)]
 
 
@@ -71,7 +74,7 @@ class TrainRequest:
     more_images: list[Image.Image] = setting(
         factory=list,
         help="further originals, base64 like image: each effect LoRA is learned over all of them (merged by SVD)",
-        hi=15,
+        hi=MAX_MORE_IMAGES,
         decode=decode_images,
         json_type=list,
     )

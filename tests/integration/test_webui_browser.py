@@ -63,6 +63,7 @@ def test_gallery_button_trains_and_shows_the_grids(page, tmp_path):
     status = page.inner_text("#copier_lora_status")
     assert "safetensors" in status and "copier" in status
 
+    assert "training steps in all" in page.inner_text("#copier_lora_estimate")  # said before Train was pressed
     # Effects by their labels, each described; only the ticked effects' parameters are shown.
     effects = page.inner_text("#copier_lora_effects")
     assert "Grayscale" in effects and "Sharpen / detail" in effects and "jpeg_noise" not in effects
