@@ -135,7 +135,3 @@ def run_checked(checked: CheckedTool) -> dict:
         args = build_parser().parse_args(checked.argv)
         args.func(args)
     return {"path": str(checked.path), "log": output.getvalue().strip()}
-
-
-def run_tool(tool: str, body, lora_dir: Path, checkpoint=None, checkpoint_dir=None) -> dict:
-    return run_checked(check_tool(tool, body, lora_dir, checkpoint, checkpoint_dir))

@@ -40,7 +40,7 @@ class Hooks:
     galleries: dict = field(default_factory=dict)  # tab name → (gallery, generation info, button), from gallery.py
     gallery_trains: Callable[[], bool] = lambda: True
     generate: Callable[[Txt2Img], Image.Image] | None = None  # the host's txt2img, for "Generate here"
-    run_tool: Callable[[str, dict], dict] | None = None  # lora_tools.run_tool over the WebUI's folders
+    run_tool: Callable[[str, dict], dict] | None = None  # (tool, body) → lora_tools check_tool, then run_checked
     loras: Callable[[], list[str]] = list
     checkpoints: Callable[[], list[str]] = list
     open_gallery_item: Callable | None = None  # the host's own reader of gallery items (it checks the folder)

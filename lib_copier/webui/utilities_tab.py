@@ -17,7 +17,7 @@ def _numbers(text: str) -> list[float] | None:
 
 
 def tool_body(tool: str, loras, checkpoint, original, tuned, ratios, rank, conv_rank, dynamic, dynamic_param, out):
-    """The form's values → the body `run_tool` takes (the same as the HTTP API's)."""
+    """The form's values → the body of the tool's request (the same as the HTTP API's)."""
     body: dict = {"out": out}
     if tool in ("merge", "svd-merge"):
         body["loras"] = list(loras or [])
