@@ -139,7 +139,8 @@ def check_tokenizer(snapshot: Path) -> None:
 
     hf, ours = CLIPTokenizer.from_pretrained(str(snapshot)), SimpleTokenizer()
     for prompt in CHECK_PROMPTS:
-        expected = [ours.sot_token_id, *ours.encode(prompt), ours.eot_token_id]
+        # By name in the vocabulary: open-clip 2.20 (A1111's pin) has no sot_token_id / eot_token_id attributes.
+        expected = [ours.encoder["<start_of_text>"], *ours.encode(prompt), ours.encoder["<end_of_text>"]]
         if hf(prompt)["input_ids"] != expected:
             raise SystemExit(f"tokenizer mismatch on {prompt!r}: {hf(prompt)['input_ids']} != {expected}")
 
