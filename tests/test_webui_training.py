@@ -53,6 +53,9 @@ def weights(host):
 def test_a_run_writes_loras_whose_grids_the_host_draws_from_the_files(host, tmp_path):
     before = weights(host)
     state = JobState("j")
+    leftover = tmp_path / STAGING / "died-mid-run"  # a WebUI killed during an earlier run left this
+    leftover.mkdir(parents=True)
+    (leftover / "old-copier.safetensors").write_bytes(b"")
     results = train_in_webui(request_for(host), host, tmp_path, state)
     assert [(r["kind"], r["name"]) for r in results] == [("copier", "cat-copier"), ("processed", "cat-grayscale")]
     for r in results:

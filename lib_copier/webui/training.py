@@ -61,6 +61,7 @@ def train_in_webui(request: TrainRequest, host: WebUIHost, out_dir: Path, state:
     an interrupted run's LoRAs)."""
     check_request(request)
     staging = out_dir / STAGING / state.id
+    _drop_leftovers(staging)
     try:
         with host.prepared():
             results, grids = _train_and_draw(request, host, out_dir, staging, state)
@@ -104,6 +105,14 @@ def _train_and_draw(request: TrainRequest, host: WebUIHost, out_dir: Path, stagi
     grids = _host_grids(host, request, results, side, state)
     _publish(staging, out_dir)
     return results, grids
+
+
+def _drop_leftovers(staging: Path) -> None:
+    """Runs are one at a time, so another run's folder here is from a WebUI that died mid-run (killed, out of
+    memory): its files never finished, and would show in the Lora list."""
+    for folder in staging.parent.glob("*"):
+        if folder != staging and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
