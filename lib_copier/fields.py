@@ -111,20 +111,19 @@ def _check_limits(label: str, value, meta: Mapping) -> None:
 def check(obj, name: Name = quoted):
     """`obj` itself, or a CopierError naming its first field of the wrong type or out of its limits."""
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if f.metadata.get("decode") is None:
-            _check_type(name(f.name), value, _hints(type(obj))[f.name])
-        _check_limits(name(f.name), value, f.metadata)
-        if dataclasses.is_dataclass(value):
-            check(value, lambda inner, outer=f.name: name(f"{outer}.{inner}"))
+        check_field(type(obj), f.name, getattr(obj, f.name), name)
     return obj
 
 
 def check_field(cls, field: str, value, name: Name = quoted):
-    """One value for field `field` of dataclass `cls`, checked as `check` would check it there."""
+    """One value of field `field` of dataclass `cls`: its type (unless a decoder made it), its limits, and a nested
+    dataclass's own fields."""
     (f,) = [f for f in dataclasses.fields(cls) if f.name == field]
-    _check_type(name(field), value, _hints(cls)[field])
+    if f.metadata.get("decode") is None:
+        _check_type(name(field), value, _hints(cls)[field])
     _check_limits(name(field), value, f.metadata)
+    if dataclasses.is_dataclass(value):
+        check(value, lambda inner: name(f"{field}.{inner}"))
     return value
 
 

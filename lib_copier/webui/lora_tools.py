@@ -19,13 +19,16 @@ from lib_copier.fields import from_json, quoted, setting
 from lib_copier.lora.ops import DYNAMIC_METHODS
 from lib_copier.recipes.outputs import check_name
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16")  # lora.files.PRECISIONS without kohya's alias "float"
 _OUT = "name of the file to write, without .safetensors"
 _LORAS = "LoRA names in the LoRA folder, without .safetensors"
 _RATIOS = "one per LoRA (default 1 each); a negative ratio subtracts"
 _RANK = "rank of linear layers and 1x1 convolutions"
 _CONV = "rank of 3x3 convolutions (none: they are left as they are, or out)"
-_PRECISION = "save precision"
+
+
+def _precision():
+    return setting("fp32", "save precision", choices=PRECISIONS)
 
 
 @dataclass
@@ -36,7 +39,7 @@ class Merge:
     checkpoint: str | None = setting(
         None, "merge into this checkpoint instead; writes a model to the checkpoint folder"
     )
-    precision: str = setting("fp32", _PRECISION, choices=PRECISIONS)
+    precision: str = _precision()
 
 
 @dataclass
@@ -46,7 +49,7 @@ class SvdMerge:
     rank: int = setting(help=_RANK, lo=1, hi=1024)
     ratios: list[float] | None = setting(None, _RATIOS)
     conv_rank: int | None = setting(None, _CONV, 1, 1024)
-    precision: str = setting("fp32", _PRECISION, choices=PRECISIONS)
+    precision: str = _precision()
 
 
 @dataclass
@@ -57,7 +60,7 @@ class Resize:
     conv_rank: int | None = setting(None, _CONV, 1, 1024)
     dynamic_method: str | None = setting(None, "pick each module's rank by its spectrum", choices=DYNAMIC_METHODS)
     dynamic_param: float | None = setting(None, "the dynamic method's threshold", 0.0, 1e6)
-    precision: str = setting("fp32", _PRECISION, choices=PRECISIONS)
+    precision: str = _precision()
 
 
 @dataclass
@@ -67,7 +70,7 @@ class Extract:
     out: str = setting(help=_OUT)
     rank: int = setting(help=_RANK, lo=1, hi=1024)
     conv_rank: int | None = setting(None, _CONV, 1, 1024)
-    precision: str = setting("fp32", _PRECISION, choices=PRECISIONS)
+    precision: str = _precision()
 
 
 REQUESTS = {"merge": Merge, "svd-merge": SvdMerge, "resize": Resize, "extract": Extract}
