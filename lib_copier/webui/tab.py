@@ -26,7 +26,7 @@ from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.estimate import estimate, recipe_steps
 from lib_copier.recipes.job import METHODS, RECIPE_PRESETS, make_effects
 from lib_copier.recipes.request import DEFAULT_GRID_PROMPTS, TrainRequest
-from lib_copier.train.config import field_info, make_config
+from lib_copier.train.config import PRESETS, field_info, make_config
 from lib_copier.webui.infotext import Infotext, build_infotext, image_infotext, with_lora
 from lib_copier.webui.jobs import JobState
 from lib_copier.webui.utilities_tab import build_utilities
@@ -60,7 +60,11 @@ METHOD_HELP = (
     "copier: trains a copier of the image, then one effect LoRA on top of it (the seeds' method); "
     "extraction: a copier of each processed image too, and their difference; both: each kind"
 )
-PRESET_HELP = "quick: rank 16, 500 steps per LoRA; thorough: rank 64, 3000-4000 steps, resized to rank 8 (~8x longer)"
+PRESET_HELP = (  # from the presets themselves, so it cannot drift from them
+    f"quick: rank {PRESETS['quick']['rank']}, {PRESETS['quick']['steps']} steps per LoRA; thorough: rank "
+    f"{PRESETS['thorough']['rank']}, {PRESETS['thorough']['steps']}-{RECIPE_PRESETS['thorough']['processed_steps']} "
+    f"steps, resized to rank {RECIPE_PRESETS['thorough']['resize_rank']}"
+)
 SETTING_GROUPS = {
     "Network": ("rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "text_lr"),
     "Optimisation": ("steps", "lr", "optimizer", "weight_decay", "max_grad_norm", "batch_size", "scheduler",
@@ -76,10 +80,10 @@ def effect_descriptions(chosen: list[str]) -> str:
 
 
 def effect_specs(selected: list[str], values: dict[str, float]) -> list[list[str]]:
-    """Checked effects (by label or name) with their parameter values → one chain spec per effect."""
+    """Ticked effects (by label) with their parameter values → one chain spec per effect."""
     specs = []
     for effect in all_effects():
-        if effect.name in selected or effect.label in selected:
+        if effect.label in selected:
             given = [(p.name, values.get(f"{effect.name}.{p.name}")) for p in effect.params]
             params = ",".join(f"{key}={value}" for key, value in given if value is not None)
             specs.append([f"{effect.name}:{params}" if params else effect.name])
