@@ -60,16 +60,21 @@ def test_evaluate_command_writes_a_report_on_a_tiny_run(tmp_path, capsys):
         "1",
         "--threads",
         "1",
+        "--pair-set",
+        "steps=3",
     ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     grayscale = results["effects"]["grayscale"]
     assert set(grayscale["variants"]) == {"single", "merged"}
-    assert set(grayscale["variants"]["merged"]) == {"naive", "copier", "extraction"}
+    assert set(grayscale["variants"]["merged"]) == {"naive", "copier", "extraction", "slider", "addift"}
+    assert set(results["timing"]["train_s_by_method"]) == {"naive", "copier", "extraction", "slider", "addift"}
+    assert results["settings"]["pair_train_configs"]["slider"]["steps"] == 3
     summary = grayscale["variants"]["merged"]["copier"]["summary"]
     assert len(summary["transfer"]["mean"]) == 6 and summary["kept_layout"]["mean"][2] == pytest.approx(1.0)
     report = (out / "report.md").read_text()
     assert "## Result" in report and "images/grayscale-grid.png" in report
+    assert "**Winner per effect**" in report and "grayscale: **" in report
     for name in ("originals", "grayscale-grid", "grayscale-charts"):
         assert (out / "images" / f"{name}.png").is_file()
     assert main(argv) == 2  # an existing report is not overwritten

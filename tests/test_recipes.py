@@ -152,7 +152,7 @@ def test_a_cancelled_job_writes_nothing_unless_asked(backend, original, tmp_path
 def test_jobs_are_checked_before_any_training(backend, original, tmp_path):
     with pytest.raises(CopierError, match="multiples of 32"):
         run_job(backend, job(tmp_path, original, originals=[original.resize((50, 64))]))
-    with pytest.raises(CopierError, match="extraction needs at least one effect"):
+    with pytest.raises(CopierError, match="the extraction method needs at least one effect"):
         run_job(backend, job(tmp_path, original, method="extraction", effects=[]))
     with pytest.raises(CopierError, match="unknown trainer setting"):
         run_job(backend, job(tmp_path, original, overrides={"stpes": 3}))

@@ -14,7 +14,7 @@ from lib_copier.models.generate import Txt2Img
 from lib_copier.models.sd_model import build_model
 from lib_copier.train.config import PRESETS, TrainConfig, field_info, make_config
 from lib_copier.train.optim import lr_factor, make_optimizer
-from lib_copier.train.trainer import Callbacks, Cancelled, image_tensor, train_lora
+from lib_copier.train.trainer import Callbacks, Cancelled, image_tensor, train_lora, train_pair
 from tests.conftest import TINY_SD2V, TINY_SDXL, randomize_
 
 
@@ -125,6 +125,35 @@ def test_progress_and_previews_are_reported(tiny):
     assert previews == [(2, (64, 64)), (4, (64, 64))]
 
 
+def delta_norm(network) -> float:
+    """‖Σ up·down‖ over the modules: how much the LoRA changes the model's weights."""
+    return sum(float(w.delta().norm() ** 2) for w in network.to_weights().values()) ** 0.5
+
+
+@pytest.mark.parametrize("loss", ["slider", "addift"])
+def test_a_pair_method_learns_only_the_difference(tiny, loss):
+    backend, image = tiny
+    before = snapshot(backend)
+    other = backend.generate(Txt2Img("a blue square", seed=2))
+    config = quick(steps=8, lr=1e-2, train_text_encoder=True, flip=True, batch_size=2)
+    same = train_pair(backend, image, image, ["", "a cat"], config, loss)
+    naive = train_lora(backend, image, ["", "a cat"], config)  # the same image as a plain target: a copier
+    different = train_pair(backend, image, other, ["", "a cat"], config, loss)
+    # Two equal images have no difference to learn: the LoRA stays at its zero start, where a copier moves.
+    assert delta_norm(same.network) < 1e-6 * delta_norm(naive.network)
+    assert delta_norm(different.network) > 0.01 * delta_norm(naive.network)
+    assert all(math.isfinite(x) for x in different.losses) and len(different.losses) == 8
+    assert_unchanged(backend, before)
+
+
+def test_a_pair_must_be_one_size_and_a_known_loss(tiny):
+    backend, image = tiny
+    with pytest.raises(CopierError, match="processed image is 32x64 and its original 64x64; a pair must have one"):
+        train_pair(backend, image, image.resize((32, 64)), "", quick(), "slider")
+    with pytest.raises(CopierError, match="unknown pair loss 'sliders'; choose one of slider, addift"):
+        train_pair(backend, image, image, "", quick(), "sliders")
+
+
 @pytest.mark.parametrize("config", [TINY_SD2V, TINY_SDXL], ids=["sd2-v", "sdxl"])
 def test_v_prediction_and_sdxl_models_train(config):
     backend = backend_for(config)
@@ -132,6 +161,8 @@ def test_v_prediction_and_sdxl_models_train(config):
     before = snapshot(backend)
     result = train_lora(backend, image, "a cat", quick(steps=3, train_text_encoder=True, min_snr_gamma=5.0))
     assert all(math.isfinite(loss) for loss in result.losses)
+    pair = train_pair(backend, image, image.transpose(0), "a cat", quick(steps=2, train_text_encoder=True), "addift")
+    assert all(math.isfinite(loss) for loss in pair.losses)
     keys = result.network.modules_by_key
     assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te") for k in keys)
     assert_unchanged(backend, before)

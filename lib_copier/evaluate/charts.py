@@ -8,7 +8,13 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-COLOURS = {"naive": (214, 39, 40), "copier": (31, 119, 180), "extraction": (44, 160, 44)}
+COLOURS = {
+    "naive": (214, 39, 40),
+    "copier": (31, 119, 180),
+    "extraction": (44, 160, 44),
+    "slider": (148, 103, 189),
+    "addift": (255, 127, 14),
+}
 GRAY = (150, 150, 150)
 
 

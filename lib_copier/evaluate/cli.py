@@ -1,4 +1,4 @@
-"""`python -m lib_copier evaluate`: naive vs copier vs extraction, per effect, into a Markdown report."""
+"""`python -m lib_copier evaluate`: naive, copier, extraction, slider and addift, per effect, into a report."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ SETTINGS = ("originals", "prompts", "seeds", "steps", "lr", "prompt_pool", "samp
 def add_commands(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "evaluate",
-        help="measure the method: naive vs copier vs extraction LoRAs per effect, into a Markdown report",
-        description="Train naive, copier and extraction LoRAs for each effect from the same originals, draw them at "
-        "weights -1 … +1.5 on held-out prompts and seeds, and measure effect transfer, content leakage, structure "
-        "kept and copier fidelity. Writes report.md, results.json and images/ into --out.",
+        help="measure the methods: naive, copier, extraction, slider and addift LoRAs per effect, into a report",
+        description="Train naive, copier, extraction, slider and addift LoRAs for each effect from the same "
+        "originals, draw them at weights -1 … +1.5 on held-out prompts and seeds, and measure effect transfer, "
+        "content leakage, structure kept, copier fidelity and training time. Writes report.md, results.json and "
+        "images/ into --out.",
     )
     p.add_argument("--out", default="copier-evaluate", help="output folder (default: copier-evaluate)")
     p.add_argument("--name", help="file stem: NAME.md, NAME.json and images/NAME/ instead of report.md, results.json")
@@ -34,8 +35,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--originals", type=int, help="how many generated originals (default 8; quick 2)")
     p.add_argument("--prompts", type=int, help="held-out prompts (default 4; quick 2)")
     p.add_argument("--seeds", type=int, help="seeds per prompt (default 3; quick 2)")
-    p.add_argument("--steps", type=int, help="training steps per LoRA (default 400; quick 250)")
-    p.add_argument("--lr", type=float, help="learning rate (default 3e-3)")
+    p.add_argument("--steps", type=int, help="training steps per copier-method LoRA (default 400; quick 250)")
+    p.add_argument("--lr", type=float, help="learning rate of the copier methods' LoRAs (default 3e-3)")
     p.add_argument("--prompt-pool", type=int, help="training prompts mixed with the empty caption (default 32)")
     p.add_argument("--sample-steps", type=int, help="Euler steps per evaluation image (default 16; quick 12)")
     p.add_argument("--grid-rows", type=int, help="prompts per method in the strength grids (default 1)")
@@ -46,6 +47,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a trainer setting of the copier method's B only (experiments: timestep range, rank …)",
+    )
+    p.add_argument(
+        "--pair-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a trainer setting of the pair methods (slider, addift), which otherwise train as the "
+        "copier command trains them",
     )
     p.add_argument("--quick", action="store_true", help="a small evaluation (about 4 minutes on 2 CPU cores)")
     p.add_argument("--notes", help="a Markdown file whose text goes into the report under the result")
@@ -76,6 +85,7 @@ def settings_from(args: argparse.Namespace):
         effects=list(dict.fromkeys(effects)),
         overrides=parse_overrides(args.set),
         processed_overrides=parse_overrides(args.processed_set),
+        pair_overrides=parse_overrides(args.pair_set),
         **values,
     )
 

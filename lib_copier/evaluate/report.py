@@ -90,7 +90,7 @@ def _png(image: Image.Image, path: Path) -> None:
 def markdown(results: dict, images: str, json_name: str, notes: str = "") -> str:
     s, t = results["settings"], results["timing"]
     lines = [
-        "# The method, measured: naive vs copier vs extraction",
+        "# The methods, measured: naive, copier, extraction, slider and ADDifT-style",
         "",
         f"Produced by `{s['command']}` on the {s['model']} model in {t['total_s'] / 60:.1f} minutes "
         f"({t['machine']}). Raw numbers: [`{json_name}`]({json_name}).",
@@ -100,6 +100,8 @@ def markdown(results: dict, images: str, json_name: str, notes: str = "") -> str
         "## Result",
         "",
         *headline(results),
+        "",
+        *winners(results),
     ]
     if notes.strip():
         lines += ["", notes.strip()]
@@ -124,13 +126,52 @@ def _settings(results: dict) -> list[str]:
     return [
         f"- Originals: {len(results['originals'])} generated images ({'; '.join(results['originals'])}), seed 1.",
         f"- Effects: {', '.join(results['effects'])}.",
-        f"- Training, per LoRA: {s['steps']} steps at lr {s['lr']:g}, rank {s['rank']}, "
-        f"{s['prompt_pool']} pool prompts + the empty caption; extraction SVD rank {s['extraction_rank']}. "
-        f"{t['trainings']} training runs in {t['train_s'] / 60:.1f} min.",
+        f"- Training, per LoRA of the copier methods (naive, copier, extraction): {s['steps']} steps at lr "
+        f"{s['lr']:g}, rank {s['rank']}, {s['prompt_pool']} pool prompts + the empty caption; extraction SVD rank "
+        f"{s['extraction_rank']}.",
+        *[f"- {m}: {_pair_settings(c)}, the same prompts." for m, c in s.get("pair_train_configs", {}).items()],
+        f"- {t['trainings']} training runs in {t['train_s'] / 60:.1f} min. Training time per LoRA, mean over "
+        f"originals and effects (what a user waits for one effect; A is counted in full for copier and "
+        f"extraction): {', '.join(f'{m} {v:.1f} s' for m, v in t.get('train_s_by_method', {}).items())}.",
         f"- Measured on {len(results['prompts'])} held-out prompts × {len(results['seeds'])} seeds, "
         f"weights {', '.join(f'{w:+g}' for w in results['weights'])}, {s['sample_steps']} Euler steps: "
         f"{t['images']} images in {t['measure_s'] / 60:.1f} min.",
     ]
+
+
+def _pair_settings(config: dict) -> str:
+    band = f"timesteps {config['timestep_min']}–{config['timestep_max']}"
+    snr = f", Min-SNR γ {config['min_snr_gamma']:g}" if config["min_snr_gamma"] else ""
+    return (
+        f"{config['steps']} steps at lr {config['lr']:g}, rank {config['rank']}, alpha {config['alpha']:g}, "
+        f"{band}{snr}, trained at weight ±{config['pair_weight']:g}"
+    )
+
+
+def winners(results: dict) -> list[str]:
+    """Per variant and effect, the method that carries the most of the effect at +1 among those that leak less
+    than LEAK_MARGIN dB there, and why: its transfer (or closeness), leakage, structure kept and training time."""
+    at = _weight_index(results["weights"], 1.0)
+    seconds = results["timing"].get("train_s_by_method", {})
+    lines = [f"**Winner per effect** (most of the effect at +1 among methods leaking under {LEAK_MARGIN:g} dB):", ""]
+    for variant in _variants(results):
+        cells = []
+        for label, effect in results["effects"].items():
+            methods = effect["variants"][variant]
+            fair = [m for m in METHODS if _mean(methods[m], "leak", at) < LEAK_MARGIN] or list(METHODS)
+            best = max(fair, key=lambda m: _key(methods[m])[at])
+            runner = max((m for m in fair if m != best), key=lambda m: _key(methods[m])[at], default=None)
+            name = _key_name(methods[best])
+            why = (
+                f"{name} {_key(methods[best])[at]:+.2f}"
+                + (f" (next: {runner} {_key(methods[runner])[at]:+.2f})" if runner else "")
+                + f", leakage {_mean(methods[best], 'leak', at):+.2f} dB, kept "
+                f"{_mean(methods[best], 'kept_layout', at):.2f}"
+                + (f", {seconds[best]:.0f} s" if best in seconds else "")
+            )
+            cells.append(f"{label}: **{best}** — {why}")
+        lines.append(f"- {VARIANT_TEXT[variant]}: " + "; ".join(cells) + ".")
+    return lines
 
 
 def headline(results: dict) -> list[str]:
@@ -176,7 +217,12 @@ def _definitions(results: dict) -> list[str]:
         "",
         "- **naive**: B trained on the processed image P against the base model alone (this is P's copier A′); "
         "**copier**: B trained on P against the base model with the original's copier A fused in (the method); "
-        "**extraction**: A′ − A, SVD-merged, positive weight toward P. Each LoRA is applied alone to the base model.",
+        "**extraction**: A′ − A, SVD-merged, positive weight toward P; **slider** (Concept Sliders' image sliders): "
+        "one LoRA trained on the pair (O, P) with the same noise and timestep for both, at +m denoising P and at −m "
+        "denoising O, so what the two share cancels; **addift** (after TrainTrain's ADDifT): one LoRA whose "
+        "prediction at +m on noised P must equal the base model's own prediction on O noised alike, and at −m the "
+        "reverse, one direction per step. Neither pair method trains a copier. Each LoRA is applied alone to the "
+        "base model.",
         "- G₀ is the base model's image of a held-out prompt and seed, G_w the same with the LoRA at weight w, "
         "effect(G₀) the effect applied to G₀ (what a perfect effect LoRA would draw at +1).",
         "- **effect transfer**: (metric(G_w) − metric(G₀)) ÷ (metric(effect(G₀)) − metric(G₀)), with the effect's "

@@ -1,4 +1,4 @@
-"""One evaluation, start to end: originals, the three methods' LoRAs, measurements, report."""
+"""One evaluation, start to end: originals, the five methods' LoRAs, measurements, report."""
 
 from __future__ import annotations
 
@@ -9,17 +9,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 
 from lib_copier.evaluate.measure import WEIGHTS, Plan, measure
 from lib_copier.evaluate.report import Layout, write_report
-from lib_copier.evaluate.train import train_methods
+from lib_copier.evaluate.train import METHODS, train_methods
 from lib_copier.evaluate.workers import Workers, backend
 from lib_copier.models.generate import Txt2Img
-from lib_copier.recipes.job import make_effects
+from lib_copier.recipes.job import make_effects, method_config
 from lib_copier.recipes.prompts import GRID_PROMPTS, grid_prompts, prompt_pool
-from lib_copier.train.config import make_config
+from lib_copier.train.config import PAIR_LOSSES, make_config
 
 SEED_EFFECTS = ("outline", "flatten", "high_contrast", "posterize", "jpeg_noise", "grayscale")
 # Originals for the built-in model: eight different colours, shapes and backgrounds, so that a LoRA merged over
@@ -61,6 +62,7 @@ class Settings:
     lr: float = 3e-3
     overrides: dict = field(default_factory=dict)
     processed_overrides: dict = field(default_factory=dict)  # the copier method's B alone, for experiments
+    pair_overrides: dict = field(default_factory=dict)  # over the pair methods' own defaults (recipes.job)
     prompt_pool: int = 32
     sample_steps: int = 16
     extraction_rank: int = 8
@@ -90,6 +92,7 @@ def evaluate(
     start, load_before = time.perf_counter(), _load()
     config = make_config("quick", **{"steps": settings.steps, "lr": settings.lr, **settings.overrides})
     processed_config = dataclasses.replace(config, **settings.processed_overrides)
+    pair_configs = {m: method_config(m, "quick", settings.pair_overrides) for m in PAIR_LOSSES}
     effects = make_effects([spec.split("+") for spec in settings.effects])
     captions = list(BUILTIN_ORIGINALS if builtin else OTHER_ORIGINALS)[: settings.originals]
     if images:
@@ -109,6 +112,7 @@ def evaluate(
         processed_config,
         settings.extraction_rank,
         lambda text: stage(f"training: {text}"),
+        pair_configs,
     )
     plan = Plan(
         held_out,
@@ -126,6 +130,7 @@ def evaluate(
             "command": command,
             "train_config": dataclasses.asdict(config),
             "processed_train_config": dataclasses.asdict(processed_config),
+            "pair_train_configs": {m: dataclasses.asdict(c) for m, c in pair_configs.items()},
         },
         "originals": captions,
         "controls": control_captions,
@@ -137,6 +142,13 @@ def evaluate(
     processed = {e.label: [e.process(o) for o in originals] for e in effects}
     results["timing"] = {
         "trainings": trained.runs,
+        # seconds of training per LoRA, by method: the mean over originals and effects
+        "train_s_by_method": {
+            m: round(
+                float(np.mean([s for (_, method), v in trained.seconds_each.items() if method == m for s in v])), 1
+            )
+            for m in METHODS
+        },
         "train_s": round(trained.seconds, 1),
         "images": measured.images,
         "measure_s": round(measured.seconds, 1),

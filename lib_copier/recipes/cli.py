@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lib_copier.errors import CopierError
 from lib_copier.models.cli import add_model_arguments, slug
+from lib_copier.recipes.kinds import METHODS
 from lib_copier.recipes.prompts import grid_prompts, prompt_pool
 from lib_copier.train.config import PRESETS, field_info
 
@@ -29,7 +30,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="an effect chain, e.g. grayscale or posterize:levels=4+outline (repeat: one LoRA per effect)",
     )
     p.add_argument("--processed-image", action="append", default=[], help="a processed image you edited yourself")
-    p.add_argument("--method", choices=("copier", "extraction", "both"), default="copier")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="copier",
+        help="copier: copier A, then B on top of it; extraction: A′ − A; both: B and A′ − A; slider, addift: one "
+        "LoRA from each (original, processed) pair, with no copier",
+    )
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick")
     p.add_argument("--caption", default="", help="training caption (default: empty, as the method suggests)")
     p.add_argument(

@@ -7,17 +7,21 @@ GPU the progress bar gives the time left after the first steps, so no guess is m
 
 from __future__ import annotations
 
-from lib_copier.recipes.job import RECIPE_PRESETS
-from lib_copier.train.config import make_config
+from lib_copier.recipes.job import PAIR_DEFAULTS, RECIPE_PRESETS, method_config
 
 CPU_SECONDS_AT = (2.07, 7.98e-5)  # seconds per step = a + b * side², SD1.5 on 2 CPU cores
 SDXL_FACTOR = 3.0
 SMALL_SIDE = 128
+# A pair method's step in plain steps: the slider runs the UNet forward and backward twice, addift adds a forward.
+STEP_COST = {"slider": 2.0, "addift": 1.35}
 
 
 def recipe_steps(method: str, effects: int, preset: str, overrides: dict, originals: int = 1) -> int:
-    """Training steps of a run: per original the copier, then per effect its processed LoRA and/or A′."""
-    config = make_config(preset, **overrides)
+    """Training steps of a run: per original the copier, then per effect its processed LoRA and/or A′; or per
+    original and effect one pair LoRA (whose steps cost more: STEP_COST)."""
+    config = method_config(method, preset, overrides)
+    if method in PAIR_DEFAULTS:
+        return effects * config.steps * originals
     processed = RECIPE_PRESETS[preset]["processed_steps"]
     processed = config.steps if processed is None or "steps" in overrides else processed
     steps = config.steps
@@ -36,7 +40,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} hours"
 
 
-def estimate(steps: int, device: str, side: int, sdxl: bool = False) -> str:
+def estimate(steps: int, device: str, side: int, sdxl: bool = False, method: str = "copier") -> str:
     """One or two sentences: the steps, and on a CPU the rough time (with the small size's time when it is long)."""
     text = f"{steps} training steps in all."
     if device != "cpu":
@@ -44,7 +48,7 @@ def estimate(steps: int, device: str, side: int, sdxl: bool = False) -> str:
 
     def seconds(at: int) -> float:
         a, b = CPU_SECONDS_AT
-        return steps * (a + b * at * at) * (SDXL_FACTOR if sdxl else 1.0)
+        return steps * (a + b * at * at) * (SDXL_FACTOR if sdxl else 1.0) * STEP_COST.get(method, 1.0)
 
     text += f" On this CPU at {side} px that is roughly {_duration(seconds(side))}"
     if side > SMALL_SIDE and seconds(side) > 1800:

@@ -22,19 +22,42 @@ from lib_copier.lora.network import LoRANetwork
 from lib_copier.lora.ops import Progress
 from lib_copier.lora.weights import LoRAWeights
 from lib_copier.recipes.grid import network_render, strength_grid
-from lib_copier.recipes.methods import Weights, extraction, merge_processed, shrink, train_copier, train_processed
+from lib_copier.recipes.kinds import COPIER_METHODS, METHODS
+from lib_copier.recipes.methods import (
+    Weights,
+    extraction,
+    merge_processed,
+    shrink,
+    train_copier,
+    train_pair_method,
+    train_processed,
+)
 from lib_copier.recipes.outputs import Written, free_name, sidecar, write_result
-from lib_copier.train.config import TrainConfig, make_config
+from lib_copier.train.config import PAIR_LOSSES, TrainConfig, make_config
 from lib_copier.train.trainer import Callbacks, Cancelled, TrainResult
 
-METHODS = ("copier", "extraction", "both")
-# File name endings: `<name>-copier`, `<name>-<effect>`, `<name>-<effect>-extraction`; A′ (the processed image's
-# copier) is only ever written when an extraction run is interrupted with save_on_cancel.
-SUFFIX = {"copier": "copier", "processed": "", "extraction": "extraction", "processed-copier": "processed-copier"}
+# File name endings: `<name>-copier`, `<name>-<effect>`, `<name>-<effect>-extraction`, `<name>-<effect>-slider`,
+# `<name>-<effect>-addift`; A′ (the processed image's copier) is only ever written when an extraction run is
+# interrupted with save_on_cancel.
+SUFFIX = {
+    "copier": "copier",
+    "processed": "",
+    "extraction": "extraction",
+    "processed-copier": "processed-copier",
+    **{loss: loss for loss in PAIR_LOSSES},
+}
 # What a preset means for the recipe beyond the trainer: the processed LoRA's steps and its final rank.
 RECIPE_PRESETS = {
     "quick": {"processed_steps": None, "resize_rank": None, "extraction_rank": 8},
     "thorough": {"processed_steps": 4000, "resize_rank": 8, "extraction_rank": 8},
+}
+# The pair methods' own trainer defaults, between the preset and the user's overrides (chosen from measurements on
+# the built-in model: docs/method-report.md). The published settings are small LoRAs at low learning rates.
+PAIR_DEFAULTS: dict[str, dict[str, object]] = {
+    "slider": dict(rank=4, alpha=1.0, steps=1000, lr=2e-4),
+    "addift": dict(
+        rank=4, alpha=1.0, steps=100, lr=1e-4, timestep_min=200, timestep_max=400, pair_weight=0.25, min_snr_gamma=5.0
+    ),
 }
 
 
@@ -94,7 +117,7 @@ class Job:
         return [self.caption, *self.prompt_pool]
 
     def config(self) -> TrainConfig:
-        return make_config(self.preset, **self.overrides)
+        return method_config(self.method, self.preset, self.overrides)
 
     def processed_config(self) -> TrainConfig:
         steps = RECIPE_PRESETS[self.preset]["processed_steps"]
@@ -102,6 +125,11 @@ class Job:
         if steps is None or "steps" in self.overrides:
             return base
         return dataclasses.replace(base, steps=steps)
+
+
+def method_config(method: str, preset: str, overrides: dict) -> TrainConfig:
+    """The trainer settings of a method's LoRAs: the preset, then the method's own defaults, then the overrides."""
+    return make_config(preset, **{**PAIR_DEFAULTS.get(method, {}), **overrides})
 
 
 @dataclass
@@ -135,7 +163,7 @@ def check_job(job: Job, backend: Backend) -> None:
     if not job.originals:
         raise CopierError("the job has no original image")
     if not job.effects and job.method != "copier":
-        raise CopierError("extraction needs at least one effect or processed image")
+        raise CopierError(f"the {job.method} method needs at least one effect or processed image")
     job.config()  # validates the preset and every override
     labels = [e.label for e in job.effects]
     if len(set(labels)) != len(labels):
@@ -175,14 +203,23 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
     try:
         for i, original in enumerate(job.originals):
             tag = f" (original {i + 1}/{len(job.originals)})" if len(job.originals) > 1 else ""
-            stage(f"copier{tag}")
-            current = ("copier", "")
-            copier = train_copier(backend, original, job.captions(), config, callbacks)
-            copier_weights = _cpu(copier.network.to_weights())
-            if job.keep_copier:
-                pending.append(_pending("copier", "", copier_weights, [copier], f"Copier LoRA of {job.name}{tag}"))
+            if job.method in COPIER_METHODS:
+                stage(f"copier{tag}")
+                current = ("copier", "")
+                copier = train_copier(backend, original, job.captions(), config, callbacks)
+                copier_weights = _cpu(copier.network.to_weights())
+                if job.keep_copier:
+                    note = f"Copier LoRA of {job.name}{tag}"
+                    pending.append(_pending("copier", "", copier_weights, [copier], note))
             for effect in job.effects:
                 processed_image = effect.process(original)
+                if job.method in PAIR_LOSSES:
+                    stage(f"{job.method}: {effect.label}{tag}")
+                    current = (job.method, effect.label)
+                    run = train_pair_method(
+                        backend, job.method, original, processed_image, job.captions(), config, callbacks
+                    )
+                    trained.setdefault((effect.label, job.method), []).append((_cpu(run.network.to_weights()), run))
                 if job.method in ("copier", "both"):
                     stage(f"processed: {effect.label}{tag}")
                     current = ("processed", effect.label)
@@ -222,8 +259,10 @@ def _merged(job: Job, config: TrainConfig, trained: dict, progress: Progress | N
         if kind == "processed":
             merged = merge_processed([w for w, _ in items], ranks["resize_rank"] or config.rank, progress)
             weights = shrink(merged, ranks["resize_rank"], progress)
-        else:
+        elif kind == "extraction":
             weights = merge_processed([w for w, _ in items], ranks["extraction_rank"], progress)
+        else:  # a pair method's LoRA keeps its trained rank
+            weights = merge_processed([w for w, _ in items], config.rank, progress)
         runs = [run for _, run in items]
         out.append(_pending(kind, label, weights, runs, f"{kind} LoRA: {label}", chains[label]))
     return out

@@ -3,6 +3,7 @@
 - copier: A overfits the original O against the base model M.
 - processed: B learns P against M + A (A fused at weight 1), so it holds only the effect P − O.
 - extraction: A′ learns P against M; SVD(A′ − A) to a small rank, oriented so a positive weight moves toward P.
+- slider / addift (the pair methods): one LoRA learned from (O, P) directly, with no copier (trainer.train_pair).
 - several originals: one B per original, merged by SVD with equal shares.
 """
 
@@ -17,7 +18,7 @@ from lib_copier.lora.network import LoRANetwork
 from lib_copier.lora.ops import Progress, merge_svd, resize
 from lib_copier.lora.weights import LoRAWeights
 from lib_copier.train.config import TrainConfig
-from lib_copier.train.trainer import Callbacks, TrainResult, train_lora
+from lib_copier.train.trainer import Callbacks, TrainResult, train_lora, train_pair
 
 Weights = dict[str, LoRAWeights]
 
@@ -41,6 +42,19 @@ def train_processed(
     callbacks: Callbacks | None = None,
 ) -> TrainResult:
     return train_lora(backend, processed, caption, config, frozen=[(copier, 1.0)], callbacks=callbacks)
+
+
+def train_pair_method(
+    backend: Backend,
+    method: str,
+    original: Image.Image,
+    processed: Image.Image,
+    caption: str | Sequence[str],
+    config: TrainConfig,
+    callbacks: Callbacks | None = None,
+) -> TrainResult:
+    """The effect LoRA of a pair method ("slider" or "addift"), positive weights toward `processed`."""
+    return train_pair(backend, original, processed, caption, config, method, callbacks)
 
 
 def shrink(weights: Weights, rank: int | None, progress: Progress | None = None) -> Weights:

@@ -20,7 +20,8 @@ from lib_copier.fields import check as check_fields
 from lib_copier.fields import from_json, quoted, setting
 from lib_copier.models.cli import slug
 from lib_copier.models.generate import MAX_STEPS, Txt2Img
-from lib_copier.recipes.job import METHODS, Effect, make_effects
+from lib_copier.recipes.job import Effect, make_effects
+from lib_copier.recipes.kinds import METHODS
 from lib_copier.recipes.outputs import check_name
 from lib_copier.recipes.prompts import GRID_PROMPTS
 from lib_copier.train.config import PRESETS, make_config
@@ -87,7 +88,12 @@ class TrainRequest:
         decode=parse_effects,
         json_type=list,
     )
-    method: str = setting("copier", "copier, extraction (needs an effect) or both", choices=METHODS)
+    method: str = setting(
+        "copier",
+        "copier, extraction, both (copier and extraction), or the pair methods slider and addift; all but copier "
+        "need an effect",
+        choices=METHODS,
+    )
     preset: str = setting("quick", "trainer preset", choices=tuple(PRESETS))
     overrides: dict = setting(factory=dict, help='trainer settings over the preset, e.g. {"steps": 200}')
     caption: str = setting("", "training caption", hi=10_000)

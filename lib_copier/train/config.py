@@ -15,6 +15,7 @@ from lib_copier.fields import check, setting
 OPTIMIZERS = ("adamw", "adamw8bit", "lion")
 SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16", "fp16")
+PAIR_LOSSES = ("slider", "addift")  # trainer.train_pair's losses
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class TrainConfig:
     noise_offset: float = setting(0.0, "per-channel constant noise added to the training noise", 0.0, 1.0)
     mixed_precision: str = setting("bf16", "autocast dtype on CUDA (the CPU computes in fp32)", choices=PRECISIONS)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, slower")
+    pair_weight: float = setting(
+        1.0, "slider and ADDifT: the LoRA's weight while it trains; weight 1 afterwards is 1 / this of it", 0.05, 10.0
+    )
     seed: int = setting(0, "seed of the LoRA initialisation, the noise and the timesteps", 0, 2**31 - 1)
     preview_every: int = setting(0, "sample a preview every N steps; 0 turns previews off", 0, 100_000)
     save_on_cancel: bool = setting(False, "an interrupted run keeps what it has trained so far")

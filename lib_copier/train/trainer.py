@@ -1,4 +1,12 @@
-"""Train one LoRA on one image, over any Backend: the whole training step is `_step`, on one screen.
+"""Train one LoRA on one image, or on a pair of images, over any Backend: the whole training step is `_step`.
+
+`train_lora` is plain noise-prediction training (a copier, or a processed LoRA against fused copiers).
+`train_pair` learns only what turns an original into its processed image, with one of two pair losses:
+- "slider" (Concept Sliders' image sliders, Gandikota et al. 2023): the LoRA at +m must denoise the processed image
+  and at -m the original, under the same noise and timestep, so that what the two images share cancels;
+- "addift" (after TrainTrain's ADDifT mode, hako-mikan/sd-webui-traintrain): the LoRA at +m must predict, on the
+  processed image, what the base model itself predicts on the original, and at -m the reverse, one direction per
+  step. A pair of two equal images teaches either loss nothing.
 
 Frozen LoRAs (the copier A when training a processed B) are fused into the weights for the run and the weights
 are restored bit-exactly afterwards, like every hook and mode the run touched, whether it ends, fails or is
@@ -22,7 +30,7 @@ from lib_copier.errors import CopierError
 from lib_copier.lora.naming import by_key, is_text_encoder_key
 from lib_copier.lora.network import LoRANetwork
 from lib_copier.models.generate import Txt2Img
-from lib_copier.train.config import TrainConfig, validate
+from lib_copier.train.config import PAIR_LOSSES, TrainConfig, validate
 from lib_copier.train.optim import lr_factor, make_optimizer
 
 
@@ -102,6 +110,31 @@ def train_lora(
 
     Raises `Cancelled` (carrying the partial result) when `callbacks.cancelled()` turns true, and CopierError
     when the loss stops being finite."""
+    return _train(backend, [image], caption, config, frozen, callbacks, "plain")
+
+
+def train_pair(
+    backend: Backend,
+    original: Image.Image,
+    processed: Image.Image,
+    caption: str | Sequence[str],
+    config: TrainConfig,
+    loss: str,
+    callbacks: Callbacks | None = None,
+) -> TrainResult:
+    """A LoRA that holds what turns `original` into `processed` (same size), with the pair `loss` ("slider" or
+    "addift"): at a positive weight it moves toward the processed image, at a negative one toward the original."""
+    if loss not in PAIR_LOSSES:
+        raise CopierError(f"unknown pair loss {loss!r}; choose one of {', '.join(PAIR_LOSSES)}")
+    if original.size != processed.size:
+        raise CopierError(
+            f"the processed image is {processed.width}x{processed.height} and its original "
+            f"{original.width}x{original.height}; a pair must have one size"
+        )
+    return _train(backend, [processed, original], caption, config, (), callbacks, loss)
+
+
+def _train(backend, images, caption, config: TrainConfig, frozen, callbacks: Callbacks | None, loss: str):
     validate(config)
     callbacks = callbacks or Callbacks()
     layers, table = backend.lora_layers(), by_key(backend.lora_targets(conv=True))
@@ -112,20 +145,31 @@ def train_lora(
             p.requires_grad_(False)
         for network, weight in frozen:
             stack.enter_context(network.fused(layers, table, weight))
-        pixels = image_tensor(image)
-        height, width = pixels.shape[-2:]
-        views = torch.cat([pixels, pixels.flip(-1)]) if config.flip else pixels
-        latents = backend.encode_images(views)
+        pixels = [image_tensor(image) for image in images]
+        height, width = pixels[0].shape[-2:]
+        # One stack of views per image; a step takes the same view of each (a pair stays aligned).
+        latents = [backend.encode_images(torch.cat([p, p.flip(-1)]) if config.flip else p) for p in pixels]
         captions = [caption] if isinstance(caption, str) else list(caption)
         with torch.no_grad():
             cached = None if config.train_text_encoder else backend.encode_prompts(captions, height, width)
         network = _new_network(backend, config)
         stack.enter_context(network.applied(layers, table))
         stack.enter_context(backend.training_mode(config.train_text_encoder, config.gradient_checkpointing))
-        return _loop(backend, network, latents, captions, cached, config, callbacks, (height, width))
+        return _loop(backend, network, _Batch(latents, captions, cached, (height, width), loss), config, callbacks)
 
 
-def _loop(backend, network, latents, captions, cached, config: TrainConfig, callbacks: Callbacks, size) -> TrainResult:
+@dataclass
+class _Batch:
+    """What every step draws from: the latents (one stack per image), the prompts, and the loss shape."""
+
+    latents: list[torch.Tensor]
+    captions: list[str]
+    cached: object  # the prompts' conditioning, or None while the text encoder trains
+    size: tuple[int, int]
+    loss: str  # "plain", or one of PAIR_LOSSES
+
+
+def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callbacks) -> TrainResult:
     groups = [{"params": [], "lr": config.lr}, {"params": [], "lr": config.text_lr}]
     for key, module in network.modules_by_key.items():
         groups[is_text_encoder_key(key)]["params"] += list(module.parameters())
@@ -148,7 +192,7 @@ def _loop(backend, network, latents, captions, cached, config: TrainConfig, call
         factor = lr_factor(step, config.steps, config.scheduler, config.warmup_steps)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
-        loss = _step(backend, latents, captions, cached, config, generator, alphas, size)
+        loss = _step(backend, network, batch, config, generator, alphas, step)
         if not torch.isfinite(loss):
             raise CopierError(
                 f"the training loss became {loss.item()} at step {step + 1}; lower the learning rate "
@@ -173,32 +217,52 @@ def _loop(backend, network, latents, captions, cached, config: TrainConfig, call
             lr = groups[0]["base_lr"] * factor
             callbacks.progress(Progress(step + 1, config.steps, result.losses[-1], lr, result.seconds))
         if callbacks.preview and config.preview_every and (step + 1) % config.preview_every == 0:
-            request = callbacks.preview_request or Txt2Img(captions[0], seed=config.seed)
+            request = callbacks.preview_request or Txt2Img(batch.captions[0], seed=config.seed)
             callbacks.preview(step + 1, backend.generate(request))
     return result
 
 
-def _step(backend, latents, captions, cached, config: TrainConfig, generator, alphas, size) -> torch.Tensor:
-    """One batch: the noised latent, the model's prediction, the (Min-SNR weighted) MSE to its target."""
+def _step(backend, network, batch: _Batch, config: TrainConfig, generator, alphas, step: int) -> torch.Tensor:
+    """One batch: the noised latents, the model's predictions, the (Min-SNR weighted) MSE to their targets."""
     b = config.batch_size
-    x0 = latents[torch.randint(len(latents), (b,), generator=generator)]
-    pick = torch.randint(len(captions), (b,), generator=generator) if len(captions) > 1 else torch.zeros(b, dtype=int)
+    view = torch.randint(len(batch.latents[0]), (b,), generator=generator)
+    n = len(batch.captions)
+    pick = torch.randint(n, (b,), generator=generator) if n > 1 else torch.zeros(b, dtype=int)
     t = torch.randint(config.timestep_min, config.timestep_max, (b,), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator)
+    noise = torch.randn(batch.latents[0][view].shape, generator=generator)
     if config.noise_offset:
-        noise = noise + config.noise_offset * torch.randn(*x0.shape[:2], 1, 1, generator=generator)
+        noise = noise + config.noise_offset * torch.randn(*noise.shape[:2], 1, 1, generator=generator)
     t, noise = t.to(backend.device), noise.to(backend.device)
     a = alphas[t].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    target = noise if backend.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
-    with _autocast(backend, config):
-        if cached is not None:
-            cond = cached[pick]
-        else:
-            cond = backend.encode_prompts([captions[i] for i in pick.tolist()], *size)
-        cond = cond.to(backend.device, backend.dtype)
-        out = backend.predict(noisy.to(backend.dtype), t, cond)
-    error = (out.float() - target).pow(2).mean(dim=(1, 2, 3))
+
+    def predict(x0: torch.Tensor, weight: float) -> torch.Tensor:
+        network.set_multiplier(weight)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with _autocast(backend, config):
+            if batch.cached is not None:
+                cond = batch.cached[pick]
+            else:
+                cond = backend.encode_prompts([batch.captions[i] for i in pick.tolist()], *batch.size)
+            return backend.predict(noisy.to(backend.dtype), t, cond.to(backend.device, backend.dtype)).float()
+
+    def target(x0: torch.Tensor) -> torch.Tensor:
+        return noise if backend.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    first, *rest = (stack[view] for stack in batch.latents)
+    m = config.pair_weight
+    try:
+        if batch.loss == "plain":
+            pairs = [(predict(first, 1.0), target(first))]
+        elif batch.loss == "slider":  # the processed image at +m, the original at -m
+            pairs = [(predict(first, m), target(first)), (predict(rest[0], -m), target(rest[0]))]
+        else:  # addift: even steps the processed image at +m, odd steps the original at -m
+            here, there, weight = (first, rest[0], m) if step % 2 == 0 else (rest[0], first, -m)
+            with torch.no_grad():
+                goal = predict(there, 0.0)
+            pairs = [(predict(here, weight), goal)]
+    finally:
+        network.set_multiplier(1.0)
+    error = sum((out - goal).pow(2).mean(dim=(1, 2, 3)) for out, goal in pairs)
     if config.min_snr_gamma:
         snr = (a / (1 - a)).flatten()
         weight = snr.clamp(max=config.min_snr_gamma) / (snr if backend.prediction == "eps" else snr + 1)

@@ -24,7 +24,8 @@ from lib_copier.errors import CopierError
 from lib_copier.models.cli import slug
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.estimate import estimate, recipe_steps
-from lib_copier.recipes.job import METHODS, RECIPE_PRESETS, make_effects
+from lib_copier.recipes.job import RECIPE_PRESETS, make_effects, method_config
+from lib_copier.recipes.kinds import METHODS
 from lib_copier.recipes.request import DEFAULT_GRID_PROMPTS, TrainRequest
 from lib_copier.train.config import PRESETS, field_info, make_config
 from lib_copier.webui.infotext import Infotext, build_infotext, image_infotext, with_lora
@@ -58,7 +59,10 @@ def _on(event, fn, inputs, outputs, js: str | None = None):
 LABELS = {e.name: e.label for e in all_effects()}
 METHOD_HELP = (
     "copier: trains a copier of the image, then one effect LoRA on top of it (the seeds' method); "
-    "extraction: a copier of each processed image too, and their difference; both: each kind"
+    "extraction: a copier of each processed image too, and their difference; both: each kind; "
+    "slider: one LoRA from the image and its processed version, +weight toward the effect, -weight away "
+    "(Concept Sliders' image sliders); addift: the same pair, learned against the model's own predictions, "
+    "in few steps (after TrainTrain's ADDifT)"
 )
 PRESET_HELP = (  # from the presets themselves, so it cannot drift from them
     f"quick: rank {PRESETS['quick']['rank']}, {PRESETS['quick']['steps']} steps per LoRA; thorough: rank "
@@ -69,7 +73,8 @@ SETTING_GROUPS = {
     "Network": ("rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "text_lr"),
     "Optimisation": ("steps", "lr", "optimizer", "weight_decay", "max_grad_norm", "batch_size", "scheduler",
                      "warmup_steps"),
-    "Noise and timesteps": ("timestep_min", "timestep_max", "min_snr_gamma", "noise_offset", "flip", "seed"),
+    "Noise and timesteps": ("timestep_min", "timestep_max", "min_snr_gamma", "noise_offset", "flip", "seed",
+                            "pair_weight"),
     "Memory and output": ("mixed_precision", "gradient_checkpointing", "preview_every", "save_on_cancel"),
 }  # fmt: skip
 
@@ -127,7 +132,7 @@ def build_request(
     edits = [("edited", edited)] if edited is not None else []
     effects = make_effects(effect_specs(selected, values), edits)
     caption = (image_infotext(image) or Infotext("")).prompt
-    defaults = make_config(preset)
+    defaults = method_config(method, preset, {})
     overrides = {k: v for k, v in settings.items() if v is not None and v != getattr(defaults, k)}
     return TrainRequest(
         image=image.convert("RGB"),
@@ -273,19 +278,20 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             return describe_image(img), current_name or default_name(img)
 
         image.change(on_image, [image, selected, name], [info, name])
-        preset.change(
-            lambda chosen: [gr.update(value=getattr(make_config(chosen), key)) for key in settings],
-            [preset],
-            list(settings.values()),
-        )
+        for choice in (method, preset):  # Advanced shows what the method and preset mean for the trainer
+            choice.change(
+                lambda meth, pre: [gr.update(value=getattr(method_config(meth, pre, {}), key)) for key in settings],
+                [method, preset],
+                list(settings.values()),
+            )
 
         def estimate_text(meth, pre, chosen, side, steps, extra):
             if hooks.device is None:
                 return ""
             device, sdxl = hooks.device()
-            overrides = {} if steps == make_config(pre).steps else {"steps": int(steps)}
+            overrides = {} if steps == method_config(meth, pre, {}).steps else {"steps": int(steps)}
             total = recipe_steps(meth, len(chosen), pre, overrides, 1 + len(extra or ()))
-            return estimate(total, device, int(side) or (1024 if sdxl else 512), sdxl)
+            return estimate(total, device, int(side) or (1024 if sdxl else 512), sdxl, meth)
 
         estimate_inputs = [method, preset, selected, size, settings["steps"], more]
         for component in (*estimate_inputs, image):  # not at build time: the WebUI may still be loading its model

@@ -1,0 +1,8 @@
+"""The recipe's method names, importable without torch (the CLI's argument parser needs them)."""
+
+from __future__ import annotations
+
+from lib_copier.train.config import PAIR_LOSSES
+
+COPIER_METHODS = ("copier", "extraction", "both")  # those that train the original's copier A first
+METHODS = (*COPIER_METHODS, *PAIR_LOSSES)  # the pair methods learn from (original, processed) with no copier
