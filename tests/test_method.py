@@ -4,7 +4,11 @@
 - Processed: with A and B at 1 it draws the processed image P.
 - Several originals: the B's of eight originals of different colours, merged, make an effect slider: on the base
   model alone it lowers the chroma of other generations, more at +1.5 than at +0.5. (The B of one original does
-  not, on this small model: it learns a colour shift tied to that original's palette.)
+  not, on this small model: it learns a colour shift tied to that original's palette.) A slow test (minutes):
+  `python -m pytest -m slow`; docs/method-report.md measures the same for every effect.
+- Pair methods (slider, addift): they learn only the difference. On a pair of two equal images the LoRA draws the
+  base model's images unchanged, where the naive LoRA (a plain LoRA on the same image) does not; on (O, grayscale O)
+  the LoRA at +1 greys O's own generation, and the slider at -1 does the opposite.
 """
 
 import numpy as np
@@ -20,8 +24,8 @@ from lib_copier.lora.network import LoRANetwork
 from lib_copier.models.builtin.scenes import sample_captions
 from lib_copier.models.generate import Txt2Img
 from lib_copier.models.loading import load_model
-from lib_copier.recipes.job import Effect, Job, run_job
-from lib_copier.recipes.methods import train_copier, train_processed
+from lib_copier.recipes.job import Effect, Job, method_config, run_job
+from lib_copier.recipes.methods import train_copier, train_pair_method, train_processed
 from lib_copier.train.config import make_config
 
 ORIGINAL = "a large yellow star with shading and a dark outline on a purple background"
@@ -77,6 +81,7 @@ SWEEP = [
 ]
 
 
+@pytest.mark.slow
 def test_several_originals_make_the_processed_lora_an_effect_slider(tmp_path):
     backend = StandaloneBackend(load_model(None, device="cpu", dtype="fp32"))
     originals = [
@@ -98,3 +103,29 @@ def test_several_originals_make_the_processed_lora_an_effect_slider(tmp_path):
     print("chroma by weight of the merged B alone:", {w: round(c, 1) for w, c in levels.items()})
     assert levels[0] > levels[0.5] > levels[1.5]
     assert levels[1.5] < 0.85 * levels[0]
+
+
+@pytest.mark.parametrize("method", ["slider", "addift"])
+def test_a_pair_method_trained_on_two_equal_images_changes_nothing(trained, method):
+    backend, original, _, _, _ = trained
+    config = method_config(method, "quick", {"steps": 30})
+    pair = train_pair_method(backend, method, original, original, POOL, config).network
+    naive = train_copier(backend, original, POOL, config).network  # a plain LoRA on the same image
+
+    def two(loras):  # the first held-out prompt, two seeds
+        return [backend.generate(Txt2Img(PROMPTS[0], seed=s), loras) for s in SEEDS[:2]]
+
+    base = two([])
+    assert all(np.array_equal(a, b) for a, b in zip(base, two([(pair, 1.0)]), strict=True))
+    assert max(psnr(a, b) for a, b in zip(base, two([(naive, 1.0)]), strict=True)) < 35.0
+
+
+@pytest.mark.parametrize("method", ["slider", "addift"])
+def test_a_pair_method_on_original_and_grayscale_greys_its_own_generation(trained, method):
+    backend, original, processed, _, _ = trained
+    lora = train_pair_method(backend, method, original, processed, POOL, method_config(method, "quick", {})).network
+    own = {w: chroma(backend.generate(Txt2Img(ORIGINAL, seed=1), [(lora, w)])) for w in (-1.0, 0.0, 1.0)}
+    print(f"{method}: chroma of O's own generation by weight", {w: round(c, 1) for w, c in own.items()})
+    assert own[1.0] < 0.8 * own[0.0]
+    if method == "slider":  # the slider is trained at -1 too: there it moves away from grey
+        assert own[-1.0] > own[0.0]

@@ -17,10 +17,12 @@ from lib_copier.models.checkpoint import save_checkpoint
 from lib_copier.models.configs import TINY
 from lib_copier.models.generate import Txt2Img
 from lib_copier.models.sd_model import build_model
+from lib_copier.recipes.estimate import estimate, recipe_steps
 from lib_copier.recipes.grid import column_label
-from lib_copier.recipes.job import Effect, Job, fit_image, run_job
+from lib_copier.recipes.job import PAIR_DEFAULTS, Effect, Job, fit_image, method_config, run_job
 from lib_copier.recipes.methods import extraction
 from lib_copier.recipes.outputs import check_name, free_name, sidecar, write_result
+from lib_copier.train.config import make_config
 from lib_copier.train.trainer import Callbacks, Cancelled
 from tests.conftest import randomize_
 
@@ -122,6 +124,41 @@ def test_both_methods_write_loadable_loras_with_metadata_sidecar_and_grid(backen
     assert all(torch.equal(before[k], v) for k, v in backend.weights())
 
 
+@pytest.mark.parametrize("method", ["slider", "addift"])
+def test_a_pair_method_writes_one_lora_per_effect_over_all_originals_and_no_copier(backend, original, tmp_path, method):
+    before = {k: v.clone() for k, v in backend.weights()}
+    second = backend.generate(Txt2Img("a blue square", seed=2, steps=4))
+    stages = []
+    results = run_job(
+        backend, job(tmp_path, original, method=method, originals=[original, second]), stage=stages.append
+    )
+    assert [(r.kind, r.effect, r.written.name) for r in results] == [(method, "grayscale", f"cat-grayscale-{method}")]
+    assert stages == [
+        f"{method}: grayscale (original 1/2)",
+        f"{method}: grayscale (original 2/2)",
+        "merging and resizing",
+        "strength grids",
+    ]
+    lora = read_lora(results[0].written.lora)
+    assert lora.metadata["ss_copier_recipe"] == method and lora.metadata["ss_copier_method"] == method
+    assert lora.ranks == {4} and lora.metadata["ss_max_train_steps"] == "6"  # two pairs of 3 steps, merged at rank 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"cat-grayscale-{method}{ext}" for ext in (".json", ".png", ".safetensors")
+    ]
+    assert all(torch.equal(before[k], v) for k, v in backend.weights())
+
+
+def test_the_pair_methods_train_at_their_own_defaults_under_the_overrides():
+    slider = method_config("slider", "quick", {"steps": 7})
+    assert (slider.rank, slider.lr, slider.steps) == (PAIR_DEFAULTS["slider"]["rank"], PAIR_DEFAULTS["slider"]["lr"], 7)
+    assert method_config("copier", "quick", {}) == make_config("quick")
+    # A pair run trains one LoRA per original and effect, each step costing more than a plain one.
+    assert recipe_steps("addift", 2, "quick", {"steps": 10}, originals=3) == 60
+    assert recipe_steps("both", 2, "quick", {"steps": 10}) == 50
+    assert estimate(100, "cpu", 64, method="slider").endswith("roughly 8 min.")
+    assert estimate(100, "cpu", 64).endswith("roughly 4 min.")
+
+
 def test_a_cancelled_job_writes_nothing_unless_asked(backend, original, tmp_path):
     steps = []
     cancel = Callbacks(progress=lambda p: steps.append(p.step), cancelled=lambda: len(steps) >= 5)
@@ -182,6 +219,8 @@ def test_copier_command_and_its_errors(backend, tmp_path, capsys):
     assert len(list(out.iterdir())) == 6  # nothing more was written
     assert main([*args, "--size", "96", "--name", "wide"]) == 0
     assert read_lora(out / "wide-copier.safetensors").metadata["ss_resolution"] == "(96, 96)"
+    assert main([*args, "--method", "addift", "--name", "pair"]) == 0
+    assert sorted(p.name for p in out.glob("pair*.safetensors")) == ["pair-posterize-grayscale-addift.safetensors"]
 
 
 def test_demo_writes_everything_into_its_folder(backend, tmp_path):
