@@ -1,5 +1,6 @@
 """The tab builds with gradio, its inputs become a training request, and gallery images are read on gradio 3 and 4."""
 
+import dataclasses
 import json
 
 import gradio as gr
@@ -8,6 +9,7 @@ from PIL import Image
 
 from lib_copier.errors import CopierError
 from lib_copier.recipes.estimate import estimate, recipe_steps
+from lib_copier.recipes.job import method_config
 from lib_copier.train.config import field_info
 from lib_copier.webui.gallery import selected_image
 from lib_copier.webui.infotext import parse_infotext
@@ -56,6 +58,10 @@ def test_inputs_become_a_request_named_after_the_image():
     assert request.overrides == {"rank": 8} and [e.label for e in request.effects] == ["grayscale"]
     with pytest.raises(CopierError, match="no original"):
         build_request(None, "", [], {}, None, "copier", "quick", {}, False, "")
+    # Advanced shows a pair method's own defaults; only what the user changed there is an override.
+    shown = dataclasses.asdict(method_config("addift", "quick", {}))
+    request = build_request(image, "", ["Grayscale"], {}, None, "addift", "quick", {**shown, "rank": 8}, False, "")
+    assert request.method == "addift" and request.overrides == {"rank": 8}
 
 
 def test_send_to_txt2img_pastes_the_prompt_with_the_lora_and_no_model():
