@@ -230,7 +230,7 @@ def test_demo_writes_everything_into_its_folder(backend, tmp_path):
     assert main(["demo", "--model", str(model), "--out", str(out), "--steps", "1"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     kinds = sorted(r["kind"] for r in summary["results"])
-    assert kinds == ["copier"] + ["extraction"] * 3 + ["processed"] * 3
+    assert kinds == ["addift"] * 3 + ["copier"] + ["extraction"] * 3 + ["processed"] * 3
     assert all((out / name).exists() for name in ("original.png", "processed-grayscale.png", "demo-copier.png"))
     assert main(["demo", "--model", str(model), "--out", str(out), "--steps", "1"]) == 2
 

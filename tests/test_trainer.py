@@ -146,6 +146,18 @@ def test_a_pair_method_learns_only_the_difference(tiny, loss):
     assert_unchanged(backend, before)
 
 
+@pytest.mark.parametrize("loss", ["slider", "addift"])
+def test_a_pair_trains_the_same_with_gradient_checkpointing(tiny, loss):
+    # Checkpointing recomputes each block's forward pass during the backward one: it must see the weight (+m or -m)
+    # that its pass was run at.
+    backend, image = tiny
+    other = backend.generate(Txt2Img("a blue square", seed=2))
+    plain = train_pair(backend, image, other, "", quick(steps=3), loss).network.to_weights()
+    saved = train_pair(backend, image, other, "", quick(steps=3, gradient_checkpointing=True), loss).network
+    for key, weights in saved.to_weights().items():
+        assert torch.allclose(weights.up, plain[key].up, atol=1e-6), key
+
+
 def test_a_pair_must_be_one_size_and_a_known_loss(tiny):
     backend, image = tiny
     with pytest.raises(CopierError, match="processed image is 32x64 and its original 64x64; a pair must have one"):

@@ -15,6 +15,8 @@ from lib_copier.train.config import PRESETS, field_info
 
 DEMO_PROMPT = "a large yellow star with shading and a dark outline on a purple background"
 DEMO_EFFECTS = ["grayscale", "outline:thickness=3", "posterize:levels=3"]
+DEMO_STEPS = 150
+DEMO_PAIR_METHOD = "addift"  # shown beside the copier method's LoRAs
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -63,8 +65,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     d = commands.add_parser("demo", help="the whole method on the built-in model, into ./copier-demo/")
     d.add_argument("--out", default="copier-demo")
-    # 150 steps and 12-step grids keep the demo under 90 s on two CPU cores; `copier` runs the full presets.
-    d.add_argument("--steps", type=int, default=150, help="training steps per LoRA (default 150)")
+    # 150 steps and 12-step grids keep the demo under two minutes on two CPU cores; `copier` runs the full presets.
+    d.add_argument(
+        "--steps",
+        type=int,
+        help=f"training steps per LoRA (default {DEMO_STEPS} for the copier methods, the pair method's own)",
+    )
     add_model_arguments(d)
     d.set_defaults(func=run_demo)
 
@@ -195,20 +201,23 @@ def run_demo(args: argparse.Namespace) -> int:
     backend = _load(args)
     original = backend.generate(Txt2Img(DEMO_PROMPT, seed=1))
     effects = _effects(DEMO_EFFECTS, [])
-    job = Job(
+    steps = {"steps": args.steps} if args.steps else {}
+    common = dict(
         originals=[original],
         effects=effects,
         name="demo",
         out_dir=out,
-        method="both",
-        # Three times the Quick rate: in 150 steps the copier gets about as close to O as Quick does in 400.
-        overrides={"steps": args.steps, "lr": 3e-3},
         prompt_pool=prompt_pool(args.model is None, 32),
-        grid_prompts=grid_prompts(args.model is None, 2),
+        # The grids' first row is the original's own prompt and seed (at weight 0 about O itself), then another prompt.
+        grid_prompts=[DEMO_PROMPT, *grid_prompts(args.model is None, 1)],
+        grid_seed=1,
         grid_steps=12,
         base_model=Path(args.model).name if args.model else "built-in",
     )
-    results = run_job_with_progress(backend, job)
+    # Three times the Quick rate: in 150 steps the copier gets about as close to O as Quick does in 400.
+    copier = Job(method="both", overrides={"steps": DEMO_STEPS, "lr": 3e-3, **steps}, **common)
+    pair = Job(method=DEMO_PAIR_METHOD, overrides=steps, **common)
+    results = run_job_with_progress(backend, copier) + run_job_with_progress(backend, pair)
     original.save(out / "original.png")
     for effect in effects:
         effect.process(original).save(out / f"processed-{effect.label}.png")

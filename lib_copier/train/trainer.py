@@ -192,18 +192,10 @@ def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callb
         factor = lr_factor(step, config.steps, config.scheduler, config.warmup_steps)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
-        loss = _step(backend, network, batch, config, generator, alphas, step)
-        if not torch.isfinite(loss):
-            raise CopierError(
-                f"the training loss became {loss.item()} at step {step + 1}; lower the learning rate "
-                "or use another mixed precision"
-            )
         optimizer.zero_grad(set_to_none=True)
+        loss = _step(backend, network, batch, config, generator, alphas, step, scaler)
         if scaler:
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-        else:
-            loss.backward()
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         if scaler:
@@ -212,7 +204,7 @@ def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callb
         else:
             optimizer.step()
         result.steps, result.seconds = step + 1, time.perf_counter() - start
-        result.losses.append(loss.item())
+        result.losses.append(loss)
         if callbacks.progress:
             lr = groups[0]["base_lr"] * factor
             callbacks.progress(Progress(step + 1, config.steps, result.losses[-1], lr, result.seconds))
@@ -222,14 +214,16 @@ def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callb
     return result
 
 
-def _step(backend, network, batch: _Batch, config: TrainConfig, generator, alphas, step: int) -> torch.Tensor:
-    """One batch: the noised latents, the model's predictions, the (Min-SNR weighted) MSE to their targets."""
+def _step(backend, network, batch: _Batch, config: TrainConfig, generator, alphas, step: int, scaler) -> float:
+    """One batch: the noised latents, the model's predictions, the (Min-SNR weighted) MSE to their targets, and its
+    gradients; returns the loss. Each pass of a pair loss is differentiated while the LoRA is at that pass's weight:
+    gradient checkpointing recomputes the forward pass in the backward one, and must see the same weight."""
     b = config.batch_size
     view = torch.randint(len(batch.latents[0]), (b,), generator=generator)
     n = len(batch.captions)
     pick = torch.randint(n, (b,), generator=generator) if n > 1 else torch.zeros(b, dtype=int)
     t = torch.randint(config.timestep_min, config.timestep_max, (b,), generator=generator)
-    noise = torch.randn(batch.latents[0][view].shape, generator=generator)
+    noise = torch.randn((b, *batch.latents[0].shape[1:]), generator=generator)
     if config.noise_offset:
         noise = noise + config.noise_offset * torch.randn(*noise.shape[:2], 1, 1, generator=generator)
     t, noise = t.to(backend.device), noise.to(backend.device)
@@ -248,23 +242,32 @@ def _step(backend, network, batch: _Batch, config: TrainConfig, generator, alpha
     def target(x0: torch.Tensor) -> torch.Tensor:
         return noise if backend.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
 
-    first, *rest = (stack[view] for stack in batch.latents)
+    def learn(out: torch.Tensor, goal: torch.Tensor) -> float:
+        error = (out - goal).pow(2).mean(dim=(1, 2, 3))
+        if config.min_snr_gamma:
+            snr = (a / (1 - a)).flatten()
+            error = error * snr.clamp(max=config.min_snr_gamma) / (snr if backend.prediction == "eps" else snr + 1)
+        loss = error.mean()
+        if not torch.isfinite(loss):
+            raise CopierError(
+                f"the training loss became {loss.item()} at step {step + 1}; lower the learning rate "
+                "or use another mixed precision"
+            )
+        (scaler.scale(loss) if scaler else loss).backward()
+        return loss.item()
+
+    x = [stack[view] for stack in batch.latents]  # [the image], or [processed, original] for a pair
     m = config.pair_weight
     try:
         if batch.loss == "plain":
-            pairs = [(predict(first, 1.0), target(first))]
-        elif batch.loss == "slider":  # the processed image at +m, the original at -m
-            pairs = [(predict(first, m), target(first)), (predict(rest[0], -m), target(rest[0]))]
-        else:  # addift: even steps the processed image at +m, odd steps the original at -m
-            here, there, weight = (first, rest[0], m) if step % 2 == 0 else (rest[0], first, -m)
-            with torch.no_grad():
-                goal = predict(there, 0.0)
-            pairs = [(predict(here, weight), goal)]
+            return learn(predict(x[0], 1.0), target(x[0]))
+        if batch.loss == "slider":  # the processed image at +m, the original at -m
+            processed, original = x
+            return learn(predict(processed, m), target(processed)) + learn(predict(original, -m), target(original))
+        # addift: even steps the processed image at +m, odd steps the original at -m
+        here, there, sign = (x[0], x[1], 1.0) if step % 2 == 0 else (x[1], x[0], -1.0)
+        with torch.no_grad():
+            goal = predict(there, 0.0)
+        return learn(predict(here, sign * m), goal)
     finally:
         network.set_multiplier(1.0)
-    error = sum((out - goal).pow(2).mean(dim=(1, 2, 3)) for out, goal in pairs)
-    if config.min_snr_gamma:
-        snr = (a / (1 - a)).flatten()
-        weight = snr.clamp(max=config.min_snr_gamma) / (snr if backend.prediction == "eps" else snr + 1)
-        error = error * weight
-    return error.mean()
