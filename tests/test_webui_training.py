@@ -121,3 +121,17 @@ def test_several_originals_make_one_processed_lora_over_all_of_them(host, tmp_pa
     results = train_in_webui(request_for(host, more_images=[second]), host, tmp_path, JobState("j"))
     processed = read_lora(next(r["lora"] for r in results if r["kind"] == "processed"))
     assert processed.metadata["ss_copier_originals"] == "2"
+
+
+@pytest.mark.parametrize("method", ["slider", "addift"])
+def test_a_pair_method_trains_in_place_with_checkpointing_and_leaves_the_model_bit_identical(host, tmp_path, method):
+    before = weights(host)
+    overrides = {"steps": 2, "gradient_checkpointing": True, "train_text_encoder": True}
+    results = train_in_webui(request_for(host, method=method, overrides=overrides), host, tmp_path, JobState("j"))
+    assert [(r["kind"], r["name"]) for r in results] == [(method, f"cat-grayscale-{method}")]
+    lora = read_lora(tmp_path / results[0]["lora"])
+    assert any(key.startswith("lora_te") for key in lora.modules) and any(
+        f"<lora:cat-grayscale-{method}:1>" in p for p in host.prompts
+    )
+    assert any(f"{method}: grayscale" in text for text, _, _ in host.shown)
+    assert all(torch.equal(before[n], p) for n, p in host.backend().weights())
