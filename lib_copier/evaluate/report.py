@@ -29,6 +29,7 @@ TABLE_ROWS = ("transfer", "closeness", "leak", "kept_layout")
 # (at negative weights many effects have nothing to undo: a LoRA cannot take away outlines an image does not have).
 MONOTONE_SLACK = 0.02
 LEAK_MARGIN = 1.0  # dB: a leak difference the headline calls clear
+KEPT_SHARE = 0.75  # an effect LoRA that keeps less of the layout than this share of the effect's own has broken it
 VARIANT_TEXT = {"single": "LoRAs of one original (O1)", "merged": "LoRAs merged over all originals"}
 
 
@@ -149,27 +150,40 @@ def _pair_settings(config: dict) -> str:
 
 
 def winners(results: dict) -> list[str]:
-    """Per variant and effect, the method that carries the most of the effect at +1 among those that leak less
-    than LEAK_MARGIN dB there, and why: its transfer (or closeness), leakage, structure kept and training time."""
+    """Per variant and effect, the method that carries the most of the effect at +1 among those that neither leak
+    (under LEAK_MARGIN dB) nor break the image (structure kept at least KEPT_SHARE of what the effect itself
+    keeps), and why: its transfer (or closeness), leakage, structure kept and training time."""
     at = _weight_index(results["weights"], 1.0)
     seconds = results["timing"].get("train_s_by_method", {})
-    lines = [f"**Winner per effect** (most of the effect at +1 among methods leaking under {LEAK_MARGIN:g} dB):", ""]
+    lines = [
+        f"**Winner per effect**: the most of the effect at +1 among the methods that leak under {LEAK_MARGIN:g} dB "
+        f"and keep at least {KEPT_SHARE:g} of the structure the effect itself keeps:",
+        "",
+    ]
     for variant in _variants(results):
         cells = []
         for label, effect in results["effects"].items():
             methods = effect["variants"][variant]
-            fair = [m for m in METHODS if _mean(methods[m], "leak", at) < LEAK_MARGIN] or list(METHODS)
-            best = max(fair, key=lambda m: _key(methods[m])[at])
-            runner = max((m for m in fair if m != best), key=lambda m: _key(methods[m])[at], default=None)
+            floor = KEPT_SHARE * float(np.mean(effect["reference"]["kept_layout"]))
+            fair = [
+                m
+                for m in METHODS
+                if _mean(methods[m], "leak", at) < LEAK_MARGIN and _mean(methods[m], "kept_layout", at) >= floor
+            ]
+            if not fair:
+                cells.append(f"{label}: none (every method leaks or breaks the image)")
+                continue
+            best, *others = sorted(fair, key=lambda m: -_key(methods[m])[at])
             name = _key_name(methods[best])
             why = (
                 f"{name} {_key(methods[best])[at]:+.2f}"
-                + (f" (next: {runner} {_key(methods[runner])[at]:+.2f})" if runner else "")
+                + (f" (next: {others[0]} {_key(methods[others[0]])[at]:+.2f})" if others else "")
                 + f", leakage {_mean(methods[best], 'leak', at):+.2f} dB, kept "
                 f"{_mean(methods[best], 'kept_layout', at):.2f}"
                 + (f", {seconds[best]:.0f} s" if best in seconds else "")
             )
-            cells.append(f"{label}: **{best}** — {why}")
+            left_out = [m for m in METHODS if m not in fair]
+            cells.append(f"{label}: **{best}** — {why}" + (f"; left out: {', '.join(left_out)}" if left_out else ""))
         lines.append(f"- {VARIANT_TEXT[variant]}: " + "; ".join(cells) + ".")
     return lines
 
