@@ -202,7 +202,8 @@ def test_copier_command_and_its_errors(backend, tmp_path, capsys):
     save_checkpoint(backend.model, model)
     out = tmp_path / "loras"
     common = ["--model", str(model), "--out", str(out), "--steps", "2", "--grid-prompt", "a dog"]
-    args = ["copier", "--generate", "a red circle", "--effect", "posterize:levels=3+grayscale", *common]
+    pair = ["copier", "--generate", "a red circle", "--effect", "posterize:levels=3+grayscale", *common]
+    args = [*pair, "--method", "copier"]
     assert main([*args, "--set", "rank=2", "--set", "alpha=2"]) == 0
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
         "a-red-circle-copier.safetensors",
@@ -219,7 +220,7 @@ def test_copier_command_and_its_errors(backend, tmp_path, capsys):
     assert len(list(out.iterdir())) == 6  # nothing more was written
     assert main([*args, "--size", "96", "--name", "wide"]) == 0
     assert read_lora(out / "wide-copier.safetensors").metadata["ss_resolution"] == "(96, 96)"
-    assert main([*args, "--method", "addift", "--name", "pair"]) == 0
+    assert main([*pair, "--name", "pair"]) == 0  # the default method
     assert sorted(p.name for p in out.glob("pair*.safetensors")) == ["pair-posterize-grayscale-addift.safetensors"]
 
 

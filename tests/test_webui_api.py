@@ -41,8 +41,14 @@ def api(tmp_path):
 
 def body(host, **kw):
     image = generate(host.sd_model.ours[0], Txt2Img("a cat", seed=0, steps=2))
-    return {"image": png_base64(image), "name": "cat", "effects": ["grayscale"], "overrides": {"steps": 2},
-            "prompt_pool": 2, "size": 64, "grid_prompts": ["a dog"], "grid_steps": 2, **kw}  # fmt: skip
+    return {"image": png_base64(image), "name": "cat", "effects": ["grayscale"], "method": "copier",
+            "overrides": {"steps": 2}, "prompt_pool": 2, "size": 64, "grid_prompts": ["a dog"], "grid_steps": 2,
+            **kw}  # fmt: skip
+
+
+def test_a_request_without_a_method_trains_the_default_pair_method():
+    request = request_from_json({"generate": {"prompt": "a red cube"}, "effects": ["grayscale"]})
+    assert request.method == "addift" and request.name == "a-red-cube"
 
 
 def test_train_poll_and_the_loras_are_in_the_folder(api, tmp_path):
@@ -105,7 +111,7 @@ def _png(side: int) -> str:
     return base64.b64encode(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", b"") + chunk(b"IEND", b"")).decode()
 
 
-GENERATE = {"generate": {"prompt": "a cat"}}
+GENERATE = {"generate": {"prompt": "a cat"}, "effects": ["grayscale"]}
 BAD_TRAIN = [
     ({**GENERATE, "name": 123}, '"name" must be text'),
     ({**GENERATE, "overrides": [1, 2]}, '"overrides" must be an object'),
@@ -117,8 +123,8 @@ BAD_TRAIN = [
     ({"generate": {"prompt": "a cat", "steps": -3}}, '"generate.steps" is -3'),
     ({"generate": {"prompt": "a cat", "width": 100000}}, '"generate.width" is 100000'),
     ({"generate": {"prompt": "a cat", "colour": 1}}, '"generate" has unknown field(s) colour'),
-    ({**GENERATE, "method": "extraction"}, 'method "extraction" needs at least one effect'),
-    ({**GENERATE, "method": "addift"}, 'method "addift" needs at least one effect'),
+    ({**GENERATE, "method": "extraction", "effects": []}, 'method "extraction" needs at least one effect'),
+    ({**GENERATE, "effects": []}, 'method "addift" needs at least one effect'),
     ({**GENERATE, "grid_prompts": "a cat"}, '"grid_prompts" must be a list'),
     ({**GENERATE, "grid_prompts": []}, '"grid_prompts" has 0 items'),
     ({**GENERATE, "effects": "grayscale"}, '"effects" must be a list'),

@@ -10,6 +10,7 @@ from PIL import Image
 from lib_copier.errors import CopierError
 from lib_copier.recipes.estimate import estimate, recipe_steps
 from lib_copier.recipes.job import method_config
+from lib_copier.recipes.kinds import DEFAULT_METHOD
 from lib_copier.train.config import field_info
 from lib_copier.webui.gallery import selected_image
 from lib_copier.webui.infotext import parse_infotext
@@ -39,6 +40,11 @@ def test_the_tab_builds():
     grouped = [key for keys in SETTING_GROUPS.values() for key in keys]
     assert sorted(grouped) == sorted(field_info())
     assert {f"copier_lora_{key}" for key in grouped} <= ids
+    # Advanced starts at what the default method and preset train with, so an untouched form overrides nothing.
+    shown = {b.elem_id: getattr(b, "value", None) for b in tab.blocks.values() if getattr(b, "elem_id", None)}
+    default = method_config(DEFAULT_METHOD, "quick", {})
+    assert all(shown[f"copier_lora_{key}"] == getattr(default, key) for key in grouped)
+    assert shown["copier_lora_rank"] == 4 and DEFAULT_METHOD == "addift"
 
 
 def test_the_effects_are_ticked_by_label_and_described():

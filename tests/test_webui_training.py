@@ -37,6 +37,7 @@ def request_for(host, **kw) -> TrainRequest:
         image=image,
         name="cat",
         effects=make_effects([["grayscale"]]),
+        method="copier",
         overrides={"steps": 3},
         prompt_pool=2,
         size=64,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lib_copier.errors import CopierError
 from lib_copier.models.cli import add_model_arguments, slug
-from lib_copier.recipes.kinds import METHODS
+from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.prompts import grid_prompts, prompt_pool
 from lib_copier.train.config import PRESETS, field_info
 
@@ -20,7 +20,7 @@ DEMO_PAIR_METHOD = "addift"  # shown beside the copier method's LoRAs
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("copier", help="train copier / processed / extraction LoRAs for one or more images")
+    p = commands.add_parser("copier", help="train effect LoRAs (pair, copier or extraction) for one or more images")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", action="append", help="original image (repeat for several originals)")
     source.add_argument("--generate", metavar="PROMPT", help="generate the original with the model instead")
@@ -35,9 +35,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         choices=METHODS,
-        default="copier",
-        help="copier: copier A, then B on top of it; extraction: A′ − A; both: B and A′ − A; slider, addift: one "
-        "LoRA from each (original, processed) pair, with no copier",
+        default=DEFAULT_METHOD,
+        help=f"slider, addift: one LoRA from each (original, processed) pair, with no copier; copier: copier A, then "
+        f"B on top of it; extraction: A′ − A; both: B and A′ − A (default: {DEFAULT_METHOD})",
     )
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick")
     p.add_argument("--caption", default="", help="training caption (default: empty, as the method suggests)")

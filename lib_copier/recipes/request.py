@@ -21,7 +21,7 @@ from lib_copier.fields import from_json, quoted, setting
 from lib_copier.models.cli import slug
 from lib_copier.models.generate import MAX_STEPS, Txt2Img
 from lib_copier.recipes.job import Effect, make_effects
-from lib_copier.recipes.kinds import METHODS
+from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.outputs import check_name
 from lib_copier.recipes.prompts import GRID_PROMPTS
 from lib_copier.train.config import PRESETS, make_config
@@ -89,8 +89,8 @@ class TrainRequest:
         json_type=list,
     )
     method: str = setting(
-        "copier",
-        "copier, extraction, both (copier and extraction), or the pair methods slider and addift; all but copier "
+        DEFAULT_METHOD,
+        "addift or slider (the pair methods), copier, extraction, or both (copier and extraction); all but copier "
         "need an effect",
         choices=METHODS,
     )

@@ -25,9 +25,9 @@ from lib_copier.models.cli import slug
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.estimate import estimate, recipe_steps
 from lib_copier.recipes.job import RECIPE_PRESETS, make_effects, method_config
-from lib_copier.recipes.kinds import METHODS
+from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.request import DEFAULT_GRID_PROMPTS, TrainRequest
-from lib_copier.train.config import PRESETS, field_info, make_config
+from lib_copier.train.config import PRESETS, field_info
 from lib_copier.webui.infotext import Infotext, build_infotext, image_infotext, with_lora
 from lib_copier.webui.jobs import JobState
 from lib_copier.webui.utilities_tab import build_utilities
@@ -216,7 +216,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                                         label=label, info=p.help,
                                     )  # fmt: skip
             with gr.Row():
-                method = gr.Radio(list(METHODS), value="copier", label="Method", info=METHOD_HELP)
+                method = gr.Radio(list(METHODS), value=DEFAULT_METHOD, label="Method", info=METHOD_HELP)
                 preset = gr.Radio(list(RECIPE_PRESETS), value="quick", label="Preset", info=PRESET_HELP)
                 name = gr.Textbox(label="Output name", placeholder="from the image and effect")
                 save_on_interrupt = gr.Checkbox(False, label="Keep what is finished when interrupted")
@@ -229,7 +229,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                         elem_id="copier_lora_size",
                     )  # fmt: skip
                     grid_steps = gr.Number(20, label="Grid sampling steps", elem_id="copier_lora_grid_steps")
-                quick, fields = make_config("quick"), field_info()
+                shown, fields = method_config(DEFAULT_METHOD, "quick", {}), field_info()
                 with gr.Row():
                     for group, keys in SETTING_GROUPS.items():
                         with gr.Column(min_width=220):
@@ -238,7 +238,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                                 meta = fields[key]
                                 label = key.replace("_", " ")
                                 common = {"label": label, "info": meta["help"], "elem_id": f"copier_lora_{key}"}
-                                default = getattr(quick, key)
+                                default = getattr(shown, key)
                                 if meta["choices"]:
                                     settings[key] = gr.Dropdown(list(meta["choices"]), value=default, **common)
                                 elif meta["type"] is bool:

@@ -61,7 +61,7 @@ def test_gallery_button_trains_and_shows_the_grids(page, tmp_path):
     page.wait_for_timeout(1000)
     page.screenshot(path=shots / "3-results.png", full_page=True)
     status = page.inner_text("#copier_lora_status")
-    assert "safetensors" in status and "copier" in status
+    assert "safetensors" in status and "-addift" in status  # the default method
 
     assert "training steps in all" in page.inner_text("#copier_lora_estimate")  # said before Train was pressed
     # Effects by their labels, each described; only the ticked effects' parameters are shown.

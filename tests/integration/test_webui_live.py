@@ -37,7 +37,7 @@ def wait(job: str, timeout: float = 1800) -> dict:
 
 def train_body(name: str, **overrides) -> dict:
     return {"generate": {"prompt": "a red apple", "seed": 1, "steps": 4, "width": 64, "height": 64},
-            "name": name, "effects": ["grayscale"], "size": 64, "prompt_pool": 4,
+            "name": name, "effects": ["grayscale"], "method": "copier", "size": 64, "prompt_pool": 4,
             "overrides": {"steps": 4, "rank": 4, "alpha": 4.0, **overrides}, "grid_prompts": ["a red apple"],
             "grid_steps": 4}  # fmt: skip
 
@@ -97,7 +97,14 @@ def test_bad_requests_are_refused_before_any_job(webui):
 def test_interrupt_keeps_nothing(webui):
     name = f"cut-{int(time.time())}"
     before = txt2img("a blue cube")
-    body = {"image": before, "name": name, "size": 64, "prompt_pool": 0, "overrides": {"steps": 2000}}
+    body = {
+        "image": before,
+        "name": name,
+        "method": "copier",
+        "size": 64,
+        "prompt_pool": 0,
+        "overrides": {"steps": 2000},
+    }
     job = call("/copier-lora/v1/train", body)["id"]
     time.sleep(20)
     call(f"/copier-lora/v1/jobs/{job}/interrupt", {})
