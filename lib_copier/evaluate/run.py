@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -143,12 +142,7 @@ def evaluate(
     results["timing"] = {
         "trainings": trained.runs,
         # seconds of training per LoRA, by method: the mean over originals and effects
-        "train_s_by_method": {
-            m: round(
-                float(np.mean([s for (_, method), v in trained.seconds_each.items() if method == m for s in v])), 1
-            )
-            for m in METHODS
-        },
+        "train_s_by_method": {m: round(trained.mean_seconds(m), 1) for m in METHODS},
         "train_s": round(trained.seconds, 1),
         "images": measured.images,
         "measure_s": round(measured.seconds, 1),

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image
 
 from lib_copier.evaluate.workers import Packed, Workers, backend, pack, unpack
@@ -37,6 +38,10 @@ class Trained:
     seconds_each: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (effect, method) → per original
     runs: int = 0
     seconds: float = 0.0
+
+    def mean_seconds(self, method: str) -> float:
+        """Training seconds of one of `method`'s LoRAs, the mean over originals and effects."""
+        return float(np.mean([s for (_, m), each in self.seconds_each.items() if m == method for s in each]))
 
     def variants(self) -> list[str]:
         return list(dict.fromkeys(variant for variant, _, _ in self.loras))
