@@ -48,9 +48,18 @@ class LiveWebUI:
     kind: str  # "a1111" or "forge"
     root: Path
     log: Path
+    pid: int
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def peak_rss_gb(self) -> float:
+        """The WebUI's peak resident memory so far (the launcher's child, where the model lives, included)."""
+        peaks = []
+        for pid in [self.pid, *map(int, Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split())]:
+            status = Path(f"/proc/{pid}/status").read_text()
+            peaks.append(int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]))
+        return round(max(peaks) / 2**20, 1)
 
 
 def _arguments(kind: str, root: Path, ui_config: Path) -> list[str]:
@@ -93,6 +102,6 @@ def webui(request, tmp_path_factory):
     # Live previews by "Approx NN" download a small model per family on first use (SDXL's is not shipped): offline,
     # every SDXL txt2img would fail. The cheap approximation needs no file.
     call("/sdapi/v1/options", {"show_progress_type": "Approx cheap"})
-    yield LiveWebUI(request.param, root, log_path)
+    yield LiveWebUI(request.param, root, log_path, server.pid)
     server.terminate()
     server.wait(60)

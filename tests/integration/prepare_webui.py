@@ -1,13 +1,15 @@
 """Prepare an AUTOMATIC1111 or Forge install for offline integration tests: random models and a CLIP tokenizer.
 
-    python tests/integration/prepare_webui.py --webui /path/to/webui [--family sd1 sdxl] [--hf-home DIR] [--force]
+    python tests/integration/prepare_webui.py --webui /path/to/webui [--family sd1 sd2v sdxl] [--hf-home DIR] [--force]
 
 It writes, without the network:
 
 - `<webui>/models/Stable-diffusion/random-sd15.safetensors` (and `random-sdxl.safetensors` with `--family sdxl`): a
   full-size SD1 (SDXL) model with random weights from a fixed seed, fp16, in the LDM (SGM) layout, so the WebUI loads
   it as an ordinary SD1.5 (SDXL) checkpoint: about 2 GB (7 GB). SDXL is built in fp16 from the start, so writing it
-  needs about 8 GB of memory.
+  needs about 8 GB of memory. With `--family sd2v`, `random-sd2v.safetensors`: SD2 768-v (OpenCLIP ViT-H), whose
+  UNet output is offset so that A1111's test pass for v-prediction (the mean output at t=999 on a constant input,
+  minus that input, below -1) finds v, as it does for the real 768-v model.
 - `<hf-home>/hub/models--openai--clip-vit-large-patch14/`: the Hugging Face cache entry that A1111's SD1 text
   encoder reads (tokenizer files and the CLIPModel config.json), built from the BPE vocabulary that ships inside
   open-clip-torch. The default `<hf-home>` is `<webui>/hf`.
@@ -26,8 +28,9 @@ from pathlib import Path
 
 REPO = "openai/clip-vit-large-patch14"
 REVISION = "0" * 40  # any commit hash works as the snapshot name of a hand-made cache entry
-CHECKPOINTS = {"sd1": "random-sd15", "sdxl": "random-sdxl"}
+CHECKPOINTS = {"sd1": "random-sd15", "sd2v": "random-sd2v", "sdxl": "random-sdxl"}
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+V_OFFSET = 3.0  # subtracted from the SD2-v UNet's output bias: A1111's v test reads about -3.5, far below its -1
 
 TOKENIZER_CONFIG = {
     "tokenizer_class": "CLIPTokenizer",
@@ -102,6 +105,8 @@ def write_checkpoint(webui: Path, family: str, seed: int, force: bool) -> Path:
         for name, param in model.named_parameters():
             if param.ndim == 1 and "norm" in name:
                 param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.05)
+        if family == "sd2v":  # A1111 decides v from one test pass; a random UNet would pass or fail it by chance
+            model.unet.out[2].bias.sub_(V_OFFSET)
     return save_checkpoint(model, path, dtype=torch.float16, overwrite=True)
 
 

@@ -1,10 +1,10 @@
 """Against a real A1111 1.10 and a real Forge on CPU, each skipped unless its directory is given (see conftest.py).
 
-`python tests/integration/prepare_webui.py --webui DIR [--family sd1 sdxl]` adds random SD1.5 (and SDXL) checkpoints
-and the offline tokenizer files. The tests link this repo into DIR/extensions, start the WebUI on CPU with the API,
-train through /copier-lora/v1 at 64 px, and check what a user would: the LoRA is listed, the WebUI's own loader
-applies every key of it (text encoders included) and it changes txt2img, the model draws exactly as before the run,
-and interrupt or a failure keeps nothing and changes nothing.
+`python tests/integration/prepare_webui.py --webui DIR [--family sd1 sd2v sdxl]` adds random SD1.5 (SD2-v, SDXL)
+checkpoints and the offline tokenizer files. The tests link this repo into DIR/extensions, start the WebUI on CPU
+with the API, train through /copier-lora/v1 at 64 px, and check what a user would: the LoRA is listed, the WebUI's
+own loader applies every key of it (text encoders included) and it changes txt2img, the model draws exactly as
+before the run, and interrupt or a failure keeps nothing and changes nothing.
 """
 
 import json
@@ -18,6 +18,7 @@ import pytest
 from tests.integration.conftest import SD15, call
 
 SDXL = "random-sdxl"
+SD2V = "random-sd2v"
 
 
 def txt2img(prompt: str) -> str:
@@ -132,5 +133,34 @@ def test_sdxl_trains_and_changes_nothing(webui):
         if webui.kind == "forge":  # SDXL at rank 4 without convs: 722 UNet modules
             assert forge_loaded_keys(webui, copier) == {"unet": 722}
         print(json.dumps({"webui": webui.kind, "seconds": round(time.time() - started), **state}), file=sys.stderr)
+    finally:
+        call("/sdapi/v1/options", {"sd_model_checkpoint": SD15})
+
+
+def test_sd2v_trains_the_whole_recipe_with_the_text_encoder_and_changes_nothing(webui):
+    if not (webui.root / "models" / "Stable-diffusion" / f"{SD2V}.safetensors").exists():
+        pytest.skip(f"no {SD2V} checkpoint (prepare_webui.py --family sd2v)")
+    from lib_copier.lora.files import read_lora
+
+    call("/sdapi/v1/options", {"sd_model_checkpoint": SD2V})
+    try:
+        before = txt2img("a red apple")
+        started = time.time()
+        body = {**train_body(f"v-{int(time.time())}", steps=3, train_text_encoder=True), "method": "both"}
+        state = wait(call("/copier-lora/v1/train", {**body, "grid_steps": 2})["id"])
+        assert state["status"] == "done", state["error"]
+        assert [r["kind"] for r in state["results"]] == ["copier", "processed", "extraction"]
+        for result in state["results"]:
+            lora = read_lora(webui.root / "models" / "Lora" / f"{result['name']}.safetensors")
+            assert lora.metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+            assert lora.metadata["ss_base_model_version"] == "sd_v2_v" and lora.metadata["ss_v2"] == "True"
+        copier = read_lora(webui.root / "models" / "Lora" / f"{state['results'][0]['name']}.safetensors")
+        assert any(key.startswith("lora_te_") for key in copier.modules)
+        assert txt2img(f"a red apple <lora:{state['results'][0]['name']}:1>") != before
+        assert txt2img("a red apple") == before
+        seconds = round(time.time() - started)
+        print(
+            json.dumps({"webui": webui.kind, "seconds": seconds, "peak_rss_gb": webui.peak_rss_gb()}), file=sys.stderr
+        )
     finally:
         call("/sdapi/v1/options", {"sd_model_checkpoint": SD15})
