@@ -152,6 +152,7 @@ def test_the_pair_methods_train_at_their_own_defaults_under_the_overrides():
     slider = method_config("slider", "quick", {"steps": 7})
     assert (slider.rank, slider.lr, slider.steps) == (PAIR_DEFAULTS["slider"]["rank"], PAIR_DEFAULTS["slider"]["lr"], 7)
     assert method_config("copier", "quick", {}) == make_config("quick")
+    assert method_config("addift", "thorough", {}) == method_config("addift", "quick", {})  # no 500-step warm-up
     # A pair run trains one LoRA per original and effect, each step costing more than a plain one.
     assert recipe_steps("addift", 2, "quick", {"steps": 10}, originals=3) == 60
     assert recipe_steps("both", 2, "quick", {"steps": 10}) == 50

@@ -7,7 +7,8 @@ GPU the progress bar gives the time left after the first steps, so no guess is m
 
 from __future__ import annotations
 
-from lib_copier.recipes.job import PAIR_DEFAULTS, RECIPE_PRESETS, method_config
+from lib_copier.recipes.job import RECIPE_PRESETS, method_config
+from lib_copier.train.config import PAIR_LOSSES
 
 CPU_SECONDS_AT = (2.07, 7.98e-5)  # seconds per step = a + b * side², SD1.5 on 2 CPU cores
 SDXL_FACTOR = 3.0
@@ -20,7 +21,7 @@ def recipe_steps(method: str, effects: int, preset: str, overrides: dict, origin
     """Training steps of a run: per original the copier, then per effect its processed LoRA and/or A′; or per
     original and effect one pair LoRA (whose steps cost more: STEP_COST)."""
     config = method_config(method, preset, overrides)
-    if method in PAIR_DEFAULTS:
+    if method in PAIR_LOSSES:
         return effects * config.steps * originals
     processed = RECIPE_PRESETS[preset]["processed_steps"]
     processed = config.steps if processed is None or "steps" in overrides else processed

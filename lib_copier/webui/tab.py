@@ -61,13 +61,14 @@ METHOD_HELP = (
     "copier: trains a copier of the image, then one effect LoRA on top of it (the seeds' method); "
     "extraction: a copier of each processed image too, and their difference; both: each kind; "
     "slider: one LoRA from the image and its processed version, +weight toward the effect, -weight away "
-    "(Concept Sliders' image sliders); addift: the same pair, learned against the model's own predictions, "
-    "in few steps (after TrainTrain's ADDifT)"
+    "(Concept Sliders' image sliders); addift (the default: most effect for the least time in our measurements): "
+    "the same pair, learned against the model's own predictions, in few steps (after TrainTrain's ADDifT)"
 )
 PRESET_HELP = (  # from the presets themselves, so it cannot drift from them
     f"quick: rank {PRESETS['quick']['rank']}, {PRESETS['quick']['steps']} steps per LoRA; thorough: rank "
     f"{PRESETS['thorough']['rank']}, {PRESETS['thorough']['steps']}-{RECIPE_PRESETS['thorough']['processed_steps']} "
-    f"steps, resized to rank {RECIPE_PRESETS['thorough']['resize_rank']}"
+    f"steps, resized to rank {RECIPE_PRESETS['thorough']['resize_rank']}; the pair methods train at their own "
+    f"settings with either"
 )
 SETTING_GROUPS = {
     "Network": ("rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "text_lr"),
