@@ -99,6 +99,9 @@ def webui(request, tmp_path_factory):
             time.sleep(3)
         if server.poll() is not None:
             pytest.fail(f"the WebUI exited; see {log.name}")
+    # The WebUI answers before its startup model load has finished; a checkpoint switched now would be replaced by
+    # that load (seen in A1111: two loads at once, meta tensors, then NaN conditioning). One image waits it out.
+    call("/sdapi/v1/txt2img", {"prompt": "", "steps": 1, "width": 64, "height": 64})
     # Live previews by "Approx NN" download a small model per family on first use (SDXL's is not shipped): offline,
     # every SDXL txt2img would fail. The cheap approximation needs no file.
     call("/sdapi/v1/options", {"show_progress_type": "Approx cheap"})

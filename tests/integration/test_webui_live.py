@@ -7,6 +7,7 @@ own loader applies every key of it (text encoders included) and it changes txt2i
 before the run, and interrupt or a failure keeps nothing and changes nothing.
 """
 
+import contextlib
 import json
 import re
 import sys
@@ -115,11 +116,20 @@ def test_interrupt_keeps_nothing(webui):
     assert txt2img("a blue cube") == before
 
 
-def test_sdxl_trains_and_changes_nothing(webui):
-    if not (webui.root / "models" / "Stable-diffusion" / f"{SDXL}.safetensors").exists():
-        pytest.skip(f"no {SDXL} checkpoint (prepare_webui.py --family sdxl)")
-    call("/sdapi/v1/options", {"sd_model_checkpoint": SDXL})
+@contextlib.contextmanager
+def checkpoint(webui, name: str, family: str):
+    """The WebUI on checkpoint `name` for the block (skipped when prepare_webui.py did not write it), then SD1.5."""
+    if not (webui.root / "models" / "Stable-diffusion" / f"{name}.safetensors").exists():
+        pytest.skip(f"no {name} checkpoint (prepare_webui.py --family {family})")
+    call("/sdapi/v1/options", {"sd_model_checkpoint": name})
     try:
+        yield
+    finally:
+        call("/sdapi/v1/options", {"sd_model_checkpoint": SD15})
+
+
+def test_sdxl_trains_and_changes_nothing(webui):
+    with checkpoint(webui, SDXL, "sdxl"):
         before = txt2img("a red apple")
         started = time.time()
         # UNet only, checkpointed: on a 24 GB CPU machine Forge computes SDXL in fp32 from bf16 weights, and the cast
@@ -133,17 +143,12 @@ def test_sdxl_trains_and_changes_nothing(webui):
         if webui.kind == "forge":  # SDXL at rank 4 without convs: 722 UNet modules
             assert forge_loaded_keys(webui, copier) == {"unet": 722}
         print(json.dumps({"webui": webui.kind, "seconds": round(time.time() - started), **state}), file=sys.stderr)
-    finally:
-        call("/sdapi/v1/options", {"sd_model_checkpoint": SD15})
 
 
 def test_sd2v_trains_the_whole_recipe_with_the_text_encoder_and_changes_nothing(webui):
-    if not (webui.root / "models" / "Stable-diffusion" / f"{SD2V}.safetensors").exists():
-        pytest.skip(f"no {SD2V} checkpoint (prepare_webui.py --family sd2v)")
     from lib_copier.lora.files import read_lora
 
-    call("/sdapi/v1/options", {"sd_model_checkpoint": SD2V})
-    try:
+    with checkpoint(webui, SD2V, "sd2v"):
         before = txt2img("a red apple")
         started = time.time()
         body = {**train_body(f"v-{int(time.time())}", steps=3, train_text_encoder=True), "method": "both"}
@@ -162,5 +167,3 @@ def test_sd2v_trains_the_whole_recipe_with_the_text_encoder_and_changes_nothing(
         print(
             json.dumps({"webui": webui.kind, "seconds": seconds, "peak_rss_gb": webui.peak_rss_gb()}), file=sys.stderr
         )
-    finally:
-        call("/sdapi/v1/options", {"sd_model_checkpoint": SD15})
