@@ -25,8 +25,9 @@ from lib_copier.models.builtin.scenes import sample_captions
 from lib_copier.models.generate import Txt2Img
 from lib_copier.models.loading import load_model
 from lib_copier.recipes.job import Effect, Job, method_config, run_job
-from lib_copier.recipes.methods import train_copier, train_pair_method, train_processed
+from lib_copier.recipes.methods import train_copier, train_processed
 from lib_copier.train.config import make_config
+from lib_copier.train.trainer import train_pair
 
 ORIGINAL = "a large yellow star with shading and a dark outline on a purple background"
 PROMPTS = ["a small green circle on a white background", "a blue square with stripes on an orange gradient background"]
@@ -109,7 +110,7 @@ def test_several_originals_make_the_processed_lora_an_effect_slider(tmp_path):
 def test_a_pair_method_trained_on_two_equal_images_changes_nothing(trained, method):
     backend, original, _, _, _ = trained
     config = method_config(method, "quick", {"steps": 30})
-    pair = train_pair_method(backend, method, original, original, POOL, config).network
+    pair = train_pair(backend, original, original, POOL, config, method).network
     naive = train_copier(backend, original, POOL, config).network  # a plain LoRA on the same image
 
     def two(loras):  # the first held-out prompt, two seeds
@@ -123,7 +124,7 @@ def test_a_pair_method_trained_on_two_equal_images_changes_nothing(trained, meth
 @pytest.mark.parametrize("method", ["slider", "addift"])
 def test_a_pair_method_on_original_and_grayscale_greys_its_own_generation(trained, method):
     backend, original, processed, _, _ = trained
-    lora = train_pair_method(backend, method, original, processed, POOL, method_config(method, "quick", {})).network
+    lora = train_pair(backend, original, processed, POOL, method_config(method, "quick", {}), method).network
     own = {w: chroma(backend.generate(Txt2Img(ORIGINAL, seed=1), [(lora, w)])) for w in (-1.0, 0.0, 1.0)}
     print(f"{method}: chroma of O's own generation by weight", {w: round(c, 1) for w, c in own.items()})
     assert own[1.0] < 0.8 * own[0.0]

@@ -56,7 +56,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="override a trainer setting of the pair methods (slider, addift), which otherwise train as the "
         "copier command trains them",
     )
-    p.add_argument("--quick", action="store_true", help="a small evaluation (about 4 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="a small evaluation (a few minutes on 2 CPU cores)")
     p.add_argument("--notes", help="a Markdown file whose text goes into the report under the result")
     p.add_argument(
         "--workers", type=int, help="processes drawing and training in parallel (default: 2 on a CPU, 1 on a GPU)"

@@ -24,8 +24,9 @@ from PIL import Image
 
 from lib_copier.evaluate.workers import Packed, Workers, backend, pack, unpack
 from lib_copier.recipes.job import Effect
-from lib_copier.recipes.methods import extraction, merge_processed, train_copier, train_pair_method, train_processed
+from lib_copier.recipes.methods import extraction, merge_processed, train_copier, train_processed
 from lib_copier.train.config import PAIR_LOSSES, TrainConfig
+from lib_copier.train.trainer import train_pair
 
 METHODS = ("naive", "copier", "extraction", *PAIR_LOSSES)
 VARIANTS = ("single", "merged")
@@ -80,7 +81,7 @@ def train_original(task: TrainTask) -> tuple[Packed, dict[tuple[str, str], Packe
         seconds[(effect.label, "copier")] = copier_run.seconds + b.seconds
         seconds[(effect.label, "extraction")] = copier_run.seconds + a_prime_run.seconds + svd
         for method, pair_config in task.pair_configs.items():
-            run = train_pair_method(model, method, task.original, processed, captions, pair_config)
+            run = train_pair(model, task.original, processed, captions, pair_config, method)
             out[(effect.label, method)] = pack(run.network.to_weights())
             seconds[(effect.label, method)] = run.seconds
     return pack(copier_weights), out, seconds

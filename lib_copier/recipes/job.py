@@ -29,12 +29,11 @@ from lib_copier.recipes.methods import (
     merge_processed,
     shrink,
     train_copier,
-    train_pair_method,
     train_processed,
 )
 from lib_copier.recipes.outputs import Written, free_name, sidecar, write_result
 from lib_copier.train.config import PAIR_LOSSES, TrainConfig, make_config
-from lib_copier.train.trainer import Callbacks, Cancelled, TrainResult
+from lib_copier.train.trainer import Callbacks, Cancelled, TrainResult, train_pair
 
 # File name endings: `<name>-copier`, `<name>-<effect>`, `<name>-<effect>-extraction`, `<name>-<effect>-slider`,
 # `<name>-<effect>-addift`; A′ (the processed image's copier) is only ever written when an extraction run is
@@ -216,9 +215,7 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
                 if job.method in PAIR_LOSSES:
                     stage(f"{job.method}: {effect.label}{tag}")
                     current = (job.method, effect.label)
-                    run = train_pair_method(
-                        backend, job.method, original, processed_image, job.captions(), config, callbacks
-                    )
+                    run = train_pair(backend, original, processed_image, job.captions(), config, job.method, callbacks)
                     trained.setdefault((effect.label, job.method), []).append((_cpu(run.network.to_weights()), run))
                 if job.method in ("copier", "both"):
                     stage(f"processed: {effect.label}{tag}")

@@ -18,7 +18,7 @@ from lib_copier.lora.network import LoRANetwork
 from lib_copier.lora.ops import Progress, merge_svd, resize
 from lib_copier.lora.weights import LoRAWeights
 from lib_copier.train.config import TrainConfig
-from lib_copier.train.trainer import Callbacks, TrainResult, train_lora, train_pair
+from lib_copier.train.trainer import Callbacks, TrainResult, train_lora
 
 Weights = dict[str, LoRAWeights]
 
@@ -42,19 +42,6 @@ def train_processed(
     callbacks: Callbacks | None = None,
 ) -> TrainResult:
     return train_lora(backend, processed, caption, config, frozen=[(copier, 1.0)], callbacks=callbacks)
-
-
-def train_pair_method(
-    backend: Backend,
-    method: str,
-    original: Image.Image,
-    processed: Image.Image,
-    caption: str | Sequence[str],
-    config: TrainConfig,
-    callbacks: Callbacks | None = None,
-) -> TrainResult:
-    """The effect LoRA of a pair method ("slider" or "addift"), positive weights toward `processed`."""
-    return train_pair(backend, original, processed, caption, config, method, callbacks)
 
 
 def shrink(weights: Weights, rank: int | None, progress: Progress | None = None) -> Weights:
