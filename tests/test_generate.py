@@ -40,6 +40,19 @@ def test_a_batch_draws_what_each_request_draws_alone(tiny):
         generate_batch(tiny, [requests[0], Txt2Img("x", steps=4)])
 
 
+def test_a_half_precision_model_draws_what_the_full_precision_model_draws(tiny):
+    """WebUIs load their models in fp16; our GroupNorm computes in fp32 there too, outside any autocast."""
+    import copy
+
+    import torch
+
+    from lib_copier.evaluate.metrics import psnr
+
+    request = Txt2Img("a red circle", seed=1, steps=3)
+    half = copy.deepcopy(tiny).to(torch.float16)
+    assert psnr(generate(half, request), generate(tiny, request)) > 40
+
+
 def test_bad_size_is_named(tiny):
     with pytest.raises(ValueError, match="width 100 must be a positive multiple of 16"):
         generate(tiny, Txt2Img("x", width=100, height=64, steps=1))

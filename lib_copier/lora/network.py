@@ -41,21 +41,24 @@ class LoRAModule(nn.Module):
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
+        # alpha / rank as a Python number: reading the buffer on a GPU would wait for the GPU at every forward.
+        self.scale = float(alpha) / rank
         self.multiplier = 1.0
 
-    @property
-    def scale(self) -> float:
-        return float(self.alpha) / self.lora_down.weight.shape[0]
-
     def side_path(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """multiplier * scale * up(down(x)), with the layer's own stride and padding for convolutions."""
-        x = x.to(self.lora_down.weight.dtype)
+        """multiplier * scale * up(down(x)), with the layer's own stride and padding for convolutions.
+
+        Under CUDA autocast the input is left in the autocast dtype (autocast casts the fp32 LoRA weights to it
+        once per forward); otherwise it is computed in the LoRA's dtype."""
+        if not torch.is_autocast_enabled():
+            x = x.to(self.lora_down.weight.dtype)
         if isinstance(layer, nn.Conv2d):
             h = F.conv2d(x, self.lora_down.weight, None, layer.stride, layer.padding, layer.dilation)
             h = F.conv2d(h, self.lora_up.weight)
         else:
             h = F.linear(F.linear(x, self.lora_down.weight), self.lora_up.weight)
-        return h * (self.multiplier * self.scale)
+        factor = self.multiplier * self.scale
+        return h if factor == 1.0 else h * factor
 
     def delta(self) -> torch.Tensor:
         """multiplier * scale * up @ down, shaped like the target weight (keeps the autograd graph)."""

@@ -1,13 +1,21 @@
-"""`python -m lib_copier bench train`: trainer speed and memory, per recipe stage.
+"""`python -m lib_copier bench train`: trainer speed and memory, per recipe stage, and where a step's time goes.
 
-On the default (built-in) model by default; `--family sd1|sdxl` builds a full-size model with random weights
+On the default (built-in) model by default; `--family sd1|sd2|sdxl` builds a full-size model with random weights
 instead (training speed does not depend on the weight values), for the GPU targets at 512² / 1024².
+On a trained model (the built-in one, or `--model`) it also measures the copier's fidelity: how close the model
+with the copier draws the original, in PSNR, beside the model alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+import warnings
+from pathlib import Path
+
+STAGES = ("copier", "processed", "extraction")
+FIDELITY_SEEDS = (1, 2, 3)
 
 
 def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
@@ -17,10 +25,14 @@ def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, help="image side (default: the model's native one)")
     p.add_argument("--steps", type=int, default=500, help="steps per LoRA (default 500, the Quick preset)")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a trainer setting")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"which of {','.join(STAGES)} to run, in that order")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--profile", type=Path, help="profile 20 more copier steps; write the per-op table to this file")
+    p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.set_defaults(func=bench_train)
 
 
@@ -47,15 +59,29 @@ def _image(backend, side: int):
     return Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
 
 
+def _stages(text: str) -> list[str]:
+    from lib_copier.errors import CopierError
+
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    if not stages or any(s not in STAGES for s in stages) or stages[0] != "copier":
+        raise CopierError(f"--stages {text!r}: copier, then any of {', '.join(STAGES[1:])}")
+    return stages
+
+
 def bench_train(args: argparse.Namespace) -> int:
     import torch
 
     from lib_copier.backends.standalone import StandaloneBackend
     from lib_copier.effects.chain import Chain
     from lib_copier.models.bench import _peak_rss_mb
+    from lib_copier.recipes.cli import parse_overrides
     from lib_copier.recipes.methods import extraction, train_copier, train_processed
     from lib_copier.train.config import make_config
 
+    stages = _stages(args.stages)
+    overrides = dict(steps=args.steps, rank=args.rank, alpha=float(args.rank))
+    overrides.update(gradient_checkpointing=args.gradient_checkpointing, **parse_overrides(args.set))
+    config = make_config("quick", **overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = StandaloneBackend(_model(args))
@@ -63,18 +89,24 @@ def bench_train(args: argparse.Namespace) -> int:
     side = args.resolution or backend.resolution
     image = _image(backend, side)
     processed = Chain.parse(["grayscale"]).apply(image)
-    overrides = dict(steps=args.steps, rank=args.rank, alpha=float(args.rank))
-    config = make_config("quick", gradient_checkpointing=args.gradient_checkpointing, **overrides)
     if cuda:
         torch.cuda.synchronize()
         loaded = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+    figures = {
+        "model": f"{backend.family} ({'random weights' if args.family else args.model or 'built-in'})",
+        "device": torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads",
+        "dtype": str(backend.dtype).removeprefix("torch."),
+        "resolution": side,
+        "torch": torch.__version__,
+        "config": {k: getattr(config, k) for k in ("steps", "rank", "alpha", "lr", "batch_size", "mixed_precision")},
+        "stages": {},
+    }
     print(
-        f"model: {backend.family} ({'random weights' if args.family else args.model or 'built-in'}), "
-        f"{side}x{side}, {backend.device} {str(backend.dtype).removeprefix('torch.')}, rank {args.rank}, "
-        f"{args.steps} steps, threads {torch.get_num_threads()}"
+        f"model: {figures['model']}, {side}x{side}, {figures['device']}, {figures['dtype']}, rank {config.rank}, "
+        f"{config.steps} steps, batch {config.batch_size}, mixed precision {config.mixed_precision if cuda else 'no'}"
     )
-    for stage in ("copier", "processed", "extraction"):
+    for stage in stages:
         # Each stage's time includes caching its latents and prompt embedding; extraction includes the SVD.
         start = time.perf_counter()
         if stage == "copier":
@@ -88,9 +120,89 @@ def bench_train(args: argparse.Namespace) -> int:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         steps_per_s = run.steps / run.seconds
-        print(f"{stage:>10}: {seconds:7.1f} s in all, {steps_per_s:6.1f} steps/s in the loop")
-    print(f"peak RSS: {_peak_rss_mb():,.0f} MB")
+        final_loss = sum(run.losses[-50:]) / len(run.losses[-50:])
+        figures["stages"][stage] = {"seconds": seconds, "steps_per_s": steps_per_s, "final_loss": final_loss}
+        print(f"{stage:>10}: {seconds:7.1f} s in all, {steps_per_s:6.1f} steps/s in the loop, loss {final_loss:.4f}")
+    figures["recipe_seconds"] = sum(s["seconds"] for s in figures["stages"].values())
+    if not args.family:
+        figures["fidelity_db"] = _fidelity(backend, copier.network, image)
+        f = figures["fidelity_db"]
+        print(f"  fidelity: the copier draws the original at {f['copier']:.1f} dB PSNR, the model alone {f['base']:.1f}")
+    figures["peak_rss_mb"] = _peak_rss_mb()
+    print(f"peak RSS: {figures['peak_rss_mb']:,.0f} MB")
     if cuda:
-        extra = (torch.cuda.max_memory_allocated() - loaded) / 2**30
-        print(f"CUDA: model {loaded / 2**30:.2f} GiB, peak over the loaded model {extra:.2f} GiB")
+        figures["cuda_model_gib"] = loaded / 2**30
+        figures["cuda_peak_over_model_gib"] = (torch.cuda.max_memory_allocated() - loaded) / 2**30
+        print(
+            f"CUDA: model {figures['cuda_model_gib']:.2f} GiB, "
+            f"peak over the loaded model {figures['cuda_peak_over_model_gib']:.2f} GiB"
+        )
+        figures["host_syncs_per_step"] = _syncs_per_step(backend, image, config)
+        print(f"host syncs per training step: {figures['host_syncs_per_step']:g}")
+    if args.profile:
+        figures["profile"] = _profile(backend, image, config, args.profile)
+        p = figures["profile"]
+        print(f"profile: {p['ms_per_step']:.1f} ms per step, device busy {p['device_busy']:.0%}; table in {args.profile}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
     return 0
+
+
+def _fidelity(backend, network, image) -> dict[str, float]:
+    """Mean PSNR to the original of the training caption's draws over a few seeds, with the copier and without."""
+    from lib_copier.evaluate.metrics import psnr
+    from lib_copier.models.generate import Txt2Img
+
+    requests = [Txt2Img("", seed=s, width=image.width, height=image.height) for s in FIDELITY_SEEDS]
+    base = backend.generate_batch(requests)
+    copier = backend.generate_batch(requests, loras=[(network, 1.0)])
+    return {
+        "base": sum(psnr(g, image) for g in base) / len(base),
+        "copier": sum(psnr(g, image) for g in copier) / len(copier),
+    }
+
+
+def _syncs_per_step(backend, image, config) -> float:
+    """How often a training step makes the host wait for the GPU: CUDA's sync warnings of a 15-step run minus a
+    5-step one, per step (the difference leaves out the setup's own waits)."""
+    import dataclasses
+
+    import torch
+
+    from lib_copier.train.trainer import train_lora
+
+    counts = []
+    for steps in (5, 15):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_lora(backend, image, "", dataclasses.replace(config, steps=steps))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in seen))
+    return (counts[1] - counts[0]) / 10
+
+
+def _profile(backend, image, config, path: Path, steps: int = 20) -> dict[str, float]:
+    """20 copier steps under torch's profiler: the per-op table sorted by device time (CPU time on a CPU), and
+    the share of the wall time the device was computing."""
+    import dataclasses
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from lib_copier.train.trainer import train_lora
+
+    cuda = backend.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    train_lora(backend, image, "", dataclasses.replace(config, steps=3))  # warm-up outside the profile
+    with profile(activities=activities) as prof:
+        run = train_lora(backend, image, "", dataclasses.replace(config, steps=steps))
+        if cuda:
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.write_text(averages.table(sort_by=sort, row_limit=40))
+    busy = sum(e.self_device_time_total for e in averages) / 1e6 if cuda else run.seconds
+    return {"ms_per_step": 1000 * run.seconds / run.steps, "device_busy": busy / run.seconds}

@@ -17,6 +17,7 @@ users will run it on, and it costs nothing per step.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -151,7 +152,9 @@ def _train(backend, images, caption, config: TrainConfig, frozen, callbacks: Cal
         latents = [backend.encode_images(torch.cat([p, p.flip(-1)]) if config.flip else p) for p in pixels]
         captions = [caption] if isinstance(caption, str) else list(caption)
         with torch.no_grad():
-            cached = None if config.train_text_encoder else backend.encode_prompts(captions, height, width)
+            cached = None
+            if not config.train_text_encoder:
+                cached = backend.encode_prompts(captions, height, width).to(backend.device, backend.dtype)
         network = _new_network(backend, config)
         stack.enter_context(network.applied(layers, table))
         stack.enter_context(backend.training_mode(config.train_text_encoder, config.gradient_checkpointing))
@@ -185,8 +188,27 @@ def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callb
     params = [p for g in groups for p in g["params"]]
     result = TrainResult(network, 0, 0.0)
     start = time.perf_counter()
+
+    def finish(step: int, loss: torch.Tensor, lr: float) -> None:
+        """Book a step whose update is applied: read its loss (the only wait for the GPU) and report it."""
+        value = loss.item()
+        if not math.isfinite(value):
+            raise CopierError(
+                f"the training loss became {value} at step {step + 1}; lower the learning rate "
+                "or use another mixed precision"
+            )
+        result.steps, result.seconds = step + 1, time.perf_counter() - start
+        result.losses.append(value)
+        if callbacks.progress:
+            callbacks.progress(Progress(step + 1, config.steps, value, lr, result.seconds))
+
+    # On a GPU a step's loss is read once the next step is queued, so that the GPU never waits for the host.
+    lag = backend.device.type == "cuda"
+    pending = None
     for step in range(config.steps):
         if callbacks.cancelled and callbacks.cancelled():
+            if pending:
+                finish(*pending)
             result.seconds = time.perf_counter() - start
             raise Cancelled(result)
         factor = lr_factor(step, config.steps, config.scheduler, config.warmup_steps)
@@ -203,21 +225,33 @@ def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callb
             scaler.update()
         else:
             optimizer.step()
-        result.steps, result.seconds = step + 1, time.perf_counter() - start
-        result.losses.append(loss)
-        if callbacks.progress:
-            lr = groups[0]["base_lr"] * factor
-            callbacks.progress(Progress(step + 1, config.steps, result.losses[-1], lr, result.seconds))
-        if callbacks.preview and config.preview_every and (step + 1) % config.preview_every == 0:
+        if pending:
+            finish(*pending)
+        pending = (step, loss, groups[0]["base_lr"] * factor)
+        preview = callbacks.preview and config.preview_every and (step + 1) % config.preview_every == 0
+        if preview or not lag:
+            finish(*pending)
+            pending = None
+        if preview:
             request = callbacks.preview_request or Txt2Img(batch.captions[0], seed=config.seed)
             callbacks.preview(step + 1, backend.generate(request))
+    if pending:
+        finish(*pending)
     return result
 
 
-def _step(backend, network, batch: _Batch, config: TrainConfig, generator, alphas, step: int, scaler) -> float:
+def _on(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU without making the host wait (a plain copy waits for all queued work)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _step(backend, network, batch: _Batch, config: TrainConfig, generator, alphas, step: int, scaler) -> torch.Tensor:
     """One batch: the noised latents, the model's predictions, the (Min-SNR weighted) MSE to their targets, and its
-    gradients; returns the loss. Each pass of a pair loss is differentiated while the LoRA is at that pass's weight:
-    gradient checkpointing recomputes the forward pass in the backward one, and must see the same weight."""
+    gradients; returns the loss, still on the device. Each pass of a pair loss is differentiated while the LoRA is
+    at that pass's weight: gradient checkpointing recomputes the forward pass in the backward one, and must see the
+    same weight."""
     b = config.batch_size
     view = torch.randint(len(batch.latents[0]), (b,), generator=generator)
     n = len(batch.captions)
@@ -226,7 +260,9 @@ def _step(backend, network, batch: _Batch, config: TrainConfig, generator, alpha
     noise = torch.randn((b, *batch.latents[0].shape[1:]), generator=generator)
     if config.noise_offset:
         noise = noise + config.noise_offset * torch.randn(*noise.shape[:2], 1, 1, generator=generator)
-    t, noise = t.to(backend.device), noise.to(backend.device)
+    device = backend.device
+    prompts = [batch.captions[i] for i in pick.tolist()]
+    view, pick, t, noise = (_on(device, x) for x in (view, pick, t, noise))
     a = alphas[t].view(-1, 1, 1, 1)
 
     def predict(x0: torch.Tensor, weight: float) -> torch.Tensor:
@@ -236,25 +272,20 @@ def _step(backend, network, batch: _Batch, config: TrainConfig, generator, alpha
             if batch.cached is not None:
                 cond = batch.cached[pick]
             else:
-                cond = backend.encode_prompts([batch.captions[i] for i in pick.tolist()], *batch.size)
+                cond = backend.encode_prompts(prompts, *batch.size)
             return backend.predict(noisy.to(backend.dtype), t, cond.to(backend.device, backend.dtype)).float()
 
     def target(x0: torch.Tensor) -> torch.Tensor:
         return noise if backend.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
 
-    def learn(out: torch.Tensor, goal: torch.Tensor) -> float:
+    def learn(out: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
         error = (out - goal).pow(2).mean(dim=(1, 2, 3))
         if config.min_snr_gamma:
             snr = (a / (1 - a)).flatten()
             error = error * snr.clamp(max=config.min_snr_gamma) / (snr if backend.prediction == "eps" else snr + 1)
         loss = error.mean()
-        if not torch.isfinite(loss):
-            raise CopierError(
-                f"the training loss became {loss.item()} at step {step + 1}; lower the learning rate "
-                "or use another mixed precision"
-            )
         (scaler.scale(loss) if scaler else loss).backward()
-        return loss.item()
+        return loss.detach()
 
     x = [stack[view] for stack in batch.latents]  # [the image], or [processed, original] for a pair
     m = config.pair_weight
