@@ -31,6 +31,12 @@ def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--fidelity",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the copier's fidelity (default; never on --family's random weights)",
+    )
     p.add_argument("--profile", type=Path, help="profile 20 more copier steps; write the per-op table to this file")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.set_defaults(func=bench_train)
@@ -72,10 +78,8 @@ def bench_train(args: argparse.Namespace) -> int:
     import torch
 
     from lib_copier.backends.standalone import StandaloneBackend
-    from lib_copier.effects.chain import Chain
     from lib_copier.models.bench import _peak_rss_mb
     from lib_copier.recipes.cli import parse_overrides
-    from lib_copier.recipes.methods import extraction, train_copier, train_processed
     from lib_copier.train.config import make_config
 
     stages = _stages(args.stages)
@@ -88,7 +92,6 @@ def bench_train(args: argparse.Namespace) -> int:
     cuda = backend.device.type == "cuda"
     side = args.resolution or backend.resolution
     image = _image(backend, side)
-    processed = Chain.parse(["grayscale"]).apply(image)
     if cuda:
         torch.cuda.synchronize()
         loaded = torch.cuda.memory_allocated()
@@ -100,14 +103,43 @@ def bench_train(args: argparse.Namespace) -> int:
         "resolution": side,
         "torch": torch.__version__,
         "config": {k: getattr(config, k) for k in ("steps", "rank", "alpha", "lr", "batch_size", "mixed_precision")},
-        "stages": {},
     }
     print(
         f"model: {figures['model']}, {side}x{side}, {figures['device']}, {figures['dtype']}, rank {config.rank}, "
         f"{config.steps} steps, batch {config.batch_size}, mixed precision {config.mixed_precision if cuda else 'no'}"
     )
+    figures["stages"], copier = _run_stages(backend, image, config, stages)
+    figures["recipe_seconds"] = sum(s["seconds"] for s in figures["stages"].values())
+    if args.fidelity and not args.family:
+        f = figures["fidelity_db"] = _fidelity(backend, copier, image)
+        print(f"fidelity: the copier draws the original at {f['copier']:.1f} dB PSNR, the model alone {f['base']:.1f}")
+    figures["peak_rss_mb"] = _peak_rss_mb()
+    print(f"peak RSS: {figures['peak_rss_mb']:,.0f} MB")
+    if cuda:
+        figures["cuda_model_gib"] = loaded / 2**30
+        figures["cuda_peak_over_model_gib"] = extra = (torch.cuda.max_memory_allocated() - loaded) / 2**30
+        print(f"CUDA: model {loaded / 2**30:.2f} GiB, peak over the loaded model {extra:.2f} GiB")
+        figures["host_syncs_per_step"] = _syncs_per_step(backend, image, config)
+        print(f"host syncs per training step: {figures['host_syncs_per_step']:g}")
+    if args.profile:
+        p = figures["profile"] = _profile(backend, image, config, args.profile)
+        print(f"profile: {p['ms_per_step']:.1f} ms per step, device busy {p['device_busy']:.0%} ({args.profile})")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+def _run_stages(backend, image, config, stages: list[str]):
+    """Each stage's seconds (caching its latents and prompt included; extraction's SVD too), loop speed and final
+    loss; and the copier's network."""
+    import torch
+
+    from lib_copier.effects.chain import Chain
+    from lib_copier.recipes.methods import extraction, train_copier, train_processed
+
+    processed = Chain.parse(["grayscale"]).apply(image)
+    figures = {}
     for stage in stages:
-        # Each stage's time includes caching its latents and prompt embedding; extraction includes the SVD.
         start = time.perf_counter()
         if stage == "copier":
             run = copier = train_copier(backend, image, "", config)
@@ -116,36 +148,13 @@ def bench_train(args: argparse.Namespace) -> int:
         else:
             run = train_copier(backend, processed, "", config)
             extraction(copier.network.to_weights(), run.network.to_weights(), rank=8)
-        if cuda:
+        if backend.device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        steps_per_s = run.steps / run.seconds
-        final_loss = sum(run.losses[-50:]) / len(run.losses[-50:])
-        figures["stages"][stage] = {"seconds": seconds, "steps_per_s": steps_per_s, "final_loss": final_loss}
-        print(f"{stage:>10}: {seconds:7.1f} s in all, {steps_per_s:6.1f} steps/s in the loop, loss {final_loss:.4f}")
-    figures["recipe_seconds"] = sum(s["seconds"] for s in figures["stages"].values())
-    if not args.family:
-        figures["fidelity_db"] = _fidelity(backend, copier.network, image)
-        f = figures["fidelity_db"]
-        print(f"  fidelity: the copier draws the original at {f['copier']:.1f} dB PSNR, the model alone {f['base']:.1f}")
-    figures["peak_rss_mb"] = _peak_rss_mb()
-    print(f"peak RSS: {figures['peak_rss_mb']:,.0f} MB")
-    if cuda:
-        figures["cuda_model_gib"] = loaded / 2**30
-        figures["cuda_peak_over_model_gib"] = (torch.cuda.max_memory_allocated() - loaded) / 2**30
-        print(
-            f"CUDA: model {figures['cuda_model_gib']:.2f} GiB, "
-            f"peak over the loaded model {figures['cuda_peak_over_model_gib']:.2f} GiB"
-        )
-        figures["host_syncs_per_step"] = _syncs_per_step(backend, image, config)
-        print(f"host syncs per training step: {figures['host_syncs_per_step']:g}")
-    if args.profile:
-        figures["profile"] = _profile(backend, image, config, args.profile)
-        p = figures["profile"]
-        print(f"profile: {p['ms_per_step']:.1f} ms per step, device busy {p['device_busy']:.0%}; table in {args.profile}")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
-    return 0
+        seconds, steps_per_s = time.perf_counter() - start, run.steps / run.seconds
+        loss = sum(run.losses[-50:]) / len(run.losses[-50:])
+        figures[stage] = {"seconds": seconds, "steps_per_s": steps_per_s, "final_loss": loss}
+        print(f"{stage:>10}: {seconds:7.1f} s in all, {steps_per_s:6.1f} steps/s in the loop, loss {loss:.4f}")
+    return figures, copier.network
 
 
 def _fidelity(backend, network, image) -> dict[str, float]:

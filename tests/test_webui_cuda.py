@@ -1,0 +1,53 @@
+"""The in-place WebUI training path on a GPU, with the half-precision weights a WebUI loads there: autocast over fp16
+weights and fp32 LoRAs, gradient checkpointing, the text encoder, and the model bit-identical afterwards.
+
+Skipped without CUDA (CI has none); `tools/gpu/run.sh` runs it on the GPU machine."""
+
+import pytest
+import torch
+
+from lib_copier.lora.files import read_lora
+from lib_copier.models.configs import TINY
+from lib_copier.models.sd_model import build_model
+from lib_copier.webui.jobs import JobState
+from lib_copier.webui.training import train_in_webui
+from tests.a1111_like import A1111Host
+from tests.conftest import randomize_
+from tests.forge_like import ForgeHost
+from tests.test_webui_training import request_for, weights
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=["a1111", "forge"])
+def host(request, tmp_path):
+    model = randomize_(build_model(TINY)).to("cuda", torch.float16)
+    if request.param == "a1111":
+        return A1111Host(model, lora_dir=tmp_path)
+    forge = ForgeHost(model, lora_dir=tmp_path)
+    objects = forge.sd_model.forge_objects
+    for patcher in (objects.unet, objects.clip.patcher, objects.vae.patcher):
+        patcher.load_device = torch.device("cuda")  # Forge's memory manager puts its models on the GPU
+    return forge
+
+
+@pytest.mark.parametrize("method, precision", [("both", "bf16"), ("both", "fp16"), ("addift", "bf16")])
+def test_half_precision_weights_train_on_the_gpu_and_stay_bit_identical(host, tmp_path, method, precision):
+    before = weights(host)
+    overrides = {
+        "steps": 3,
+        "mixed_precision": precision,
+        "gradient_checkpointing": True,
+        "train_text_encoder": True,
+    }
+    results = train_in_webui(request_for(host, method=method, overrides=overrides), host, tmp_path, JobState("j"))
+    kinds = {"both": ["copier", "processed", "extraction"], "addift": ["addift"]}[method]
+    assert [r["kind"] for r in results] == kinds
+    for result in results:
+        lora = read_lora(tmp_path / result["lora"])
+        ups = [m.up.float() for m in lora.modules.values()]
+        assert all(torch.isfinite(up).all() for up in ups) and any(up.abs().max() > 0 for up in ups)
+        assert any(key.startswith("lora_te") for key in lora.modules)
+    after = dict(host.backend().weights())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert next(iter(after.values())).device.type == "cuda"

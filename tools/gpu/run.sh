@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Issue 19's GPU measurements as one device call: our trainer beside kohya's train_network.py on the same card, the
+# same random-weight SD1.5 checkpoint and the same settings; a profile; SDXL; the WebUI path's CUDA tests.
+#   (on the GPU machine, from the repo root, with .whl and .kohya carried)   bash tools/gpu/run.sh
+# Each part has its own time limit and writes its figures to $OUT as soon as it ends, so a part that runs long costs
+# only itself. Parts, in order of importance: ours SD1.5 copier (+ profile, host syncs), kohya SD1.5, CUDA tests,
+# ours SDXL, ours whole recipe. STEPS (default 500) and RES (512) set the SD1.5 runs; SDXL_RES=0 skips SDXL. The
+# limits add up to 560 s. A dry run on a CPU:
+#   STEPS=2 RES=64 SDXL_RES=0 LIMIT_SCALE=10 OUT=/tmp/dry bash tools/gpu/run.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/gpu-out}
+STEPS=${STEPS:-500}
+RES=${RES:-512}
+SDXL_RES=${SDXL_RES:-1024}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/run.log") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+start=$SECONDS
+part() { echo; echo "=== $1 (at ${SECONDS}s)"; }
+limit() { timeout $(($1 * ${LIMIT_SCALE:-1})) "${@:2}"; }  # LIMIT_SCALE stretches every limit for a CPU dry run
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+
+part "checkpoint and image"
+W=/tmp/webui
+limit 80 python3 tests/integration/prepare_webui.py --webui $W --family sd1 --hf-home /tmp/hf
+CKPT=$W/models/Stable-diffusion/random-sd15.safetensors
+python3 -c "from lib_copier.train.bench import _image; _image(None, max($RES, 257)).resize(($RES, $RES)).save('/tmp/o.png')"
+
+part "ours: SD1.5 $RES copier, $STEPS steps, profile"
+limit 110 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --steps "$STEPS" --stages copier \
+    --no-fidelity
+    --profile "$OUT/profile-sd15.txt" --json "$OUT/ours-sd15-copier.json"
+
+part "kohya: SD1.5 $RES, $STEPS steps"
+limit 140 bash tools/gpu/kohya.sh $CKPT /tmp/o.png "$RES" "$STEPS" /tmp/kohya
+cp /tmp/kohya/kohya.json "$OUT/kohya-sd15.json"
+tail -c 20000 /tmp/kohya/kohya.log >"$OUT/kohya-sd15.log"
+
+part "CUDA tests of the WebUI path"
+limit 70 python3 -m pytest -q -p no:cacheprovider tests/test_webui_cuda.py
+
+if [[ $SDXL_RES != 0 ]]; then
+    part "ours: SDXL $SDXL_RES copier, 200 steps"
+    limit 80 python3 -m lib_copier bench train --family sdxl --resolution "$SDXL_RES" --steps 200 --stages copier \
+        --json "$OUT/ours-sdxl-copier.json"
+fi
+
+part "ours: SD1.5 $RES whole recipe (copier, processed, extraction)"
+limit 80 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --steps "$STEPS" --no-fidelity \
+    --json "$OUT/ours-sd15-recipe.json"
+
+echo; echo "done in $((SECONDS - start)) s"
