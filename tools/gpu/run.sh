@@ -33,8 +33,7 @@ python3 -c "from lib_copier.train.bench import _image; _image(None, max($RES, 25
 
 part "ours: SD1.5 $RES copier, $STEPS steps, profile"
 limit 110 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --steps "$STEPS" --stages copier \
-    --no-fidelity
-    --profile "$OUT/profile-sd15.txt" --json "$OUT/ours-sd15-copier.json"
+    --no-fidelity --profile "$OUT/profile-sd15.txt" --json "$OUT/ours-sd15-copier.json"
 
 part "kohya: SD1.5 $RES, $STEPS steps"
 limit 140 bash tools/gpu/kohya.sh $CKPT /tmp/o.png "$RES" "$STEPS" /tmp/kohya
