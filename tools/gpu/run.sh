@@ -4,8 +4,8 @@
 #   (on the GPU machine, from the repo root, with .whl and .kohya carried)   bash tools/gpu/run.sh
 # Each part has its own time limit and writes its figures to $OUT as soon as it ends, so a part that runs long costs
 # only itself. Parts, in order of importance: ours SD1.5 copier (+ profile, host syncs), kohya SD1.5, CUDA tests,
-# ours SDXL, ours whole recipe. STEPS (default 500) and RES (512) set the SD1.5 runs; SDXL_RES=0 skips SDXL. The
-# limits add up to 560 s. A dry run on a CPU:
+# ours at batch 4, ours SDXL, ours whole recipe. STEPS (default 500) and RES (512) set the SD1.5 runs; SDXL_RES=0
+# skips SDXL. The limits add up to 490 s; $OUT gets 8 files. A dry run on a CPU:
 #   STEPS=2 RES=64 SDXL_RES=0 LIMIT_SCALE=10 OUT=/tmp/dry bash tools/gpu/run.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,7 +27,7 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 
 part "checkpoint and image"
 W=/tmp/webui
-limit 80 python3 tests/integration/prepare_webui.py --webui $W --family sd1 --hf-home /tmp/hf
+limit 60 python3 tests/integration/prepare_webui.py --webui $W --family sd1 --hf-home /tmp/hf
 CKPT=$W/models/Stable-diffusion/random-sd15.safetensors
 python3 -c "from lib_copier.train.bench import _image; _image(None, max($RES, 257)).resize(($RES, $RES)).save('/tmp/o.png')"
 
@@ -43,14 +43,18 @@ tail -c 20000 /tmp/kohya/kohya.log >"$OUT/kohya-sd15.log"
 part "CUDA tests of the WebUI path"
 limit 70 python3 -m pytest -q -p no:cacheprovider tests/test_webui_cuda.py
 
+part "ours: SD1.5 $RES copier, four timesteps per step (batch 4), a quarter of the steps at twice the lr"
+limit 50 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --steps $((STEPS / 4)) --stages copier \
+    --no-fidelity --set batch_size=4 --set lr=2e-3 --json "$OUT/ours-sd15-copier-batch4.json"
+
 if [[ $SDXL_RES != 0 ]]; then
     part "ours: SDXL $SDXL_RES copier, 200 steps"
-    limit 80 python3 -m lib_copier bench train --family sdxl --resolution "$SDXL_RES" --steps 200 --stages copier \
+    limit 70 python3 -m lib_copier bench train --family sdxl --resolution "$SDXL_RES" --steps 200 --stages copier \
         --json "$OUT/ours-sdxl-copier.json"
 fi
 
 part "ours: SD1.5 $RES whole recipe (copier, processed, extraction)"
-limit 80 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --steps "$STEPS" --no-fidelity \
+limit 60 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --steps "$STEPS" --no-fidelity \
     --json "$OUT/ours-sd15-recipe.json"
 
 echo; echo "done in $((SECONDS - start)) s"
