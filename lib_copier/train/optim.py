@@ -12,10 +12,10 @@ from lib_copier.errors import CopierError
 
 def make_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
     if name == "adamw":
-        try:  # one fused update for all tensors: fewer GPU launches, and 10 % faster steps on the CPU too
-            return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
-        except RuntimeError:  # torch before 2.4 fuses only on CUDA
-            return torch.optim.AdamW(groups, weight_decay=weight_decay, foreach=True)
+        # On a GPU one fused update for all tensors (fewer launches). Not on the CPU: 10 % faster there, but in a
+        # live A1111 test its SD2-v LoRAs drew all-NaN grids where torch's default optimizer's drew fine.
+        on_gpu = all(p.is_cuda for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True if on_gpu else None)
     package, attribute = {"adamw8bit": ("bitsandbytes", "AdamW8bit"), "lion": ("lion_pytorch", "Lion")}[name]
     try:
         module = importlib.import_module(package)
