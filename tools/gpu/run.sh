@@ -5,7 +5,7 @@
 # Each part has its own time limit and writes its figures to $OUT as soon as it ends, so a part that runs long costs
 # only itself. Parts, in order of importance: ours SD1.5 copier (+ profile, host syncs), kohya SD1.5, CUDA tests,
 # ours at batch 4, ours SDXL, ours whole recipe. STEPS (default 500) and RES (512) set the SD1.5 runs; SDXL_RES=0
-# skips SDXL. The limits add up to 490 s; $OUT gets 8 files. A dry run on a CPU:
+# skips SDXL. The limits add up to 520 s; $OUT gets 8 files. A dry run on a CPU:
 #   STEPS=2 RES=64 SDXL_RES=0 LIMIT_SCALE=10 OUT=/tmp/dry bash tools/gpu/run.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,7 +27,7 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 
 part "checkpoint and image"
 W=/tmp/webui
-limit 60 python3 tests/integration/prepare_webui.py --webui $W --family sd1 --hf-home /tmp/hf
+limit 50 python3 tests/integration/prepare_webui.py --webui $W --family sd1 --hf-home /tmp/hf
 CKPT=$W/models/Stable-diffusion/random-sd15.safetensors
 python3 -c "from lib_copier.train.bench import _image; _image(None, max($RES, 257)).resize(($RES, $RES)).save('/tmp/o.png')"
 
@@ -36,7 +36,7 @@ limit 110 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --
     --no-fidelity --profile "$OUT/profile-sd15.txt" --json "$OUT/ours-sd15-copier.json"
 
 part "kohya: SD1.5 $RES, $STEPS steps"
-limit 140 bash tools/gpu/kohya.sh $CKPT /tmp/o.png "$RES" "$STEPS" /tmp/kohya
+limit 120 bash tools/gpu/kohya.sh $CKPT /tmp/o.png "$RES" "$STEPS" /tmp/kohya
 cp /tmp/kohya/kohya.json "$OUT/kohya-sd15.json"
 tail -c 20000 /tmp/kohya/kohya.log >"$OUT/kohya-sd15.log"
 
@@ -54,7 +54,7 @@ if [[ $SDXL_RES != 0 ]]; then
 fi
 
 part "ours: SD1.5 $RES whole recipe (copier, processed, extraction)"
-limit 60 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --steps "$STEPS" --no-fidelity \
+limit 50 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --steps "$STEPS" --no-fidelity \
     --json "$OUT/ours-sd15-recipe.json"
 
 echo; echo "done in $((SECONDS - start)) s"
