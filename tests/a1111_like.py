@@ -22,6 +22,7 @@ from lib_copier.lora.naming import by_key, lora_targets
 from lib_copier.lora.network import LoRANetwork
 from lib_copier.models.generate import generate
 from lib_copier.models.sd_model import Conditioning, StableDiffusion
+from lib_copier.webui.medvram import kept_on_device
 
 LORA_TAG = re.compile(r"<lora:([^:>]+):([-0-9.]+)>")
 
@@ -76,6 +77,72 @@ class A1111Model(nn.Module):
         return self.ours[0].predict(x, t, Conditioning(cond))
 
 
+class Medvram:
+    """A1111's --medvram (modules/lowvram.py) as `lib_copier.webui.medvram` meets it: the UNet, the text encoder(s)
+    and the VAE wait off the device until a forward pre-hook named `send_me_to_gpu` (for the VAE, its wrapped
+    `decode`) brings one in and sends out the one tracked in `module_in_gpu`.
+
+    On a GPU "out" is the CPU. With no GPU, "out" fills a unit's weights with NaN and keeps their values aside, so a
+    computation with a unit that is out fails (non-finite) where on a GPU it would fail across devices."""
+
+    def __init__(self, sd_model: A1111Model, device: torch.device):
+        self.device = device
+        self.module_in_gpu = None
+        self._kept: dict[torch.Tensor, torch.Tensor] = {}
+        units = {"unet": sd_model.model, "te": sd_model.cond_stage_model, "vae": sd_model.first_stage_model}
+        parents = {sd_model.model.diffusion_model: units["unet"]}
+        for embedder in sd_model.ours[0].text_embedders:
+            parents[getattr(embedder, "transformer", None) or embedder.model] = units["te"]
+
+        def send_me_to_gpu(module, _):
+            module = parents.get(module, module)
+            if self.module_in_gpu is module:
+                return
+            if self.module_in_gpu is not None:
+                self._out(self.module_in_gpu)
+            self._in(module)
+            self.module_in_gpu = module
+
+        for unit in units.values():
+            self._out(unit)
+        for module in [*parents, units["vae"]]:
+            module.register_forward_pre_hook(send_me_to_gpu)
+        decode = units["vae"].decode
+        units["vae"].decode = lambda z: (send_me_to_gpu(units["vae"], None), decode(z))[1]
+        sd_model.lowvram = True
+
+    def send_everything_to_cpu(self):
+        if self.module_in_gpu is not None:
+            self._out(self.module_in_gpu)
+        self.module_in_gpu = None
+
+    def value(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A weight's value, wherever it waits."""
+        return self._kept.get(tensor, tensor.data).to(self.device)
+
+    def is_out(self, unit: nn.Module) -> bool:
+        if self.device.type != "cpu":
+            return all(p.device.type == "cpu" for p in unit.parameters())
+        return all(p in self._kept for p in unit.parameters())
+
+    def _out(self, unit: nn.Module):
+        if self.device.type != "cpu":
+            unit.to("cpu")
+            return
+        for tensor in [*unit.parameters(), *unit.buffers()]:
+            if tensor.is_floating_point() and tensor not in self._kept:
+                self._kept[tensor] = tensor.data
+                tensor.data = torch.full((), float("nan"), dtype=tensor.dtype).expand(tensor.shape)
+
+    def _in(self, unit: nn.Module):
+        if self.device.type != "cpu":
+            unit.to(self.device)
+            return
+        for tensor in [*unit.parameters(), *unit.buffers()]:
+            if tensor in self._kept:
+                tensor.data = self._kept.pop(tensor)
+
+
 class StandInUI:
     """What every stand-in host shows and takes like a WebUI: a progress bar, previews and an Interrupt button that
     tests can read and press, the prompts it drew, and whether its model was replaced."""
@@ -118,9 +185,18 @@ class A1111Host(StandInUI):
         super().__init__(model, lora_dir)
         self.sd_model = A1111Model(model)
         self.checkpoint = "stand-in.safetensors"
+        self.device = next(model.parameters()).device
+        self.medvram: Medvram | None = None
+
+    def start_medvram(self):
+        """From now on as if the WebUI had been started with --medvram."""
+        self.medvram = Medvram(self.sd_model, self.device)
 
     def backend(self):
         return WebUIBackend(self)
+
+    def resident(self, modules):
+        return kept_on_device(self.medvram, self.sd_model, modules)
 
     def conditioning(self, prompts, height, width):
         return self.sd_model.get_learned_conditioning(prompts, height, width)
@@ -137,6 +213,8 @@ class A1111Host(StandInUI):
                 )
                 stack.enter_context(network.applied(dict(model.named_modules()), table, float(weight)))
             request = dataclasses.replace(request, prompt=LORA_TAG.sub("", request.prompt).strip())
+            # A1111 draws on its device whatever --medvram has moved out; `generate` computes where the weights are.
+            stack.enter_context(self.resident([self.sd_model.model, *self.sd_model.ours[0].text_embedders, model.vae]))
             return generate(model, request, progress)
 
     @contextmanager

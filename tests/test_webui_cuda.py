@@ -1,5 +1,6 @@
 """The in-place WebUI training path on a GPU, with the half-precision weights a WebUI loads there: autocast over fp16
-weights and fp32 LoRAs, gradient checkpointing, the text encoder, and the model bit-identical afterwards.
+weights and fp32 LoRAs, gradient checkpointing, the text encoder, A1111's --medvram moving the UNet, the text encoder
+and the VAE between the CPU and the GPU, and the model bit-identical afterwards.
 
 Skipped without CUDA (CI has none); `tools/gpu/run.sh` runs it on the GPU machine."""
 
@@ -31,23 +32,40 @@ def host(request, tmp_path):
     return forge
 
 
+SETTINGS = {"steps": 3, "gradient_checkpointing": True, "train_text_encoder": True}
+
+
 @pytest.mark.parametrize("method, precision", [("both", "bf16"), ("both", "fp16"), ("addift", "bf16")])
 def test_half_precision_weights_train_on_the_gpu_and_stay_bit_identical(host, tmp_path, method, precision):
     before = weights(host)
-    overrides = {
-        "steps": 3,
-        "mixed_precision": precision,
-        "gradient_checkpointing": True,
-        "train_text_encoder": True,
-    }
+    overrides = {**SETTINGS, "mixed_precision": precision}
     results = train_in_webui(request_for(host, method=method, overrides=overrides), host, tmp_path, JobState("j"))
     kinds = {"both": ["copier", "processed", "extraction"], "addift": ["addift"]}[method]
     assert [r["kind"] for r in results] == kinds
-    for result in results:
-        lora = read_lora(tmp_path / result["lora"])
-        ups = [m.up.float() for m in lora.modules.values()]
-        assert all(torch.isfinite(up).all() for up in ups) and any(up.abs().max() > 0 for up in ups)
-        assert any(key.startswith("lora_te") for key in lora.modules)
+    assert_trained(tmp_path, results)
     after = dict(host.backend().weights())
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert next(iter(after.values())).device.type == "cuda"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_under_medvram_the_model_moves_between_cpu_and_gpu_and_a_job_still_trains(tmp_path, precision):
+    host = A1111Host(randomize_(build_model(TINY)).to("cuda", torch.float16), lora_dir=tmp_path)
+    request = request_for(host, method="both", overrides={**SETTINGS, "mixed_precision": precision, "preview_every": 2})
+    before = {n: p.cpu() for n, p in weights(host).items()}
+    host.start_medvram()  # the UNet, the text encoder and the VAE to the CPU until a hook brings one in
+    results = train_in_webui(request, host, tmp_path, JobState("j"))
+    assert [r["kind"] for r in results] == ["copier", "processed", "extraction"] and host.previews > 0
+    assert_trained(tmp_path, results)
+    after = {n: p.cpu() for n, p in host.backend().weights()}
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    units = [host.sd_model.model, host.sd_model.cond_stage_model, host.sd_model.first_stage_model]
+    assert [u for u in units if not host.medvram.is_out(u)] == [host.medvram.module_in_gpu]
+
+
+def assert_trained(folder, results):
+    for result in results:
+        lora = read_lora(folder / result["lora"])
+        ups = [m.up.float() for m in lora.modules.values()]
+        assert all(torch.isfinite(up).all() for up in ups) and any(up.abs().max() > 0 for up in ups)
+        assert any(key.startswith("lora_te") for key in lora.modules)

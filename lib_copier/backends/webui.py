@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -39,6 +39,15 @@ class Host(Protocol):
 
     def txt2img(self, request: Txt2Img, progress: StepProgress | None = None) -> Image.Image:
         """One image through the host's own txt2img, with whatever is attached to the model now."""
+
+
+class PlacingHost(Host, Protocol):
+    """A host that may keep parts of its model off the GPU between uses (A1111's --medvram)."""
+
+    device: torch.device  # where the host computes with its model
+
+    def resident(self, modules: list[nn.Module]) -> AbstractContextManager[None]:
+        """`modules` on `device` for the whole block, whatever the host's offloading would do meanwhile."""
 
 
 def checkpoint_name(name: str) -> str:
@@ -122,7 +131,7 @@ class HostBackend(ABC):
 class WebUIBackend(HostBackend):
     """A1111's loaded model: LDM/SGM modules with the hijack's `.wrapped` levels."""
 
-    def __init__(self, host: Host):
+    def __init__(self, host: PlacingHost):
         params = {checkpoint_name(n): p for n, p in host.sd_model.named_parameters()}
         if any(p.dtype in _FP8 for p in params.values()):
             raise CopierError(
@@ -135,8 +144,8 @@ class WebUIBackend(HostBackend):
         super().__init__(host, params, layers, model_family(params))
         self.prediction = "v" if getattr(self.sd_model, "parameterization", "eps") == "v" else "eps"
         self.resolution = native_resolution(self.family, self.prediction)
-        param = next(self.unet().parameters())
-        self.device, self.dtype = param.device, param.dtype
+        # The host's device, not the UNet's: under --medvram the UNet waits on the CPU between uses.
+        self.device, self.dtype = host.device, next(self.unet().parameters()).dtype
 
     # What the trainer reads.
 
@@ -152,7 +161,9 @@ class WebUIBackend(HostBackend):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         # The posterior's mean straight from the encoder: no sampling, and none of the host's encode options
         # (TAESD approximation) apply.
-        mean = posterior_mean(self.sd_model.first_stage_model, images)
+        vae = self.sd_model.first_stage_model
+        with self.host.resident([vae]):
+            mean = posterior_mean(vae, images)
         return (mean * float(self.sd_model.scale_factor)).to(self.device)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -168,6 +179,7 @@ class WebUIBackend(HostBackend):
         return [self.sd_model.cond_stage_model]
 
     def _while_training(self, stack: ExitStack, text_encoders: bool) -> None:
+        stack.enter_context(self.host.resident([self.unet(), *(self.text_encoders() if text_encoders else [])]))
         if text_encoders:
             # SGM's conditioner runs embedders under no_grad unless they say they are trainable.
             for embedder in self.text_encoders():

@@ -144,6 +144,8 @@ def _train(backend, images, caption, config: TrainConfig, frozen, callbacks: Cal
         stack.callback(lambda: [p.requires_grad_(flag) for p, flag in grad_flags])
         for p, _ in grad_flags:
             p.requires_grad_(False)
+        # First, so the frozen LoRAs are fused where the model computes (under --medvram the UNet may wait on the CPU).
+        stack.enter_context(backend.training_mode(config.train_text_encoder, config.gradient_checkpointing))
         for network, weight in frozen:
             stack.enter_context(network.fused(layers, table, weight))
         pixels = [image_tensor(image) for image in images]
@@ -157,7 +159,6 @@ def _train(backend, images, caption, config: TrainConfig, frozen, callbacks: Cal
                 cached = backend.encode_prompts(captions, height, width).to(backend.device, backend.dtype)
         network = _new_network(backend, config)
         stack.enter_context(network.applied(layers, table))
-        stack.enter_context(backend.training_mode(config.train_text_encoder, config.gradient_checkpointing))
         return _loop(backend, network, _Batch(latents, captions, cached, (height, width), loss), config, callbacks)
 
 

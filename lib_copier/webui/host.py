@@ -17,6 +17,7 @@ from PIL import Image
 from lib_copier.backends import StepProgress
 from lib_copier.errors import CopierError
 from lib_copier.models.generate import Txt2Img
+from lib_copier.webui.medvram import kept_on_device
 
 SAMPLERS = {"euler": "Euler", "ddim": "DDIM"}
 
@@ -59,6 +60,17 @@ class A1111Host:
         from lib_copier.backends.webui import WebUIBackend
 
         return WebUIBackend(self)
+
+    @property
+    def device(self) -> torch.device:
+        from modules import devices
+
+        return devices.device
+
+    def resident(self, modules):
+        from modules import lowvram
+
+        return kept_on_device(lowvram, self.sd_model, modules)
 
     def conditioning(self, prompts: list[str], height: int, width: int):
         from modules import devices, prompt_parser
