@@ -219,13 +219,15 @@ def test_the_train_benchmark_reports_speed_and_memory(tmp_path, capsys):
     save_checkpoint(backend_for().model, model)
     figures, profile = tmp_path / "bench.json", tmp_path / "profile.txt"
     args = ["bench", "train", "--model", str(model), "--steps", "2", "--rank", "4", "--set", "batch_size=2"]
+    args += ["--set", "gradient_checkpointing=true"]  # a setting a flag also sets: --set wins
     assert main([*args, "--json", str(figures), "--profile", str(profile)]) == 0
     out = capsys.readouterr().out
     assert out.count("steps/s") == 3 and "peak RSS" in out and "fidelity" in out
     stages = json.loads(figures.read_text())["stages"]
     assert list(stages) == ["copier", "processed", "extraction"]
     assert all(s["steps_per_s"] > 0 and s["final_loss"] > 0 for s in stages.values())
-    assert json.loads(figures.read_text())["config"]["batch_size"] == 2
+    config = json.loads(figures.read_text())["config"]
+    assert config["batch_size"] == 2 and config["gradient_checkpointing"] is True
     assert "aten::" in profile.read_text()
     assert main([*args, "--stages", "processed"]) == 2
     assert "--stages 'processed': copier, then any of processed, extraction" in capsys.readouterr().err

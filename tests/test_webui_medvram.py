@@ -16,7 +16,6 @@ from tests.conftest import TINY_SD2V, TINY_SDXL, randomize_
 from tests.test_webui_training import request_for
 
 
-
 def offload_hooks(model: torch.nn.Module) -> list:
     return [h for m in model.modules() for h in m._forward_pre_hooks.values() if h.__name__ == HOOK_NAME]
 

@@ -84,7 +84,8 @@ def bench_train(args: argparse.Namespace) -> int:
 
     stages = _stages(args.stages)
     overrides = dict(steps=args.steps, rank=args.rank, alpha=float(args.rank))
-    overrides.update(gradient_checkpointing=args.gradient_checkpointing, **parse_overrides(args.set))
+    overrides.update(gradient_checkpointing=args.gradient_checkpointing)
+    overrides.update(parse_overrides(args.set))  # --set wins over the flags
     config = make_config("quick", **overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,7 +103,10 @@ def bench_train(args: argparse.Namespace) -> int:
         "dtype": str(backend.dtype).removeprefix("torch."),
         "resolution": side,
         "torch": torch.__version__,
-        "config": {k: getattr(config, k) for k in ("steps", "rank", "alpha", "lr", "batch_size", "mixed_precision")},
+        "config": {
+            k: getattr(config, k)
+            for k in ("steps", "rank", "alpha", "lr", "batch_size", "mixed_precision", "gradient_checkpointing")
+        },
     }
     print(
         f"model: {figures['model']}, {side}x{side}, {figures['device']}, {figures['dtype']}, rank {config.rank}, "

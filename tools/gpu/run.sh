@@ -4,8 +4,9 @@
 #   (on the GPU machine, from the repo root, with .whl and .kohya carried)   bash tools/gpu/run.sh
 # Each part has its own time limit and writes its figures to $OUT as soon as it ends, so a part that runs long costs
 # only itself. Parts, in order of importance: ours SD1.5 copier (+ profile, host syncs), kohya SD1.5, CUDA tests,
-# ours at batch 4, ours SDXL, ours whole recipe. STEPS (default 500) and RES (512) set the SD1.5 runs; SDXL_RES=0
-# skips SDXL. The limits add up to 520 s; $OUT gets 8 files. A dry run on a CPU:
+# ours at batch 4, ours with gradient checkpointing (memory), ours SDXL, ours whole recipe. STEPS (default 500) and
+# RES (512) set the SD1.5 runs; SDXL_RES=0 skips SDXL. The limits add up to 550 s; $OUT gets 9 files. A dry run on a
+# CPU:
 #   STEPS=2 RES=64 SDXL_RES=0 LIMIT_SCALE=10 OUT=/tmp/dry bash tools/gpu/run.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -47,9 +48,13 @@ part "ours: SD1.5 $RES copier, four timesteps per step (batch 4), a quarter of t
 limit 50 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --steps $((STEPS / 4)) --stages copier \
     --no-fidelity --set batch_size=4 --set lr=2e-3 --json "$OUT/ours-sd15-copier-batch4.json"
 
+part "ours: SD1.5 $RES copier with gradient checkpointing, a fifth of the steps (memory against speed)"
+limit 30 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --steps $((STEPS / 5)) --stages copier \
+    --no-fidelity --gradient-checkpointing --json "$OUT/ours-sd15-copier-checkpointing.json"
+
 if [[ $SDXL_RES != 0 ]]; then
-    part "ours: SDXL $SDXL_RES copier, 200 steps"
-    limit 70 python3 -m lib_copier bench train --family sdxl --resolution "$SDXL_RES" --steps 200 --stages copier \
+    part "ours: SDXL $SDXL_RES copier, 100 steps"
+    limit 70 python3 -m lib_copier bench train --family sdxl --resolution "$SDXL_RES" --steps 100 --stages copier \
         --json "$OUT/ours-sdxl-copier.json"
 fi
 
