@@ -90,6 +90,7 @@ class Medvram:
         self.module_in_gpu = None
         self._kept: dict[torch.Tensor, torch.Tensor] = {}
         units = {"unet": sd_model.model, "te": sd_model.cond_stage_model, "vae": sd_model.first_stage_model}
+        self.units = units
         parents = {sd_model.model.diffusion_model: units["unet"]}
         for embedder in sd_model.ours[0].text_embedders:
             parents[getattr(embedder, "transformer", None) or embedder.model] = units["te"]
@@ -120,7 +121,11 @@ class Medvram:
         """A weight's value, wherever it waits."""
         return self._kept.get(tensor, tensor.data).to(self.device)
 
-    def is_out(self, unit: nn.Module) -> bool:
+    def units_in(self) -> list[str]:
+        """The units on the device now: "unet", "te", "vae"."""
+        return [name for name, unit in self.units.items() if not self._is_out(unit)]
+
+    def _is_out(self, unit: nn.Module) -> bool:
         if self.device.type != "cpu":
             return all(p.device.type == "cpu" for p in unit.parameters())
         return all(p in self._kept for p in unit.parameters())

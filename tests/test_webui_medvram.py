@@ -20,6 +20,18 @@ def offload_hooks(model: torch.nn.Module) -> list:
     return [h for m in model.modules() for h in m._forward_pre_hooks.values() if h.__name__ == HOOK_NAME]
 
 
+def units_in_training_steps(host) -> list[tuple[str, ...]]:
+    """The units on the device at each UNet forward that builds a graph (a training step, not a drawing)."""
+    seen = []
+
+    def record(module, args):
+        if torch.is_grad_enabled():
+            seen.append(tuple(host.medvram.units_in()))
+
+    host.sd_model.model.diffusion_model.register_forward_pre_hook(record)
+    return seen
+
+
 def loras(folder, results) -> list[dict[str, torch.Tensor]]:
     return [{k: t for k, m in read_lora(folder / r["lora"]).modules.items() for t in (m.down, m.up)} for r in results]
 
@@ -38,6 +50,7 @@ def test_under_medvram_a_job_trains_what_it_trains_without_it_and_leaves_the_mod
     host.start_medvram()
     hooks = offload_hooks(host.sd_model)
     before = {n: host.medvram.value(p).clone() for n, p in host.backend().weights()}
+    in_training_steps = units_in_training_steps(host)
     results = train_in_webui(request, host, host.lora_dir, JobState("b"))
 
     assert host.previews == plain.previews > 0
@@ -48,5 +61,6 @@ def test_under_medvram_a_job_trains_what_it_trains_without_it_and_leaves_the_mod
     after = {n: host.medvram.value(p) for n, p in host.backend().weights()}
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert offload_hooks(host.sd_model) == hooks
-    units = [host.sd_model.model, host.sd_model.cond_stage_model, host.sd_model.first_stage_model]
-    assert [u for u in units if not host.medvram.is_out(u)] == [host.medvram.module_in_gpu]
+    # Only what a step uses is on the device while it trains; afterwards nothing, as after A1111's txt2img.
+    assert set(in_training_steps) == {("unet", "te") if text_encoder else ("unet",)}
+    assert host.medvram.units_in() == [] and host.medvram.module_in_gpu is None

@@ -166,6 +166,11 @@ class WebUIBackend(HostBackend):
             mean = posterior_mean(vae, images)
         return (mean * float(self.sd_model.scale_factor)).to(self.device)
 
+    def encode_prompts(self, prompts: list[str], height: int, width: int) -> Conditioning:
+        # Under --medvram the text encoders leave the GPU again afterwards, even while the UNet is kept there.
+        with self.host.resident(self.text_encoders()):
+            return super().encode_prompts(prompts, height, width)
+
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         c = cond.context if cond.vector is None else {"crossattn": cond.context, "vector": cond.vector}
         return self.sd_model.apply_model(x, t, c).float()

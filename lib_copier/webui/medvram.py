@@ -24,8 +24,8 @@ HOOK_NAME = "send_me_to_gpu"
 
 @contextmanager
 def kept_on_device(lowvram: Any, sd_model: nn.Module, modules: list[nn.Module]) -> Iterator[None]:
-    """`modules` on the GPU for the whole block, their offloading hooks off; afterwards the hooks back and, as
-    `--medvram` keeps it, one unit on the GPU (the first of these), the rest on the CPU."""
+    """`modules` on the GPU for the whole block, their offloading hooks off; afterwards the hooks back, and what
+    the block brought in back on the CPU, where --medvram's next use finds it."""
     if not getattr(sd_model, "lowvram", False):
         yield
         return
@@ -34,17 +34,15 @@ def kept_on_device(lowvram: Any, sd_model: nn.Module, modules: list[nn.Module]) 
     try:
         for owner, _, hook in suspended:
             hook(owner, None)  # brings the unit in, sending out the one tracked before it
-            unit = lowvram.module_in_gpu
-            if unit is not None and all(unit is not other for other in brought):
-                brought.append(unit)
+            if lowvram.module_in_gpu is not None:
+                brought.append(lowvram.module_in_gpu)
             lowvram.module_in_gpu = None  # untracked, so the next unit brought in does not send it out
         yield
     finally:
-        lowvram.send_everything_to_cpu()  # whatever the block brought in (a preview's VAE)
-        for unit in brought[1:]:
+        lowvram.send_everything_to_cpu()  # what the hooks brought in meanwhile (a preview's VAE)
+        for unit in brought:
             lowvram.module_in_gpu = unit
             lowvram.send_everything_to_cpu()
-        lowvram.module_in_gpu = brought[0] if brought else None
         for owner, key, hook in suspended:
             owner._forward_pre_hooks[key] = hook
 
