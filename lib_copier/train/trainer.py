@@ -144,7 +144,7 @@ def _train(backend, images, caption, config: TrainConfig, frozen, callbacks: Cal
         stack.callback(lambda: [p.requires_grad_(flag) for p, flag in grad_flags])
         for p, _ in grad_flags:
             p.requires_grad_(False)
-        # First, so the frozen LoRAs are fused where the model computes (under --medvram the UNet may wait on the CPU).
+        # First, so the frozen LoRAs are fused where the model computes (a host may keep it elsewhere between uses).
         stack.enter_context(backend.training_mode(config.train_text_encoder, config.gradient_checkpointing))
         for network, weight in frozen:
             stack.enter_context(network.fused(layers, table, weight))
