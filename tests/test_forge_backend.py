@@ -84,17 +84,19 @@ def test_the_forge_model_reads_like_the_standalone_one(name):
         assert torch.allclose(forge.predict(x, t, cond_forge), ours.predict(x, t, cond_ours), atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["quick", "fast"])
 @pytest.mark.parametrize("neo", [False, True], ids=["forge", "neo"])
 @pytest.mark.parametrize("name", ["sd1", "sdxl"])
-def test_training_on_forge_gives_the_standalone_lora_and_leaves_forge_as_loaded(name, neo):
+def test_training_on_forge_gives_the_standalone_lora_and_leaves_forge_as_loaded(name, neo, preset):
     ours, host = pair(CONFIGS[name], neo=neo)
     image = ours.generate(Txt2Img("a cat", seed=0, steps=2))
-    config = make_config("quick", steps=3, train_text_encoder=name == "sdxl")
+    config = make_config(preset, steps=3 if preset == "quick" else 2, train_text_encoder=name == "sdxl")
+    captions = "a cat" if preset == "quick" else ["a cat", "a dog"]  # Fast: four timesteps and prompts per step
     before = snapshot(host)
-    expected = train_lora(ours, image, "a cat", config).network.to_weights()
+    expected = train_lora(ours, image, captions, config).network.to_weights()
     with host.prepared():
         forge = host.backend()
-        got = train_lora(forge, image, "a cat", config).network.to_weights()
+        got = train_lora(forge, image, captions, config).network.to_weights()
     assert got.keys() == expected.keys()
     if name == "sdxl":  # both text encoders learned, through Forge's own conditioning code
         assert {k[:8] for k, w in got.items() if k.startswith("lora_te") and w.up.abs().sum() > 0} == {

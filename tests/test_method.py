@@ -37,12 +37,20 @@ POOL = [""] + sample_captions(32, seed=5)  # the CLI's default prompt pool for t
 
 
 @pytest.fixture(scope="module")
-def trained():
+def model():
+    """The built-in model, its original O and the processed image P (grayscale O)."""
     torch.manual_seed(0)
     backend = StandaloneBackend(load_model(None, device="cpu", dtype="fp32"))
     original = backend.generate(Txt2Img(ORIGINAL, seed=1))
-    processed = Chain.parse(["grayscale"]).apply(original)
-    config = make_config("quick", steps=STEPS)
+    return backend, original, Chain.parse(["grayscale"]).apply(original)
+
+
+@pytest.fixture(scope="module", params=[("quick", {"steps": STEPS}), ("fast", {})], ids=["quick", "fast"])
+def trained(model, request):
+    """A and B trained with Quick (at STEPS steps), or with Fast as it is: 125 steps of four timesteps each."""
+    backend, original, processed = model
+    preset, overrides = request.param
+    config = make_config(preset, **overrides)
     copier = train_copier(backend, original, POOL, config).network
     effect = train_processed(backend, copier, processed, POOL, config).network
     return backend, original, processed, copier, effect
@@ -107,8 +115,8 @@ def test_several_originals_make_the_processed_lora_an_effect_slider(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["slider", "addift"])
-def test_a_pair_method_trained_on_two_equal_images_changes_nothing(trained, method):
-    backend, original, _, _, _ = trained
+def test_a_pair_method_trained_on_two_equal_images_changes_nothing(model, method):
+    backend, original, _ = model
     config = method_config(method, "quick", {"steps": 30})
     pair = train_pair(backend, original, original, POOL, config, method).network
     naive = train_copier(backend, original, POOL, config).network  # a plain LoRA on the same image
@@ -122,8 +130,8 @@ def test_a_pair_method_trained_on_two_equal_images_changes_nothing(trained, meth
 
 
 @pytest.mark.parametrize("method", ["slider", "addift"])
-def test_a_pair_method_on_original_and_grayscale_greys_its_own_generation(trained, method):
-    backend, original, processed, _, _ = trained
+def test_a_pair_method_on_original_and_grayscale_greys_its_own_generation(model, method):
+    backend, original, processed = model
     lora = train_pair(backend, original, processed, POOL, method_config(method, "quick", {}), method).network
     own = {w: chroma(backend.generate(Txt2Img(ORIGINAL, seed=1), [(lora, w)])) for w in (-1.0, 0.0, 1.0)}
     print(f"{method}: chroma of O's own generation by weight", {w: round(c, 1) for w, c in own.items()})

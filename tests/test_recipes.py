@@ -153,6 +153,7 @@ def test_the_pair_methods_train_at_their_own_defaults_under_the_overrides():
     assert (slider.rank, slider.lr, slider.steps) == (PAIR_DEFAULTS["slider"]["rank"], PAIR_DEFAULTS["slider"]["lr"], 7)
     assert method_config("copier", "quick", {}) == make_config("quick")
     assert method_config("addift", "thorough", {}) == method_config("addift", "quick", {})  # no 500-step warm-up
+    assert method_config("slider", "fast", {}) == method_config("slider", "quick", {})  # one timestep per step
     # A pair run trains one LoRA per original and effect, each step costing more than a plain one.
     assert recipe_steps("addift", 2, "quick", {"steps": 10}, originals=3) == 60
     assert recipe_steps("both", 2, "quick", {"steps": 10}) == 50

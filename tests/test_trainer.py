@@ -116,6 +116,26 @@ def test_a_nan_loss_stops_the_run_with_a_clear_message(tiny, monkeypatch):
     assert_unchanged(backend, before)
 
 
+def test_running_out_of_gpu_memory_is_one_sentence_and_changes_nothing(tiny, monkeypatch):
+    backend, image = tiny
+    copier = train_lora(backend, image, "", quick(steps=2)).network
+    before = snapshot(backend)
+    real = backend.predict
+    calls = {"n": 0}
+
+    def short_of_memory(x, t, cond):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB")
+        return real(x, t, cond)
+
+    monkeypatch.setattr(backend, "predict", short_of_memory)
+    with pytest.raises(CopierError, match="ran out of memory training at 64x64 px with 4 timesteps per step; lower"):
+        train_lora(backend, image, "", quick(steps=3, batch_size=4), frozen=[(copier, 1.0)])
+    monkeypatch.undo()
+    assert_unchanged(backend, before)  # the fused copier is out of the weights again
+
+
 def test_progress_and_previews_are_reported(tiny):
     backend, image = tiny
     progress, previews = [], []
@@ -184,7 +204,9 @@ def test_v_prediction_and_sdxl_models_train(config):
 def test_presets_and_validation():
     assert make_config("thorough").rank == 64 and make_config("thorough").warmup_steps == 500
     assert make_config("quick", rank=8).rank == 8
-    assert set(PRESETS) == {"quick", "thorough"}
+    assert set(PRESETS) == {"quick", "fast", "thorough"}
+    fast, quick = make_config("fast"), make_config("quick")
+    assert fast.steps * fast.batch_size == quick.steps and (fast.rank, fast.alpha) == (quick.rank, quick.alpha)
     assert field_info()["lr"]["help"]
     with pytest.raises(CopierError, match="setting rank is 0; it must be between 1 and 1024"):
         make_config("quick", rank=0)
@@ -195,7 +217,7 @@ def test_presets_and_validation():
     with pytest.raises(CopierError, match="timestep_min"):
         make_config("quick", timestep_min=500, timestep_max=400)
     with pytest.raises(CopierError, match="unknown preset"):
-        make_config("fast")
+        make_config("fastest")
 
 
 def test_schedules_and_optional_optimizers():
@@ -229,5 +251,9 @@ def test_the_train_benchmark_reports_speed_and_memory(tmp_path, capsys):
     config = json.loads(figures.read_text())["config"]
     assert config["batch_size"] == 2 and config["gradient_checkpointing"] is True
     assert "aten::" in profile.read_text()
+    fast = ["bench", "train", "--model", str(model), "--preset", "fast", "--steps", "1", "--stages", "copier"]
+    assert main([*fast, "--no-fidelity", "--json", str(figures)]) == 0
+    config = json.loads(figures.read_text())["config"]
+    assert (config["preset"], config["steps"], config["batch_size"], config["lr"]) == ("fast", 1, 4, 3e-3)
     assert main([*args, "--stages", "processed"]) == 2
     assert "--stages 'processed': copier, then any of processed, extraction" in capsys.readouterr().err

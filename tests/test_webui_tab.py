@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from lib_copier.errors import CopierError
-from lib_copier.recipes.estimate import estimate, recipe_steps
+from lib_copier.recipes.estimate import describe_run, estimate, recipe_steps
 from lib_copier.recipes.job import method_config
 from lib_copier.recipes.kinds import DEFAULT_METHOD
 from lib_copier.train.config import field_info
@@ -115,6 +115,16 @@ def test_the_estimate_counts_the_recipe_and_warns_a_cpu_user_before_hours_of_tra
     assert "hours" in slow and "training size of 128" in slow
     assert "training size" not in estimate(40, "cpu", 64) and "min" in estimate(500, "cpu", 64)
     assert "hours" not in estimate(1000, "cuda", 512) and "1000 training steps" in estimate(1000, "cuda", 512)
+    # Fast: a quarter of Quick's steps, each of four timesteps, which a CPU computes in about four times as long.
+    assert recipe_steps("both", 1, "fast", {}) == 3 * 125
+    form = {"steps": 125, "batch_size": 4.0}  # as the tab's Advanced shows Fast (gradio's numbers may be floats)
+    fast = describe_run("both", "fast", form, 1, 1, "cpu", 512, False)
+    assert fast == describe_run("both", "quick", {"steps": 500, "batch_size": 1}, 1, 1, "cpu", 512, False).replace(
+        "1500", "375"
+    )
+    assert fast.startswith("375 training steps in all") and "roughly 9.6 hours" in fast
+    halved = describe_run("copier", "quick", {"steps": 500, "batch_size": 2}, 1, 1, "cpu", 64, False)
+    assert halved.endswith("roughly 80 min.") and estimate(1000, "cpu", 64).endswith("roughly 40 min.")
 
 
 def test_more_originals_come_from_the_file_box(tmp_path):

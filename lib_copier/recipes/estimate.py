@@ -1,8 +1,10 @@
 """A rough time for a run, before it starts: the steps the recipe will take, times a per-step cost.
 
 The cost is only known for CPUs, from our measurements of an SD1.5 UNet forward and backward on two cores (2.4 s at
-64 px, 23 s at 512 px, about affine in the pixel count); SDXL's UNet costs about three times as much per pixel. On a
-GPU the progress bar gives the time left after the first steps, so no guess is made.
+64 px, 23 s at 512 px, about affine in the pixel count); SDXL's UNet costs about three times as much per pixel. A
+step of several timesteps (batch_size) counts as that many steps: it costs about three at 64-128 px with four, so the
+estimate errs long at small sizes. On a GPU the progress bar gives the time left after the first steps, so no guess is
+made.
 """
 
 from __future__ import annotations
@@ -41,17 +43,29 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} hours"
 
 
-def estimate(steps: int, device: str, side: int, sdxl: bool = False, method: str = "copier") -> str:
-    """One or two sentences: the steps, and on a CPU the rough time (with the small size's time when it is long)."""
+def estimate(steps: int, device: str, side: int, sdxl: bool = False, method: str = "copier", batch: int = 1) -> str:
+    """One or two sentences: the steps, and on a CPU the rough time (with the small size's time when it is long) of
+    steps of `batch` timesteps each."""
     text = f"{steps} training steps in all."
     if device != "cpu":
         return text + " The progress bar shows the time left once training has started."
 
     def seconds(at: int) -> float:
         a, b = CPU_SECONDS_AT
-        return steps * (a + b * at * at) * (SDXL_FACTOR if sdxl else 1.0) * STEP_COST.get(method, 1.0)
+        return steps * batch * (a + b * at * at) * (SDXL_FACTOR if sdxl else 1.0) * STEP_COST.get(method, 1.0)
 
     text += f" On this CPU at {side} px that is roughly {_duration(seconds(side))}"
     if side > SMALL_SIDE and seconds(side) > 1800:
         return text + f"; a training size of {SMALL_SIDE} takes about {_duration(seconds(SMALL_SIDE))}."
     return text + "."
+
+
+def describe_run(
+    method: str, preset: str, asked: dict, effects: int, originals: int, device: str, side: int, sdxl: bool
+) -> str:
+    """`estimate` for a run as a form describes it: `asked` holds the form's values of trainer settings (steps,
+    batch_size), which override the method and preset where they differ from them."""
+    defaults = method_config(method, preset, {})
+    overrides = {k: int(v) for k, v in asked.items() if v is not None and v != getattr(defaults, k)}
+    steps = recipe_steps(method, effects, preset, overrides, originals)
+    return estimate(steps, device, side, sdxl, method, overrides.get("batch_size", defaults.batch_size))

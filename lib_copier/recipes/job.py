@@ -48,15 +48,18 @@ SUFFIX = {
 # What a preset means for the recipe beyond the trainer: the processed LoRA's steps and its final rank.
 RECIPE_PRESETS = {
     "quick": {"processed_steps": None, "resize_rank": None, "extraction_rank": 8},
+    "fast": {"processed_steps": None, "resize_rank": None, "extraction_rank": 8},
     "thorough": {"processed_steps": 4000, "resize_rank": 8, "extraction_rank": 8},
 }
 # The pair methods' own trainer defaults, between the preset and the user's overrides, chosen from measurements on
 # the built-in model (docs/method-report.md). The published settings (slider: rank 4, alpha 1, lr 2e-4, 1000 steps;
 # ADDifT: rank 4, alpha 1, lr 5e-5-1e-4, 30-100 steps, weight ±0.25) hardly moved the built-in model's images.
-# They set everything a preset sets but the scheduler, so Quick and Thorough train a pair method alike.
+# They set everything a preset sets but the scheduler, so every preset trains a pair method alike.
 PAIR_DEFAULTS: dict[str, dict[str, object]] = {
-    "slider": dict(rank=4, alpha=4.0, steps=200, lr=3e-3, warmup_steps=0),
-    "addift": dict(rank=4, alpha=4.0, steps=100, lr=3e-3, warmup_steps=0, timestep_min=200, timestep_max=1000),
+    "slider": dict(rank=4, alpha=4.0, steps=200, lr=3e-3, batch_size=1, warmup_steps=0),
+    "addift": dict(
+        rank=4, alpha=4.0, steps=100, lr=3e-3, batch_size=1, warmup_steps=0, timestep_min=200, timestep_max=1000
+    ),
 }
 
 

@@ -14,6 +14,8 @@ import time
 import warnings
 from pathlib import Path
 
+from lib_copier.train.config import PRESETS
+
 STAGES = ("copier", "processed", "extraction")
 FIDELITY_SEEDS = (1, 2, 3)
 
@@ -23,8 +25,9 @@ def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="checkpoint to train on (default: the built-in model)")
     p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="a full-size model with random weights instead")
     p.add_argument("--resolution", type=int, help="image side (default: the model's native one)")
-    p.add_argument("--steps", type=int, default=500, help="steps per LoRA (default 500, the Quick preset)")
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--preset", choices=tuple(PRESETS), default="quick", help="trainer preset (default quick)")
+    p.add_argument("--steps", type=int, help="steps per LoRA (default: the preset's; quick 500)")
+    p.add_argument("--rank", type=int, help="LoRA rank, and alpha with it (default: the preset's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a trainer setting")
     p.add_argument("--stages", default=",".join(STAGES), help=f"which of {','.join(STAGES)} to run, in that order")
     p.add_argument("--device", default="auto")
@@ -83,10 +86,13 @@ def bench_train(args: argparse.Namespace) -> int:
     from lib_copier.train.config import make_config
 
     stages = _stages(args.stages)
-    overrides = dict(steps=args.steps, rank=args.rank, alpha=float(args.rank))
-    overrides.update(gradient_checkpointing=args.gradient_checkpointing)
+    overrides = {} if args.steps is None else {"steps": args.steps}
+    if args.rank is not None:
+        overrides.update(rank=args.rank, alpha=float(args.rank))
+    if args.gradient_checkpointing:
+        overrides.update(gradient_checkpointing=True)
     overrides.update(parse_overrides(args.set))  # --set wins over the flags
-    config = make_config("quick", **overrides)
+    config = make_config(args.preset, **overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = StandaloneBackend(_model(args))
@@ -104,8 +110,11 @@ def bench_train(args: argparse.Namespace) -> int:
         "resolution": side,
         "torch": torch.__version__,
         "config": {
-            k: getattr(config, k)
-            for k in ("steps", "rank", "alpha", "lr", "batch_size", "mixed_precision", "gradient_checkpointing")
+            "preset": args.preset,
+            **{
+                k: getattr(config, k)
+                for k in ("steps", "rank", "alpha", "lr", "batch_size", "mixed_precision", "gradient_checkpointing")
+            },
         },
     }
     print(

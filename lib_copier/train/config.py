@@ -52,6 +52,11 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, object]] = {
     # The beginner's note: fast, and enough for the built-in model and SD1.5 at 512 px.
     "quick": dict(rank=16, alpha=16.0, steps=500, lr=1e-3, scheduler="cosine", warmup_steps=0),
+    # Quick's rank in a quarter of the steps, each on four timesteps, at three times the rate: on the built-in model the
+    # copier is as close to the original as Quick's (closer under other prompts), its extraction a little rougher.
+    # Faster where a step's size costs little (a GPU with memory to spare, a small model); about as long as Quick
+    # where compute bounds it (a CPU at 512 px).
+    "fast": dict(rank=16, alpha=16.0, steps=125, lr=3e-3, batch_size=4, scheduler="cosine", warmup_steps=0),
     # The original write-up; the processed LoRA trains for 4000 steps and is resized to rank 8 by the recipe.
     "thorough": dict(rank=64, alpha=32.0, steps=3000, lr=1e-4, scheduler="cosine", warmup_steps=500),
 }

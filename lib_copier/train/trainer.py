@@ -137,7 +137,20 @@ def train_pair(
 
 def _train(backend, images, caption, config: TrainConfig, frozen, callbacks: Callbacks | None, loss: str):
     validate(config)
-    callbacks = callbacks or Callbacks()
+    try:
+        return _train_in_place(backend, images, caption, config, frozen, callbacks or Callbacks(), loss)
+    except torch.OutOfMemoryError:
+        pass  # raised below, outside this block: the traceback holds the step's tensors until the block ends
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the memory the run held goes back to the WebUI's own generations
+    width, height = images[0].size
+    raise CopierError(
+        f"the GPU ran out of memory training at {width}x{height} px with {config.batch_size} timesteps per step; "
+        "lower batch_size or the training size, or turn on gradient_checkpointing"
+    )
+
+
+def _train_in_place(backend, images, caption, config: TrainConfig, frozen, callbacks: Callbacks, loss: str):
     layers, table = backend.lora_layers(), by_key(backend.lora_targets(conv=True))
     grad_flags = [(p, p.requires_grad) for _, p in backend.weights() if isinstance(p, torch.nn.Parameter)]
     with contextlib.ExitStack() as stack:

@@ -23,7 +23,7 @@ from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError
 from lib_copier.models.cli import slug
 from lib_copier.models.generate import Txt2Img
-from lib_copier.recipes.estimate import estimate, recipe_steps
+from lib_copier.recipes.estimate import describe_run
 from lib_copier.recipes.job import RECIPE_PRESETS, make_effects, method_config
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.request import DEFAULT_GRID_PROMPTS, TrainRequest
@@ -65,10 +65,11 @@ METHOD_HELP = (
     "the same pair, learned against the model's own predictions, in few steps (after TrainTrain's ADDifT)"
 )
 PRESET_HELP = (  # from the presets themselves, so it cannot drift from them
-    f"quick: rank {PRESETS['quick']['rank']}, {PRESETS['quick']['steps']} steps per LoRA; thorough: rank "
-    f"{PRESETS['thorough']['rank']}, {PRESETS['thorough']['steps']}-{RECIPE_PRESETS['thorough']['processed_steps']} "
-    f"steps, resized to rank {RECIPE_PRESETS['thorough']['resize_rank']}; the pair methods train at their own "
-    f"settings with either"
+    f"quick: rank {PRESETS['quick']['rank']}, {PRESETS['quick']['steps']} steps per LoRA; fast: rank "
+    f"{PRESETS['fast']['rank']}, {PRESETS['fast']['steps']} steps of {PRESETS['fast']['batch_size']} timesteps each, "
+    f"as close to the image (faster on a GPU with memory to spare); thorough: rank {PRESETS['thorough']['rank']}, "
+    f"{PRESETS['thorough']['steps']}-{RECIPE_PRESETS['thorough']['processed_steps']} steps, resized to rank "
+    f"{RECIPE_PRESETS['thorough']['resize_rank']}; the pair methods train at their own settings with any"
 )
 SETTING_GROUPS = {
     "Network": ("rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "text_lr"),
@@ -286,15 +287,15 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 list(settings.values()),
             )
 
-        def estimate_text(meth, pre, chosen, side, steps, extra):
+        def estimate_text(meth, pre, chosen, side, steps, batch, extra):
             if hooks.device is None:
                 return ""
             device, sdxl = hooks.device()
-            overrides = {} if steps == method_config(meth, pre, {}).steps else {"steps": int(steps)}
-            total = recipe_steps(meth, len(chosen), pre, overrides, 1 + len(extra or ()))
-            return estimate(total, device, int(side) or (1024 if sdxl else 512), sdxl, meth)
+            asked = {"steps": steps, "batch_size": batch}
+            side = int(side) or (1024 if sdxl else 512)
+            return describe_run(meth, pre, asked, len(chosen), 1 + len(extra or ()), device, side, sdxl)
 
-        estimate_inputs = [method, preset, selected, size, settings["steps"], more]
+        estimate_inputs = [method, preset, selected, size, settings["steps"], settings["batch_size"], more]
         for component in (*estimate_inputs, image):  # not at build time: the WebUI may still be loading its model
             component.change(estimate_text, estimate_inputs, [estimated])
 

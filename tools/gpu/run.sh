@@ -4,9 +4,9 @@
 #   (on the GPU machine, from the repo root, with .whl and .kohya carried)   bash tools/gpu/run.sh
 # Each part has its own time limit and writes its figures to $OUT as soon as it ends, so a part that runs long costs
 # only itself. Parts, in order of importance: ours SD1.5 copier (+ profile, host syncs), kohya SD1.5, CUDA tests,
-# ours at batch 4, ours with gradient checkpointing (memory), ours SDXL, ours whole recipe. STEPS (default 500) and
-# RES (512) set the SD1.5 runs; SDXL_RES=0 skips SDXL. The limits add up to 550 s; $OUT gets 9 files. A dry run on a
-# CPU:
+# ours with the Fast preset (batch 4), ours with gradient checkpointing (memory), ours SDXL, ours whole recipe.
+# STEPS (default 500) and RES (512) set the SD1.5 runs; SDXL_RES=0 skips SDXL. The limits add up to 550 s; $OUT gets 9
+# files. A dry run on a CPU:
 #   STEPS=2 RES=64 SDXL_RES=0 LIMIT_SCALE=10 OUT=/tmp/dry bash tools/gpu/run.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -44,9 +44,9 @@ tail -c 20000 /tmp/kohya/kohya.log >"$OUT/kohya-sd15.log"
 part "CUDA tests of the WebUI path"
 limit 70 python3 -m pytest -q -p no:cacheprovider tests/test_webui_cuda.py
 
-part "ours: SD1.5 $RES copier, four timesteps per step (batch 4), a quarter of the steps at twice the lr"
-limit 50 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --steps $((STEPS / 4)) --stages copier \
-    --no-fidelity --set batch_size=4 --set lr=2e-3 --json "$OUT/ours-sd15-copier-batch4.json"
+part "ours: SD1.5 $RES copier, the Fast preset: a quarter of the steps, four timesteps each (batch 4)"
+limit 50 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --preset fast --steps $((STEPS / 4)) \
+    --stages copier --no-fidelity --json "$OUT/ours-sd15-copier-fast.json"
 
 part "ours: SD1.5 $RES copier with gradient checkpointing, a fifth of the steps (memory against speed)"
 limit 30 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --steps $((STEPS / 5)) --stages copier \
