@@ -35,10 +35,12 @@ def host(request, tmp_path):
 SETTINGS = {"steps": 3, "gradient_checkpointing": True, "train_text_encoder": True}
 
 
-@pytest.mark.parametrize("method, precision", [("both", "bf16"), ("both", "fp16"), ("addift", "bf16")])
-def test_half_precision_weights_train_on_the_gpu_and_stay_bit_identical(host, tmp_path, method, precision):
+@pytest.mark.parametrize(
+    "method, precision, batch", [("both", "bf16", 1), ("both", "fp16", 4), ("addift", "bf16", 1)]
+)  # batch 4: Fast's four timesteps per step, under fp16's loss scaling
+def test_half_precision_weights_train_on_the_gpu_and_stay_bit_identical(host, tmp_path, method, precision, batch):
     before = weights(host)
-    overrides = {**SETTINGS, "mixed_precision": precision}
+    overrides = {**SETTINGS, "mixed_precision": precision, "batch_size": batch}
     results = train_in_webui(request_for(host, method=method, overrides=overrides), host, tmp_path, JobState("j"))
     kinds = {"both": ["copier", "processed", "extraction"], "addift": ["addift"]}[method]
     assert [r["kind"] for r in results] == kinds

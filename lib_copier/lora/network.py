@@ -44,26 +44,39 @@ class LoRAModule(nn.Module):
         # alpha / rank as a Python number: reading the buffer on a GPU would wait for the GPU at every forward.
         self.scale = float(alpha) / rank
         self.multiplier = 1.0
+        # A training pass's half-precision copies of (down, up) weights (`train.half`), or None: the weights.
+        self.step_weights: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _weights(self, device_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) to compute with: under autocast the pass's half copies if any (autocast casts the weights to
+        the same values), outside it the weights' own precision."""
+        down, up = self.lora_down.weight, self.lora_up.weight
+        if self.step_weights is None:
+            return down, up
+        if _autocast_on(device_type):
+            return self.step_weights
+        return self.step_weights[0].to(down.dtype), self.step_weights[1].to(up.dtype)
 
     def side_path(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """multiplier * scale * up(down(x)), with the layer's own stride and padding for convolutions.
 
-        Under CUDA autocast the input is left in the autocast dtype (autocast casts the fp32 LoRA weights to it
-        once per forward); otherwise it is computed in the LoRA's dtype."""
-        if not torch.is_autocast_enabled():
-            x = x.to(self.lora_down.weight.dtype)
+        Under autocast the input is left in the autocast dtype (autocast casts fp32 LoRA weights to it once per
+        forward); otherwise it is computed in the LoRA's dtype."""
+        down, up = self._weights(x.device.type)
+        if not _autocast_on(x.device.type):
+            x = x.to(down.dtype)
         if isinstance(layer, nn.Conv2d):
-            h = F.conv2d(x, self.lora_down.weight, None, layer.stride, layer.padding, layer.dilation)
-            h = F.conv2d(h, self.lora_up.weight)
+            h = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation)
+            h = F.conv2d(h, up)
         else:
-            h = F.linear(F.linear(x, self.lora_down.weight), self.lora_up.weight)
+            h = F.linear(F.linear(x, down), up)
         factor = self.multiplier * self.scale
         return h if factor == 1.0 else h * factor
 
     def delta(self) -> torch.Tensor:
         """multiplier * scale * up @ down, shaped like the target weight (keeps the autograd graph)."""
-        down = self.lora_down.weight
-        up = self.lora_up.weight.flatten(1)
+        down, up = self._weights(self.lora_down.weight.device.type)
+        up = up.flatten(1)
         return (up @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:]) * (self.multiplier * self.scale)
 
     def to_weights(self) -> LoRAWeights:
@@ -223,6 +236,13 @@ def all_applied(
         for network, weight in loras:
             stack.enter_context(network.applied(layers, table, weight))
         yield
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch before 2.4 (A1111 1.10 ships 2.1): only CUDA's autocast can be asked about
+        return device_type == "cuda" and torch.is_autocast_enabled()
 
 
 def _side_path_hook(lora: LoRAModule):

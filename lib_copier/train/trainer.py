@@ -29,9 +29,10 @@ from PIL import Image
 from lib_copier.backends import Backend
 from lib_copier.errors import CopierError
 from lib_copier.lora.naming import by_key, is_text_encoder_key
-from lib_copier.lora.network import LoRANetwork
+from lib_copier.lora.network import LoRAModule, LoRANetwork
 from lib_copier.models.generate import Txt2Img
 from lib_copier.train.config import PAIR_LOSSES, TrainConfig, validate
+from lib_copier.train.half import HalfCopies
 from lib_copier.train.optim import lr_factor, make_optimizer
 
 
@@ -89,11 +90,16 @@ def _new_network(backend: Backend, config: TrainConfig) -> LoRANetwork:
     return network.to(backend.device, torch.float32)
 
 
-def _autocast(backend: Backend, config: TrainConfig):
+def _autocast_dtype(backend: Backend, config: TrainConfig) -> torch.dtype | None:
+    """The dtype the UNet computes in under autocast, or None where it computes without (on the CPU)."""
     if backend.device.type != "cuda" or config.mixed_precision == "no":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+        return None
+    return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
+
+
+def _autocast(backend: Backend, config: TrainConfig):
+    dtype = _autocast_dtype(backend, config)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(backend.device.type, dtype=dtype)
 
 
 def train_lora(
@@ -187,19 +193,24 @@ class _Batch:
 
 
 def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callbacks) -> TrainResult:
-    groups = [{"params": [], "lr": config.lr}, {"params": [], "lr": config.text_lr}]
+    modules: list[list[LoRAModule]] = [[], []]  # the UNet's, the text encoders'
     for key, module in network.modules_by_key.items():
-        groups[is_text_encoder_key(key)]["params"] += list(module.parameters())
-    groups = [g for g in groups if g["params"]]
-    for g in groups:
-        g["base_lr"] = g["lr"]
+        modules[is_text_encoder_key(key)].append(module)
+    parts = [(part, lr) for part, lr in zip(modules, (config.lr, config.text_lr), strict=True) if part]
+    params = [p for part, _ in parts for m in part for p in m.parameters()]
+    # Under autocast the optimizer updates one fp32 master per group, cast to half once per pass (`train.half`).
+    half = _autocast_dtype(backend, config)
+    halves = [HalfCopies(part, half) for part, _ in parts] if half else []
+    groups = []
+    for i, (part, lr) in enumerate(parts):
+        tensors = [halves[i].master] if halves else [p for m in part for p in m.parameters()]
+        groups.append({"params": tensors, "lr": lr, "base_lr": lr})
     optimizer = make_optimizer(config.optimizer, groups, config.weight_decay)
     scaler = (
         torch.amp.GradScaler("cuda") if backend.device.type == "cuda" and config.mixed_precision == "fp16" else None
     )
     alphas = backend.alphas_cumprod().to(backend.device)
     generator = torch.Generator("cpu").manual_seed(config.seed)
-    params = [p for g in groups for p in g["params"]]
     result = TrainResult(network, 0, 0.0)
     start = time.perf_counter()
 
@@ -229,9 +240,11 @@ def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callb
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
         optimizer.zero_grad(set_to_none=True)
-        loss = _step(backend, network, batch, config, generator, alphas, step, scaler)
+        loss = _step(backend, network, batch, config, generator, alphas, step, scaler, halves)
         if scaler:
             scaler.unscale_(optimizer)
+        for h in halves:
+            h.share_gradients()
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         if scaler:
@@ -261,11 +274,13 @@ def _on(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def _step(backend, network, batch: _Batch, config: TrainConfig, generator, alphas, step: int, scaler) -> torch.Tensor:
+def _step(
+    backend, network, batch: _Batch, config: TrainConfig, generator, alphas, step: int, scaler, halves
+) -> torch.Tensor:
     """One batch: the noised latents, the model's predictions, the (Min-SNR weighted) MSE to their targets, and its
     gradients; returns the loss, still on the device. Each pass of a pair loss is differentiated while the LoRA is
-    at that pass's weight: gradient checkpointing recomputes the forward pass in the backward one, and must see the
-    same weight."""
+    at that pass's weight and half copies: gradient checkpointing recomputes the forward pass in the backward one,
+    and must see the same."""
     b = config.batch_size
     view = torch.randint(len(batch.latents[0]), (b,), generator=generator)
     n = len(batch.captions)
@@ -281,6 +296,8 @@ def _step(backend, network, batch: _Batch, config: TrainConfig, generator, alpha
 
     def predict(x0: torch.Tensor, weight: float) -> torch.Tensor:
         network.set_multiplier(weight)
+        for h in halves:
+            h.attach()
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with _autocast(backend, config):
             if batch.cached is not None:
@@ -316,3 +333,5 @@ def _step(backend, network, batch: _Batch, config: TrainConfig, generator, alpha
         return learn(predict(here, sign * m), goal)
     finally:
         network.set_multiplier(1.0)
+        for h in halves:
+            h.detach()

@@ -1,0 +1,97 @@
+"""Half copies of the LoRA for a training pass (`lib_copier.train.half`): under autocast they must give exactly the
+LoRA that casting each fp32 LoRA tensor gives, only with fewer kernels. No GPU here: CPU autocast (bf16) casts the
+same way CUDA's does, so the comparison runs on the CPU."""
+
+import pytest
+import torch
+
+from lib_copier.backends.standalone import StandaloneBackend
+from lib_copier.lora.naming import by_key
+from lib_copier.lora.network import LoRANetwork
+from lib_copier.models.generate import Txt2Img
+from lib_copier.train import trainer
+from lib_copier.train.config import make_config
+from lib_copier.train.half import HalfCopies
+from lib_copier.train.trainer import train_lora, train_pair
+from tests.conftest import TINY_SD2V
+from tests.test_trainer import assert_unchanged, backend_for, snapshot
+
+BF16 = torch.bfloat16
+
+
+def test_half_copies_give_autocasts_gradients_bit_for_bit():
+    """Linear and 1x1-conv side paths in the UNet and the OpenCLIP attention's parametrisation in SD2's text encoder:
+    the same outputs and the same fp32 gradients as autocast casting each LoRA tensor."""
+    backend = backend_for(TINY_SD2V)
+    targets = backend.lora_targets(conv=True)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([100, 700])
+    results = []
+    for copies in (False, True):
+        network = LoRANetwork.create(targets, 4, 4.0, conv_rank=4, seed=0)
+        for module in network.modules_by_key.values():  # a trained LoRA, not the zero up of a fresh one
+            torch.nn.init.normal_(module.lora_up.weight, std=0.1, generator=torch.Generator().manual_seed(1))
+        modules = list(network.modules_by_key.values())
+        half = HalfCopies(modules, BF16) if copies else None
+        with network.applied(backend.lora_layers(), by_key(targets)), torch.autocast("cpu", dtype=BF16):
+            if half:
+                half.attach()
+            cond = backend.encode_prompts(["a cat", "a dog"], 64, 64)
+            out = backend.predict(x, t, cond).float()
+            out.pow(2).mean().backward()
+        if half:
+            half.detach()
+            half.share_gradients()
+        results.append((out.detach(), {k: (m.lora_down.weight.grad, m.lora_up.weight.grad) for k, m in
+                                       network.modules_by_key.items()}))  # fmt: skip
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    assert any(k.startswith("lora_te") for k in grads_a) and any(m.lora_down.weight.dim() == 4 for m in modules)
+    for key, (down, up) in grads_a.items():
+        assert torch.equal(down, grads_b[key][0]) and torch.equal(up, grads_b[key][1]), key
+        assert grads_b[key][0].dtype == torch.float32
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("kind", ["copier", "slider"])
+@pytest.mark.parametrize(
+    "device, precision",
+    [("cpu", "bf16"), pytest.param("cuda", "fp16", marks=CUDA), pytest.param("cuda", "bf16", marks=CUDA)],
+)
+def test_training_with_half_copies_gives_the_same_lora_and_leaves_the_model_bit_identical(
+    monkeypatch, kind, device, precision
+):
+    """The whole trainer, with the text encoder, gradient checkpointing, four timesteps a step, and on CUDA fp16's
+    loss scaling over a WebUI's fp16 weights."""
+    backend = backend_for(TINY_SD2V)
+    if device == "cuda":
+        backend = StandaloneBackend(backend.model.to("cuda", torch.float16))
+    image = backend.generate(Txt2Img("a red circle", seed=1))
+    settings = dict(steps=3, train_text_encoder=True, gradient_checkpointing=True, text_lr=1e-3)
+    config = make_config("fast", mixed_precision=precision, **settings)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    before = snapshot(backend)
+
+    def train():
+        if kind == "slider":
+            return train_pair(backend, image, image.transpose(0), ["a", "b"], config, "slider").network
+        return train_lora(backend, image, ["a", "b"], config).network
+
+    with monkeypatch.context() as m:  # autocast casting each LoRA tensor: the reference
+        m.setattr(trainer, "_autocast", lambda *_: torch.autocast(device, dtype=dtype))
+        m.setattr(trainer, "_autocast_dtype", lambda *_: None)
+        expected = train().to_weights()
+    with monkeypatch.context() as m:  # what runs on a GPU: autocast with half copies
+        if device == "cpu":
+            m.setattr(trainer, "_autocast_dtype", lambda *_: dtype)
+        spy = []
+        m.setattr(trainer, "HalfCopies", lambda *a: spy.append(HalfCopies(*a)) or spy[-1])
+        got = train().to_weights()
+    assert len(spy) == 2  # the UNet's and the text encoder's, each with its own learning rate
+    assert got.keys() == expected.keys()
+    for key, w in expected.items():
+        assert torch.equal(w.down, got[key].down) and torch.equal(w.up, got[key].up), key
+    assert any(w.up.abs().sum() > 0 for w in got.values())
+    assert all(m.step_weights is None for h in spy for m in h.modules)
+    assert_unchanged(backend, before)
