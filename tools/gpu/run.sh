@@ -20,6 +20,7 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 start=$SECONDS
 part() { echo; echo "=== $1 (at ${SECONDS}s)"; }
 limit() { timeout $(($1 * ${LIMIT_SCALE:-1})) "${@:2}"; }  # LIMIT_SCALE stretches every limit for a CPU dry run
+part_of() { echo $(($1 / $2 > 0 ? $1 / $2 : 1)); }        # STEPS / N, at least one step
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -45,11 +46,11 @@ part "CUDA tests of the WebUI path"
 limit 70 python3 -m pytest -q -p no:cacheprovider tests/test_webui_cuda.py
 
 part "ours: SD1.5 $RES copier, the Fast preset: a quarter of the steps, four timesteps each (batch 4)"
-limit 50 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --preset fast --steps $((STEPS / 4)) \
+limit 50 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --preset fast --steps $(part_of $STEPS 4) \
     --stages copier --no-fidelity --json "$OUT/ours-sd15-copier-fast.json"
 
 part "ours: SD1.5 $RES copier with gradient checkpointing, a fifth of the steps (memory against speed)"
-limit 30 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --steps $((STEPS / 5)) --stages copier \
+limit 30 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --steps $(part_of $STEPS 5) --stages copier \
     --no-fidelity --gradient-checkpointing --json "$OUT/ours-sd15-copier-checkpointing.json"
 
 if [[ $SDXL_RES != 0 ]]; then
