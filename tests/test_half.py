@@ -4,6 +4,7 @@ same way CUDA's does, so the comparison runs on the CPU."""
 
 import pytest
 import torch
+from torch.optim import AdamW
 
 from lib_copier.backends.standalone import StandaloneBackend
 from lib_copier.lora.naming import by_key
@@ -95,3 +96,17 @@ def test_training_with_half_copies_gives_the_same_lora_and_leaves_the_model_bit_
     assert any(w.up.abs().sum() > 0 for w in got.values())
     assert all(m.step_weights is None for h in spy for m in h.modules)
     assert_unchanged(backend, before)
+
+
+def test_an_optimiser_that_is_not_elementwise_updates_each_lora_tensor_on_its_own(monkeypatch):
+    """AdamW8bit quantises its state in blocks: one master tensor would change its blocks, and with them the LoRA."""
+    backend = backend_for()
+    image = backend.generate(Txt2Img("a red circle", seed=1))
+    seen, spy = [], []
+    monkeypatch.setattr(trainer, "_autocast_dtype", lambda *_: BF16)
+    monkeypatch.setattr(trainer, "HalfCopies", lambda *a: spy.append(HalfCopies(*a)) or spy[-1])
+    monkeypatch.setattr(trainer, "make_optimizer", lambda name, groups, wd: seen.append(groups) or AdamW(groups))
+    train_lora(backend, image, "", make_config("quick", steps=1, optimizer="adamw8bit"))
+    assert not spy and len(seen[0][0]["params"]) > 2
+    train_lora(backend, image, "", make_config("quick", steps=1, optimizer="lion"))
+    assert len(spy) == 1 and seen[1][0]["params"] == [spy[0].master]

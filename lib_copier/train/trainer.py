@@ -33,7 +33,7 @@ from lib_copier.lora.network import LoRAModule, LoRANetwork
 from lib_copier.models.generate import Txt2Img
 from lib_copier.train.config import PAIR_LOSSES, TrainConfig, validate
 from lib_copier.train.half import HalfCopies
-from lib_copier.train.optim import lr_factor, make_optimizer
+from lib_copier.train.optim import ELEMENTWISE, lr_factor, make_optimizer
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callb
     parts = [(part, lr) for part, lr in zip(modules, (config.lr, config.text_lr), strict=True) if part]
     params = [p for part, _ in parts for m in part for p in m.parameters()]
     # Under autocast the optimizer updates one fp32 master per group, cast to half once per pass (`train.half`).
-    half = _autocast_dtype(backend, config)
+    half = _autocast_dtype(backend, config) if config.optimizer in ELEMENTWISE else None
     halves = [HalfCopies(part, half) for part, _ in parts] if half else []
     groups = []
     for i, (part, lr) in enumerate(parts):
