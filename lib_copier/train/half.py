@@ -1,7 +1,7 @@
 """The LoRA's weights in the autocast dtype for a training pass, cast from fp32 master weights in one go.
 
 Under autocast every fp32 LoRA tensor is cast to half precision at each forward, and its gradient back to fp32 in
-the backward: two kernels per tensor, about 1,200 a step for SD1.5's UNet, where a GPU step at batch 1 waits on the
+the backward: two kernels per tensor, about 900 a step for SD1.5's UNet, where a GPU step at batch 1 waits on the
 host's launches. Here the tensors of one optimizer group live in one fp32 master tensor, which is cast once per pass
 (one kernel, and one back for the gradient); each module computes with its slice. The values are autocast's own:
 the same weights rounded the same way, and the same gradients returned in fp32. The optimizer updates the master;

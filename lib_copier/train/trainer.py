@@ -201,10 +201,8 @@ def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callb
     # Under autocast the optimizer updates one fp32 master per group, cast to half once per pass (`train.half`).
     half = _autocast_dtype(backend, config) if config.optimizer in ELEMENTWISE else None
     halves = [HalfCopies(part, half) for part, _ in parts] if half else []
-    groups = []
-    for i, (part, lr) in enumerate(parts):
-        tensors = [halves[i].master] if halves else [p for m in part for p in m.parameters()]
-        groups.append({"params": tensors, "lr": lr, "base_lr": lr})
+    tensors = [[h.master] for h in halves] or [[p for m in part for p in m.parameters()] for part, _ in parts]
+    groups = [{"params": t, "lr": lr, "base_lr": lr} for t, (_, lr) in zip(tensors, parts, strict=True)]
     optimizer = make_optimizer(config.optimizer, groups, config.weight_decay)
     scaler = (
         torch.amp.GradScaler("cuda") if backend.device.type == "cuda" and config.mixed_precision == "fp16" else None
