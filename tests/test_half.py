@@ -1,6 +1,6 @@
 """Half copies of the LoRA for a training pass (`lib_copier.train.half`): under autocast they must give exactly the
-LoRA that casting each fp32 LoRA tensor gives, only with fewer kernels. No GPU here: CPU autocast (bf16) casts the
-same way CUDA's does, so the comparison runs on the CPU."""
+LoRA that casting each fp32 LoRA tensor gives, only with fewer kernels. CPU autocast (bf16) casts the way CUDA's
+does, so the comparison runs on the CPU; on a GPU (`tools/gpu/run.sh`) also under CUDA's fp16 and bf16."""
 
 import pytest
 import torch
