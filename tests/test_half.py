@@ -110,3 +110,18 @@ def test_an_optimiser_that_is_not_elementwise_updates_each_lora_tensor_on_its_ow
     assert not spy and len(seen[0][0]["params"]) > 2
     train_lora(backend, image, "", make_config("quick", steps=1, optimizer="lion"))
     assert len(spy) == 1 and seen[1][0]["params"] == [spy[0].master]
+
+
+def test_the_side_path_asks_about_autocast_as_torch_2_1_lets_it(monkeypatch):
+    """A1111 1.10 ships torch 2.1, whose is_autocast_enabled takes no device and answers for CUDA."""
+    from lib_copier.lora import network
+
+    def before_2_4():
+        return False
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", before_2_4)
+    module = network.LoRAModule((8, 8), 4, 4.0)
+    torch.nn.init.normal_(module.lora_up.weight)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    out = module.side_path(torch.nn.Linear(8, 8), x)  # not under autocast: computed in the LoRA's fp32
+    assert out.dtype == torch.float32 and not network._autocast_on("cpu") and not network._autocast_on("cuda")
