@@ -218,8 +218,12 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                                         label=label, info=p.help,
                                     )  # fmt: skip
             with gr.Row():
-                method = gr.Radio(list(METHODS), value=DEFAULT_METHOD, label="Method", info=METHOD_HELP)
-                preset = gr.Radio(list(RECIPE_PRESETS), value="quick", label="Preset", info=PRESET_HELP)
+                method = gr.Radio(
+                    list(METHODS), value=DEFAULT_METHOD, label="Method", info=METHOD_HELP, elem_id="copier_lora_method"
+                )
+                preset = gr.Radio(
+                    list(RECIPE_PRESETS), value="quick", label="Preset", info=PRESET_HELP, elem_id="copier_lora_preset"
+                )
                 name = gr.Textbox(label="Output name", placeholder="from the image and effect")
                 save_on_interrupt = gr.Checkbox(False, label="Keep what is finished when interrupted")
             settings = {}

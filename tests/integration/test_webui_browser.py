@@ -76,6 +76,18 @@ def test_gallery_button_trains_and_shows_the_grids(page, tmp_path):
     height = page.evaluate("() => document.documentElement.scrollHeight")
     assert height < 3000, f"the tab is {height} px tall"
 
+    # The copier method with the Fast preset: Advanced shows four timesteps a step, and the estimate counts them.
+    for radio, choice in (("method", "copier"), ("preset", "fast")):
+        page.locator(f"#copier_lora_{radio} label").filter(has_text=re.compile(rf"^\s*{choice}\s*$")).click()
+    page.wait_for_function("() => document.querySelector('#copier_lora_batch_size input').value === '4'")
+    page.wait_for_function(
+        "() => document.querySelector('#copier_lora_estimate').innerText.includes('250 training steps in all')"
+    )
+    page.screenshot(path=shots / "3c-fast-preset.png", full_page=True)
+    assert page.input_value("#copier_lora_steps input") == "125" and "roughly" in page.inner_text(
+        "#copier_lora_estimate"
+    )
+
     # Send to txt2img: the prompt with the new LoRA, on the txt2img tab.
     page.click("#copier_lora_send_txt2img")
     page.wait_for_function(
