@@ -244,10 +244,12 @@ def test_the_train_benchmark_reports_speed_and_memory(tmp_path, capsys):
     args += ["--set", "gradient_checkpointing=true"]  # a setting a flag also sets: --set wins
     assert main([*args, "--json", str(figures), "--profile", str(profile)]) == 0
     out = capsys.readouterr().out
-    assert out.count("steps/s") == 3 and "peak RSS" in out and "fidelity" in out
+    assert out.count(" steps/s in the loop") == 3 and "peak RSS" in out and "fidelity" in out
     stages = json.loads(figures.read_text())["stages"]
     assert list(stages) == ["copier", "processed", "extraction"]
     assert all(s["steps_per_s"] > 0 and s["final_loss"] > 0 for s in stages.values())
+    assert all(s["timesteps_per_s"] == 2 * s["steps_per_s"] for s in stages.values())  # batch_size=2
+    assert "timesteps/s" in out
     config = json.loads(figures.read_text())["config"]
     assert config["batch_size"] == 2 and config["gradient_checkpointing"] is True
     assert "aten::" in profile.read_text()
