@@ -14,7 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
-from lib_copier.train.config import PRESETS
+from lib_copier.train.config import PRESETS, make_config
 
 STAGES = ("copier", "processed", "extraction")
 FIDELITY_SEEDS = (1, 2, 3)
@@ -83,7 +83,6 @@ def bench_train(args: argparse.Namespace) -> int:
     from lib_copier.backends.standalone import StandaloneBackend
     from lib_copier.models.bench import _peak_rss_mb
     from lib_copier.recipes.cli import parse_overrides
-    from lib_copier.train.config import make_config
 
     stages = _stages(args.stages)
     overrides = {} if args.steps is None else {"steps": args.steps}
