@@ -116,23 +116,61 @@ def test_a_nan_loss_stops_the_run_with_a_clear_message(tiny, monkeypatch):
     assert_unchanged(backend, before)
 
 
-def test_running_out_of_gpu_memory_is_one_sentence_and_changes_nothing(tiny, monkeypatch):
-    backend, image = tiny
-    copier = train_lora(backend, image, "", quick(steps=2)).network
-    before = snapshot(backend)
+def _short_of_memory(monkeypatch, backend, when):
+    """backend.predict raises torch's out-of-memory error on the calls for which `when(call number)` is true."""
     real = backend.predict
     calls = {"n": 0}
 
-    def short_of_memory(x, t, cond):
+    def predict(x, t, cond):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if when(calls["n"]):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB")
         return real(x, t, cond)
 
-    monkeypatch.setattr(backend, "predict", short_of_memory)
-    with pytest.raises(CopierError, match="ran out of memory training at 64x64 px with 4 timesteps per step; lower"):
-        train_lora(backend, image, "", quick(steps=3, batch_size=4), frozen=[(copier, 1.0)])
+    monkeypatch.setattr(backend, "predict", predict)
+
+
+def test_out_of_gpu_memory_starts_over_with_checkpointing_and_gives_the_same_lora(tiny, monkeypatch):
+    backend, image = tiny
+    copier = train_lora(backend, image, "", quick(steps=2)).network
+    config = quick(steps=3, batch_size=4)
+    expected = train_lora(backend, image, "", config, frozen=[(copier, 1.0)]).network.to_weights()
+    before = snapshot(backend)
+    # Step 2 runs out of memory without checkpointing, never with it.
+    _short_of_memory(monkeypatch, backend, lambda n: n == 2 and not backend.model.unet.gradient_checkpointing)
+    notices, progress = [], []
+    callbacks = Callbacks(notice=notices.append, progress=lambda p: progress.append(p.step))
+    result = train_lora(backend, image, "", config, frozen=[(copier, 1.0)], callbacks=callbacks)
     monkeypatch.undo()
+    assert notices == [
+        "the GPU ran out of memory training at 64x64 px with 4 timesteps per step; "
+        "starting over with gradient checkpointing"
+    ]
+    assert progress == [1, 1, 2, 3] and result.steps == 3
+    trained = result.network.to_weights()
+    assert all(torch.equal(trained[k].up, w.up) and torch.equal(trained[k].down, w.down) for k, w in expected.items())
+    assert_unchanged(backend, before)
+    assert not backend.model.unet.gradient_checkpointing
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_out_of_gpu_memory_even_with_checkpointing_is_one_sentence_and_changes_nothing(
+    tiny, monkeypatch, checkpointing
+):
+    backend, image = tiny
+    copier = train_lora(backend, image, "", quick(steps=2)).network
+    before = snapshot(backend)
+    _short_of_memory(monkeypatch, backend, lambda n: n >= 2)
+    notices = []
+    config = quick(steps=3, batch_size=4, gradient_checkpointing=checkpointing)
+    with pytest.raises(CopierError) as error:
+        train_lora(backend, image, "", config, frozen=[(copier, 1.0)], callbacks=Callbacks(notice=notices.append))
+    monkeypatch.undo()
+    assert str(error.value) == (
+        "the GPU ran out of memory training at 64x64 px with 4 timesteps per step, even with gradient "
+        "checkpointing; lower batch_size or the training size"
+    )
+    assert len(notices) == (0 if checkpointing else 1)
     assert_unchanged(backend, before)  # the fused copier is out of the weights again
 
 

@@ -2,6 +2,8 @@
 folder, grids drawn by the host through `<lora:name:w>` from those files, progress on the host's bar, and Interrupt /
 model change handled."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -135,4 +137,33 @@ def test_a_pair_method_trains_in_place_with_checkpointing_and_leaves_the_model_b
         f"<lora:cat-grayscale-{method}:1>" in p for p in host.prompts
     )
     assert any(f"{method}: grayscale" in text for text, _, _ in host.shown)
+    assert all(torch.equal(before[n], p) for n, p in host.backend().weights())
+
+
+def test_a_run_out_of_gpu_memory_starts_each_training_over_with_checkpointing_and_says_so(
+    host, tmp_path, monkeypatch, capsys
+):
+    before = weights(host)
+    backend = type(host.backend())
+    real_mode, real_predict = backend.training_mode, backend.predict
+    checkpointing = []
+
+    @contextlib.contextmanager
+    def training_mode(self, text_encoders, gradient_checkpointing):
+        checkpointing.append(gradient_checkpointing)
+        with real_mode(self, text_encoders, gradient_checkpointing):
+            yield
+
+    def predict(self, x, t, cond):
+        if torch.is_grad_enabled() and not checkpointing[-1]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB")
+        return real_predict(self, x, t, cond)
+
+    monkeypatch.setattr(backend, "training_mode", training_mode)
+    monkeypatch.setattr(backend, "predict", predict)
+    results = train_in_webui(request_for(host), host, tmp_path, JobState("j"))
+    assert [r["kind"] for r in results] == ["copier", "processed"] and checkpointing == [False, True, False, True]
+    said = "the GPU ran out of memory training at 64x64 px with 1 timestep per step; starting over with gradient"
+    assert capsys.readouterr().err.count(said) == 2
+    assert any(text.startswith(f"processed: grayscale ({said}") for text, _, _ in host.shown)
     assert all(torch.equal(before[n], p) for n, p in host.backend().weights())

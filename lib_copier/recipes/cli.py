@@ -111,7 +111,10 @@ def _bar_callbacks(bar_holder: dict):
         bar.total, bar.unit = total, "module"
         bar.update(done - bar.n)
 
-    return Callbacks(progress=progress, counted=counted)
+    def notice(text):
+        bar_holder["bar"].write(f"{bar_holder['bar'].desc}: {text}")
+
+    return Callbacks(progress=progress, counted=counted, notice=notice)
 
 
 def run_job_with_progress(backend, job):

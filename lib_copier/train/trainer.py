@@ -17,6 +17,7 @@ users will run it on, and it costs nothing per step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +57,7 @@ class Callbacks:
     preview: Callable[[int, Image.Image], None] | None = None
     preview_request: Txt2Img | None = None  # what to draw every `preview_every` steps
     counted: Callable[[int, int], None] | None = None  # work between trainings (SVD merges): modules done, in all
+    notice: Callable[[str], None] | None = None  # a sentence for the user: the run starts over with checkpointing
 
 
 @dataclass
@@ -116,7 +118,7 @@ def train_lora(
     the prompt, which is what a copier must do on a model whose prompts pull hard.
 
     Raises `Cancelled` (carrying the partial result) when `callbacks.cancelled()` turns true, and CopierError
-    when the loss stops being finite."""
+    when the loss stops being finite or the GPU runs out of memory even with gradient checkpointing."""
     return _train(backend, [image], caption, config, frozen, callbacks, "plain")
 
 
@@ -142,17 +144,25 @@ def train_pair(
 
 
 def _train(backend, images, caption, config: TrainConfig, frozen, callbacks: Callbacks | None, loss: str):
+    """`_train_in_place`; a run that runs out of GPU memory starts over once with gradient checkpointing, which gives
+    the same LoRA in less memory, and otherwise ends in one sentence."""
     validate(config)
-    try:
-        return _train_in_place(backend, images, caption, config, frozen, callbacks or Callbacks(), loss)
-    except torch.OutOfMemoryError:
-        pass  # raised below, outside this block: the traceback holds the step's tensors until the block ends
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the memory the run held goes back to the WebUI's own generations
+    callbacks = callbacks or Callbacks()
     width, height = images[0].size
+    n = config.batch_size
+    where = f"training at {width}x{height} px with {n} timestep{'s' * (n != 1)} per step"
+    for checkpointing in dict.fromkeys((config.gradient_checkpointing, True)):
+        run = dataclasses.replace(config, gradient_checkpointing=checkpointing)
+        try:
+            return _train_in_place(backend, images, caption, run, frozen, callbacks, loss)
+        except torch.OutOfMemoryError:
+            pass  # handled below, outside this block: the traceback holds the step's tensors until the block ends
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the memory the run held goes back to the WebUI (and to the run's second try)
+        if not checkpointing and callbacks.notice:
+            callbacks.notice(f"the GPU ran out of memory {where}; starting over with gradient checkpointing")
     raise CopierError(
-        f"the GPU ran out of memory training at {width}x{height} px with {config.batch_size} timesteps per step; "
-        "lower batch_size or the training size, or turn on gradient_checkpointing"
+        f"the GPU ran out of memory {where}, even with gradient checkpointing; lower batch_size or the training size"
     )
 
 

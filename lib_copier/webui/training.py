@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -140,11 +141,17 @@ def _callbacks(host: WebUIHost, state: JobState) -> Callbacks:
         state.on_count(done, total)
         host.show_progress(f"{state.stage}: {done}/{total} modules", done, total)
 
+    def notice(text: str) -> None:
+        print(f"Copier LoRA: job {state.id}, {state.stage}: {text}", file=sys.stderr)
+        state.on_stage(f"{state.stage} ({text})")
+        host.show_progress(state.stage, 0, 0)
+
     return Callbacks(
         progress=progress,
         cancelled=cancelled,
         preview=lambda step, image: host.show_preview(image),
         counted=counted,
+        notice=notice,
     )
 
 
