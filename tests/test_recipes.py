@@ -252,7 +252,7 @@ def test_the_copier_command_says_when_a_training_starts_over_with_checkpointing(
 
     def predict(self, x, t, cond):
         if torch.is_grad_enabled() and not self.model.unet.gradient_checkpointing:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB")
         return real(self, x, t, cond)
 
     monkeypatch.setattr(StandaloneBackend, "predict", predict)

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -124,7 +125,7 @@ def _short_of_memory(monkeypatch, backend, when):
     def predict(x, t, cond):
         calls["n"] += 1
         if when(calls["n"]):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB")
         return real(x, t, cond)
 
     monkeypatch.setattr(backend, "predict", predict)
@@ -172,6 +173,21 @@ def test_out_of_gpu_memory_even_with_checkpointing_is_one_sentence_and_changes_n
     )
     assert len(notices) == (0 if checkpointing else 1)
     assert_unchanged(backend, before)  # the fused copier is out of the weights again
+
+
+def test_an_interrupt_stays_an_interrupt_under_torch_2_1(tiny, monkeypatch):
+    """A1111 1.10 ships torch 2.1, which has no torch.OutOfMemoryError (2.5) and no torch.amp.GradScaler (2.3): every
+    exception leaving a training passes the out-of-memory clause, which must name a class that torch has."""
+    from lib_copier.train import trainer
+
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)
+    monkeypatch.delattr(torch.amp, "GradScaler", raising=False)
+    backend, image = tiny
+    with pytest.raises(Cancelled):
+        train_lora(backend, image, "", quick(steps=3), callbacks=Callbacks(cancelled=lambda: True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated since 2.4, and disabled without CUDA
+        assert isinstance(trainer._grad_scaler(), torch.cuda.amp.GradScaler)
 
 
 def test_progress_and_previews_are_reported(tiny):

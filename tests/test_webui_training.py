@@ -156,7 +156,7 @@ def test_a_run_out_of_gpu_memory_starts_each_training_over_with_checkpointing_an
 
     def predict(self, x, t, cond):
         if torch.is_grad_enabled() and not checkpointing[-1]:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB")
         return real_predict(self, x, t, cond)
 
     monkeypatch.setattr(backend, "training_mode", training_mode)

@@ -155,7 +155,7 @@ def _train(backend, images, caption, config: TrainConfig, frozen, callbacks: Cal
         run = dataclasses.replace(config, gradient_checkpointing=checkpointing)
         try:
             return _train_in_place(backend, images, caption, run, frozen, callbacks, loss)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # every device's since torch 2.5; torch.OutOfMemoryError is newer than 2.1
             pass  # handled below, outside this block: the traceback holds the step's tensors until the block ends
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the memory the run held goes back to the WebUI (and to the run's second try)
@@ -214,9 +214,7 @@ def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callb
     tensors = [[h.master] for h in halves] or [[p for m in part for p in m.parameters()] for part, _ in parts]
     groups = [{"params": t, "lr": lr, "base_lr": lr} for t, (_, lr) in zip(tensors, parts, strict=True)]
     optimizer = make_optimizer(config.optimizer, groups, config.weight_decay)
-    scaler = (
-        torch.amp.GradScaler("cuda") if backend.device.type == "cuda" and config.mixed_precision == "fp16" else None
-    )
+    scaler = _grad_scaler() if backend.device.type == "cuda" and config.mixed_precision == "fp16" else None
     alphas = backend.alphas_cumprod().to(backend.device)
     generator = torch.Generator("cpu").manual_seed(config.seed)
     result = TrainResult(network, 0, 0.0)
@@ -273,6 +271,12 @@ def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callb
     if pending:
         finish(*pending)
     return result
+
+
+def _grad_scaler():
+    """fp16's loss scaler; torch before 2.3 (A1111 1.10 ships 2.1) has it only under torch.cuda.amp."""
+    scaler = getattr(torch.amp, "GradScaler", None)
+    return scaler("cuda") if scaler else torch.cuda.amp.GradScaler()
 
 
 def _on(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
