@@ -1,13 +1,16 @@
 """The HTTP API on a FastAPI app, with the training run of the A1111-shaped stand-in behind it."""
 
 import base64
+import inspect
 import io
 import struct
 import threading
+import typing
 import zlib
 
 import pytest
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from lib_copier.errors import CopierError
@@ -63,6 +66,24 @@ def test_train_poll_and_the_loras_are_in_the_folder(api, tmp_path):
     assert merged.status_code == 200 and (tmp_path / "both.safetensors").is_file()
     resized = client.post(f"{PREFIX}/lora/resize", json={"lora": "both", "rank": 2, "out": "small"})
     assert resized.status_code == 200, resized.text
+
+
+def test_every_route_and_dependency_resolves_its_annotations_among_its_module_names(api):
+    """FastAPI 0.94 (A1111 1.10's) reads each route's and dependency's annotations only among its module's names:
+    one imported inside a function fails when the route is registered, and the WebUI starts without our API."""
+    client, _, _ = api
+
+    def calls(dependant):
+        yield dependant.call
+        for sub in dependant.dependencies:
+            yield from calls(sub)
+
+    routes = [r for r in client.app.routes if isinstance(r, APIRoute) and r.path.startswith(PREFIX)]
+    assert len(routes) > 5
+    for route in routes:
+        for call in calls(route.dependant):
+            if inspect.isfunction(call):
+                typing.get_type_hints(call)  # raises NameError for a name the module lacks
 
 
 def test_bad_requests_get_4xx_with_one_sentence(api):

@@ -95,7 +95,8 @@ class TensorSource:
             self._shape = lambda name: tuple(file.entries[name][1])
         elif path.suffix in (".ckpt", ".pt", ".pth"):
             try:
-                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                # str: torch 2.1 (A1111 1.10's) maps only a file named by a string
+                data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
                 raise CopierError(
                     f"checkpoint {path} is a pickle that holds more than plain tensors, so it is not loaded for "

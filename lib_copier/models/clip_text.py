@@ -173,7 +173,10 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
         self._init_weights()
-        self.register_load_state_dict_pre_hook(_accept_stored_layouts)
+        if hasattr(self, "register_load_state_dict_pre_hook"):
+            self.register_load_state_dict_pre_hook(_accept_stored_layouts)
+        else:  # torch before 2.5 (A1111 1.10 ships 2.1) has it under a private name
+            self._register_load_state_dict_pre_hook(_accept_stored_layouts, with_module=True)
 
     def _init_weights(self) -> None:
         # Scales like the trained model's, so a randomly initialised test model behaves like a real one.

@@ -46,14 +46,15 @@ def add_routes(
     """Register the routes on the WebUI's FastAPI `app`. `run(request, state)` trains on the loaded model,
     `checkpoint(name)` is the file of one of the WebUI's checkpoints."""
     from fastapi import Body, Depends, HTTPException
-    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+    from fastapi.security import HTTPBasic
 
     dependencies = []
     if auth:
         users = dict(pair.split(":", 1) for pair in auth.split(","))
         basic = HTTPBasic()
 
-        def check(credentials: HTTPBasicCredentials = Depends(basic)):  # noqa: B008 (FastAPI's idiom)
+        # No annotation: FastAPI 0.94 (A1111 1.10's) resolves one only among the module's names, not this function's.
+        def check(credentials=Depends(basic)):  # noqa: B008 (FastAPI's idiom)
             expected = users.get(credentials.username)
             if expected is None or not secrets.compare_digest(credentials.password, expected):
                 raise HTTPException(401, "incorrect username or password", headers={"WWW-Authenticate": "Basic"})
