@@ -48,6 +48,10 @@ def test_a_half_precision_model_draws_what_the_full_precision_model_draws(tiny):
 
     from lib_copier.evaluate.metrics import psnr
 
+    try:
+        torch.nn.functional.layer_norm(torch.zeros(2, dtype=torch.float16), (2,))
+    except RuntimeError:
+        pytest.skip("this torch (2.1, A1111 1.10's) has no fp16 LayerNorm on the CPU")
     request = Txt2Img("a red circle", seed=1, steps=3)
     half = copy.deepcopy(tiny).to(torch.float16)
     assert psnr(generate(half, request), generate(tiny, request)) > 40

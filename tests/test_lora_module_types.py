@@ -23,7 +23,7 @@ def _cp(t, wa, wb):  # lyco_helpers.make_weight_cp
 def _kron(shape, w1, w2):  # network_lokr.make_kron
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
-    return torch.kron(w1, w2).reshape(shape)
+    return torch.kron(w1, w2.contiguous()).reshape(shape)  # contiguous: torch 2.1's kron views its input
 
 
 def _loha(parts, shape):
