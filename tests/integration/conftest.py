@@ -2,7 +2,8 @@
 
 Each runs only when its directory is given: COPIER_WEBUI_DIR an A1111 checkout, COPIER_FORGE_DIR a Forge checkout,
 each prepared with `prepare_webui.py` (random checkpoints and the offline tokenizer files); COPIER_WEBUI_ARGS adds
-launch arguments. Both WebUIs take the same
+launch arguments, COPIER_WEBUI_PYTHON names another venv's Python (one with the torch the WebUI ships: 2.1.2 for
+A1111 1.10, 2.3.1 for Forge). Both WebUIs take the same
 tests, one after the other (never both at once: each needs 7 GB and more). Small sizes come from a ui-config file,
 so the browser test trains in about a minute.
 """
