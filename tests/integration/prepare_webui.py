@@ -99,11 +99,12 @@ def write_checkpoint(webui: Path, family: str, seed: int, force: bool) -> Path:
         torch.set_default_dtype(default)
     # Freshly initialised norms (weight 1, bias 0) make the text encoder's output mean exactly 0, and A1111's
     # "Original" emphasis divides by that mean: NaN conditioning for batches of prompts. A trained model's norms
-    # are never like that, so give them small random offsets.
+    # are never like that, so give them small random offsets; OpenCLIP's are named ln_1, ln_2 and ln_final (without
+    # them SD2's conditioning has a mean of ±1e-9 or 0, and LoRA grids drew NaN in A1111 under torch 2.1).
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.ndim == 1 and "norm" in name:
+            if param.ndim == 1 and ("norm" in name or ".ln_" in name):
                 param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.05)
         if family == "sd2v":  # A1111 decides v from one test pass; a random UNet would pass or fail it by chance
             model.unet.out[2].bias.sub_(V_OFFSET)
