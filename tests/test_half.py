@@ -22,7 +22,7 @@ BF16 = torch.bfloat16
 
 def _cpu_autocast_casts_attention() -> bool:
     """torch 2.1's CPU autocast (A1111 1.10's torch) leaves attention out, so OpenCLIP's fp32 mask meets bf16 queries;
-    CUDA's casts it in every version, and the CPU's in later ones."""
+    later versions cast it."""
     q = torch.zeros(1, 1, 2, 4)
     with torch.autocast("cpu", dtype=BF16):
         try:
