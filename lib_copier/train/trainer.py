@@ -151,7 +151,7 @@ def _train(backend, images, caption, config: TrainConfig, frozen, callbacks: Cal
     width, height = images[0].size
     n = config.batch_size
     where = f"training at {width}x{height} px with {n} timestep{'s' * (n != 1)} per step"
-    for checkpointing in dict.fromkeys((config.gradient_checkpointing, True)):
+    for checkpointing in (True,) if config.gradient_checkpointing else (False, True):
         run = dataclasses.replace(config, gradient_checkpointing=checkpointing)
         try:
             return _train_in_place(backend, images, caption, run, frozen, callbacks, loss)
