@@ -40,7 +40,9 @@ class TrainConfig:
     min_snr_gamma: float = setting(0.0, "Min-SNR loss weighting gamma; 0 turns it off", 0.0, 100.0)
     noise_offset: float = setting(0.0, "per-channel constant noise added to the training noise", 0.0, 1.0)
     mixed_precision: str = setting("bf16", "autocast dtype on CUDA (the CPU computes in fp32)", choices=PRECISIONS)
-    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, slower")
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in the backward pass: less memory, slower (turned on when the GPU runs short)"
+    )
     pair_weight: float = setting(
         1.0, "slider and ADDifT: the LoRA's weight while it trains; weight 1 afterwards is 1 / this of it", 0.05, 10.0
     )
