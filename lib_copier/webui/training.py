@@ -143,8 +143,7 @@ def _callbacks(host: WebUIHost, state: JobState) -> Callbacks:
 
     def notice(text: str) -> None:
         print(f"Copier LoRA: job {state.id}, {state.stage}: {text}", file=sys.stderr)
-        state.on_stage(f"{state.stage} ({text})")
-        host.show_progress(state.stage, 0, 0)
+        _stage(host, state)(f"{state.stage} ({text})")  # the stage starts over
 
     return Callbacks(
         progress=progress,
