@@ -44,12 +44,12 @@ class LoRAModule(nn.Module):
         # alpha / rank as a Python number: reading the buffer on a GPU would wait for the GPU at every forward.
         self.scale = float(alpha) / rank
         self.multiplier = 1.0
-        # A training pass's half-precision copies of (down, up) weights (`train.half`), or None: the weights.
+        # A training pass's (down, up): slices of the optimizer's master tensor (`train.master`), or None: the weights.
         self.step_weights: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _weights(self, device_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down, up) to compute with: under autocast the pass's half copies if any (autocast casts the weights to
-        the same values), outside it the weights' own precision."""
+        """(down, up) to compute with: the pass's slices if any, under autocast in its dtype (autocast casts the
+        weights to the same values), outside it in the weights' own precision."""
         down, up = self.lora_down.weight, self.lora_up.weight
         if self.step_weights is None:
             return down, up

@@ -10,7 +10,7 @@ import torch
 from lib_copier.errors import CopierError
 
 # Optimisers whose update of each element depends on that element alone, so that the tensors they update may be
-# concatenated (`train.half`) without changing a bit; AdamW8bit quantises its state in blocks that span elements, and
+# concatenated (`train.master`) without changing a bit; AdamW8bit quantises its state in blocks that span elements, and
 # keeps small tensors' state in 32 bits.
 ELEMENTWISE = ("adamw", "lion")
 

@@ -33,7 +33,7 @@ from lib_copier.lora.naming import by_key, is_text_encoder_key
 from lib_copier.lora.network import LoRAModule, LoRANetwork
 from lib_copier.models.generate import Txt2Img
 from lib_copier.train.config import PAIR_LOSSES, TrainConfig, validate
-from lib_copier.train.half import HalfCopies
+from lib_copier.train.master import MasterWeights
 from lib_copier.train.optim import ELEMENTWISE, lr_factor, make_optimizer
 
 
@@ -208,10 +208,10 @@ def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callb
         modules[is_text_encoder_key(key)].append(module)
     parts = [(part, lr) for part, lr in zip(modules, (config.lr, config.text_lr), strict=True) if part]
     params = [p for part, _ in parts for m in part for p in m.parameters()]
-    # Under autocast the optimizer updates one fp32 master per group, cast to half once per pass (`train.half`).
-    half = _autocast_dtype(backend, config) if config.optimizer in ELEMENTWISE else None
-    halves = [HalfCopies(part, half) for part, _ in parts] if half else []
-    tensors = [[h.master] for h in halves] or [[p for m in part for p in m.parameters()] for part, _ in parts]
+    # An elementwise optimizer updates one fp32 master per group, cast to autocast's dtype once a pass (`train.master`).
+    dtype = _autocast_dtype(backend, config) or torch.float32
+    masters = [MasterWeights(part, dtype) for part, _ in parts] if config.optimizer in ELEMENTWISE else []
+    tensors = [[w.master] for w in masters] or [[p for m in part for p in m.parameters()] for part, _ in parts]
     groups = [{"params": t, "lr": lr, "base_lr": lr} for t, (_, lr) in zip(tensors, parts, strict=True)]
     optimizer = make_optimizer(config.optimizer, groups, config.weight_decay)
     scaler = _grad_scaler() if backend.device.type == "cuda" and config.mixed_precision == "fp16" else None
@@ -246,11 +246,11 @@ def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callb
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
         optimizer.zero_grad(set_to_none=True)
-        loss = _step(backend, network, batch, config, generator, alphas, step, scaler, halves)
+        loss = _step(backend, network, batch, config, generator, alphas, step, scaler, masters)
         if scaler:
             scaler.unscale_(optimizer)
-        for h in halves:
-            h.share_gradients()
+        for w in masters:
+            w.share_gradients()
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         if scaler:
@@ -287,11 +287,11 @@ def _on(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _step(
-    backend, network, batch: _Batch, config: TrainConfig, generator, alphas, step: int, scaler, halves
+    backend, network, batch: _Batch, config: TrainConfig, generator, alphas, step: int, scaler, masters
 ) -> torch.Tensor:
     """One batch: the noised latents, the model's predictions, the (Min-SNR weighted) MSE to their targets, and its
     gradients; returns the loss, still on the device. Each pass of a pair loss is differentiated while the LoRA is
-    at that pass's weight and half copies: gradient checkpointing recomputes the forward pass in the backward one,
+    at that pass's weight and master slices: gradient checkpointing recomputes the forward pass in the backward one,
     and must see the same."""
     b = config.batch_size
     view = torch.randint(len(batch.latents[0]), (b,), generator=generator)
@@ -308,8 +308,8 @@ def _step(
 
     def predict(x0: torch.Tensor, weight: float) -> torch.Tensor:
         network.set_multiplier(weight)
-        for h in halves:
-            h.attach()
+        for w in masters:
+            w.attach()
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with _autocast(backend, config):
             if batch.cached is not None:
@@ -345,5 +345,5 @@ def _step(
         return learn(predict(here, sign * m), goal)
     finally:
         network.set_multiplier(1.0)
-        for h in halves:
-            h.detach()
+        for w in masters:
+            w.detach()

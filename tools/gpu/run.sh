@@ -42,9 +42,9 @@ limit 120 bash tools/gpu/kohya.sh $CKPT /tmp/o.png "$RES" "$STEPS" /tmp/kohya
 cp /tmp/kohya/kohya.json "$OUT/kohya-sd15.json"
 tail -c 20000 /tmp/kohya/kohya.log >"$OUT/kohya-sd15.log"
 
-part "CUDA tests: the WebUI path, and half copies against per-tensor casting"
+part "CUDA tests: the WebUI path, and master tensors against per-tensor casting"
 limit 70 python3 -m pytest -q -p no:cacheprovider tests/test_webui_cuda.py \
-    tests/test_half.py::test_training_with_half_copies_gives_the_same_lora_and_leaves_the_model_bit_identical
+    tests/test_master.py::test_training_with_a_master_tensor_gives_the_same_lora_and_leaves_the_model_bit_identical
 
 part "ours: SD1.5 $RES copier, the Fast preset: a quarter of the steps, four timesteps each (batch 4)"
 limit 50 python3 -m lib_copier bench train --model $CKPT --resolution "$RES" --preset fast --steps $(part_of $STEPS 4) \

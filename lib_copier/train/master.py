@@ -1,11 +1,13 @@
-"""The LoRA's weights in the autocast dtype for a training pass, cast from fp32 master weights in one go.
+"""The LoRA tensors of one optimizer group in one fp32 master tensor, which the optimizer updates in one go.
 
 Under autocast every fp32 LoRA tensor is cast to half precision at each forward, and its gradient back to fp32 in
 the backward: two kernels per tensor, about 900 a step for SD1.5's UNet, where a GPU step at batch 1 waits on the
-host's launches. Here the tensors of one optimizer group live in one fp32 master tensor, which is cast once per pass
-(one kernel, and one back for the gradient); each module computes with its slice. The values are autocast's own:
-the same weights rounded the same way, and the same gradients returned in fp32. The optimizer updates the master;
-the modules' weights are views of it, so the trained LoRA reads as before.
+host's launches. Here the master is cast once per pass (one kernel, and one back for the gradient) and each module
+computes with its slice. The values are autocast's own: the same weights rounded the same way, and the same gradients
+returned in fp32. Without autocast (the CPU) the slices are the master's own fp32 values, and what it saves is the
+optimizer's work per tensor: one update of one tensor instead of some 170 small ones, a tenth of the time.
+An elementwise optimizer (`optim.ELEMENTWISE`) updates each element as it would in its own tensor, so the trained LoRA
+is the same bit for bit; the modules' weights are views of the master, so it reads as before.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from lib_copier.lora.network import LoRAModule
 ALIGN = 64
 
 
-class HalfCopies:
+class MasterWeights:
     def __init__(self, modules: list[LoRAModule], dtype: torch.dtype):
         self.modules, self.dtype = modules, dtype
         self.params = [p for m in modules for p in (m.lora_down.weight, m.lora_up.weight)]
@@ -38,7 +40,7 @@ class HalfCopies:
         return [pieces[i] for i in self.index]
 
     def attach(self) -> None:
-        """The modules compute with half copies of the master weights until `detach` (after the backward pass)."""
+        """The modules compute with the master's slices, in `dtype`, until `detach` (after the backward pass)."""
         parts = self._parts(self.master.to(self.dtype))
         for i, module in enumerate(self.modules):
             down, up = parts[2 * i].view_as(module.lora_down.weight), parts[2 * i + 1].view_as(module.lora_up.weight)

@@ -1,6 +1,7 @@
-"""Half copies of the LoRA for a training pass (`lib_copier.train.half`): under autocast they must give exactly the
-LoRA that casting each fp32 LoRA tensor gives, only with fewer kernels. CPU autocast (bf16) casts the way CUDA's
-does, so the comparison runs on the CPU; on a GPU (`tools/gpu/run.sh`) also under CUDA's fp16 and bf16."""
+"""One master tensor per optimizer group (`lib_copier.train.master`): it must give exactly the LoRA that training each
+LoRA tensor on its own gives, only with fewer kernels. Under autocast its half copies must be what casting each fp32
+tensor gives: CPU autocast (bf16) casts the way CUDA's does, so the comparison runs on the CPU; on a GPU
+(`tools/gpu/run.sh`) also under CUDA's fp16 and bf16. Without autocast the master's own fp32 slices are used."""
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from lib_copier.lora.network import LoRANetwork
 from lib_copier.models.generate import Txt2Img
 from lib_copier.train import trainer
 from lib_copier.train.config import make_config
-from lib_copier.train.half import HalfCopies
+from lib_copier.train.master import MasterWeights
 from lib_copier.train.trainer import train_lora, train_pair
 from tests.conftest import TINY_SD2V
 from tests.test_trainer import assert_unchanged, backend_for, snapshot
@@ -49,7 +50,7 @@ def test_half_copies_give_autocasts_gradients_bit_for_bit():
             up = module.lora_up.weight
             up.data = torch.randn(up.shape, generator=torch.Generator().manual_seed(1)) * 0.1
         modules = list(network.modules_by_key.values())
-        half = HalfCopies(modules, BF16) if copies else None
+        half = MasterWeights(modules, BF16) if copies else None
         with network.applied(backend.lora_layers(), by_key(targets)), torch.autocast("cpu", dtype=BF16):
             if half:
                 half.attach()
@@ -76,23 +77,24 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize(
     "device, precision",
     [
+        ("cpu", "no"),
         pytest.param("cpu", "bf16", marks=CPU_AUTOCAST),
         pytest.param("cuda", "fp16", marks=CUDA),
         pytest.param("cuda", "bf16", marks=CUDA),
     ],
 )
-def test_training_with_half_copies_gives_the_same_lora_and_leaves_the_model_bit_identical(
+def test_training_with_a_master_tensor_gives_the_same_lora_and_leaves_the_model_bit_identical(
     monkeypatch, kind, device, precision
 ):
     """The whole trainer, with the text encoder, gradient checkpointing, four timesteps a step, and on CUDA fp16's
-    loss scaling over a WebUI's fp16 weights."""
+    loss scaling over a WebUI's fp16 weights; in fp32 on the CPU, the master's own slices."""
     backend = backend_for(TINY_SD2V)
     if device == "cuda":
         backend = StandaloneBackend(backend.model.to("cuda", torch.float16))
     image = backend.generate(Txt2Img("a red circle", seed=1))
     settings = dict(steps=3, train_text_encoder=True, gradient_checkpointing=True, text_lr=1e-3)
     config = make_config("fast", mixed_precision=precision, **settings)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[precision]
     before = snapshot(backend)
 
     def train():
@@ -100,17 +102,22 @@ def test_training_with_half_copies_gives_the_same_lora_and_leaves_the_model_bit_
             return train_pair(backend, image, image.transpose(0), ["a", "b"], config, "slider").network
         return train_lora(backend, image, ["a", "b"], config).network
 
-    with monkeypatch.context() as m:  # autocast casting each LoRA tensor: the reference
-        m.setattr(trainer, "_autocast", lambda *_: torch.autocast(device, dtype=dtype))
-        m.setattr(trainer, "_autocast_dtype", lambda *_: None)
-        expected = train().to_weights()
-    with monkeypatch.context() as m:  # what runs on a GPU: autocast with half copies
-        if device == "cpu":
+    def autocast(m):
+        if device == "cpu" and dtype:  # the trainer uses no autocast on the CPU; this test does
+            m.setattr(trainer, "_autocast", lambda *_: torch.autocast(device, dtype=dtype))
             m.setattr(trainer, "_autocast_dtype", lambda *_: dtype)
+
+    with monkeypatch.context() as m:  # each LoRA tensor updated on its own (and cast on its own by autocast)
+        autocast(m)
+        m.setattr(trainer, "ELEMENTWISE", ())
+        expected = train().to_weights()
+    with monkeypatch.context() as m:  # what the trainer does: one master per group (and half copies of it)
+        autocast(m)
         spy = []
-        m.setattr(trainer, "HalfCopies", lambda *a: spy.append(HalfCopies(*a)) or spy[-1])
+        m.setattr(trainer, "MasterWeights", lambda *a: spy.append(MasterWeights(*a)) or spy[-1])
         got = train().to_weights()
     assert len(spy) == 2  # the UNet's and the text encoder's, each with its own learning rate
+    assert all(w.dtype == (dtype or torch.float32) for w in spy)
     assert got.keys() == expected.keys()
     for key, w in expected.items():
         assert torch.equal(w.down, got[key].down) and torch.equal(w.up, got[key].up), key
@@ -125,7 +132,7 @@ def test_an_optimiser_that_is_not_elementwise_updates_each_lora_tensor_on_its_ow
     image = backend.generate(Txt2Img("a red circle", seed=1))
     seen, spy = [], []
     monkeypatch.setattr(trainer, "_autocast_dtype", lambda *_: BF16)
-    monkeypatch.setattr(trainer, "HalfCopies", lambda *a: spy.append(HalfCopies(*a)) or spy[-1])
+    monkeypatch.setattr(trainer, "MasterWeights", lambda *a: spy.append(MasterWeights(*a)) or spy[-1])
     monkeypatch.setattr(trainer, "make_optimizer", lambda name, groups, wd: seen.append(groups) or AdamW(groups))
     train_lora(backend, image, "", make_config("quick", steps=1, optimizer="adamw8bit"))
     assert not spy and len(seen[0][0]["params"]) > 2
