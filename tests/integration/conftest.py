@@ -68,10 +68,13 @@ def _arguments(kind: str, root: Path, ui_config: Path) -> list[str]:
     ckpt = root / "models" / "Stable-diffusion" / f"{SD15}.safetensors"
     common = ["--api", "--skip-prepare-environment", "--skip-version-check", "--no-download-sd-model",
               "--port", str(PORT), "--ckpt", str(ckpt), "--ui-config-file", str(ui_config)]  # fmt: skip
-    common += os.environ.get("COPIER_WEBUI_ARGS", "").split()  # e.g. Forge's --unet-in-bf16 where RAM is short
+    extra = os.environ.get("COPIER_WEBUI_ARGS", "").split()  # e.g. Forge's --unet-in-bf16 where RAM is short
+    common += extra
     if kind == "forge":
         return [python, "launch.py", "--always-cpu", *common]
-    return [python, "launch.py", "--use-cpu", "all", "--no-half", "--skip-install", "--skip-torch-cuda-test",
+    # A1111 computes on a CPU in fp32, unless told a precision (--precision half: SDXL in fp16, which fits in 24 GB)
+    precision = [] if "--precision" in extra else ["--no-half"]
+    return [python, "launch.py", "--use-cpu", "all", *precision, "--skip-install", "--skip-torch-cuda-test",
             "--do-not-download-clip", *common]  # fmt: skip
 
 
