@@ -13,11 +13,33 @@ from pathlib import Path
 from lib_copier.errors import CopierError
 
 
+def check_target(path: str | os.PathLike, overwrite: bool = False, advice: str = "choose another name") -> Path:
+    """`path` as a file that can be written, or a CopierError saying why not, before any work is done: it is a
+    folder, it exists (unless `overwrite`), or its folder cannot be made or written in (`check_folder`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CopierError(f"{path} is a folder; name a file to write")
+    if path.exists() and not overwrite:
+        raise CopierError(f"{path} already exists; {advice}")
+    check_folder(path.parent)
+    return path
+
+
+def check_folder(folder: str | os.PathLike) -> Path:
+    """`folder` as one that exists or can be made, and be written in; or a CopierError saying why not."""
+    folder = existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the nearest folder that exists: the missing ones are made in it
+    if not existing.is_dir():
+        raise CopierError(f"cannot write in {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CopierError(f"cannot write in {folder}: no permission to write in {existing}")
+    return folder
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Call `write(tmp_path)`, then move the result to `path`. An existing `path` is an error unless `overwrite`."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise CopierError(f"{path} already exists; choose another name or allow overwriting")
+    path = check_target(path, overwrite, "choose another name or allow overwriting")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -2,7 +2,8 @@
 
 Each package adds its own sub-commands through `add_commands(subparsers)` and, optionally, its own
 benchmarks through `add_benchmarks(subparsers)` (under `python -m lib_copier bench …`). This module only
-dispatches and turns a `CopierError` into one line on stderr and exit code 2.
+dispatches and turns a `CopierError` (a refused argument included, or an unforeseen `OSError`) into one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -39,8 +40,16 @@ def _contributors(hook: str):
             yield getattr(module, hook)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's refusal of an argument as a CopierError (one line), not a usage block and an exit; its
+    sub-command parsers are of this class too."""
+
+    def error(self, message: str):
+        raise CopierError(f"{message} ({self.prog} --help says more)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lib_copier", description="Copier LoRA, headless.")
+    parser = _Parser(prog="python -m lib_copier", description="Copier LoRA, headless.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _contributors("add_commands"):
         add(commands)
@@ -52,11 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         result = args.func(args)
     except CopierError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # what no check foresaw (a disk that fills, a folder another process removes): one line
+        print(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

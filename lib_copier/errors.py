@@ -3,3 +3,12 @@
 
 class CopierError(Exception):
     """Bad input or a failed run, explained in one sentence that names the input and what is wrong."""
+
+
+def check_file(path, what: str):
+    """`path` (a `pathlib.Path`) if it is a file; otherwise the sentence for an input that is missing or a folder."""
+    if path.is_dir():
+        raise CopierError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise CopierError(f"{what} {path} does not exist")
+    return path

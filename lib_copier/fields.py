@@ -10,6 +10,7 @@ request are all declared this way, so the tab, the API and the CLI get the same 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -72,8 +73,8 @@ _ITEMS = {int: "whole numbers", float: "numbers", bool: "true/false values", str
 def _is(value, kind) -> bool:
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is float:  # NaN and the infinities are not numbers a setting can take
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     return isinstance(value, kind)
 
 

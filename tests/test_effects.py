@@ -293,3 +293,43 @@ def test_cli_apply_writes_output_preview_and_chain(tmp_path, capsys):
     assert main(["effects", "apply", str(source), str(tmp_path / "x.png"), "--effect", "outline:thick=3"]) == 2
     assert "no parameter thick" in capsys.readouterr().err
     assert main(["effects", "list"]) == 0 and "posterize" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["blur:radius=nan", "sharpen:radius=inf", "grayscale:amount=nan"])
+def test_nan_and_infinite_parameters_are_refused(spec):
+    """NaN passes `value < min or value > max`; blur's kernel of NaN size crashed the process."""
+    with pytest.raises(CopierError, match="must be a number, not (nan|inf)"):
+        Chain.parse([spec])
+
+
+def test_specs_chain_with_plus_as_copier_takes_them_and_a_parameter_given_twice_is_refused():
+    assert [s.effect for s in Chain.parse(["posterize:levels=4+outline", "grayscale"]).steps] == [
+        "posterize",
+        "outline",
+        "grayscale",
+    ]
+    with pytest.raises(CopierError, match="gives levels twice"):
+        Chain.parse(["posterize:levels=4,levels=5"])
+    with pytest.raises(CopierError, match="takes a whole number, not 'x'"):
+        Chain.parse(["posterize:levels=x"])
+
+
+def test_cli_apply_refuses_bad_input_in_one_line_before_any_work(tmp_path, capsys):
+    source = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "red").save(source)
+    binary = tmp_path / "chain.bin"
+    binary.write_bytes(b"\x89PNG\xff\xfe\x00")
+    (tmp_path / "taken.png").mkdir()
+    cases = [
+        ([str(tmp_path / "o.png"), "--effect", "blur:radius=nan"], "must be a number, not nan"),
+        ([str(tmp_path / "o.png"), "--chain", str(binary)], "is not text"),
+        ([str(tmp_path / "o.png")], "neither given"),
+        ([str(tmp_path / "o.txt"), "--effect", "outline"], "must end in .png, .jpg or .webp"),
+        ([str(tmp_path / "taken.png"), "--effect", "outline", "--overwrite"], "is a folder"),
+        ([str(source / "o.png"), "--effect", "outline"], "is a file, not a folder"),
+    ]
+    for args, message in cases:
+        assert main(["effects", "apply", str(source), *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chain.bin", "in.png", "taken.png"]

@@ -97,5 +97,5 @@ def test_a_bad_effect_or_count_is_one_sentence_before_anything_runs(tmp_path, ca
     assert main(["evaluate", "--out", str(tmp_path), "--effect", "grayscale+sepiaa"]) == 2
     assert "sepiaa" in capsys.readouterr().err
     assert main(["evaluate", "--out", str(tmp_path), "--seeds", "0"]) == 2
-    assert "--seeds must be at least 1" in capsys.readouterr().err
+    assert "--seeds: 0 is not at least 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lib_copier.cli import main
@@ -86,3 +87,50 @@ def test_the_default_model_is_the_built_in_one_and_draws_the_prompt():
         read_colours(generate(model, Txt2Img("a large yellow star on a purple background", seed=s))) for s in range(4)
     ]
     assert sum(bg == "purple" for bg, _ in colours) >= 3 and sum(obj == "yellow" for _, obj in colours) >= 3
+
+
+def test_cli_refuses_bad_numbers_and_outputs_in_one_line_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from lib_copier.models import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "folder.png").mkdir()
+    cases = [
+        (["--cfg", "nan"], "--cfg must be a number, not nan"),
+        (["--width", "0"], "--width is 0; it must be between 64 and 2048"),
+        (["--width", "100000"], "--width is 100000"),
+        (["--seed", "99999999999999999999"], "--seed is 99999999999999999999; it must be between 0 and"),
+        (["--out", str(tmp_path / "x.txt")], "must end in an image format's extension"),
+        (["--out", str(tmp_path / "folder.png")], "is a folder"),
+        (["--steps", "0"], "--steps is 0"),
+    ]
+    for args, message in cases:
+        assert main(["generate", "--prompt", "x", *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {err.removeprefix('error: ')}" and message in err and "\n" not in err, (args, err)
+
+
+def test_a_device_this_machine_lacks_is_one_sentence():
+    from lib_copier.errors import CopierError
+    from lib_copier.models.loading import pick_device
+
+    with pytest.raises(CopierError, match="unknown device 'foo'; use cpu, cuda or cuda:N"):
+        pick_device("foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(CopierError, match="'cuda' asked for, but this torch sees no such device"):
+            pick_device("cuda")
+    else:
+        with pytest.raises(CopierError, match="this machine has"):
+            pick_device(f"cuda:{torch.cuda.device_count()}")
+    assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_a_request_with_nan_or_infinity_is_refused_by_name():
+    """Python's JSON reader takes NaN and Infinity, so an HTTP request can carry them."""
+    import json
+
+    from lib_copier.errors import CopierError
+    from lib_copier.fields import from_json
+
+    for text in ('{"prompt": "x", "cfg": NaN}', '{"prompt": "x", "cfg": -Infinity}'):
+        with pytest.raises(CopierError, match='"cfg" must be a number, not (nan|-inf)'):
+            from_json(Txt2Img, json.loads(text))

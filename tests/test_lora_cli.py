@@ -82,11 +82,54 @@ def test_merge_into_checkpoint_and_extract_back(files, tmp_path):
     [
         (["info", "missing.safetensors"], "does not exist"),
         (["info", "{base}"], "is not a LoRA"),
-        (["resize", "{a}", "--new-rank", "0", "--out", "{tmp}/o.safetensors"], "must be positive"),
+        (
+            ["resize", "{a}", "--new-rank", "0", "--out", "{tmp}/o.safetensors"],
+            "--new-rank/--new_rank: 0 is not at least 1",
+        ),
         (["resize", "{a}", "--new-rank", "2", "--out", "{b}"], "already exists"),
         (["merge", "{a}", "{sd2}", "--out", "{tmp}/o.safetensors"], "different model families"),
         (["merge", "{a}", "{b}", "--ratios", "1", "--out", "{tmp}/o.safetensors"], "one ratio per LoRA"),
         (["svd-merge", "{a}", "{wide}", "--new-rank", "2", "--out", "{tmp}/o.safetensors"], "different shapes"),
+        # numbers are refused while the arguments are parsed, by the option's name; NaN and infinities included
+        (["merge", "{a}", "--ratios", "nan", "--out", "{tmp}/o.safetensors"], "--ratios: 'nan' is not a finite"),
+        (["merge", "{a}", "--ratios", "inf", "--out", "{tmp}/o.safetensors"], "--ratios: 'inf' is not a finite"),
+        (
+            ["svd-merge", "{a}", "--new-rank", "2", "--new-conv-rank", "-1", "--out", "{tmp}/o.safetensors"],
+            "--new-conv-rank/--new_conv_rank: -1 is not at least 1",
+        ),
+        (
+            ["svd-merge", "{a}", "--new-rank", "2", "--clamp-quantile", "2", "--out", "{tmp}/o.safetensors"],
+            "2 is not above 0 and at most 1",
+        ),
+        (
+            [
+                "resize",
+                "{a}",
+                "--new-rank",
+                "2",
+                "--dynamic-method",
+                "sv_ratio",
+                "--dynamic-param",
+                "0.5",
+                "--out",
+                "{tmp}/o.safetensors",
+            ],
+            "sv_ratio's parameter is the largest singular value over the smallest kept",
+        ),
+        (
+            ["resize", "{a}", "--new-rank", "2", "--dynamic-param", "0.5", "--out", "{tmp}/o.safetensors"],
+            "needs both a method and its parameter",
+        ),
+        (["resize", "{nan}", "--new-rank", "2", "--out", "{tmp}/o.safetensors"], "2 module(s) hold NaN or infinite"),
+        (["svd-merge", "{a}", "{nan}", "--new-rank", "2", "--out", "{tmp}/o.safetensors"], "is damaged"),
+        (["info", "{tmp}"], "is a folder, not a file"),
+        (["merge", "{a}", "--out", "{tmp}", "--overwrite"], "is a folder; name a file to write"),
+        (["merge", "{a}", "--out", "{a}/o.safetensors"], "is a file, not a folder"),
+        (["extract", "{base}", "{base}", "--dim", "4", "--out", "{tmp}/o.safetensors"], "nothing to extract"),
+        (
+            ["extract", "{base}", "{base}", "--dim", "4", "--device", "foo", "--out", "{tmp}/o.safetensors"],
+            "unknown device 'foo'",
+        ),
     ],
 )
 def test_errors_are_one_line_and_exit_2(files, tmp_path, capsys, args, message):
@@ -97,10 +140,16 @@ def test_errors_are_one_line_and_exit_2(files, tmp_path, capsys, args, message):
         for k, m in read_lora(a).modules.items()
     }
     wide = write_lora(tmp_path / "wide.safetensors", wide, {"ss_base_model_version": "sd_v1"})
-    names = {"base": base, "a": a, "b": b, "sd2": sd2, "wide": wide, "tmp": tmp_path}
+    nan = dict(read_lora(a).modules)
+    for key in list(nan)[:2]:  # two modules whose up factor went NaN in a broken training
+        nan[key] = type(nan[key])(nan[key].down, torch.full_like(nan[key].up, float("nan")), nan[key].alpha)
+    nan = write_lora(tmp_path / "nan.safetensors", nan, {"ss_base_model_version": "sd_v1"})
+    names = {"base": base, "a": a, "b": b, "sd2": sd2, "wide": wide, "nan": nan, "tmp": tmp_path}
     assert main(["lora", *[arg.format(**names) for arg in args]]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert "\n" not in err
+    err = err.rpartition("\r")[2]  # after a progress bar that was cleared (extract's)
+    assert err.startswith("error: ") and message in err
     assert not (tmp_path / "o.safetensors").exists()
 
 

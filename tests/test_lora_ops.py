@@ -129,7 +129,7 @@ def test_dynamic_resize_follows_kohyas_rule(method, value, expected):
 def test_bad_ranks_are_refused():
     with pytest.raises(CopierError, match="positive"):
         merge_svd([(random_lora(0, SHAPES), 1.0)], rank=0)
-    with pytest.raises(CopierError, match="needs a value"):
+    with pytest.raises(CopierError, match="needs both a method and its parameter"):
         resize(random_lora(0, SHAPES), rank=4, dynamic="sv_fro")
 
 

@@ -262,3 +262,35 @@ def test_the_copier_command_says_when_a_training_starts_over_with_checkpointing(
     out = capsys.readouterr().out
     assert f"copier: {said}" in out and f"processed: grayscale: {said}" in out
     assert len(list((tmp_path / "out").glob("*.safetensors"))) == 2
+
+
+def test_copier_cli_refuses_bad_settings_and_outputs_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from lib_copier.recipes import cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    image = tmp_path / "o.png"
+    Image.new("RGB", (64, 64), "red").save(image)
+    common = ["copier", "--image", str(image), "--effect", "grayscale", "--steps", "2"]
+    cases = [
+        (["--out", str(image)], f"cannot write in {image}: {image} is a file, not a folder"),
+        (["--lr", "nan"], "setting lr must be a number, not nan"),
+        (["--set", "alpha=nan"], "setting alpha must be a number, not nan"),
+        (["--prompt-pool", "-1"], "--prompt-pool: -1 is not from 0 to 1024"),
+    ]
+    for args, message in cases:
+        assert main([*common, *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
+
+
+def test_an_unforeseen_os_error_is_one_line(tmp_path, monkeypatch, capsys):
+    """What no check foresees (a disk that fills while writing): one line, not a traceback."""
+    from lib_copier.lora import cli
+
+    def full(args):
+        raise OSError(28, "No space left on device", str(tmp_path / "x.safetensors"))
+
+    monkeypatch.setattr(cli, "run_info", full)
+    assert main(["lora", "info", "x"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: No space left on device: {tmp_path / 'x.safetensors'}"

@@ -179,7 +179,21 @@ BAD_TOOLS = [
     ("resize", {"lora": "base", "rank": "8", "out": "x"}, '"rank" must be a whole number'),
     ("resize", {"lora": "base", "rank": 2, "out": "base"}, "base.safetensors already exists"),
     ("resize", {"lora": "../base", "rank": 2, "out": "x"}, "\"lora\" '../base' must not contain"),
-    ("resize", {"lora": "base", "rank": 2, "out": "x", "dynamic_method": "sv_fro"}, "go together"),
+    (
+        "resize",
+        {"lora": "base", "rank": 2, "out": "x", "dynamic_method": "sv_fro"},
+        "needs both a method and its parameter",
+    ),
+    (
+        "resize",
+        {"lora": "base", "rank": 2, "out": "x", "dynamic_method": "sv_ratio", "dynamic_param": 0.5},
+        "sv_ratio's parameter is the largest singular value over the smallest kept: 1 or more, not 0.5",
+    ),
+    (
+        "resize",
+        {"lora": "base", "rank": 2, "out": "x", "dynamic_method": "sv_fro", "dynamic_param": 0},
+        "sv_fro's parameter is the share to keep: above 0 and at most 1, not 0",
+    ),
     ("merge", {"loras": "base", "out": "x"}, '"loras" must be a list'),
     ("merge", {"loras": ["base"], "out": "x", "ratios": [1, 2]}, '1 "loras" but 2 "ratios"'),
     ("merge", {"loras": ["base"], "out": "x", "ratios": ["a"]}, '"ratios" must be a list of numbers'),

@@ -6,13 +6,15 @@ import argparse
 import statistics
 import time
 
+from lib_copier.arguments import number, positive
+
 LIMIT_S = 0.5
 
 
 def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
     p = benchmarks.add_parser("effects", help="time every effect at its defaults on a synthetic picture")
-    p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--repeat", type=int, default=3, help="runs per effect; the median is reported")
+    p.add_argument("--size", type=number(int, 8, 4096), default=1024)
+    p.add_argument("--repeat", type=positive(), default=3, help="runs per effect; the median is reported")
     p.set_defaults(func=run_bench)
 
 

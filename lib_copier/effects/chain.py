@@ -58,9 +58,10 @@ class Chain:
 
     @classmethod
     def parse(cls, specs: list[str]) -> Chain:
-        """From command-line specs such as `outline:thickness=3,darkness=0.8` or `grayscale`."""
+        """From command-line specs such as `outline:thickness=3,darkness=0.8` or `grayscale`; one spec may chain
+        several with `+` (`posterize:levels=4+outline`), as `copier --effect` takes them."""
         steps = []
-        for spec in specs:
+        for spec in [part for item in specs for part in item.split("+")]:
             name, _, rest = spec.partition(":")
             effect = get_effect(name.strip())
             known = {p.name: p for p in effect.params}
@@ -71,6 +72,8 @@ class Chain:
                     raise CopierError(f"{spec!r}: write parameters as name=value, not {item!r}")
                 if key not in known:
                     raise CopierError(f"{name} has no parameter {key}; it takes {', '.join(known) or 'none'}")
+                if key in params:
+                    raise CopierError(f"{spec!r} gives {key} twice")
                 params[key] = known[key].parse(value)
             steps.append(Step(effect.name, params))
         return cls(tuple(steps)).resolved()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, check_file
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -36,24 +36,27 @@ def run_list(args: argparse.Namespace) -> int:
 def run_apply(args: argparse.Namespace) -> int:
     from PIL import PngImagePlugin
 
-    from lib_copier.atomic import atomic_write
+    from lib_copier.atomic import atomic_write, check_target
     from lib_copier.effects.chain import Chain
     from lib_copier.effects.image_io import load_image, side_by_side
 
     if bool(args.effect) == bool(args.chain):
-        raise CopierError("give effects with --effect NAME[:k=v,…] (repeatable) or a --chain file, not both")
-    preview = args.output.with_name(f"{args.output.stem}_preview.png")
-    for path in (args.output, preview):
-        if path.exists() and not args.overwrite:
-            raise CopierError(f"{path} already exists; choose another output or pass --overwrite")
-    if args.chain and not args.chain.is_file():
-        raise CopierError(f"chain file {args.chain} does not exist")
-    chain = Chain.from_json(args.chain.read_text()) if args.chain else Chain.parse(args.effect)
-    original = load_image(args.input)
-    processed = chain.apply(original)
+        which = "both" if args.effect else "neither"
+        raise CopierError(f"give effects with --effect NAME[:k=v,…] (repeatable) or a --chain file; {which} given")
     fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(args.output.suffix.lower())
     if fmt is None:
         raise CopierError(f"{args.output} must end in .png, .jpg or .webp")
+    preview = args.output.with_name(f"{args.output.stem}_preview.png")
+    for path in (args.output, preview):
+        check_target(path, args.overwrite, "choose another output or pass --overwrite")
+    if args.chain:
+        check_file(args.chain, "chain file")
+    try:
+        chain = Chain.from_json(args.chain.read_text("utf-8")) if args.chain else Chain.parse(args.effect)
+    except UnicodeDecodeError:
+        raise CopierError(f"chain file {args.chain} is not text; it must be an effect chain's JSON") from None
+    original = load_image(args.input)
+    processed = chain.apply(original)
     options = {"quality": 95} if fmt != "PNG" else {}
     if fmt == "PNG":  # the chain travels with the image, so it records how it was made
         info = PngImagePlugin.PngInfo()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, check_file
 
 MAX_SIDE = 4096
 
@@ -50,9 +50,7 @@ def to_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise CopierError(f"image {path} does not exist")
+    path = check_file(Path(path), "image")
     return read_image(path, f"image {path}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lib_copier.errors import CopierError
@@ -26,14 +27,15 @@ class Param:
                 return text.lower() in ("1", "true", "yes", "on")
             return int(text) if self.kind == "int" else float(text)
         except ValueError:
-            raise CopierError(f"parameter {self.name} takes a {self.kind}, not {text!r}") from None
+            what = {"bool": "true or false", "int": "a whole number", "float": "a number"}[self.kind]
+            raise CopierError(f"parameter {self.name} takes {what}, not {text!r}") from None
 
     def check(self, effect: str, value: object) -> float | int | bool:
         if self.kind == "bool":
             if not isinstance(value, bool):
                 raise CopierError(f"{effect}: {self.name} must be true or false, not {value!r}")
             return value
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise CopierError(f"{effect}: {self.name} must be a number, not {value!r}")
         if self.kind == "int" and value != int(value):
             raise CopierError(f"{effect}: {self.name} must be a whole number, not {value}")

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from lib_copier.arguments import number, positive
 from lib_copier.errors import CopierError
 from lib_copier.models.cli import add_model_arguments
 
@@ -32,14 +33,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "for the six default effects (outline, flatten, high_contrast, posterize, jpeg_noise, grayscale)",
     )
     p.add_argument("--image", action="append", default=[], help="an original image (repeat) instead of generated ones")
-    p.add_argument("--originals", type=int, help="how many generated originals (default 8; quick 2)")
-    p.add_argument("--prompts", type=int, help="held-out prompts (default 4; quick 2)")
-    p.add_argument("--seeds", type=int, help="seeds per prompt (default 3; quick 2)")
-    p.add_argument("--steps", type=int, help="training steps per copier-method LoRA (default 400; quick 250)")
-    p.add_argument("--lr", type=float, help="learning rate of the copier methods' LoRAs (default 3e-3)")
-    p.add_argument("--prompt-pool", type=int, help="training prompts mixed with the empty caption (default 32)")
-    p.add_argument("--sample-steps", type=int, help="Euler steps per evaluation image (default 16; quick 12)")
-    p.add_argument("--grid-rows", type=int, help="prompts per method in the strength grids (default 1)")
+    p.add_argument("--originals", type=positive(), help="how many generated originals (default 8; quick 2)")
+    p.add_argument("--prompts", type=positive(), help="held-out prompts (default 4; quick 2)")
+    p.add_argument("--seeds", type=positive(), help="seeds per prompt (default 3; quick 2)")
+    p.add_argument("--steps", type=positive(), help="training steps per copier-method LoRA (default 400; quick 250)")
+    p.add_argument("--lr", type=positive(float), help="learning rate of the copier methods' LoRAs (default 3e-3)")
+    p.add_argument(
+        "--prompt-pool", type=number(int, 0, 1024), help="training prompts mixed with the empty caption (default 32)"
+    )
+    p.add_argument("--sample-steps", type=positive(), help="Euler steps per evaluation image (default 16; quick 12)")
+    p.add_argument("--grid-rows", type=positive(), help="prompts per method in the strength grids (default 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a trainer setting")
     p.add_argument(
         "--processed-set",
@@ -61,7 +64,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workers", type=int, help="processes drawing and training in parallel (default: 2 on a CPU, 1 on a GPU)"
     )
-    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default 1 on a CPU)")
+    p.add_argument("--threads", type=number(int, 0), default=0, help="torch threads per worker (default 1 on a CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
     add_model_arguments(p)
     p.set_defaults(func=run_evaluate)
@@ -78,9 +81,6 @@ def settings_from(args: argparse.Namespace):
     for spec in args.effect or ["seeds"]:
         effects += list(SEED_EFFECTS) if spec == "seeds" else [spec]
     make_effects([spec.split("+") for spec in effects])  # a bad effect stops here, before any model is loaded
-    for key in ("originals", "prompts", "seeds", "steps", "sample_steps"):
-        if key in values and values[key] < 1:
-            raise CopierError(f"--{key.replace('_', '-')} must be at least 1, not {values[key]}")
     return Settings(
         effects=list(dict.fromkeys(effects)),
         overrides=parse_overrides(args.set),

@@ -16,13 +16,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from lib_copier.arguments import number, positive
+
 
 def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
     p = benchmarks.add_parser("lora", help="seconds of merge, svd-merge, resize and extract at SD1 size")
-    p.add_argument("--rank", type=int, default=32, help="rank of each of the two LoRAs (default 32)")
-    p.add_argument("--dense-modules", type=int, default=12, help="largest modules timed with a dense SVD too")
+    p.add_argument("--rank", type=positive(), default=32, help="rank of each of the two LoRAs (default 32)")
+    p.add_argument(
+        "--dense-modules", type=number(int, 0), default=12, help="largest modules timed with a dense SVD too"
+    )
     p.add_argument("--no-extract", action="store_true", help="skip extraction (it writes two 2 GB checkpoints)")
-    p.add_argument("--extract-rank", type=int, default=8)
+    p.add_argument("--extract-rank", type=positive(), default=8)
     p.add_argument(
         "--svd", default="lowrank", choices=("lowrank", "exact", "both"), help="extract's SVD (both: each in turn)"
     )
@@ -97,6 +101,7 @@ def bench_lora(args: argparse.Namespace) -> int:
 
 _CHILD = """
 import json, sys, time
+from lib_copier.arguments import number, positive
 from lib_copier.cli import main
 from lib_copier.models.bench import _peak_rss_mb
 start = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lib_copier.arguments import FINITE, FRACTION, number, positive
 from lib_copier.errors import CopierError
 
 
@@ -40,15 +41,15 @@ def _output(parser: argparse.ArgumentParser) -> None:
 
 def _inputs_with_ratios(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("loras", nargs="+", type=Path, metavar="LORA")
-    parser.add_argument("--ratios", nargs="+", type=float, help="one per LoRA (default 1 each); negative subtracts")
+    parser.add_argument("--ratios", nargs="+", type=FINITE, help="one per LoRA (default 1 each); negative subtracts")
 
 
 def _rank_options(parser: argparse.ArgumentParser, name: str, conv_name: str, help_text: str) -> None:
     """`--new-rank` also answers to kohya's `--new_rank`; the conv option is the rank of kxk convolutions."""
     parser.add_argument(
-        f"--{name}", f"--{name.replace('-', '_')}", dest="rank", type=int, required=True, help=help_text
+        f"--{name}", f"--{name.replace('-', '_')}", dest="rank", type=positive(), required=True, help=help_text
     )
-    parser.add_argument(f"--{conv_name}", f"--{conv_name.replace('-', '_')}", dest="conv_rank", type=int)
+    parser.add_argument(f"--{conv_name}", f"--{conv_name.replace('-', '_')}", dest="conv_rank", type=positive())
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -68,7 +69,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p = sub.add_parser("svd-merge", help="merge LoRAs with ratios and re-factor them to a new rank (SVD)")
     _inputs_with_ratios(p)
     _rank_options(p, "new-rank", "new-conv-rank", "rank of the merged LoRA")
-    p.add_argument("--clamp-quantile", "--clamp_quantile", type=float, default=0.99)
+    p.add_argument("--clamp-quantile", "--clamp_quantile", type=FRACTION, default=0.99)
     _output(p)
     p.set_defaults(func=run_svd_merge)
 
@@ -76,7 +77,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("lora", type=Path)
     _rank_options(p, "new-rank", "new-conv-rank", "new rank (the maximum, with --dynamic-method)")
     p.add_argument("--dynamic-method", "--dynamic_method", choices=("sv_ratio", "sv_fro", "sv_cumulative"))
-    p.add_argument("--dynamic-param", "--dynamic_param", type=float)
+    p.add_argument(
+        "--dynamic-param",
+        "--dynamic_param",
+        type=number(float, 0, above=True),
+        help="sv_ratio: the largest singular value over the smallest kept (at least 1); sv_fro, sv_cumulative: the "
+        "share of the Frobenius norm or of the singular values' sum to keep (at most 1)",
+    )
     p.add_argument("--verbose", action="store_true", help="print the rank and Frobenius norm kept per module")
     _output(p)
     p.set_defaults(func=run_resize)
@@ -85,8 +92,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("original", type=Path)
     p.add_argument("tuned", type=Path)
     _rank_options(p, "dim", "conv-dim", "rank of the extracted LoRA")
-    p.add_argument("--clamp-quantile", "--clamp_quantile", type=float, default=0.99)
-    p.add_argument("--min-diff", "--min_diff", type=float, default=0.01, help="drop text encoders that differ less")
+    p.add_argument("--clamp-quantile", "--clamp_quantile", type=FRACTION, default=0.99)
+    p.add_argument(
+        "--min-diff", "--min_diff", type=number(float, 0), default=0.01, help="drop text encoders that differ less"
+    )
     p.add_argument("--device", default="cpu", help="where the SVDs run (cpu, cuda)")
     p.add_argument(
         "--svd",
@@ -100,9 +109,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _check_out(args: argparse.Namespace) -> Path:
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise CopierError(f"{out} already exists; choose another --out or pass --overwrite")
+    from lib_copier.atomic import check_target
+
+    out = check_target(args.out, args.overwrite, "choose another --out or pass --overwrite")
     if out.suffix != ".safetensors":
         raise CopierError(f"--out {out} must end in .safetensors")
     return out
@@ -116,7 +125,7 @@ def _merge_inputs(args: argparse.Namespace):
     ratios = args.ratios or [1.0] * len(args.loras)
     if len(ratios) != len(args.loras):
         raise CopierError(f"{len(args.loras)} LoRAs but {len(ratios)} ratios; give one ratio per LoRA")
-    loras = [read_lora(path) for path in args.loras]
+    loras = [read_lora(path).check_finite(path) for path in args.loras]
     families = {lora.family for lora in loras} - {None}
     if len(families) > 1:
         named = ", ".join(f"{path.name} ({lora.family})" for path, lora in zip(args.loras, loras, strict=True))
@@ -196,7 +205,10 @@ def _merge_into_checkpoint(args, pairs, family: str | None) -> int:
 
     source = TensorSource(args.model)
     state = {name: source.get(name) for name in sorted(source.keys)}
-    model = model_family(state)
+    try:
+        model = model_family(state)
+    except CopierError as exc:
+        raise CopierError(f"{args.model}: {exc}") from None
     if family is not None and family != model:
         raise CopierError(f"the LoRAs are for {family} but {args.model} is an {model} checkpoint")
     table = by_key(lora_targets({k: tuple(v.shape) for k, v in state.items()}, model, conv=True))
@@ -221,10 +233,11 @@ def run_svd_merge(args: argparse.Namespace) -> int:
 
 def run_resize(args: argparse.Namespace) -> int:
     from lib_copier.lora.files import read_lora, write_lora
-    from lib_copier.lora.ops import resize
+    from lib_copier.lora.ops import check_dynamic, resize
 
     _check_out(args)
-    lora = read_lora(args.lora)
+    check_dynamic(args.dynamic_method, args.dynamic_param)
+    lora = read_lora(args.lora).check_finite(args.lora)
     modules, report = resize(
         lora.modules, args.rank, args.conv_rank, args.dynamic_method, args.dynamic_param, _tqdm("resizing")
     )
@@ -249,20 +262,19 @@ def run_resize(args: argparse.Namespace) -> int:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    import torch
-
     from lib_copier.lora.metadata import NetworkInfo
     from lib_copier.lora.naming import lora_targets, model_family
     from lib_copier.lora.ops import extract
     from lib_copier.models.checkpoint import TensorSource
+    from lib_copier.models.loading import pick_device
 
     _check_out(args)
+    device = pick_device(args.device)
     original, tuned = TensorSource(args.original), TensorSource(args.tuned)
     shapes = original.shapes()
     if shapes != tuned.shapes():
         raise CopierError(f"{args.original.name} and {args.tuned.name} have different layers or shapes")
     family = model_family(shapes)
-    device = torch.device(args.device)
     targets = lora_targets(shapes, family, conv=args.conv_rank is not None)
     modules, text, kept = extract(
         lambda name: original.get(name).to(device),

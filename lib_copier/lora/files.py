@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lib_copier.atomic import atomic_write
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, check_file
 from lib_copier.lora.hashes import sshs_hashes
 from lib_copier.lora.metadata import family_from_metadata
 from lib_copier.lora.module_types import split_modules
@@ -52,6 +52,14 @@ class LoRA:
     @property
     def ranks(self) -> set[int]:
         return {m.rank for m in self.modules.values()}
+
+    def check_finite(self, path) -> LoRA:
+        """The LoRA, or a CopierError if a factor holds NaN or an infinity: merging or resizing it would spread them
+        (an SVD of them fails)."""
+        broken = [k for k, m in self.modules.items() if not (m.down.isfinite().all() and m.up.isfinite().all())]
+        if broken:
+            raise CopierError(f"LoRA file {path} is damaged: {len(broken)} module(s) hold NaN or infinite values")
+        return self
 
 
 def _peft_name(name: str) -> str:
@@ -117,9 +125,7 @@ def detect_family(modules: Mapping[str, LoRAWeights], metadata: Mapping[str, str
 
 
 def read_lora(path: str | os.PathLike) -> LoRA:
-    path = Path(path)
-    if not path.is_file():
-        raise CopierError(f"LoRA file {path} does not exist")
+    path = check_file(Path(path), "LoRA file")
     if path.suffix != ".safetensors":
         raise CopierError(f"{path} is not a .safetensors file; LoRAs are read only from .safetensors")
     try:

@@ -118,6 +118,24 @@ def _rank_for(shape: tuple[int, ...], rank: int, conv_rank: int | None) -> int:
     return conv_rank if is_kxk and conv_rank is not None else rank
 
 
+def check_dynamic(method: str | None, value: float | None) -> None:
+    """A CopierError unless a dynamic resize method and its parameter come together, the parameter in its range:
+    sv_ratio's is the largest singular value over the smallest kept (1 or more), sv_fro's and sv_cumulative's the
+    share to keep (above 0, at most 1)."""
+    if (method is None) != (value is None):
+        raise CopierError("a dynamic resize needs both a method and its parameter")
+    if method is None:
+        return
+    if method not in DYNAMIC_METHODS:
+        raise CopierError(f"unknown dynamic resize method {method!r}; expected one of {', '.join(DYNAMIC_METHODS)}")
+    if method == "sv_ratio" and not value >= 1:
+        raise CopierError(
+            f"sv_ratio's parameter is the largest singular value over the smallest kept: 1 or more, not {value}"
+        )
+    if method != "sv_ratio" and not 0 < value <= 1:
+        raise CopierError(f"{method}'s parameter is the share to keep: above 0 and at most 1, not {value}")
+
+
 def dynamic_rank(s: torch.Tensor, method: str, value: float) -> int:
     """The rank kohya's `resize_lora.py` picks for singular values `s` (descending).
 
@@ -159,8 +177,7 @@ def resize(
     rank (kohya's full-length spectrum can add a zero direction).
     """
     _check_rank(rank, conv_rank)
-    if dynamic is not None and dynamic_value is None:
-        raise CopierError(f"dynamic resize with {dynamic} needs a value (--dynamic-param)")
+    check_dynamic(dynamic, dynamic_value)
     resized, report = {}, []
     for key, module in _counted(modules.items(), progress):
         u, s, vh = factored_svd(module.up, module.down)  # alpha/rank is kept apart, as kohya does
@@ -211,8 +228,12 @@ def extract(
     text_targets = [t for t in targets if t.key.startswith("lora_te")]
     text = any(float(difference(t).abs().max()) > min_diff for t in text_targets)
     chosen = [t for t in targets if text or not t.key.startswith("lora_te")]
-    modules, kept = {}, {}
+    modules, kept, changed = {}, {}, False
     for target in _counted(chosen, progress):
         target_rank = _rank_for(target.shape, rank, conv_rank)
-        modules[target.key], kept[target.key] = low_rank(difference(target), target_rank, clamp_quantile, randomized)
+        delta = difference(target)
+        changed = changed or bool(delta.any())
+        modules[target.key], kept[target.key] = low_rank(delta, target_rank, clamp_quantile, randomized)
+    if not changed:
+        raise CopierError("the two checkpoints have the same weights in every layer a LoRA covers: nothing to extract")
     return modules, text, kept

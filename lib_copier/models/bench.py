@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lib_copier.arguments import positive
+
 
 def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
     p = benchmarks.add_parser("load", help="peak RAM while loading a full-size checkpoint with random weights")
@@ -21,9 +23,9 @@ def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
 
     g = benchmarks.add_parser("generate", help="seconds per image with the default model (or --model)")
     g.add_argument("--model")
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: one core)")
-    g.add_argument("--repeat", type=int, default=3)
+    g.add_argument("--steps", type=positive(), default=20)
+    g.add_argument("--threads", type=positive(), default=1, help="torch CPU threads (default 1: one core)")
+    g.add_argument("--repeat", type=positive(), default=3)
     g.set_defaults(func=bench_generate)
 
 
@@ -61,7 +63,11 @@ def bench_load(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.file
-        if path is None:
+        if path is not None:
+            from lib_copier.models.checkpoint import TensorSource
+
+            TensorSource(Path(path))  # a missing or damaged file: its sentence, before the measurement starts
+        else:
             path = str(Path(tmp) / f"random-{args.family}.safetensors")
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
             save_checkpoint(build_model(args.family, dtype=dtype, seed=0), path)

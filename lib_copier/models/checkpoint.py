@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from lib_copier.atomic import atomic_write
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, check_file
 from lib_copier.models.configs import SD1, SD2, SD2_V, SDXL, ModelConfig
 from lib_copier.models.sd_model import StableDiffusion
 
@@ -84,9 +84,7 @@ class TensorSource:
     """Keys, metadata and lazily read tensors of a `.safetensors` file or a weights-only `.ckpt`."""
 
     def __init__(self, path: Path):
-        self.path = path
-        if not path.is_file():
-            raise CopierError(f"checkpoint {path} does not exist")
+        self.path = check_file(path, "checkpoint")
         if path.suffix == ".safetensors":
             file = _Safetensors(path)
             self.keys = set(file.entries)

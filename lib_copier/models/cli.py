@@ -48,27 +48,31 @@ def slug(text: str, limit: int = 40) -> str:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from PIL import Image
     from tqdm import tqdm
 
+    from lib_copier.atomic import atomic_write, check_target
+    from lib_copier.fields import check
     from lib_copier.models.generate import Txt2Img, generate
     from lib_copier.models.loading import load_model
 
-    model = load_model(args.model, args.device, args.dtype, args.prediction)
+    request = Txt2Img(
+        args.prompt, args.negative, args.seed, args.steps, args.cfg, args.width, args.height, args.sampler
+    )
+    check(request, lambda name: f"--{name}")  # the limits the WebUI's API has
     if args.out:
-        out = Path(args.out)
-        if out.exists():
-            raise CopierError(f"{out} already exists; choose another --out")
+        out = check_target(args.out, advice="choose another --out")
     else:
-        out = free_path(Path("outputs"), f"{args.seed}-{slug(args.prompt)}", ".png")
+        out = check_target(free_path(Path("outputs"), f"{args.seed}-{slug(args.prompt)}", ".png"))
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt not in Image.SAVE:
+        raise CopierError(f"--out {out} must end in an image format's extension, such as .png")
+    model = load_model(args.model, args.device, args.dtype, args.prediction)
     with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
         try:
-            request = Txt2Img(
-                args.prompt, args.negative, args.seed, args.steps, args.cfg, args.width, args.height, args.sampler
-            )
             image = generate(model, request, progress=lambda i, n: bar.update(1))
         except ValueError as exc:
             raise CopierError(str(exc)) from exc
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    atomic_write(out, lambda tmp: image.save(tmp, fmt))
     print(out)
     return 0

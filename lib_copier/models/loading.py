@@ -13,9 +13,19 @@ from lib_copier.models.sd_model import StableDiffusion
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The device named (`auto`: the GPU when there is one), or a CopierError if this machine has no such device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CopierError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    kind = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu
+    if device.type != "cpu" and not (hasattr(kind, "is_available") and kind.is_available()):
+        raise CopierError(f"device {name!r} asked for, but this torch sees no such device; use cpu")
+    if device.index is not None and hasattr(kind, "device_count") and device.index >= kind.device_count():
+        raise CopierError(f"device {name!r} asked for, but this machine has {kind.device_count()} of them")
+    return device
 
 
 def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:

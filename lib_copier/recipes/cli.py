@@ -7,11 +7,12 @@ import json
 import time
 from pathlib import Path
 
+from lib_copier.arguments import number, positive
 from lib_copier.errors import CopierError
 from lib_copier.models.cli import add_model_arguments, slug
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.prompts import grid_prompts, prompt_pool
-from lib_copier.train.config import PRESETS, field_info
+from lib_copier.train.config import PRESETS, field_info, make_config
 
 DEMO_PROMPT = "a large yellow star with shading and a dark outline on a purple background"
 DEMO_EFFECTS = ["grayscale", "outline:thickness=3", "posterize:levels=3"]
@@ -43,14 +44,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--caption", default="", help="training caption (default: empty, as the method suggests)")
     p.add_argument(
         "--prompt-pool",
-        type=int,
+        type=number(int, 0, 1024),
         default=32,
         metavar="N",
         help="train with N varied prompts mixed with the caption, so the copier ignores the prompt (0: caption only)",
     )
     p.add_argument(
         "--size",
-        type=int,
+        type=positive(),
         help="the side the images are trained at, about size² pixels (default: the model's native side; "
         "on a CPU 64-128 trains about ten times faster than 512)",
     )
@@ -68,7 +69,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     # 150 steps and 12-step grids keep the demo under two minutes on two CPU cores; `copier` runs the full presets.
     d.add_argument(
         "--steps",
-        type=int,
+        type=positive(),
         help=f"training steps per LoRA (default {DEMO_STEPS} for the copier methods, the pair method's own)",
     )
     add_model_arguments(d)
@@ -154,21 +155,26 @@ def _load(args):
 
 
 def run_copier(args: argparse.Namespace) -> int:
+    from lib_copier.atomic import check_folder
     from lib_copier.effects.image_io import load_image
-    from lib_copier.fields import check_field
+    from lib_copier.fields import check, check_field
     from lib_copier.models.generate import Txt2Img
     from lib_copier.recipes.job import Job, fit_image
     from lib_copier.recipes.request import TrainRequest
 
+    check_folder(args.out)
+    request = Txt2Img(args.generate or "", seed=args.seed)
+    check(request, lambda name: "--generate" if name == "prompt" else f"--{name}")
     overrides = parse_overrides(args.set)
     overrides.update({k: getattr(args, k) for k in ("steps", "rank", "alpha", "lr") if getattr(args, k) is not None})
+    make_config(args.preset, **overrides)  # a setting out of range: its sentence before the model loads
     if args.size is not None:
         check_field(TrainRequest, "size", args.size, lambda name: f"--{name}")
     effects = _effects(args.effect, args.processed_image)
     backend = _load(args)
     side = args.size or backend.resolution
     if args.generate:
-        originals = [fit_image(backend.generate(Txt2Img(args.generate, seed=args.seed)), side)]
+        originals = [fit_image(backend.generate(request), side)]
         name = args.name or slug(args.generate, 30)
     else:
         originals = [fit_image(load_image(path), side) for path in args.image]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from lib_copier.atomic import check_folder
 from lib_copier.backends import Backend
 from lib_copier.effects.chain import Chain
 from lib_copier.errors import CopierError
@@ -167,6 +168,7 @@ def check_job(job: Job, backend: Backend) -> None:
     if not job.effects and job.method != "copier":
         raise CopierError(f"the {job.method} method needs at least one effect or processed image")
     job.config()  # validates the preset and every override
+    check_folder(job.out_dir)
     labels = [e.label for e in job.effects]
     if len(set(labels)) != len(labels):
         raise CopierError("two effects have the same label; each processed LoRA needs its own name")

@@ -14,6 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
+from lib_copier.arguments import number, positive
 from lib_copier.train.config import PRESETS, make_config
 
 STAGES = ("copier", "processed", "extraction")
@@ -24,15 +25,15 @@ def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
     p = benchmarks.add_parser("train", help="steps/s, seconds per recipe and peak memory of LoRA training")
     p.add_argument("--model", help="checkpoint to train on (default: the built-in model)")
     p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="a full-size model with random weights instead")
-    p.add_argument("--resolution", type=int, help="image side (default: the model's native one)")
+    p.add_argument("--resolution", type=positive(), help="image side (default: the model's native one)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick", help="trainer preset (default quick)")
-    p.add_argument("--steps", type=int, help="steps per LoRA (default: the preset's; quick 500)")
-    p.add_argument("--rank", type=int, help="LoRA rank, and alpha with it (default: the preset's)")
+    p.add_argument("--steps", type=positive(), help="steps per LoRA (default: the preset's; quick 500)")
+    p.add_argument("--rank", type=positive(), help="LoRA rank, and alpha with it (default: the preset's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a trainer setting")
     p.add_argument("--stages", default=",".join(STAGES), help=f"which of {','.join(STAGES)} to run, in that order")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=number(int, 0), default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
         "--fidelity",

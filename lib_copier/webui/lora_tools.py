@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lib_copier.errors import CopierError
 from lib_copier.fields import from_json, quoted, setting
-from lib_copier.lora.ops import DYNAMIC_METHODS
+from lib_copier.lora.ops import DYNAMIC_METHODS, check_dynamic
 from lib_copier.recipes.outputs import check_name
 
 PRECISIONS = ("fp32", "fp16", "bf16")  # lora.files.PRECISIONS without kohya's alias "float"
@@ -111,8 +111,7 @@ def check_tool(
             raise CopierError(f'{len(request.loras)} "loras" but {len(request.ratios)} "ratios"; give one per LoRA')
     if isinstance(request, Resize):
         argv.append(str(lora_file(lora_dir, request.lora, "lora")))
-        if (request.dynamic_method is None) != (request.dynamic_param is None):
-            raise CopierError('"dynamic_method" and "dynamic_param" go together: give both or neither')
+        check_dynamic(request.dynamic_method, request.dynamic_param)
     if isinstance(request, Extract) or into_checkpoint:
         if checkpoint is None:
             raise CopierError("checkpoints are not available here")
@@ -126,7 +125,15 @@ def check_tool(
             continue
         option = flags.get(field, "--" + field.replace("_", "-"))
         argv += [option, *map(str, value)] if isinstance(value, list) else [option, str(value)]
-    return CheckedTool([*argv, "--out", str(out)], out)
+    return CheckedTool(_parsable([*argv, "--out", str(out)]), out)
+
+
+def _parsable(argv: list[str]) -> list[str]:
+    """`argv`, once the command line has parsed it: what it refuses is a CopierError before anything is locked."""
+    from lib_copier.cli import build_parser
+
+    build_parser().parse_args(argv)
+    return argv
 
 
 def run_checked(checked: CheckedTool) -> dict:
