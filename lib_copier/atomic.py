@@ -7,6 +7,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,8 +33,12 @@ def check_folder(folder: str | os.PathLike) -> Path:
         existing = existing.parent  # the nearest folder that exists: the missing ones are made in it
     if not existing.is_dir():
         raise CopierError(f"cannot write in {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CopierError(f"cannot write in {folder}: no permission to write in {existing}")
+    try:  # a file made and gone at once: the one test that root, read-only mounts and ACLs all answer truly
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        where = "" if existing == folder else f" in {existing}"
+        raise CopierError(f"cannot write in {folder}: {exc.strerror or exc}{where}") from None
     return folder
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from lib_copier.arguments import positive
+from lib_copier.errors import CopierError
 
 
 def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
@@ -74,10 +75,12 @@ def bench_load(args: argparse.Namespace) -> int:
         size_mb = Path(path).stat().st_size / 2**20
         out = subprocess.run(
             [sys.executable, "-c", f"from lib_copier.models.bench import _measure_load; _measure_load({path!r})"],
-            check=True,
             capture_output=True,
             text=True,
         )
+        if out.returncode:
+            last = (out.stderr.strip().splitlines() or ["no message"])[-1]
+            raise CopierError(f"loading {path} failed in the measuring process: {last}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = result["peak_over_baseline_mb"] / size_mb
     print(f"file: {size_mb:,.0f} MB ({args.family}, {args.dtype if not args.file else 'as stored'})")
