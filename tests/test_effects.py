@@ -333,3 +333,13 @@ def test_cli_apply_refuses_bad_input_in_one_line_before_any_work(tmp_path, capsy
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (args, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chain.bin", "in.png", "taken.png"]
+
+
+def test_a_plus_before_a_number_is_its_sign_not_a_new_effect():
+    chain = Chain.parse(["exposure:stops=+1+grayscale", "posterize:levels=3 + outline"])
+    assert [(s.effect, s.params.get("stops")) for s in chain.steps] == [
+        ("exposure", 1.0),
+        ("grayscale", None),
+        ("posterize", None),
+        ("outline", None),
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -11,6 +12,11 @@ from lib_copier.effects.registry import get_effect
 from lib_copier.errors import CopierError
 
 FORMAT = "copier-effects/1"
+
+
+def split_specs(text: str) -> list[str]:
+    """`posterize:levels=4+outline` -> its specs, one per effect; a `+` before a number is a sign (`stops=+1`)."""
+    return re.split(r"\+(?=\s*[A-Za-z])", text)
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class Chain:
         """From command-line specs such as `outline:thickness=3,darkness=0.8` or `grayscale`; one spec may chain
         several with `+` (`posterize:levels=4+outline`), as `copier --effect` takes them."""
         steps = []
-        for spec in [part for item in specs for part in item.split("+")]:
+        for spec in [part for item in specs for part in split_specs(item)]:
             name, _, rest = spec.partition(":")
             effect = get_effect(name.strip())
             known = {p.name: p for p in effect.params}

@@ -71,6 +71,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def settings_from(args: argparse.Namespace):
+    from lib_copier.effects.chain import split_specs
     from lib_copier.evaluate.run import QUICK, SEED_EFFECTS, Settings
     from lib_copier.recipes.cli import parse_overrides
     from lib_copier.recipes.job import make_effects
@@ -80,7 +81,7 @@ def settings_from(args: argparse.Namespace):
     effects = []
     for spec in args.effect or ["seeds"]:
         effects += list(SEED_EFFECTS) if spec == "seeds" else [spec]
-    make_effects([spec.split("+") for spec in effects])  # a bad effect stops here, before any model is loaded
+    make_effects([split_specs(spec) for spec in effects])  # a bad effect stops here, before any model is loaded
     return Settings(
         effects=list(dict.fromkeys(effects)),
         overrides=parse_overrides(args.set),

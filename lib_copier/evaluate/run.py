@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from lib_copier.effects.chain import split_specs
 from lib_copier.evaluate.measure import WEIGHTS, Plan, measure
 from lib_copier.evaluate.report import Layout, write_report
 from lib_copier.evaluate.train import METHODS, train_methods
@@ -92,7 +93,7 @@ def evaluate(
     config = make_config("quick", **{"steps": settings.steps, "lr": settings.lr, **settings.overrides})
     processed_config = dataclasses.replace(config, **settings.processed_overrides)
     pair_configs = {m: method_config(m, "quick", settings.pair_overrides) for m in PAIR_LOSSES}
-    effects = make_effects([spec.split("+") for spec in settings.effects])
+    effects = make_effects([split_specs(spec) for spec in settings.effects])
     captions = list(BUILTIN_ORIGINALS if builtin else OTHER_ORIGINALS)[: settings.originals]
     if images:
         originals, captions = list(images), [f"image {i + 1}" for i in range(len(images))]

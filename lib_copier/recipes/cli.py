@@ -92,10 +92,13 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def _effects(specs: list[str], processed_images: list[str]):
+    from lib_copier.effects.chain import split_specs
     from lib_copier.effects.image_io import load_image
     from lib_copier.recipes.job import make_effects
 
-    return make_effects([spec.split("+") for spec in specs], [(Path(p).stem, load_image(p)) for p in processed_images])
+    return make_effects(
+        [split_specs(spec) for spec in specs], [(Path(p).stem, load_image(p)) for p in processed_images]
+    )
 
 
 def _bar_callbacks(bar_holder: dict):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from lib_copier.effects.chain import split_specs
 from lib_copier.effects.image_io import read_image
 from lib_copier.errors import CopierError
 from lib_copier.fields import check as check_fields
@@ -56,7 +57,7 @@ def parse_effects(specs: list) -> list[Effect]:
     chains = []
     for spec in specs:
         if isinstance(spec, str):
-            chains.append(spec.split("+"))
+            chains.append(split_specs(spec))
         elif isinstance(spec, list) and spec and all(isinstance(s, str) for s in spec):
             chains.append(spec)
         else:
