@@ -38,5 +38,4 @@ def positive(kind: type = int):
     return number(kind, 1) if kind is int else number(kind, 0, above=True)
 
 
-FINITE = number(float)
 FRACTION = number(float, 0, 1, above=True)  # a quantile or share in (0, 1]

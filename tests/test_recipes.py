@@ -294,3 +294,15 @@ def test_an_unforeseen_os_error_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "run_info", full)
     assert main(["lora", "info", "x"]) == 2
     assert capsys.readouterr().err.strip() == f"error: No space left on device: {tmp_path / 'x.safetensors'}"
+
+
+def test_images_fit_the_models_multiple_at_any_training_size():
+    """A 512-px model needs sides in multiples of 64 even when it trains at 96 or 64 px: a 64x128 image at size 64
+    came out 32x96, and the job failed after it had started."""
+    from lib_copier.recipes.job import fit_image
+
+    tall = Image.new("RGB", (64, 128))
+    for image, size in ((tall, 64), (tall, 128), (Image.new("RGB", (96, 96)), 96), (Image.new("RGB", (1, 4096)), 64)):
+        width, height = fit_image(image, size, 512).size
+        assert width % 64 == 0 and height % 64 == 0 and width > 0, (image.size, size, width, height)
+    assert fit_image(tall, 128).size == (96, 192)  # the built-in 128-px model's multiple is 32

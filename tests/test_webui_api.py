@@ -220,3 +220,25 @@ def test_the_docs_describe_each_request_with_its_limits(api):
     assert train["properties"]["generate"]["properties"]["steps"]["minimum"] == 1
     resize = spec["paths"][f"{PREFIX}/lora/resize"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert set(resize["required"]) == {"lora", "out", "rank"}
+
+
+def test_a_small_negative_ratio_reaches_the_tool_as_a_number(api, tmp_path):
+    """argparse reads "-1e-05" as an option; the tool gets "-0.00001"."""
+    from lib_copier.webui.lora_tools import check_tool
+
+    (tmp_path / "base.safetensors").write_bytes(b"")
+    checked = check_tool("merge", {"loras": ["base"], "out": "x", "ratios": [-1e-05]}, tmp_path)
+    assert checked.argv[checked.argv.index("--ratios") + 1] == "-0.00001"
+
+
+def test_a_password_outside_ascii_is_checked_not_a_server_error(tmp_path):
+    app, runner = FastAPI(), JobRunner(threading.Lock())
+    add_routes(app, runner, lambda request, state: None, lambda: tmp_path, auth="user:sécret")
+    client = TestClient(app)
+    assert client.get(f"{PREFIX}/effects", auth=("user", "wrong")).status_code == 401  # was a 500 (TypeError)
+
+
+def test_a_data_url_without_a_comma_is_one_sentence(api):
+    client, _, host = api
+    reply = client.post(f"{PREFIX}/train", json={**body(host), "image": "data:image/png;base64"})
+    assert reply.status_code == 400 and '"image" is not an image' in reply.json()["detail"], reply.text

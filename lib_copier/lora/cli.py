@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lib_copier.arguments import FINITE, FRACTION, number, positive
+from lib_copier.arguments import FRACTION, number, positive
 from lib_copier.errors import CopierError
 
 
@@ -41,7 +41,9 @@ def _output(parser: argparse.ArgumentParser) -> None:
 
 def _inputs_with_ratios(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("loras", nargs="+", type=Path, metavar="LORA")
-    parser.add_argument("--ratios", nargs="+", type=FINITE, help="one per LoRA (default 1 each); negative subtracts")
+    parser.add_argument(
+        "--ratios", nargs="+", type=number(float, -1e4, 1e4), help="one per LoRA (default 1 each); negative subtracts"
+    )
 
 
 def _rank_options(parser: argparse.ArgumentParser, name: str, conv_name: str, help_text: str) -> None:

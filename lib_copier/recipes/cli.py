@@ -177,10 +177,10 @@ def run_copier(args: argparse.Namespace) -> int:
     backend = _load(args)
     side = args.size or backend.resolution
     if args.generate:
-        originals = [fit_image(backend.generate(request), side)]
+        originals = [fit_image(backend.generate(request), side, backend.resolution)]
         name = args.name or slug(args.generate, 30)
     else:
-        originals = [fit_image(load_image(path), side) for path in args.image]
+        originals = [fit_image(load_image(path), side, backend.resolution) for path in args.image]
         name = args.name or slug(Path(args.image[0]).stem, 30)
     job = Job(
         originals=originals,

@@ -37,7 +37,7 @@ def decode_image(data: str, what: str = '"image"') -> Image.Image:
     if len(data) > MAX_IMAGE_BYTES:
         raise CopierError(f"{what} is {len(data) // 2**20} MB of base64; the most allowed is 64 MB")
     try:
-        raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
+        raw = base64.b64decode(data.partition(",")[2] if data.startswith("data:") else data, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise CopierError(f"{what} is not valid base64") from exc
     return read_image(io.BytesIO(raw), what)

@@ -56,7 +56,8 @@ def add_routes(
         # No annotation: FastAPI 0.94 (A1111 1.10's) resolves one only among the module's names, not this function's.
         def check(credentials=Depends(basic)):  # noqa: B008 (FastAPI's idiom)
             expected = users.get(credentials.username)
-            if expected is None or not secrets.compare_digest(credentials.password, expected):
+            given = credentials.password.encode()  # compare_digest takes str only when it is ASCII
+            if expected is None or not secrets.compare_digest(given, expected.encode()):
                 raise HTTPException(401, "incorrect username or password", headers={"WWW-Authenticate": "Basic"})
 
         dependencies = [Depends(check)]

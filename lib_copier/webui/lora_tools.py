@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lib_copier.errors import CopierError
 from lib_copier.fields import from_json, quoted, setting
 from lib_copier.lora.ops import DYNAMIC_METHODS, check_dynamic
@@ -100,6 +102,8 @@ def check_tool(
         raise CopierError(f"unknown tool {tool!r}; choose one of {', '.join(TOOLS)}")
     request = from_json(REQUESTS[tool], body, what=f"a {tool} request")
     into_checkpoint = isinstance(request, Merge) and request.checkpoint
+    if into_checkpoint and (checkpoint is None or checkpoint_dir is None):
+        raise CopierError("checkpoints are not available here")
     folder = Path(checkpoint_dir) if into_checkpoint else lora_dir
     out = folder / f"{check_name(request.out, quoted('out'))}.safetensors"
     if out.exists():
@@ -124,7 +128,9 @@ def check_tool(
         if value is None or field in ("loras", "lora", "original", "tuned", "checkpoint", "out"):
             continue
         option = flags.get(field, "--" + field.replace("_", "-"))
-        argv += [option, *map(str, value)] if isinstance(value, list) else [option, str(value)]
+        values = value if isinstance(value, list) else [value]
+        # Floats written positionally: argparse takes "-1e-05" for an option, "-0.00001" for a number.
+        argv += [option, *(np.format_float_positional(v, trim="-") if isinstance(v, float) else str(v) for v in values)]
     return CheckedTool(_parsable([*argv, "--out", str(out)]), out)
 
 

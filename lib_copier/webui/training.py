@@ -24,7 +24,7 @@ from lib_copier.backends.webui import Host
 from lib_copier.errors import CopierError
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.grid import Render, strength_grid
-from lib_copier.recipes.job import Job, Result, fit_image, run_job
+from lib_copier.recipes.job import Job, Result, fit_image, run_job, side_multiple
 from lib_copier.recipes.prompts import prompt_pool
 from lib_copier.recipes.request import TrainRequest, check_request
 from lib_copier.train.trainer import Callbacks, Progress
@@ -80,13 +80,14 @@ def train_in_webui(request: TrainRequest, host: WebUIHost, out_dir: Path, state:
 
 def _train_and_draw(request: TrainRequest, host: WebUIHost, out_dir: Path, staging: Path, state: JobState):
     backend = host.backend()
-    side = request.size or backend.resolution
+    multiple = side_multiple(backend.resolution)  # what the model's sides must be multiples of; the grids' too
+    side = max(multiple, round((request.size or backend.resolution) / multiple) * multiple)
     image = request.image
     if image is None:
         state.on_stage("generating the original")
         image = host.txt2img(request.generate)
     job = Job(
-        originals=[fit_image(original, side) for original in (image, *request.more_images)],
+        originals=[fit_image(original, side, backend.resolution) for original in (image, *request.more_images)],
         effects=request.effects,
         name=request.name,
         out_dir=staging,
