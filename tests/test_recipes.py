@@ -195,7 +195,7 @@ def test_jobs_are_checked_before_any_training(backend, original, tmp_path):
         run_job(backend, job(tmp_path, original, method="extraction", effects=[]))
     with pytest.raises(CopierError, match="unknown trainer setting"):
         run_job(backend, job(tmp_path, original, overrides={"stpes": 3}))
-    assert fit_image(Image.new("RGB", (300, 200)), 128).size == (160, 96)
+    assert fit_image(Image.new("RGB", (300, 200)), 128, 128).size == (160, 96)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -305,4 +305,4 @@ def test_images_fit_the_models_multiple_at_any_training_size():
     for image, size in ((tall, 64), (tall, 128), (Image.new("RGB", (96, 96)), 96), (Image.new("RGB", (1, 4096)), 64)):
         width, height = fit_image(image, size, 512).size
         assert width % 64 == 0 and height % 64 == 0 and width > 0, (image.size, size, width, height)
-    assert fit_image(tall, 128).size == (96, 192)  # the built-in 128-px model's multiple is 32
+    assert fit_image(tall, 128, 128).size == (96, 192)  # the built-in 128-px model's multiple is 32

@@ -112,7 +112,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     spec = ModelSpec(args.model, args.device, args.dtype, args.prediction)
     count = args.workers or default_workers(args.device)
     with Workers(spec, count, args.threads) as workers:
-        images = [fit_image(load_image(path), workers.resolution()) for path in args.image]
+        side = workers.resolution()  # the model's native side, which the originals are trained at
+        images = [fit_image(load_image(path), side, side) for path in args.image]
         results = evaluate(
             workers, settings, layout, args.model is None, _command(), images, notes, args.overwrite, stage=stage
         )

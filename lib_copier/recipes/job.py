@@ -186,10 +186,10 @@ def side_multiple(resolution: int) -> int:
     return 64 if resolution >= 512 else 32
 
 
-def fit_image(image: Image.Image, resolution: int, model_resolution: int | None = None) -> Image.Image:
-    """Scale to about `resolution`² pixels with sides that are multiples of the model's `side_multiple` (the model
-    of native side `model_resolution`, by default `resolution`), keeping the aspect."""
-    multiple = side_multiple(model_resolution or resolution)
+def fit_image(image: Image.Image, resolution: int, model_resolution: int) -> Image.Image:
+    """Scale to about `resolution`² pixels with sides that are multiples of the `side_multiple` of the model whose
+    native side is `model_resolution`, keeping the aspect."""
+    multiple = side_multiple(model_resolution)
     scale = (resolution * resolution / (image.width * image.height)) ** 0.5
     w = max(multiple, round(image.width * scale / multiple) * multiple)
     h = max(multiple, round(image.height * scale / multiple) * multiple)
