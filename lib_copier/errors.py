@@ -12,3 +12,9 @@ def check_file(path, what: str):
     if not path.is_file():
         raise CopierError(f"{what} {path} does not exist")
     return path
+
+
+def shown(value, limit: int = 60) -> str:
+    """`repr(value)` for a sentence, cut to about `limit` characters: a request can hold megabytes where a name goes."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}… ({len(str(value))} characters)"

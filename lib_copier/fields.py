@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Mapping
 from functools import cache
 
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, shown
 
 Name = Callable[[str], str]  # how a sentence names a field: "setting rank", '"size"', "--size"
 
@@ -28,15 +28,18 @@ def setting(
     hi=None,
     choices=None,
     *,
+    item_hi: int | None = None,
     factory=dataclasses.MISSING,
     decode: Callable | None = None,
     json_type: type | None = None,
 ):
-    """A dataclass field with its help and limits. `lo`/`hi` bound a number, or a list's or text's length.
+    """A dataclass field with its help and limits. `lo`/`hi` bound a number, or a list's or text's length;
+    `item_hi` bounds the length of each text in a list.
 
     `decode` turns the field's JSON value (of `json_type`, checked first) into the field's type, e.g. base64 into an
     image; fields without it take JSON values of their own type."""
-    metadata = {"help": help, "min": lo, "max": hi, "choices": choices, "decode": decode, "json_type": json_type}
+    metadata = {"help": help, "min": lo, "max": hi, "choices": choices, "item_max": item_hi}
+    metadata |= {"decode": decode, "json_type": json_type}
     return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
 
 
@@ -86,27 +89,34 @@ def _check_type(label: str, value, hint) -> None:
         return
     origin = typing.get_origin(kind) or kind
     if origin in _WORDS and not _is(value, origin):
-        raise CopierError(f"{label} must be {_WORDS[origin]}, not {value!r}"[:300])
+        raise CopierError(f"{label} must be {_WORDS[origin]}, not {shown(value)}")
     if origin is list:
         (item,) = typing.get_args(kind) or (object,)
         if item in _ITEMS and not all(_is(v, item) for v in value):
-            raise CopierError(f"{label} must be a list of {_ITEMS[item]}, not {value!r}"[:300])
+            raise CopierError(f"{label} must be a list of {_ITEMS[item]}, not {shown(value)}")
 
 
 def _check_limits(label: str, value, meta: Mapping) -> None:
     if value is None:
         return
     if meta.get("choices") and value not in meta["choices"]:
-        raise CopierError(f"{label} is {value!r}; choose one of {', '.join(map(str, meta['choices']))}")
+        raise CopierError(f"{label} is {shown(value)}; choose one of {', '.join(map(str, meta['choices']))}")
     lo, hi = meta.get("min"), meta.get("max")
-    if lo is None and hi is None:
-        return
     size = len(value) if isinstance(value, list | str) else value
     if (lo is not None and size < lo) or (hi is not None and size > hi):
-        if isinstance(value, list | str):
-            what = "items" if isinstance(value, list) else "characters"
-            raise CopierError(f"{label} has {size} {what}; it must have between {lo} and {hi}")
-        raise CopierError(f"{label} is {value}; it must be between {lo} and {hi}")
+        what = {list: " items", str: " characters"}.get(type(value), "")
+        must = "have" if what else "be"
+        raise CopierError(f"{label} {'has' if what else 'is'} {size}{what}; it must {must} {_range(lo, hi)}")
+    longest = meta.get("item_max")
+    for i, item in enumerate(value if longest is not None else ()):
+        if len(item) > longest:
+            raise CopierError(f"{label} item {i + 1} has {len(item)} characters; it must have at most {longest}")
+
+
+def _range(lo, hi) -> str:
+    if lo is None:
+        return f"at most {hi}"
+    return f"at least {lo}" if hi is None else f"between {lo} and {hi}"
 
 
 def check(obj, name: Name = quoted):
@@ -135,7 +145,9 @@ def from_json(cls, body, name: Name = quoted, what: str = "the request"):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(body) - set(fields))
     if unknown:
-        raise CopierError(f"{what} has unknown field(s) {', '.join(unknown)}; its fields are {', '.join(fields)}")
+        raise CopierError(
+            f"{what} has unknown field(s) {', '.join(map(shown, unknown))}; its fields are {', '.join(fields)}"
+        )
     values = {}
     for key, raw in body.items():
         f, hint = fields[key], _hints(cls)[key]
@@ -177,6 +189,8 @@ def json_schema(cls) -> dict:
         for bound, value in zip(bounds, (meta.get("min"), meta.get("max")), strict=True):
             if value is not None:
                 entry[bound] = value
+        if meta.get("item_max") is not None:
+            entry["items"] = {"type": "string", "maxLength": meta["item_max"]}
         if f.default is not dataclasses.MISSING and isinstance(f.default, int | float | str | bool):
             entry["default"] = f.default
         if f.default is f.default_factory is dataclasses.MISSING:

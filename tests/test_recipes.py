@@ -51,10 +51,18 @@ def job(tmp_path, original, **kwargs) -> Job:
     return Job(**{**settings, **kwargs})
 
 
-@pytest.mark.parametrize("name", ["", " ", "../evil", "a/b", "a\\b", "-dash", "x" * 121, "semi;colon"])
+@pytest.mark.parametrize(
+    "name",
+    ["", " ", "../evil", "a/b", "a\\b", "-dash", "x" * 121, "semi;colon", "NUL", "con.v2", "Com1", "lpt9 .x", "aux"],
+)
 def test_bad_output_names_are_refused_in_one_sentence(name):
     with pytest.raises(CopierError, match="output name"):
         check_name(name)
+
+
+def test_names_near_windows_device_names_are_fine():
+    for name in ("console", "null", "com10", "Con-copier", "aux (2)", "nul_effect.v2"):
+        assert check_name(name) == name
 
 
 def test_names_never_collide_and_nothing_is_overwritten(tmp_path):

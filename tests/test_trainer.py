@@ -280,11 +280,19 @@ def test_schedules_and_optional_optimizers():
     assert lr_factor(5, 10, "linear", 0) == pytest.approx(0.5)
     param = torch.nn.Parameter(torch.zeros(2))
     assert isinstance(make_optimizer("adamw", [{"params": [param], "lr": 1e-3}], 0.0), torch.optim.AdamW)
-    try:
-        import lion_pytorch  # noqa: F401
-    except ImportError:
-        with pytest.raises(CopierError, match="needs the lion_pytorch package"):
-            make_optimizer("lion", [{"params": [param], "lr": 1e-3}], 0.0)
+
+
+def test_an_optimiser_whose_package_is_missing_is_refused_with_the_settings(monkeypatch):
+    """Before any job: the API answers 400 and the tab says it at Train, not when the job reaches its optimiser."""
+    from lib_copier.train import config
+
+    present = config.importlib.util.find_spec
+    monkeypatch.setattr(
+        config.importlib.util, "find_spec", lambda name: None if name == "lion_pytorch" else present(name)
+    )
+    with pytest.raises(CopierError, match=r"optimizer lion needs the lion-pytorch package.*pip install lion-pytorch"):
+        make_config("quick", optimizer="lion")
+    assert make_config("quick", optimizer="adamw").optimizer == "adamw"
 
 
 def test_the_train_benchmark_reports_speed_and_memory(tmp_path, capsys):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from lib_copier.effects.registry import get_effect
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, shown
 
 FORMAT = "copier-effects/1"
 
@@ -75,11 +75,11 @@ class Chain:
             for item in filter(None, (part.strip() for part in rest.split(","))):
                 key, eq, value = item.partition("=")
                 if not eq:
-                    raise CopierError(f"{spec!r}: write parameters as name=value, not {item!r}")
+                    raise CopierError(f"{shown(spec)}: write parameters as name=value, not {shown(item)}")
                 if key not in known:
                     raise CopierError(f"{name} has no parameter {key}; it takes {', '.join(known) or 'none'}")
                 if key in params:
-                    raise CopierError(f"{spec!r} gives {key} twice")
+                    raise CopierError(f"{shown(spec)} gives {key} twice")
                 params[key] = known[key].parse(value)
             steps.append(Step(effect.name, params))
         return cls(tuple(steps)).resolved()

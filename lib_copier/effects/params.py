@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, shown
 
 
 @dataclass(frozen=True)
@@ -28,15 +28,15 @@ class Param:
             return int(text) if self.kind == "int" else float(text)
         except ValueError:
             what = {"bool": "true or false", "int": "a whole number", "float": "a number"}[self.kind]
-            raise CopierError(f"parameter {self.name} takes {what}, not {text!r}") from None
+            raise CopierError(f"parameter {self.name} takes {what}, not {shown(text)}") from None
 
     def check(self, effect: str, value: object) -> float | int | bool:
         if self.kind == "bool":
             if not isinstance(value, bool):
-                raise CopierError(f"{effect}: {self.name} must be true or false, not {value!r}")
+                raise CopierError(f"{effect}: {self.name} must be true or false, not {shown(value)}")
             return value
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise CopierError(f"{effect}: {self.name} must be a number, not {value!r}")
+            raise CopierError(f"{effect}: {self.name} must be a number, not {shown(value)}")
         if self.kind == "int" and value != int(value):
             raise CopierError(f"{effect}: {self.name} must be a whole number, not {value}")
         if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from lib_copier.effects.params import Param, validate
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, shown
 
 EffectFn = Callable[[Image.Image, dict], Image.Image]
 
@@ -44,7 +44,7 @@ def effect(name: str, label: str, description: str, *params: Param):
 def get_effect(name: str) -> Effect:
     _load()
     if name not in EFFECTS:
-        raise CopierError(f"unknown effect {name!r}; known effects: {', '.join(sorted(EFFECTS))}")
+        raise CopierError(f"unknown effect {shown(name)}; known effects: {', '.join(sorted(EFFECTS))}")
     return EFFECTS[name]
 
 

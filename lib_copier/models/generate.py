@@ -36,14 +36,15 @@ def check_size(model: StableDiffusion, height: int, width: int) -> None:
 
 MAX_SIDE = 2048  # a generated image's largest side: SDXL's native 1024 twice over
 MAX_STEPS = 150
+MAX_PROMPT = 10_000  # characters: far past what a text encoder reads, short of megabytes
 
 
 @dataclass(frozen=True)
 class Txt2Img:
     """One text-to-image request; width/height None mean the model's native resolution."""
 
-    prompt: str = setting(help="what to draw", hi=10_000)
-    negative: str = setting("", "what not to draw", hi=10_000)
+    prompt: str = setting(help="what to draw", hi=MAX_PROMPT)
+    negative: str = setting("", "what not to draw", hi=MAX_PROMPT)
     seed: int = setting(0, "noise seed", 0, 2**32 - 1)
     steps: int = setting(20, "sampling steps", 1, MAX_STEPS)
     cfg: float = setting(7.0, "classifier-free guidance scale", 0.0, 30.0)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from lib_copier.arguments import number, positive
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, shown
 from lib_copier.models.cli import add_model_arguments, slug
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.prompts import grid_prompts, prompt_pool
@@ -82,12 +82,12 @@ def parse_overrides(items: list[str]) -> dict:
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not eq or key not in info:
-            raise CopierError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(info)}")
+            raise CopierError(f"--set {shown(item)}: expected KEY=VALUE with KEY one of {', '.join(info)}")
         kind = info[key]["type"]
         try:
             overrides[key] = value.strip().lower() in ("1", "true", "yes") if kind is bool else kind(value)
         except ValueError as exc:
-            raise CopierError(f"--set {item!r}: {value!r} is not a valid {kind.__name__}") from exc
+            raise CopierError(f"--set {shown(item)}: {shown(value)} is not a valid {kind.__name__}") from exc
     return overrides
 
 

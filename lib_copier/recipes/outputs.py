@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from lib_copier.atomic import atomic_write
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, shown
 from lib_copier.lora.files import write_lora
 from lib_copier.lora.metadata import NetworkInfo, build_metadata
 from lib_copier.lora.weights import LoRAWeights
@@ -19,6 +19,8 @@ from lib_copier.lora.weights import LoRAWeights
 SUFFIXES = (".safetensors", ".json", ".png")
 SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # the sidecar's "sd version" values in A1111
 _ALLOWED = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+\-()\[\]]*")
+# Names Windows gives to devices, whatever follows a dot: "nul.safetensors" cannot be a file there.
+_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"{port}{n}" for port in ("COM", "LPT") for n in range(10))}
 
 
 def check_name(name: str, what: str = "the output name") -> str:
@@ -26,12 +28,14 @@ def check_name(name: str, what: str = "the output name") -> str:
     if not isinstance(name, str) or not name.strip():
         raise CopierError(f"{what} is empty")
     if "/" in name or "\\" in name or ".." in name:
-        raise CopierError(f"{what} {name!r} must not contain path separators or '..'")
+        raise CopierError(f"{what} {shown(name)} must not contain path separators or '..'")
     if not _ALLOWED.fullmatch(name) or len(name) > 120:
         raise CopierError(
-            f"{what} {name!r} may use letters, digits, spaces and . _ + - ( ) [ ], "
+            f"{what} {shown(name)} may use letters, digits, spaces and . _ + - ( ) [ ], "
             "start with a letter or digit, and be at most 120 characters"
         )
+    if name.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
+        raise CopierError(f"{what} {shown(name)} is a name Windows keeps for a device; choose another")
     return name
 
 

@@ -16,11 +16,11 @@ from PIL import Image
 
 from lib_copier.effects.chain import split_specs
 from lib_copier.effects.image_io import read_image
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, shown
 from lib_copier.fields import check as check_fields
 from lib_copier.fields import from_json, quoted, setting
 from lib_copier.models.cli import slug
-from lib_copier.models.generate import MAX_STEPS, Txt2Img
+from lib_copier.models.generate import MAX_PROMPT, MAX_STEPS, Txt2Img
 from lib_copier.recipes.job import Effect, make_effects
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.outputs import check_name
@@ -61,7 +61,7 @@ def parse_effects(specs: list) -> list[Effect]:
         elif isinstance(spec, list) and spec and all(isinstance(s, str) for s in spec):
             chains.append(spec)
         else:
-            raise CopierError(f'each of "effects" is a string like "outline:thickness=3+grayscale", not {spec!r}')
+            raise CopierError(f'each of "effects" is a string like "outline:thickness=3+grayscale", not {shown(spec)}')
     return make_effects(chains)
 
 
@@ -97,11 +97,15 @@ class TrainRequest:
     )
     preset: str = setting("quick", "trainer preset", choices=tuple(PRESETS))
     overrides: dict = setting(factory=dict, help='trainer settings over the preset, e.g. {"steps": 200}')
-    caption: str = setting("", "training caption", hi=10_000)
+    caption: str = setting("", "training caption", hi=MAX_PROMPT)
     prompt_pool: int = setting(32, "varied prompts mixed with the caption; 0: the caption only", 0, 1024)
     size: int | None = setting(None, "the side the image is trained at, about size² pixels (default: native)", 64, 2048)
     grid_prompts: list[str] = setting(
-        factory=lambda: list(DEFAULT_GRID_PROMPTS), help="one strength-grid row per prompt", lo=1, hi=8
+        factory=lambda: list(DEFAULT_GRID_PROMPTS),
+        help="one strength-grid row per prompt",
+        lo=1,
+        hi=8,
+        item_hi=MAX_PROMPT,
     )
     grid_steps: int = setting(20, "sampling steps of each grid image", 1, MAX_STEPS)
     grid_seed: int = setting(0, "seed of the grid images", 0, 2**32 - 1)

@@ -7,12 +7,18 @@ API are all built from this one place and validated by `validate`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, shown
 from lib_copier.fields import check, setting
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion")
+# The optional optimisers: name → (module, class, the package pip installs it from).
+OPTIONAL_OPTIMIZERS = {
+    "adamw8bit": ("bitsandbytes", "AdamW8bit", "bitsandbytes"),
+    "lion": ("lion_pytorch", "Lion", "lion-pytorch"),
+}
 SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16", "fp16")
 PAIR_LOSSES = ("slider", "addift")  # trainer.train_pair's losses
@@ -77,17 +83,24 @@ def validate(config: TrainConfig) -> TrainConfig:
     check(config, lambda name: f"setting {name}")
     if config.timestep_min >= config.timestep_max:
         raise CopierError(f"timestep_min ({config.timestep_min}) must be below timestep_max ({config.timestep_max})")
+    if config.optimizer in OPTIONAL_OPTIMIZERS:
+        module, _, package = OPTIONAL_OPTIMIZERS[config.optimizer]
+        if importlib.util.find_spec(module) is None:
+            raise CopierError(
+                f"optimizer {config.optimizer} needs the {package} package, which this Python does not have: "
+                f"install it (pip install {package}) or choose adamw"
+            )
     return config
 
 
 def make_config(preset: str = "quick", **overrides) -> TrainConfig:
     """A preset with overrides, validated; unknown names are an error, not ignored."""
     if preset not in PRESETS:
-        raise CopierError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise CopierError(f"unknown preset {shown(preset)}; choose one of {', '.join(PRESETS)}")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise CopierError(f"unknown trainer setting {unknown[0]!r}")
+        raise CopierError(f"unknown trainer setting {shown(unknown[0])}")
     values = {**PRESETS[preset], **overrides}
     floats = {n for n, meta in field_info().items() if meta["type"] is float}
     values = {

@@ -8,6 +8,7 @@ import math
 import torch
 
 from lib_copier.errors import CopierError
+from lib_copier.train.config import OPTIONAL_OPTIMIZERS
 
 # Optimisers whose update of each element depends on that element alone, so that the tensors they update may be
 # concatenated (`train.master`) without changing a bit; AdamW8bit quantises its state in blocks that span elements, and
@@ -21,11 +22,11 @@ def make_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch.
         # live A1111 test its SD2-v LoRAs drew all-NaN grids where torch's default optimizer's drew fine.
         on_gpu = all(p.is_cuda for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True if on_gpu else None)
-    package, attribute = {"adamw8bit": ("bitsandbytes", "AdamW8bit"), "lion": ("lion_pytorch", "Lion")}[name]
+    package, attribute, _ = OPTIONAL_OPTIMIZERS[name]
     try:
         module = importlib.import_module(package)
-    except ImportError as exc:
-        raise CopierError(f"optimizer {name} needs the {package} package, which is not installed") from exc
+    except ImportError as exc:  # present (the settings' check found it) but broken, e.g. built for another CUDA
+        raise CopierError(f"optimizer {name}: its package {package} does not import ({exc})") from exc
     if package == "bitsandbytes":
         module = module.optim
     return getattr(module, attribute)(groups, weight_decay=weight_decay)

@@ -46,11 +46,11 @@ def run_api_job(request, state):
 def checkpoint_file(name: str) -> Path:
     from modules import sd_models
 
-    from lib_copier.errors import CopierError
+    from lib_copier.errors import CopierError, shown
 
     info = sd_models.get_closet_checkpoint_match(name)
     if info is None:
-        raise CopierError(f"there is no checkpoint named {name!r}")
+        raise CopierError(f"there is no checkpoint named {shown(name)}")
     return Path(info.filename)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, shown
 from lib_copier.train.trainer import Callbacks, Cancelled, Progress
 
 
@@ -81,7 +81,7 @@ class JobRunner:
 
     def get(self, job_id: str) -> JobState:
         if job_id not in self.jobs:
-            raise CopierError(f"there is no job {job_id!r}")
+            raise CopierError(f"there is no job {shown(job_id)}")
         return self.jobs[job_id]
 
     def describe(self, job_id: str) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, shown
 from lib_copier.fields import from_json, quoted, setting
 from lib_copier.lora.ops import DYNAMIC_METHODS, check_dynamic
 from lib_copier.recipes.outputs import check_name
@@ -90,7 +90,7 @@ class CheckedTool:
 def lora_file(folder: Path, name: str, field: str = "loras") -> Path:
     path = folder / f"{check_name(name, quoted(field))}.safetensors"
     if not path.is_file():
-        raise CopierError(f"there is no LoRA named {name!r} in {folder}")
+        raise CopierError(f"there is no LoRA named {shown(name)} in {folder}")
     return path
 
 
@@ -99,8 +99,8 @@ def check_tool(
 ) -> CheckedTool:
     """The request of one tool, checked through to its files, as the command line it runs; nothing is locked."""
     if tool not in REQUESTS:
-        raise CopierError(f"unknown tool {tool!r}; choose one of {', '.join(TOOLS)}")
-    request = from_json(REQUESTS[tool], body, what=f"a {tool} request")
+        raise CopierError(f"unknown tool {shown(tool)}; choose one of {', '.join(TOOLS)}")
+    request = from_json(REQUESTS[tool], body, what=f"the {tool} request")
     into_checkpoint = isinstance(request, Merge) and request.checkpoint
     if into_checkpoint and (checkpoint is None or checkpoint_dir is None):
         raise CopierError("checkpoints are not available here")

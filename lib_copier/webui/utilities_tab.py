@@ -6,14 +6,14 @@ from collections.abc import Callable
 
 import gradio as gr
 
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, shown
 
 
 def _numbers(text: str) -> list[float] | None:
     try:
         return [float(x) for x in text.replace(",", " ").split()] or None
     except ValueError as exc:
-        raise CopierError(f"ratios must be numbers, not {text!r}") from exc
+        raise CopierError(f"ratios must be numbers, not {shown(text)}") from exc
 
 
 def tool_body(tool: str, loras, checkpoint, original, tuned, ratios, rank, conv_rank, dynamic, dynamic_param, out):
