@@ -141,7 +141,8 @@ def check_field(cls, field: str, value, name: Name = quoted):
 def from_json(cls, body, name: Name = quoted, what: str = "the request"):
     """An instance of dataclass `cls` from a JSON object, checked completely (`check`)."""
     if not isinstance(body, dict):
-        raise CopierError(f"{what} must be a JSON object, not {type(body).__name__}")
+        json_name = {type(None): "empty", list: "an array", str: "a string", bool: "true or false"}
+        raise CopierError(f"{what} must be a JSON object, not {json_name.get(type(body), 'a number')}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(body) - set(fields))
     if unknown:

@@ -169,8 +169,9 @@ BAD_TRAIN = [
     ({**GENERATE, "more_images": [1]}, '"more_images" must be a list of base64 images'),
     ({**GENERATE, "more_images": [_png(6000)]}, '"more_images"[0] is 6000x6000 px'),
     ({**GENERATE, "more_images": ["x"] * 16}, '"more_images" has 16 items; it must have at most 15'),
-    ([1, 2], "must be a JSON object"),
-    ("text", "must be a JSON object"),
+    ([1, 2], "the request must be a JSON object, not an array"),
+    ("text", "the request must be a JSON object, not a string"),
+    (3.5, "the request must be a JSON object, not a number"),
 ]
 
 
@@ -182,6 +183,23 @@ def test_every_bad_train_request_is_a_400_sentence_before_any_job(api, payload, 
     detail = reply.json()["detail"]
     assert sentence in detail and "\n" not in detail and len(detail) < 400
     assert not runner.jobs  # nothing was queued, so nothing reached the training function
+
+
+@pytest.mark.parametrize(
+    ("raw", "sentence"),
+    [
+        (b'{"generate": {"prompt": "a cat"},}', "the request body is not valid JSON (Expecting property name"),
+        (b"\xff\xfe{}", "the request body is not valid JSON"),
+        (b" ", "must be a JSON object, not empty"),
+    ],
+)
+@pytest.mark.parametrize("route", ["train", "lora/merge"])
+def test_a_body_that_is_not_json_is_one_400_sentence(api, route, raw, sentence):
+    client, runner, _ = api
+    reply = client.post(f"{PREFIX}/{route}", content=raw, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    assert sentence in reply.json()["detail"]
+    assert not runner.jobs
 
 
 BAD_TOOLS = [

@@ -45,8 +45,10 @@ def add_routes(
 ) -> None:
     """Register the routes on the WebUI's FastAPI `app`. `run(request, state)` trains on the loaded model,
     `checkpoint(name)` is the file of one of the WebUI's checkpoints."""
-    from fastapi import Body, Depends, HTTPException
+    from fastapi import Depends, HTTPException
     from fastapi.security import HTTPBasic
+
+    from lib_copier.webui.json_body import json_body
 
     dependencies = []
     if auth:
@@ -65,7 +67,7 @@ def add_routes(
     def bad(exc: CopierError):
         return HTTPException(400, str(exc))
 
-    def train(body: Any = Body(None)):  # noqa: B008 (FastAPI's idiom); checked by request_from_json
+    def train(body: Any = Depends(json_body)):  # noqa: B008 (FastAPI's idiom); checked by request_from_json
         try:
             request = request_from_json(body)
         except CopierError as exc:
@@ -86,7 +88,7 @@ def add_routes(
             raise HTTPException(404, str(exc)) from exc
 
     def tool(name: str):
-        def run(body: Any = Body(None)):  # noqa: B008 (FastAPI's idiom); checked by check_tool
+        def run(body: Any = Depends(json_body)):  # noqa: B008 (FastAPI's idiom); checked by check_tool
             try:
                 checked = check_tool(name, body, lora_dir(), checkpoint, checkpoint_dir() if checkpoint_dir else None)
                 with runner.lock:  # like every job: not while a generation or a training runs
