@@ -212,6 +212,7 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
                 stage(f"copier{tag}")
                 current = ("copier", "")
                 copier = train_copier(backend, original, job.captions(), config, callbacks)
+                config, processed_config = _as_run(copier, config, processed_config)
                 copier_weights = _cpu(copier.network.to_weights())
                 if job.keep_copier:
                     note = f"Copier LoRA of {job.name}{tag}"
@@ -222,6 +223,7 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
                     stage(f"{job.method}: {effect.label}{tag}")
                     current = (job.method, effect.label)
                     run = train_pair(backend, original, processed_image, job.captions(), config, job.method, callbacks)
+                    config, processed_config = _as_run(run, config, processed_config)
                     trained.setdefault((effect.label, job.method), []).append((_cpu(run.network.to_weights()), run))
                 if job.method in ("copier", "both"):
                     stage(f"processed: {effect.label}{tag}")
@@ -229,11 +231,13 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
                     run = train_processed(
                         backend, copier.network, processed_image, job.captions(), processed_config, callbacks
                     )
+                    config, processed_config = _as_run(run, config, processed_config)
                     trained.setdefault((effect.label, "processed"), []).append((_cpu(run.network.to_weights()), run))
                 if job.method in ("extraction", "both"):
                     stage(f"extraction: {effect.label}{tag}")
                     current = ("processed-copier", effect.label)
                     run = train_copier(backend, processed_image, job.captions(), config, callbacks)
+                    config, processed_config = _as_run(run, config, processed_config)
                     weights = extraction(
                         copier_weights, _cpu(run.network.to_weights()), extraction_rank, callbacks.counted
                     )
@@ -251,6 +255,14 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
     finished = _merged(job, config, trained, callbacks.counted)
     stage("strength grids")
     return _finish(backend, job, pending + finished, grids=True)
+
+
+def _as_run(run: TrainResult, *configs: TrainConfig) -> tuple[TrainConfig, ...]:
+    """The job's settings for its later trainings: once a run ran out of GPU memory and finished with gradient
+    checkpointing, the rest start with it rather than each running out of memory first."""
+    if not run.gradient_checkpointing:
+        return configs
+    return tuple(dataclasses.replace(c, gradient_checkpointing=True) for c in configs)
 
 
 def _merged(job: Job, config: TrainConfig, trained: dict, progress: Progress | None) -> list[_Pending]:
