@@ -38,8 +38,15 @@ def setting(
 
     `decode` turns the field's JSON value (of `json_type`, checked first) into the field's type, e.g. base64 into an
     image; fields without it take JSON values of their own type."""
-    metadata = {"help": help, "min": lo, "max": hi, "choices": choices, "item_max": item_hi}
-    metadata |= {"decode": decode, "json_type": json_type}
+    metadata = {
+        "help": help,
+        "min": lo,
+        "max": hi,
+        "choices": choices,
+        "item_max": item_hi,
+        "decode": decode,
+        "json_type": json_type,
+    }
     return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
 
 
