@@ -75,6 +75,15 @@ def test_unknown_layouts_are_refused_with_a_reason(tmp_path):
         load_checkpoint(tmp_path / "junk.safetensors")
 
 
+def test_an_inpainting_checkpoint_is_refused_before_it_loads(tmp_path):
+    model = build_model(TINY, seed=0)
+    first = model.unet.input_blocks[0][0]
+    model.unet.input_blocks[0][0] = torch.nn.Conv2d(9, first.out_channels, 3, padding=1)
+    path = save_checkpoint(model, tmp_path / "inpainting.safetensors")
+    with pytest.raises(CopierError, match="inpainting.safetensors takes 9 input channels, not 4: it is an inpainting"):
+        load_checkpoint(path)
+
+
 def test_pickles_with_code_are_refused_and_plain_tensors_load(tiny, tmp_path):
     class Payload:
         def __reduce__(self):

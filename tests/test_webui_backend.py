@@ -125,6 +125,19 @@ def test_a_job_on_the_host_previews_through_its_txt2img_and_a_cancelled_one_chan
     assert_identical(host, before)
 
 
+@pytest.mark.parametrize(("channels", "kind"), [(9, "an inpainting model"), (8, "an instruct-pix2pix model")])
+def test_an_inpainting_or_edit_model_is_refused_before_any_work(channels, kind):
+    """The 🧬 button under img2img's gallery while an inpainting checkpoint is loaded: one sentence, not a conv error
+    after the image was encoded."""
+    model = randomize_(build_model(TINY))
+    first = model.model.diffusion_model.input_blocks[0][0]
+    model.model.diffusion_model.input_blocks[0][0] = torch.nn.Conv2d(channels, first.out_channels, 3, padding=1)
+    with pytest.raises(
+        CopierError, match=f"takes {channels} input channels, not 4: it is {kind}; Copier LoRA needs an ordinary"
+    ):
+        WebUIBackend(A1111Host(model))
+
+
 def test_fp8_weights_are_refused_with_a_clear_message():
     model = randomize_(build_model(TINY))
     layer = model.model.diffusion_model.out[-1]

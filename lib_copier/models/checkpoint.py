@@ -22,6 +22,7 @@ from lib_copier.models.configs import SD1, SD2, SD2_V, SDXL, ModelConfig
 from lib_copier.models.sd_model import StableDiffusion
 
 CONFIG_KEY = "copier.model_config"
+INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"  # its input channels: 4 latent ones, or more
 
 # A key only that family's checkpoints have, checked in this order.
 FAMILY_MARKERS = (
@@ -132,6 +133,20 @@ def detect_config(source: TensorSource) -> ModelConfig:
     )
 
 
+def check_unet_input(shape: tuple[int, ...], what: str) -> None:
+    """One sentence for a UNet whose first convolution takes more than the 4 latent channels: the image to inpaint or
+    to edit, or a depth map, comes in beside the noise, and neither drawing from a prompt nor training from one image
+    has it to give."""
+    channels = shape[1]
+    if channels == 4:
+        return
+    kind = {9: "an inpainting model", 8: "an instruct-pix2pix model", 5: "a depth model"}
+    raise CopierError(
+        f"{what} takes {channels} input channels, not 4: it is {kind.get(channels, 'not a plain text-to-image model')}"
+        "; Copier LoRA needs an ordinary SD1, SD2 or SDXL checkpoint"
+    )
+
+
 def _stored_prediction(metadata: dict[str, str]) -> str | None:
     value = metadata.get("modelspec.prediction_type", "")
     if value in ("v", "v_prediction"):
@@ -162,6 +177,8 @@ def load_checkpoint(
     with torch.device("meta"):
         model = StableDiffusion(config)
     expected = model.state_dict()
+    if INPUT_CONV in source.keys:
+        check_unet_input(tuple(source.get(INPUT_CONV).shape), f"the UNet of checkpoint {source.path}")
     missing = [k for k in expected if k not in source.keys]
     if missing:
         raise CopierError(
