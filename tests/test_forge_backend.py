@@ -143,6 +143,10 @@ def test_low_bit_storage_and_other_model_families_get_one_sentence():
     unet.input_blocks[0][0] = torch.nn.Conv2d(9, unet.input_blocks[0][0].out_channels, 3, padding=1)
     with pytest.raises(CopierError, match="takes 9 input channels, not 4: it is an inpainting model"):
         ForgeBackend(host)
+    _, host = pair(TINY_SDXL)
+    delattr(host.sd_model.forge_objects_original.clip.cond_stage_model, "clip_l")  # the refiner: OpenCLIP-G only
+    with pytest.raises(CopierError, match="the loaded model is the SDXL refiner"):
+        ForgeBackend(host)
     _, host = pair()
     host.sd_model.is_sd1 = False  # Flux, SD3: none of Forge's SD flags set
     with pytest.raises(CopierError, match="SD1, SD2 and SDXL"):

@@ -138,6 +138,14 @@ def test_an_inpainting_or_edit_model_is_refused_before_any_work(channels, kind):
         WebUIBackend(A1111Host(model))
 
 
+def test_the_sdxl_refiner_is_refused_as_in_forge():
+    """The refiner's only text encoder is OpenCLIP-G, at conditioner.embedders.0."""
+    model = randomize_(build_model(TINY_SDXL))
+    model.conditioner.embedders = torch.nn.ModuleList(list(model.conditioner.embedders)[1:])
+    with pytest.raises(CopierError, match="the loaded model is the SDXL refiner"):
+        WebUIBackend(A1111Host(model))
+
+
 def test_fp8_weights_are_refused_with_a_clear_message():
     model = randomize_(build_model(TINY))
     layer = model.model.diffusion_model.out[-1]

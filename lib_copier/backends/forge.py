@@ -28,7 +28,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from lib_copier.backends.webui import Host, HostBackend, native_resolution, posterior_mean
+from lib_copier.backends.webui import REFINER, Host, HostBackend, native_resolution, posterior_mean
 from lib_copier.errors import CopierError
 from lib_copier.lora.naming import forge_to_ldm
 from lib_copier.models.sd_model import Conditioning
@@ -47,7 +47,7 @@ def forge_family(sd_model) -> str:
     for flag, family in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
         if getattr(sd_model, flag, False):
             if family == "sdxl" and "clip_l" not in encoders:
-                break  # the SDXL refiner: no CLIP-L, and no LoRA format for it
+                raise CopierError(REFINER)
             return family
     raise CopierError(
         f"Copier LoRA trains SD1, SD2 and SDXL models; the loaded model is a {type(sd_model).__name__}: "

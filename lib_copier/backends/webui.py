@@ -29,6 +29,10 @@ from lib_copier.models.generate import Txt2Img
 from lib_copier.models.sd_model import Conditioning
 
 _WRAPPED = re.compile(r"\.wrapped(?=\.|$)")
+REFINER = (
+    "the loaded model is the SDXL refiner, which has no CLIP-L text encoder and no LoRA format of its own; "
+    "Copier LoRA trains SD1, SD2 and SDXL base models: pick one"
+)
 _FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
 
@@ -144,7 +148,10 @@ class WebUIBackend(HostBackend):
         layers: dict[str, nn.Module] = {}
         for name, module in host.sd_model.named_modules():
             layers.setdefault(checkpoint_name(name), module)
-        super().__init__(host, params, layers, model_family(params))
+        family = model_family(params)
+        if family == "sdxl" and not any(n.startswith("conditioner.embedders.0.transformer.") for n in params):
+            raise CopierError(REFINER)
+        super().__init__(host, params, layers, family)
         self.prediction = "v" if getattr(self.sd_model, "parameterization", "eps") == "v" else "eps"
         self.resolution = native_resolution(self.family, self.prediction)
         # The host's device, not the UNet's: under --medvram the UNet waits on the CPU between uses.
