@@ -75,12 +75,17 @@ def test_unknown_layouts_are_refused_with_a_reason(tmp_path):
         load_checkpoint(tmp_path / "junk.safetensors")
 
 
-def test_an_inpainting_checkpoint_is_refused_before_it_loads(tmp_path):
+def test_inpainting_and_unclip_checkpoints_are_refused_before_they_load(tmp_path):
     model = build_model(TINY, seed=0)
     first = model.unet.input_blocks[0][0]
     model.unet.input_blocks[0][0] = torch.nn.Conv2d(9, first.out_channels, 3, padding=1)
     path = save_checkpoint(model, tmp_path / "inpainting.safetensors")
     with pytest.raises(CopierError, match="inpainting.safetensors takes 9 input channels, not 4: it is an inpainting"):
+        load_checkpoint(path)
+    model = build_model(TINY, seed=0)
+    model.unet.label_emb = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    path = save_checkpoint(model, tmp_path / "unclip.safetensors")
+    with pytest.raises(CopierError, match="unclip.safetensors takes an image embedding beside the prompt"):
         load_checkpoint(path)
 
 

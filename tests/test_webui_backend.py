@@ -138,6 +138,13 @@ def test_an_inpainting_or_edit_model_is_refused_before_any_work(channels, kind):
         WebUIBackend(A1111Host(model))
 
 
+def test_an_unclip_model_is_refused_before_any_work():
+    model = randomize_(build_model(TINY))
+    model.model.diffusion_model.label_emb = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    with pytest.raises(CopierError, match="takes an image embedding beside the prompt: it is an unCLIP model"):
+        WebUIBackend(A1111Host(model))
+
+
 def test_the_sdxl_refiner_is_refused_as_in_forge():
     """The refiner's only text encoder is OpenCLIP-G, at conditioner.embedders.0."""
     model = randomize_(build_model(TINY_SDXL))

@@ -24,7 +24,7 @@ from lib_copier.backends import StepProgress
 from lib_copier.errors import CopierError
 from lib_copier.lora.naming import Target, lora_targets, model_family
 from lib_copier.lora.network import LoRANetwork, all_applied
-from lib_copier.models.checkpoint import INPUT_CONV, check_unet_input
+from lib_copier.models.checkpoint import check_plain_unet
 from lib_copier.models.generate import Txt2Img
 from lib_copier.models.sd_model import Conditioning
 
@@ -67,8 +67,7 @@ class HostBackend(ABC):
     which modules are the UNet and the text encoders."""
 
     def __init__(self, host: Host, params: Mapping[str, torch.Tensor], layers: Mapping[str, nn.Module], family: str):
-        if INPUT_CONV in params:
-            check_unet_input(params[INPUT_CONV].shape, "the loaded model's UNet")
+        check_plain_unet({n: tuple(p.shape) for n, p in params.items()}, family, "the loaded model's UNet")
         self.host = host
         self.sd_model = host.sd_model
         self._params = dict(params)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from lib_copier.models.sd_model import StableDiffusion
 
 CONFIG_KEY = "copier.model_config"
 INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"  # its input channels: 4 latent ones, or more
+_ORDINARY = "Copier LoRA needs an ordinary SD1, SD2 or SDXL checkpoint"
 
 # A key only that family's checkpoints have, checked in this order.
 FAMILY_MARKERS = (
@@ -133,18 +135,18 @@ def detect_config(source: TensorSource) -> ModelConfig:
     )
 
 
-def check_unet_input(shape: tuple[int, ...], what: str) -> None:
-    """One sentence for a UNet whose first convolution takes more than the 4 latent channels: the image to inpaint or
-    to edit, or a depth map, comes in beside the noise, and neither drawing from a prompt nor training from one image
-    has it to give."""
-    channels = shape[1]
-    if channels == 4:
-        return
-    kind = {9: "an inpainting model", 8: "an instruct-pix2pix model", 5: "a depth model"}
-    raise CopierError(
-        f"{what} takes {channels} input channels, not 4: it is {kind.get(channels, 'not a plain text-to-image model')}"
-        "; Copier LoRA needs an ordinary SD1, SD2 or SDXL checkpoint"
-    )
+def check_plain_unet(shapes: Mapping[str, tuple[int, ...]], family: str, what: str) -> None:
+    """One sentence for a UNet that needs more than noise and a prompt: one whose first convolution takes more than
+    the 4 latent channels (the image to inpaint or to edit, or a depth map, comes in beside the noise), or an SD1/SD2
+    one with a class embedding (unCLIP's image embedding). Neither drawing from a prompt nor training from one image
+    has them to give. `shapes` maps LDM parameter names to shapes."""
+    channels = shapes[INPUT_CONV][1] if INPUT_CONV in shapes else 4
+    if channels != 4:
+        kind = {9: "an inpainting model", 8: "an instruct-pix2pix model", 5: "a depth model"}
+        kind = kind.get(channels, "not a plain text-to-image model")
+        raise CopierError(f"{what} takes {channels} input channels, not 4: it is {kind}; {_ORDINARY}")
+    if family != "sdxl" and any(name.startswith("model.diffusion_model.label_emb.") for name in shapes):
+        raise CopierError(f"{what} takes an image embedding beside the prompt: it is an unCLIP model; {_ORDINARY}")
 
 
 def _stored_prediction(metadata: dict[str, str]) -> str | None:
@@ -177,8 +179,7 @@ def load_checkpoint(
     with torch.device("meta"):
         model = StableDiffusion(config)
     expected = model.state_dict()
-    if INPUT_CONV in source.keys:
-        check_unet_input(tuple(source.get(INPUT_CONV).shape), f"the UNet of checkpoint {source.path}")
+    check_plain_unet(source.shapes(), config.family, f"the UNet of checkpoint {source.path}")
     missing = [k for k in expected if k not in source.keys]
     if missing:
         raise CopierError(
