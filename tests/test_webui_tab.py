@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import gradio as gr
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -68,6 +69,22 @@ def test_inputs_become_a_request_named_after_the_image():
     shown = dataclasses.asdict(method_config("addift", "quick", {}))
     request = build_request(image, "", ["Grayscale"], {}, None, "addift", "quick", {**shown, "rank": 8}, False, "")
     assert request.method == "addift" and request.overrides == {"rank": 8}
+
+
+def test_transparent_and_16_bit_uploads_train_as_the_api_takes_them():
+    """Gradio is told to keep the file's mode (its default "RGB" turns transparency black and 16 bits white), and the
+    tab makes RGB as the API and the command line do: transparency over white, 16 bits scaled."""
+    hooks = Hooks(run=lambda request, state: [], generate=lambda request: None, run_tool=lambda tool, body: {})
+    images = [b for b in build_tab(hooks).blocks.values() if isinstance(b, gr.Image) and b.interactive is not False]
+    assert images and all(b.image_mode is None for b in images)
+    clear = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    clear.paste((200, 0, 0, 255), (16, 16, 48, 48))
+    grey16 = Image.fromarray(np.full((64, 64), 32768, np.uint16))
+    request = build_request(clear, "x", [], {}, grey16, "copier", "quick", {}, False, "")
+    assert request.image.mode == "RGB" and request.image.getpixel((0, 0)) == (255, 255, 255)
+    assert request.image.getpixel((32, 32)) == (200, 0, 0)
+    (edit,) = request.effects
+    assert edit.process(request.image).getpixel((0, 0)) == (128, 128, 128)
 
 
 def test_send_to_txt2img_pastes_the_prompt_with_the_lora_and_no_model():

@@ -18,7 +18,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from lib_copier.effects.image_io import read_image
+from lib_copier.effects.image_io import read_image, to_rgb
 from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError
 from lib_copier.models.cli import slug
@@ -131,13 +131,13 @@ def build_request(
     if image is None:
         raise CopierError("there is no original image: upload one, take one from a gallery, or generate one")
     more_images = [read_image(_path(f), f"original {Path(_path(f)).name}") for f in more or ()]
-    edits = [("edited", edited)] if edited is not None else []
+    edits = [("edited", to_rgb(edited, "your edit"))] if edited is not None else []
     effects = make_effects(effect_specs(selected, values), edits)
     caption = (image_infotext(image) or Infotext("")).prompt
     defaults = method_config(method, preset, {})
     overrides = {k: v for k, v in settings.items() if v is not None and v != getattr(defaults, k)}
     return TrainRequest(
-        image=image.convert("RGB"),
+        image=to_rgb(image, "the original"),
         name=name.strip() or default_name(image),
         effects=effects,
         method=method,
@@ -179,7 +179,10 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         with gr.Tab("Train"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    image = gr.Image(label="Original", type="pil", elem_id="copier_lora_image")
+                    # image_mode None: the file's own mode reaches `to_rgb`, which lays transparency over white and
+                    # scales 16 bits, as the API and the command line do (gradio's "RGB" turns both into black or
+                    # white)
+                    image = gr.Image(label="Original", type="pil", image_mode=None, elem_id="copier_lora_image")
                     info = gr.Textbox(label="Its generation parameters", lines=2, interactive=False)
                     with gr.Row():
                         from_buttons = {tab_name: gr.Button(f"From {tab_name}") for tab_name in ("txt2img", "img2img")}
@@ -192,7 +195,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                             gen_cfg = gr.Number(7.0, label="CFG scale")
                             gen_size = gr.Number(512, label="Width and height")
                         gen_button = gr.Button("Generate", elem_id="copier_lora_generate")
-                    edited = gr.Image(label="Or your own edit of it (a processed image)", type="pil")
+                    edited = gr.Image(label="Or your own edit of it (a processed image)", type="pil", image_mode=None)
                     more = gr.File(
                         label="More originals (optional): each effect LoRA is learned over all of them",
                         file_count="multiple", file_types=["image"], elem_id="copier_lora_more_originals",
@@ -275,10 +278,8 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             if img is None:
                 return []
             by_key = dict(zip(sliders, values, strict=True))
-            out = []
-            for effect in make_effects(effect_specs(chosen, by_key)):
-                out.append((effect.process(img.convert("RGB")), effect.label))
-            return out
+            img = to_rgb(img)
+            return [(effect.process(img), effect.label) for effect in make_effects(effect_specs(chosen, by_key))]
 
         def on_image(img, chosen, current_name):
             return describe_image(img), current_name or default_name(img)
