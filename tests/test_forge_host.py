@@ -25,8 +25,10 @@ def forge(monkeypatch):
     processing = types.ModuleType("modules.processing")
     processing.StableDiffusionProcessing = type("P", (), {"cached_c": [1, 2, 3], "cached_uc": [1, 2, 3]})
     processing.StableDiffusionProcessingTxt2Img = type("T", (processing.StableDiffusionProcessing,), {})
+    sd_models = types.ModuleType("modules.sd_models")
+    sd_models.forge_model_reload = lambda: (shared.sd_model, False)  # the picked checkpoint is the loaded one
     modules = types.ModuleType("modules")
-    modules.shared, modules.processing = shared, processing
+    modules.shared, modules.processing, modules.sd_models = shared, processing, sd_models
     memory = types.ModuleType("backend.memory_management")
     memory.vram_state = types.SimpleNamespace(name="NORMAL_VRAM")
     memory.ALWAYS_VRAM_OFFLOAD = False
@@ -35,9 +37,12 @@ def forge(monkeypatch):
     backend = types.ModuleType("backend")
     backend.memory_management = memory
     for name, module in (("modules", modules), ("modules.shared", shared), ("modules.processing", processing),
-                         ("backend", backend), ("backend.memory_management", memory)):  # fmt: skip
+                         ("modules.sd_models", sd_models), ("backend", backend),
+                         ("backend.memory_management", memory)):  # fmt: skip
         monkeypatch.setitem(sys.modules, name, module)
-    return types.SimpleNamespace(shared=shared, memory=memory, model=sd_model, processing=processing)
+    return types.SimpleNamespace(
+        shared=shared, memory=memory, model=sd_model, processing=processing, sd_models=sd_models
+    )
 
 
 def test_forge_is_told_by_what_it_exposes(forge, monkeypatch):
@@ -48,6 +53,27 @@ def test_forge_is_told_by_what_it_exposes(forge, monkeypatch):
     monkeypatch.delitem(sys.modules, "backend.memory_management")
     forge.shared.sd_model = types.SimpleNamespace()  # an A1111 model
     assert type(current_host()) is A1111Host
+
+
+def test_the_checkpoint_picked_in_forge_is_loaded_before_the_job(forge):
+    """Forge loads the dropdown's checkpoint only at the next generation: just after startup its model is a
+    placeholder, and after a pick it is still the one picked before."""
+    placeholder, picked = object(), forge.model
+    forge.shared.sd_model = placeholder
+
+    def reload():
+        forge.shared.sd_model = picked
+        return picked, True
+
+    forge.sd_models.forge_model_reload = reload
+    assert ForgeHost().sd_model is picked
+
+    def nothing_to_load():
+        raise ValueError("You do not have any model! Please download at least one model in [models/Stable-diffusion].")
+
+    forge.sd_models.forge_model_reload = nothing_to_load
+    with pytest.raises(CopierError, match=r"Forge could not load a checkpoint \(You do not have any model!"):
+        ForgeHost()
 
 
 @pytest.mark.parametrize("state, offload", [("LOW_VRAM", False), ("NO_VRAM", False), ("NORMAL_VRAM", True)])

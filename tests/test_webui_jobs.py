@@ -6,7 +6,7 @@ import pytest
 
 from lib_copier.errors import CopierError
 from lib_copier.train.trainer import Cancelled, Progress, TrainResult
-from lib_copier.webui.jobs import JobRunner
+from lib_copier.webui.jobs import JobRunner, in_own_thread
 
 
 class RecordingLock:
@@ -118,3 +118,21 @@ def test_a_failed_job_says_so_on_the_console(capsys):
     runner.wait(runner.submit(broken).id, timeout=10)
     err = capsys.readouterr().err
     assert "Copier LoRA: job" in err and "failed: RuntimeError: the GPU fell off" in err and "Traceback" in err
+
+
+def test_the_tab_trains_in_a_thread_of_its_own_that_has_ended_when_it_returns():
+    """Not in gradio's long-lived worker threads, each of which would keep the memory a training freed."""
+    seen = []
+
+    def work():
+        seen.append(threading.current_thread())
+        return ["result"]
+
+    assert in_own_thread(work) == ["result"]
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def fails():
+        raise CopierError("the original is 8x8 px")
+
+    with pytest.raises(CopierError, match="the original is 8x8 px"):
+        in_own_thread(fails)

@@ -97,6 +97,7 @@ def on_ui_tabs():
 
     from lib_copier.webui import gallery
     from lib_copier.webui.host import current_host
+    from lib_copier.webui.jobs import in_own_thread
     from lib_copier.webui.lora_tools import check_tool, run_checked
     from lib_copier.webui.tab import Hooks, build_tab
 
@@ -109,7 +110,7 @@ def on_ui_tabs():
         return call_queue.wrap_queued_call(run_checked)(checked)
 
     hooks = Hooks(
-        run=run,
+        run=lambda request, state: in_own_thread(lambda: run(request, state)),
         generate=call_queue.wrap_queued_call(lambda request: current_host().txt2img(request)),
         run_tool=tool,
         loras=lambda: sorted(p.stem for p in Path(lora_dir()).glob("*.safetensors")),

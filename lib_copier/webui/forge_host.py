@@ -22,6 +22,17 @@ _SWAP_STATES = ("LOW_VRAM", "NO_VRAM")
 
 class ForgeHost(A1111Host):
     def __init__(self):
+        from modules import sd_models
+
+        # Forge loads the checkpoint picked in its dropdown only at the next generation: until then the model is
+        # none (just after startup) or the one picked before. Load it now (the caller holds the queue lock, as a
+        # generation does), so the job trains the model the user picked and its grids are drawn with that one.
+        reload = getattr(sd_models, "forge_model_reload", None)
+        if reload is not None:
+            try:
+                reload()
+            except ValueError as exc:  # "You do not have any model!": no checkpoint to load
+                raise CopierError(f"Forge could not load a checkpoint ({exc}); pick one first") from exc
         super().__init__()
         if not is_forge_model(self.sd_model):
             raise CopierError("Forge has no Stable Diffusion model loaded; pick a checkpoint first")
