@@ -29,11 +29,13 @@ def check_name(name: str, what: str = "the output name") -> str:
         raise CopierError(f"{what} is empty")
     if "/" in name or "\\" in name or ".." in name:
         raise CopierError(f"{what} {shown(name)} must not contain path separators or '..'")
-    if not _ALLOWED.fullmatch(name) or len(name) > 120:
-        raise CopierError(
-            f"{what} {shown(name)} may use letters, digits, spaces and . _ + - ( ) [ ], "
-            "start with a letter or digit, and be at most 120 characters"
-        )
+    rule = "it may use ASCII letters, digits, spaces and . _ + - ( ) [ ] and must start with a letter or digit"
+    if len(name) > 120:
+        raise CopierError(f"{what} is {len(name)} characters long; it may be at most 120")
+    if not _ALLOWED.fullmatch(name):
+        bad = next((c for c in name if not _ALLOWED.fullmatch("a" + c)), None)
+        problem = f"has {bad!r}, which a file name here may not use" if bad else "does not start with a letter or digit"
+        raise CopierError(f"{what} {shown(name)} {problem}: {rule}")
     if name.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
         raise CopierError(f"{what} {shown(name)} is a name Windows keeps for a device; choose another")
     return name
