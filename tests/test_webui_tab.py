@@ -1,5 +1,6 @@
 """The tab builds with gradio, its inputs become a training request, and gallery images are read on gradio 3 and 4."""
 
+import base64
 import dataclasses
 import json
 
@@ -71,7 +72,7 @@ def test_inputs_become_a_request_named_after_the_image():
     assert request.method == "addift" and request.overrides == {"rank": 8}
 
 
-def test_transparent_and_16_bit_uploads_train_as_the_api_takes_them():
+def test_transparent_and_16_bit_uploads_train_as_the_api_takes_them(tmp_path):
     """Gradio is told to keep the file's mode (its default "RGB" turns transparency black and 16 bits white), and the
     tab makes RGB as the API and the command line do: transparency over white, 16 bits scaled."""
     hooks = Hooks(run=lambda request, state: [], generate=lambda request: None, run_tool=lambda tool, body: {})
@@ -79,6 +80,15 @@ def test_transparent_and_16_bit_uploads_train_as_the_api_takes_them():
     assert images and all(b.image_mode is None for b in images)
     clear = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     clear.paste((200, 0, 0, 255), (16, 16, 48, 48))
+    upload = tmp_path / "clear.png"
+    clear.save(upload)
+    if gr.__version__.startswith("3"):  # gradio 3 gets the file as a data URL, gradio 4 as a path
+        given = "data:image/png;base64," + base64.b64encode(upload.read_bytes()).decode()
+    else:
+        from gradio.data_classes import FileData
+
+        given = FileData(path=str(upload), orig_name=upload.name)
+    assert images[0].preprocess(given).getpixel((0, 0)) == (0, 0, 0, 0)  # the alpha reaches the tab
     grey16 = Image.fromarray(np.full((64, 64), 32768, np.uint16))
     request = build_request(clear, "x", [], {}, grey16, "copier", "quick", {}, False, "")
     assert request.image.mode == "RGB" and request.image.getpixel((0, 0)) == (255, 255, 255)
