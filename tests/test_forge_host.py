@@ -51,6 +51,11 @@ def test_forge_is_told_by_what_it_exposes(forge, monkeypatch):
     with pytest.raises(CopierError, match="pick a checkpoint"):
         current_host()
     monkeypatch.delitem(sys.modules, "backend.memory_management")
+    monkeypatch.setitem(sys.modules, "ldm_patched.modules.model_management", types.ModuleType("mm"))
+    forge.shared.sd_model = forge.model  # Forge's model objects, and ldm_patched's memory manager: Forge Classic
+    with pytest.raises(CopierError, match=r"built on the older Forge \(ldm_patched: Forge Classic, reForge\)"):
+        current_host()
+    monkeypatch.delitem(sys.modules, "ldm_patched.modules.model_management")
     forge.shared.sd_model = types.SimpleNamespace()  # an A1111 model
     assert type(current_host()) is A1111Host
 
