@@ -28,7 +28,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from lib_copier.backends.webui import REFINER, Host, HostBackend, native_resolution, posterior_mean
+from lib_copier.backends.webui import Host, HostBackend, native_resolution, posterior_mean
 from lib_copier.errors import CopierError
 from lib_copier.lora.naming import forge_to_ldm
 from lib_copier.models.sd_model import Conditioning
@@ -42,13 +42,10 @@ def is_forge_model(sd_model) -> bool:
 
 
 def forge_family(sd_model) -> str:
-    """sd1 / sd2 / sdxl from the flags Forge's engines set; one sentence for everything else (Flux, SD3, refiner)."""
-    encoders = dict(sd_model.forge_objects_original.clip.cond_stage_model.named_children())
+    """sd1 / sd2 / sdxl from the flags Forge's engines set; one sentence for everything else (Flux, SD3)."""
     for flag, family in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
         if getattr(sd_model, flag, False):
-            if family == "sdxl" and "clip_l" not in encoders:
-                raise CopierError(REFINER)
-            return family
+            return family  # the SDXL refiner is refused with the other backends' models (`HostBackend`)
     raise CopierError(
         f"Copier LoRA trains SD1, SD2 and SDXL models; the loaded model is a {type(sd_model).__name__}: "
         "pick an SD1, SD2 or SDXL checkpoint"

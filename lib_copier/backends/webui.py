@@ -29,7 +29,7 @@ from lib_copier.models.generate import Txt2Img
 from lib_copier.models.sd_model import Conditioning
 
 _WRAPPED = re.compile(r"\.wrapped(?=\.|$)")
-REFINER = (
+_REFINER = (
     "the loaded model is the SDXL refiner, which has no CLIP-L text encoder and no LoRA format of its own; "
     "Copier LoRA trains SD1, SD2 and SDXL base models: pick one"
 )
@@ -68,6 +68,8 @@ class HostBackend(ABC):
 
     def __init__(self, host: Host, params: Mapping[str, torch.Tensor], layers: Mapping[str, nn.Module], family: str):
         check_plain_unet({n: tuple(p.shape) for n, p in params.items()}, family, "the loaded model's UNet")
+        if family == "sdxl" and not any(n.startswith("conditioner.embedders.0.transformer.") for n in params):
+            raise CopierError(_REFINER)  # its one text encoder, OpenCLIP-G, where SDXL's CLIP-L belongs
         self.host = host
         self.sd_model = host.sd_model
         self._params = dict(params)
@@ -147,10 +149,7 @@ class WebUIBackend(HostBackend):
         layers: dict[str, nn.Module] = {}
         for name, module in host.sd_model.named_modules():
             layers.setdefault(checkpoint_name(name), module)
-        family = model_family(params)
-        if family == "sdxl" and not any(n.startswith("conditioner.embedders.0.transformer.") for n in params):
-            raise CopierError(REFINER)
-        super().__init__(host, params, layers, family)
+        super().__init__(host, params, layers, model_family(params))
         self.prediction = "v" if getattr(self.sd_model, "parameterization", "eps") == "v" else "eps"
         self.resolution = native_resolution(self.family, self.prediction)
         # The host's device, not the UNet's: under --medvram the UNet waits on the CPU between uses.
