@@ -5,6 +5,7 @@ inference tensors, a `Linear` that is not an `nn.Linear`, transformer blocks tha
 `KModel` whose `apply_model` works in sigma space, a VAE whose `encode` samples, conditioning made under inference
 mode, and a LoRA loader that bakes LoRAs into new Parameter objects until its next refresh. Text encoders sit in a
 `JointTextEncoder` as `clip_l` / `clip_g` in the Hugging Face layout (SDXL's bigG converted from our OpenCLIP one).
+`design` gives Forge Neo's or Forge Classic's variant of each point (see `ForgeModel`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib_copier.backends.forge import ForgeBackend, borrowed, forge_conditioning
+from lib_copier.backends.forge_classic import ClassicBackend
 from lib_copier.lora.files import read_lora
 from lib_copier.lora.naming import by_key, forge_to_ldm, lora_targets
 from lib_copier.lora.network import LoRANetwork
@@ -200,6 +202,90 @@ class NeoPatcher(BasePatcher):
         self.loader.refresh({})
 
 
+class ClassicPatcher(BasePatcher):
+    """Forge Classic's ComfyUI `ModelPatcher`: `patch_model` bakes its LoRAs into new Parameter objects (under
+    inference mode, as generation runs) and backs up the old ones in the clone itself; only that clone's
+    `unpatch_model` restores them, and the memory manager calls it when it unloads the clone."""
+
+    def __init__(self, model, memory, lora_patches=None):
+        super().__init__(model, None, dict(lora_patches or {}))
+        self.memory, self.backup = memory, {}
+
+    def load(self):
+        self.memory.load_model_gpu(self)
+
+    def clone(self):
+        return ClassicPatcher(self.model, self.memory, self.lora_patches)
+
+    def is_clone(self, other):
+        return other.model is self.model
+
+    @torch.inference_mode()
+    def patch_model(self):
+        for patches in self.lora_patches.values():
+            for name, delta in patches.items():
+                weight = self.backup.setdefault(name, self.model.get_parameter(name))
+                _set(self.model, name, nn.Parameter(weight + delta.to(weight.dtype), requires_grad=False))
+
+    def unpatch_model(self):
+        for name, param in self.backup.items():
+            _set(self.model, name, param)
+        self.backup = {}
+
+
+class LoadedModel:
+    def __init__(self, patcher):
+        self.model, self.model_accelerated = patcher, False
+
+
+class MemoryManager:
+    """`ldm_patched.modules.model_management` as far as patchers go: a loaded clone keeps its LoRAs baked in until
+    another clone of the same model is loaded."""
+
+    def __init__(self):
+        self.current_loaded_models: list[LoadedModel] = []
+
+    def load_model_gpu(self, patcher):
+        if any(m.model is patcher for m in self.current_loaded_models):
+            return
+        self.unload_model_clones(patcher)
+        patcher.patch_model()
+        self.current_loaded_models.insert(0, LoadedModel(patcher))
+
+    def unload_model_clones(self, patcher):
+        for loaded in [m for m in self.current_loaded_models if patcher.is_clone(m.model)]:
+            self.current_loaded_models.remove(loaded)
+            loaded.model.unpatch_model()
+
+
+class ModelSampling(nn.Module):
+    """ComfyUI's discrete `ModelSampling(EPS | V_PREDICTION, ModelSamplingDiscrete)`: sigmas, no alphas_cumprod."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.register_buffer("sigmas", ((1 - alphas_cumprod) / alphas_cumprod).sqrt().float())
+
+
+class LatentFormat:
+    def __init__(self, scale_factor: float):
+        self.scale_factor = scale_factor
+
+    def process_in(self, latent):
+        return latent * self.scale_factor
+
+
+class BaseModel(nn.Module):
+    """Forge Classic's `model_base.BaseModel`: the UNet, its sampling, its latent format and compute dtype."""
+
+    def __init__(self, unet: nn.Module, model_sampling: ModelSampling, scale_factor: float):
+        super().__init__()
+        self.diffusion_model, self.model_sampling = unet, model_sampling
+        self.latent_format, self.manual_cast_dtype = LatentFormat(scale_factor), None
+
+    def get_dtype(self):
+        return next(self.diffusion_model.parameters()).dtype
+
+
 @dataclasses.dataclass
 class Clip:
     cond_stage_model: nn.Module
@@ -233,50 +319,63 @@ class JointTextEncoder(nn.Module):
 
 class SampledVAE(nn.Module):
     """The VAE Forge holds: LDM encoder/quant_conv, `process_in` (shift, then scale; Forge also shows the factors,
-    Neo does not), and an `encode` that samples."""
+    Neo does not; Classic has neither), and an `encode` that samples."""
 
-    def __init__(self, vae: nn.Module, scale: float, neo: bool):
+    def __init__(self, vae: nn.Module, scale: float, design: str):
         super().__init__()
         self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
-        self.scale = scale
-        if not neo:
+        if design == "forge":
             self.scaling_factor, self.shift_factor = scale, 0.0
+        if design != "classic":
+            self.process_in = lambda latent: latent * scale
         self.ours = [vae]
-
-    def process_in(self, latent):
-        return latent * self.scale
 
     def encode(self, x):
         return self.ours[0].encode(x).sample(torch.Generator().manual_seed(0))
 
 
 class ForgeModel:
-    """`backend.diffusion_engine.sd15.StableDiffusion` / `sdxl.StableDiffusionXL`, over our model's modules; `neo`
-    gives Forge Neo's: ComfyUI-style patchers, a real `nn.Linear`, no VAE factors, no SD2 flag."""
+    """`backend.diffusion_engine.sd15.StableDiffusion` / `sdxl.StableDiffusionXL`, over our model's modules.
+    `design="neo"` gives Forge Neo's: ComfyUI-style patchers, a real `nn.Linear`, no VAE factors, no SD2 flag.
+    `design="classic"` gives Forge Classic's: A1111's model object (its `parameterization` and `alphas_cumprod`,
+    prompt encoding that autograd goes through) over Forge's objects, a `BaseModel` whose sampling has sigmas only,
+    ComfyUI patchers whose clones keep LoRAs baked in while the memory manager (`memory`) holds them, and weights
+    loaded under `no_grad` (ordinary tensors, not inference ones)."""
 
-    def __init__(self, model: StableDiffusion, neo: bool = False):
-        self.ours = model
+    def __init__(self, model: StableDiffusion, design: str = "forge"):
+        self.ours, self.design = model, design
         self.first_stage_model = self.cond_stage_model = None  # as Forge has them
-        _forge_modules(model, linear=not neo)
+        _forge_modules(model, linear=design != "neo")
         embedders = model.text_embedders
-        single = "clip_l" if model.config.family == "sd1" else "clip_h"
+        family = model.config.family
+        single = "clip_l" if family == "sd1" else "clip_h"
         names = ["clip_l", "clip_g"] if len(embedders) == 2 else [single]
         clip = JointTextEncoder(dict(zip(names, embedders, strict=True)))
-        predictor = Predictor(model.schedule.alphas_cumprod, model.config.prediction)
-        kmodel = KModel(model.unet, predictor)
-        vae = SampledVAE(model.first_stage_model, model.config.scale_factor, neo)
-        kind = NeoPatcher if neo else Patcher
-        self.forge_objects = ForgeObjects(
-            kind(kmodel, LoraLoader(kmodel)),
-            Clip(clip, kind(clip, LoraLoader(clip))),
-            VAE(vae, kind(vae, LoraLoader(vae))),
-        )
+        alphas_cumprod = model.schedule.alphas_cumprod
+        if design == "classic":
+            self.parameterization, self.alphas_cumprod = model.config.prediction, alphas_cumprod.clone()
+            if model.config.prediction == "v":
+                self.alphas_cumprod_original = self.alphas_cumprod
+            kmodel = BaseModel(model.unet, ModelSampling(alphas_cumprod), model.config.scale_factor)
+        else:
+            kmodel = KModel(model.unet, Predictor(alphas_cumprod, model.config.prediction))
+        vae = SampledVAE(model.first_stage_model, model.config.scale_factor, design)
+        self.memory = MemoryManager()
+        if design == "classic":
+            patchers = [ClassicPatcher(module, self.memory) for module in (kmodel, clip, vae)]
+        else:
+            kind = NeoPatcher if design == "neo" else Patcher
+            patchers = [kind(module, LoraLoader(module)) for module in (kmodel, clip, vae)]
+        self.forge_objects = ForgeObjects(patchers[0], Clip(clip, patchers[1]), VAE(vae, patchers[2]))
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
         self.current_lora_hash = str([])
-        self.is_sd1, self.is_sdxl = model.config.family == "sd1", model.config.family == "sdxl"
-        if not neo:
-            self.is_sd2 = model.config.family == "sd2"
+        self.is_sd1, self.is_sdxl = family == "sd1", family == "sdxl"
+        if design != "neo":
+            self.is_sd2 = family == "sd2"
+        if design == "classic":
+            self.get_learned_conditioning = self._conditioning  # A1111's, not under inference mode
+            return
         with torch.inference_mode():  # Forge loads its models under inference mode
             for module in (kmodel, clip, vae):
                 for layer in module.modules():
@@ -286,6 +385,9 @@ class ForgeModel:
 
     @torch.inference_mode()
     def get_learned_conditioning(self, prompts):
+        return self._conditioning(prompts)
+
+    def _conditioning(self, prompts):
         cond = self.ours.encode_prompts(list(prompts), prompts.height, prompts.width)
         return cond.context if cond.vector is None else {"crossattn": cond.context, "vector": cond.vector}
 
@@ -302,9 +404,9 @@ class ForgeHost(StandInUI):
     """The host side as Forge does it: its conditioning, and txt2img that loads `<lora:name:w>` from `lora_dir` the
     way its LoRA extension does (patcher clones, weights baked in at the next load)."""
 
-    def __init__(self, model: StableDiffusion, lora_dir: Path | None = None, neo: bool = False):
+    def __init__(self, model: StableDiffusion, lora_dir: Path | None = None, design: str = "forge"):
         super().__init__(model, lora_dir)
-        self.sd_model = ForgeModel(model, neo)
+        self.sd_model = ForgeModel(model, design)
         self.checkpoint = "forge-stand-in.safetensors"
         self.loads: list[str] = []  # the patchers' models put on their device, in order
 
@@ -313,9 +415,11 @@ class ForgeHost(StandInUI):
             self.loads.append(type(patcher.model).__name__)
             patcher.load()
 
-        return ForgeBackend(self, load=load)
+        return (ClassicBackend if self.sd_model.design == "classic" else ForgeBackend)(self, load=load)
 
     def conditioning(self, prompts, height, width):
+        if self.sd_model.design == "classic":  # A1111's get_learned_conditioning
+            return self.sd_model.get_learned_conditioning(Prompts(prompts, width, height))
         return forge_conditioning(self.sd_model, Prompts(prompts, width, height))
 
     def txt2img(self, request, progress=None):
@@ -353,5 +457,6 @@ class ForgeHost(StandInUI):
     @contextmanager
     def prepared(self):
         self.prepared_jobs += 1
-        with borrowed(self.sd_model):
+        classic = self.sd_model.design == "classic"
+        with borrowed(self.sd_model, self.sd_model.memory.unload_model_clones if classic else None):
             yield

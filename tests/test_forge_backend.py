@@ -29,21 +29,25 @@ def model(config):
     return hf_layout(randomize_(build_model(config)))
 
 
-def pair(config=TINY, lora_dir=None, neo=False):
-    return StandaloneBackend(model(config)), ForgeHost(model(config), lora_dir, neo)
+DESIGNS = ["forge", "neo", "classic"]
+
+
+def pair(config=TINY, lora_dir=None, design="forge"):
+    return StandaloneBackend(model(config)), ForgeHost(model(config), lora_dir, design)
 
 
 def snapshot(host):
-    with host.prepared():
-        return {name: p.detach().clone() for name, p in host.backend().weights()}
+    return {name: (p.detach().clone(), p.is_inference()) for name, p in host.backend().weights()}
 
 
 def assert_as_loaded(host, before):
-    """Bit-identical, every weight an inference tensor again, and no LoRA left in Forge's bookkeeping."""
+    """Bit-identical, each weight an inference tensor again where it was one (all of them in Forge and Neo, none in
+    Forge Classic), and no LoRA left in Forge's bookkeeping."""
     after = dict(host.backend().weights())
     assert after.keys() == before.keys()
-    assert [n for n in before if not torch.equal(before[n], after[n])] == []
-    assert all(p.is_inference() for p in after.values())
+    assert [n for n, (p, _) in before.items() if not torch.equal(p, after[n])] == []
+    assert [n for n, (_, inference) in before.items() if after[n].is_inference() != inference] == []
+    assert all(inference for _, inference in before.values()) == (host.sd_model.design != "classic")
     sd = host.sd_model
     assert sd.current_lora_hash == "[]" and not sd.forge_objects_after_applying_lora.unet.lora_patches
 
@@ -69,7 +73,8 @@ def test_forge_names_give_the_ldm_targets(name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_the_forge_model_reads_like_the_standalone_one(name):
-    ours, host = pair(CONFIGS[name], neo=name != "sd2-v")  # Neo has no SD2; its VAE shows no scaling factor
+    # Neo has no SD2; Forge has VAE scaling factors, Neo shows none, Classic scales by the UNet's latent format
+    ours, host = pair(CONFIGS[name], design={"sd1": "neo", "sd2-v": "forge", "sdxl": "classic"}[name])
     forge = host.backend()
     assert_reads_like(forge, ours)
     image = image_tensor(ours.generate(Txt2Img("a cat", seed=0, steps=2)))
@@ -85,10 +90,10 @@ def test_the_forge_model_reads_like_the_standalone_one(name):
 
 
 @pytest.mark.parametrize("preset", ["quick", "fast"])
-@pytest.mark.parametrize("neo", [False, True], ids=["forge", "neo"])
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("name", ["sd1", "sdxl"])
-def test_training_on_forge_gives_the_standalone_lora_and_leaves_forge_as_loaded(name, neo, preset):
-    ours, host = pair(CONFIGS[name], neo=neo)
+def test_training_on_forge_gives_the_standalone_lora_and_leaves_forge_as_loaded(name, design, preset):
+    ours, host = pair(CONFIGS[name], design=design)
     image = ours.generate(Txt2Img("a cat", seed=0, steps=2))
     config = make_config(preset, steps=3 if preset == "quick" else 2, train_text_encoder=name == "sdxl")
     captions = "a cat" if preset == "quick" else ["a cat", "a dog"]  # Fast: four timesteps and prompts per step
@@ -106,13 +111,13 @@ def test_training_on_forge_gives_the_standalone_lora_and_leaves_forge_as_loaded(
     for key in expected:
         assert torch.allclose(got[key].up, expected[key].up, atol=1e-5), key
     assert_as_loaded(host, before)
-    assert "KModel" in host.loads  # the UNet was put on its device before the loop
+    assert {"KModel", "BaseModel"} & set(host.loads)  # the UNet was put on its device before the loop
     assert not forge.unet().training
 
 
-@pytest.mark.parametrize("neo", [False, True], ids=["forge", "neo"])
-def test_a_job_whose_grids_forge_draws_with_its_lora_loader_leaves_forge_as_loaded(tmp_path, neo):
-    ours, host = pair(lora_dir=tmp_path, neo=neo)
+@pytest.mark.parametrize("design", DESIGNS)
+def test_a_job_whose_grids_forge_draws_with_its_lora_loader_leaves_forge_as_loaded(tmp_path, design):
+    ours, host = pair(lora_dir=tmp_path, design=design)
     image = ours.generate(Txt2Img("a cat", seed=0, steps=2))
     before = snapshot(host)
     plain = host.txt2img(Txt2Img("a dog", seed=1, steps=2))

@@ -11,38 +11,58 @@ import torch
 from lib_copier.errors import CopierError
 from lib_copier.models.configs import TINY
 from lib_copier.models.sd_model import build_model
-from lib_copier.webui.forge_host import ForgeHost
+from lib_copier.webui.forge_host import ClassicHost, ForgeHost
 from lib_copier.webui.host import A1111Host, current_host
 from tests.conftest import randomize_
 from tests.forge_like import ForgeModel
 
 
-@pytest.fixture
-def forge(monkeypatch):
-    """A Forge process as far as the adapter can tell: its shared model and its memory manager."""
-    sd_model = ForgeModel(randomize_(build_model(TINY)))
+def _process(monkeypatch, design: str):
+    """A Forge (or Forge Classic) process as far as the adapter can tell: its shared model and memory manager."""
+    sd_model = ForgeModel(randomize_(build_model(TINY)), design)
     shared = types.SimpleNamespace(sd_model=sd_model, cmd_opts=types.SimpleNamespace())
     processing = types.ModuleType("modules.processing")
     processing.StableDiffusionProcessing = type("P", (), {"cached_c": [1, 2, 3], "cached_uc": [1, 2, 3]})
     processing.StableDiffusionProcessingTxt2Img = type("T", (processing.StableDiffusionProcessing,), {})
     sd_models = types.ModuleType("modules.sd_models")
-    sd_models.forge_model_reload = lambda: (shared.sd_model, False)  # the picked checkpoint is the loaded one
     modules = types.ModuleType("modules")
     modules.shared, modules.processing, modules.sd_models = shared, processing, sd_models
-    memory = types.ModuleType("backend.memory_management")
+    memory = types.ModuleType("memory_management")
     memory.vram_state = types.SimpleNamespace(name="NORMAL_VRAM")
     memory.ALWAYS_VRAM_OFFLOAD = False
-    memory.load_model_gpu = lambda patcher: patcher.load()
-    memory.load_models_gpu = lambda patchers, memory_required=0: None
-    backend = types.ModuleType("backend")
-    backend.memory_management = memory
-    for name, module in (("modules", modules), ("modules.shared", shared), ("modules.processing", processing),
-                         ("modules.sd_models", sd_models), ("backend", backend),
-                         ("backend.memory_management", memory)):  # fmt: skip
+    faked = {"modules": modules, "modules.shared": shared, "modules.processing": processing,
+             "modules.sd_models": sd_models}  # fmt: skip
+    if design == "classic":
+        memory.current_loaded_models = sd_model.memory.current_loaded_models
+        memory.load_model_gpu = sd_model.memory.load_model_gpu
+        memory.unload_model_clones = sd_model.memory.unload_model_clones
+        ldm_patched = types.ModuleType("ldm_patched")
+        ldm_patched.modules = types.ModuleType("ldm_patched.modules")
+        ldm_patched.modules.model_management = memory
+        faked |= {"ldm_patched": ldm_patched, "ldm_patched.modules": ldm_patched.modules,
+                  "ldm_patched.modules.model_management": memory}  # fmt: skip
+    else:
+        sd_models.forge_model_reload = lambda: (shared.sd_model, False)  # the picked checkpoint is the loaded one
+        memory.load_model_gpu = lambda patcher: patcher.load()
+        memory.load_models_gpu = lambda patchers, memory_required=0: None
+        backend = types.ModuleType("backend")
+        backend.memory_management = memory
+        faked |= {"backend": backend, "backend.memory_management": memory}
+    for name, module in faked.items():
         monkeypatch.setitem(sys.modules, name, module)
     return types.SimpleNamespace(
         shared=shared, memory=memory, model=sd_model, processing=processing, sd_models=sd_models
     )
+
+
+@pytest.fixture
+def forge(monkeypatch):
+    return _process(monkeypatch, "forge")
+
+
+@pytest.fixture
+def classic(monkeypatch):
+    return _process(monkeypatch, "classic")
 
 
 def test_forge_is_told_by_what_it_exposes(forge, monkeypatch):
@@ -51,13 +71,15 @@ def test_forge_is_told_by_what_it_exposes(forge, monkeypatch):
     with pytest.raises(CopierError, match="pick a checkpoint"):
         current_host()
     monkeypatch.delitem(sys.modules, "backend.memory_management")
-    monkeypatch.setitem(sys.modules, "ldm_patched.modules.model_management", types.ModuleType("mm"))
-    forge.shared.sd_model = forge.model  # Forge's model objects, and ldm_patched's memory manager: Forge Classic
-    with pytest.raises(CopierError, match=r"built on the older Forge \(ldm_patched: Forge Classic, reForge\)"):
-        current_host()
-    monkeypatch.delitem(sys.modules, "ldm_patched.modules.model_management")
     forge.shared.sd_model = types.SimpleNamespace()  # an A1111 model
     assert type(current_host()) is A1111Host
+
+
+def test_forge_classic_is_told_by_its_memory_manager(classic):
+    assert type(current_host()) is ClassicHost
+    classic.shared.sd_model = None
+    with pytest.raises(CopierError, match="no model loaded; pick a checkpoint"):
+        current_host()
 
 
 def test_the_checkpoint_picked_in_forge_is_loaded_before_the_job(forge):
@@ -81,16 +103,18 @@ def test_the_checkpoint_picked_in_forge_is_loaded_before_the_job(forge):
         ForgeHost()
 
 
+@pytest.mark.parametrize("design", ["forge", "classic"])
 @pytest.mark.parametrize("state, offload", [("LOW_VRAM", False), ("NO_VRAM", False), ("NORMAL_VRAM", True)])
-def test_swap_modes_are_refused_before_any_weight_is_touched(forge, state, offload):
-    forge.memory.vram_state = types.SimpleNamespace(name=state)
-    forge.memory.ALWAYS_VRAM_OFFLOAD = offload
-    params = dict(forge.model.forge_objects_original.unet.model.named_parameters())
-    host = ForgeHost()
+def test_swap_modes_are_refused_before_any_weight_is_touched(monkeypatch, design, state, offload):
+    process = _process(monkeypatch, design)
+    process.memory.vram_state = types.SimpleNamespace(name=state)
+    process.memory.ALWAYS_VRAM_OFFLOAD = offload
+    params = dict(process.model.forge_objects_original.unet.model.named_parameters())
+    host = current_host()
     with pytest.raises(CopierError, match="--always-low-vram"), host.prepared():
         pytest.fail("the job must not start")
-    after = dict(forge.model.forge_objects_original.unet.model.named_parameters())
-    assert all(after[n] is p and p.is_inference() for n, p in params.items())
+    after = dict(process.model.forge_objects_original.unet.model.named_parameters())
+    assert all(after[n] is p and p.is_inference() == (design == "forge") for n, p in params.items())
 
 
 def test_a_full_load_is_asked_for_where_the_memory_manager_offers_it(forge):
@@ -103,3 +127,35 @@ def test_a_full_load_is_asked_for_where_the_memory_manager_offers_it(forge):
         host.backend().encode_images(torch.zeros(1, 3, 64, 64))
     assert calls == [True]
     assert forge.processing.StableDiffusionProcessing.cached_c == [None, None, None]  # Forge's three-entry cache
+
+
+def test_forge_classic_trains_on_the_weights_without_the_loras_its_last_generation_left_in(classic):
+    """Forge Classic bakes a prompt's LoRAs into the weights through a clone of the UNet's patcher, and they stay
+    there until its memory manager loads another clone of the same model."""
+    unet = classic.model.forge_objects_original.unet
+    before = {n: p.detach().clone() for n, p in unet.model.named_parameters()}
+    name = next(n for n in before if n.endswith("proj_in.weight"))
+    with_lora = unet.clone()
+    with_lora.lora_patches[("lora.safetensors", 1.0)] = {name: torch.ones_like(before[name])}
+    classic.memory.load_model_gpu(with_lora)  # a generation with <lora:lora:1>
+    assert not torch.equal(unet.model.get_parameter(name), before[name])
+    host = current_host()
+    with host.prepared():
+        assert torch.equal(unet.model.get_parameter(name), before[name])
+        host.backend().encode_images(torch.zeros(1, 3, 64, 64))
+    after = dict(unet.model.named_parameters())
+    assert [n for n, p in before.items() if not torch.equal(after[n], p)] == []
+    assert classic.processing.StableDiffusionProcessing.cached_c == [None, None, None]
+
+
+def test_forge_classic_streaming_part_of_the_model_is_refused_in_one_sentence(classic):
+    load = classic.memory.load_model_gpu
+
+    def short_of_memory(patcher):  # what its memory manager does when the whole model does not fit
+        load(patcher)
+        classic.memory.current_loaded_models[0].model_accelerated = True
+
+    classic.memory.load_model_gpu = short_of_memory
+    host = current_host()
+    with pytest.raises(CopierError, match="too little free memory to hold the whole model"), host.prepared():
+        host.backend().encode_images(torch.zeros(1, 3, 64, 64))

@@ -25,12 +25,12 @@ from tests.conftest import randomize_
 from tests.forge_like import ForgeHost
 
 
-@pytest.fixture(params=["a1111", "forge", "neo"])
+@pytest.fixture(params=["a1111", "forge", "neo", "classic"])
 def host(request, tmp_path):
     model = randomize_(build_model(TINY))
     if request.param == "a1111":
         return A1111Host(model, lora_dir=tmp_path)
-    return ForgeHost(model, lora_dir=tmp_path, neo=request.param == "neo")
+    return ForgeHost(model, lora_dir=tmp_path, design=request.param)
 
 
 def request_for(host, **kw) -> TrainRequest:

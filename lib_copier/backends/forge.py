@@ -74,6 +74,8 @@ def forge_conditioning(sd_model, prompts):
 
 
 class ForgeBackend(HostBackend):
+    _LOW_BITS_ADVICE = "set Forge's 'Diffusion in Low Bits' to Automatic (fp16) and load the model again"
+
     def __init__(self, host: Host, load: Callable[[object], None] = lambda patcher: None):
         """`load` is Forge's `memory_management.load_model_gpu`: it puts a patcher's model on its device."""
         sd_model = host.sd_model
@@ -81,23 +83,39 @@ class ForgeBackend(HostBackend):
         self._objects = sd_model.forge_objects_original
         self._load = load
         kmodel = self._objects.unet.model
-        _refuse_low_bits(kmodel)
+        for module in (kmodel, self._objects.clip.cond_stage_model):
+            if (low := _low_bits(module)) is not None:
+                raise CopierError(
+                    f"the loaded model stores its weights in low bits ({low}); LoRA training needs fp16, bf16 or "
+                    f"fp32 weights: {self._LOW_BITS_ADVICE}"
+                )
         layers = {}
         for module in (kmodel, self._objects.clip.cond_stage_model):
             for name, layer in module.named_modules():
                 if (ldm := forge_to_ldm(name, family)) is not None:
                     layers[ldm] = layer
         super().__init__(host, dict(live_parameters(sd_model, family)), layers, family)
+        self.prediction = self._prediction(kmodel)
+        self.resolution = native_resolution(family, self.prediction)
+        self.device = torch.device(self._objects.unet.load_device)
+        self.dtype = self._computation_dtype(kmodel)
+
+    # What differs between Forge's designs (Forge Classic's: `forge_classic.py`).
+
+    def _prediction(self, kmodel: nn.Module) -> str:
         prediction = getattr(kmodel.predictor, "prediction_type", None)
         if prediction not in PREDICTIONS or not hasattr(kmodel.predictor, "alphas_cumprod"):
             raise CopierError(
                 f"the loaded model is not a diffusion model with a noise schedule (prediction {prediction!r}, "
                 "e.g. flow matching); Copier LoRA trains epsilon and v-prediction SD1, SD2 and SDXL models"
             )
-        self.prediction = PREDICTIONS[prediction]
-        self.resolution = native_resolution(family, self.prediction)
-        self.device = torch.device(self._objects.unet.load_device)
-        self.dtype = kmodel.computation_dtype
+        return PREDICTIONS[prediction]
+
+    def _computation_dtype(self, kmodel: nn.Module) -> torch.dtype:
+        return kmodel.computation_dtype
+
+    def _scaled_latents(self, mean: torch.Tensor) -> torch.Tensor:
+        return self._objects.vae.first_stage_model.process_in(mean)  # Forge's shift and scale
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         # Forge replaces Parameter objects (LoRA refresh, device moves): read them where they are now.
@@ -109,8 +127,8 @@ class ForgeBackend(HostBackend):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         self._load(self._objects.vae.patcher)
-        vae = self._objects.vae.first_stage_model
-        return vae.process_in(posterior_mean(vae, images)).float().to(self.device)  # Forge's shift and scale
+        mean = posterior_mean(self._objects.vae.first_stage_model, images)
+        return self._scaled_latents(mean).float().to(self.device)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         unet = self.unet()
@@ -141,31 +159,29 @@ def _read_a_copy(module: nn.Module, args: tuple) -> tuple:
     return (args[0].clone(), *args[1:]) if torch.is_grad_enabled() else args
 
 
-def _refuse_low_bits(kmodel: nn.Module) -> None:
-    storage = getattr(kmodel, "storage_dtype", torch.float16)
-    # bitsandbytes (nf4/fp4) and gguf mark their parameters; Neo's mixed-precision and int8 formats are tensor
-    # subclasses or other dtypes.
-    quantised = any(
-        hasattr(p, "bnb_quantized")
-        or hasattr(p, "gguf_cls")
-        or type(p.data) is not torch.Tensor
-        or p.dtype not in _FULL_PRECISION
-        for p in kmodel.parameters()
-    )
-    if storage not in _FULL_PRECISION or quantised:
-        raise CopierError(
-            f"the loaded model stores its weights in low bits ({storage}); LoRA training needs fp16, bf16 or fp32 "
-            "weights: set Forge's 'Diffusion in Low Bits' to Automatic (fp16) and load the model again"
-        )
+def _low_bits(module: nn.Module) -> object | None:
+    """What stores `module`'s weights in low bits, or None where every weight is fp16, bf16 or fp32."""
+    storage = getattr(module, "storage_dtype", torch.float16)
+    if storage not in _FULL_PRECISION:
+        return storage
+    for p in module.parameters():
+        # bitsandbytes (nf4/fp4) and gguf mark their parameters; Neo's mixed-precision and int8 formats are tensor
+        # subclasses or other dtypes.
+        if hasattr(p, "bnb_quantized") or hasattr(p, "gguf_cls") or type(p.data) is not torch.Tensor:
+            return type(p.data).__name__
+        if p.dtype not in _FULL_PRECISION:
+            return p.dtype
+    return None
 
 
 @contextmanager
-def borrowed(sd_model) -> Iterator[None]:
+def borrowed(sd_model, unload_clones: Callable[[object], None] | None = None) -> Iterator[None]:
     """For one job: Forge's model without any LoRA baked in, its weights ordinary tensors that autograd and fusing
     can use; afterwards the same bits as inference tensors again, and Forge's LoRA state reset so that its next
-    generation applies whatever LoRAs its prompt asks for from the original weights."""
+    generation applies whatever LoRAs its prompt asks for from the original weights. `unload_clones`: Forge
+    Classic's `model_management.unload_model_clones` (see `forget_loras`)."""
     objects = sd_model.forge_objects_original
-    forget_loras(sd_model)
+    forget_loras(sd_model, unload_clones)
     slots = [
         (layer, name)
         for module in (objects.unet.model, objects.clip.cond_stage_model)
@@ -177,17 +193,21 @@ def borrowed(sd_model) -> Iterator[None]:
         _replace_parameters(slots, lambda param: param.detach().clone())
         yield
     finally:
-        forget_loras(sd_model)  # restores what the host-drawn grids baked into the weights
+        forget_loras(sd_model, unload_clones)  # restores what the host-drawn grids baked into the weights
         with torch.inference_mode():
             _replace_parameters(slots, lambda param: param if param.is_inference() else param.detach().clone())
 
 
-def forget_loras(sd_model) -> None:
+def forget_loras(sd_model, unload_clones: Callable[[object], None] | None = None) -> None:
     """Forge's LoRAs out of the weights, and its cache of what it applied reset. Forge refreshes a patcher to the
-    LoRAs it carries (the original ones carry none); Neo's ComfyUI-style patchers restore their shared backups."""
+    LoRAs it carries (the original ones carry none); Neo's ComfyUI-style patchers restore their shared backups.
+    Forge Classic's keep their backups per clone, and the clone that carries the LoRAs stays loaded (weights and
+    all) until the memory manager unloads it: `unload_clones(original)` does that."""
     objects = sd_model.forge_objects_original
     for patcher in (objects.unet, objects.clip.patcher):
-        if hasattr(patcher, "refresh_loras"):
+        if unload_clones is not None:
+            unload_clones(patcher)
+        elif hasattr(patcher, "refresh_loras"):
             patcher.refresh_loras()
         else:
             patcher.unpatch_model()

@@ -150,7 +150,7 @@ class WebUIBackend(HostBackend):
         for name, module in host.sd_model.named_modules():
             layers.setdefault(checkpoint_name(name), module)
         super().__init__(host, params, layers, model_family(params))
-        self.prediction = "v" if getattr(self.sd_model, "parameterization", "eps") == "v" else "eps"
+        self.prediction = ldm_prediction(self.sd_model)
         self.resolution = native_resolution(self.family, self.prediction)
         # The host's device, not the UNet's: under --medvram the UNet waits on the CPU between uses.
         self.device, self.dtype = host.device, next(self.unet().parameters()).dtype
@@ -158,12 +158,7 @@ class WebUIBackend(HostBackend):
     # What the trainer reads.
 
     def alphas_cumprod(self) -> torch.Tensor:
-        # A1111 rewrites `alphas_cumprod` per generation (downcast, zero terminal SNR); the original is what the
-        # model was trained on.
-        schedule = getattr(self.sd_model, "alphas_cumprod_original", None)
-        if schedule is None:
-            schedule = self.sd_model.alphas_cumprod
-        return schedule.detach().to("cpu", torch.float32)
+        return ldm_schedule(self.sd_model)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -199,6 +194,20 @@ class WebUIBackend(HostBackend):
                 if hasattr(embedder, "is_trainable"):
                     stack.callback(setattr, embedder, "is_trainable", embedder.is_trainable)
                     embedder.is_trainable = True
+
+
+def ldm_prediction(sd_model) -> str:
+    """The prediction ("eps" or "v") an LDM/SGM model object (A1111's, Forge Classic's) samples with."""
+    return "v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"
+
+
+def ldm_schedule(sd_model) -> torch.Tensor:
+    """An LDM/SGM model object's training noise schedule, float32 on the CPU. A1111 (and Forge Classic) rewrite
+    `alphas_cumprod` per generation (downcast, zero terminal SNR); the original is what the model was trained on."""
+    schedule = getattr(sd_model, "alphas_cumprod_original", None)
+    if schedule is None:
+        schedule = sd_model.alphas_cumprod
+    return schedule.detach().to("cpu", torch.float32)
 
 
 def native_resolution(family: str, prediction: str) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from lib_copier.backends.forge import ForgeBackend, borrowed, forge_conditioning, is_forge_model
+from lib_copier.backends.forge_classic import ClassicBackend
 from lib_copier.errors import CopierError
 from lib_copier.webui.host import A1111Host, clear_cached_conditioning, refresh_loras
 
@@ -37,9 +38,14 @@ class ForgeHost(A1111Host):
         if not is_forge_model(self.sd_model):
             raise CopierError("Forge has no Stable Diffusion model loaded; pick a checkpoint first")
 
-    def backend(self) -> ForgeBackend:
+    @staticmethod
+    def memory_management():
         from backend import memory_management
 
+        return memory_management
+
+    def backend(self) -> ForgeBackend:
+        memory_management = self.memory_management()
         load = memory_management.load_model_gpu
         if "force_full_load" in inspect.signature(memory_management.load_models_gpu).parameters:
             # Neo loads models partially when memory is short, leaving layers on the CPU: training needs them all.
@@ -48,6 +54,10 @@ class ForgeHost(A1111Host):
 
         return ForgeBackend(self, load=load)
 
+    def unload_clones(self):
+        """What takes the LoRAs out of the weights besides the original patchers (`backends.forge.forget_loras`)."""
+        return None
+
     def conditioning(self, prompts: list[str], height: int, width: int):
         from modules import prompt_parser
 
@@ -55,8 +65,7 @@ class ForgeHost(A1111Host):
 
     @contextmanager
     def prepared(self) -> Iterator[None]:
-        from backend import memory_management
-
+        memory_management = self.memory_management()
         state = getattr(memory_management.vram_state, "name", "")
         if state in _SWAP_STATES or getattr(memory_management, "ALWAYS_VRAM_OFFLOAD", False):
             raise CopierError(
@@ -64,8 +73,38 @@ class ForgeHost(A1111Host):
                 "--always-low-vram / --always-no-vram / --always-offload-from-vram); restart Forge without them"
             )
         try:
-            with borrowed(self.sd_model):
+            with borrowed(self.sd_model, self.unload_clones()):
                 yield
         finally:
             clear_cached_conditioning()
             refresh_loras()
+
+
+class ClassicHost(ForgeHost):
+    """Forge Classic (`ldm_patched`): Forge's model objects, ComfyUI's memory manager and patchers, and A1111's
+    prompt encoding (`lib_copier.backends.forge_classic` says what differs in the model)."""
+
+    @staticmethod
+    def memory_management():
+        from ldm_patched.modules import model_management
+
+        return model_management
+
+    def backend(self) -> ClassicBackend:
+        memory_management = self.memory_management()
+
+        def load(patcher):
+            memory_management.load_model_gpu(patcher)
+            # Short of memory, it loads part of the model and streams the rest from CPU memory per call ("async").
+            if any(m.model is patcher and m.model_accelerated for m in memory_management.current_loaded_models):
+                raise CopierError(
+                    "the GPU has too little free memory to hold the whole model, so Forge would stream part of it "
+                    "from CPU memory at every step; close other GPU programs, or train a smaller model"
+                )
+
+        return ClassicBackend(self, load=load)
+
+    conditioning = A1111Host.conditioning  # A1111's model object and prompt code, which autograd can go through
+
+    def unload_clones(self):
+        return self.memory_management().unload_model_clones

@@ -23,20 +23,21 @@ SAMPLERS = {"euler": "Euler", "ddim": "DDIM"}
 
 
 def current_host():
-    """The host adapter for the WebUI this runs in, told by what it exposes: Forge's model objects, or (with no
-    model loaded) its `backend` package. The older Forge design (`ldm_patched`, kept by Forge Classic and reForge)
-    differs in every point `docs/dev/forge-internals.md` lists, so it gets a sentence rather than a traceback."""
+    """The host adapter for the WebUI this runs in, told by what it exposes: Forge's memory manager (`backend`), or
+    Forge Classic's older one (`ldm_patched`), or Forge's model objects; else A1111."""
     from modules import shared
 
     from lib_copier.backends.forge import is_forge_model
 
-    forge = "backend.memory_management" in sys.modules
-    if not forge and "ldm_patched.modules.model_management" in sys.modules:  # Forge's first design, kept by forks
-        raise CopierError(
-            "this WebUI is built on the older Forge (ldm_patched: Forge Classic, reForge), which Copier LoRA does not "
-            "train on yet; use lllyasviel's Forge or A1111 1.10"
-        )
-    if forge or is_forge_model(shared.sd_model):
+    if "backend.memory_management" in sys.modules:
+        from lib_copier.webui.forge_host import ForgeHost
+
+        return ForgeHost()
+    if "ldm_patched.modules.model_management" in sys.modules:
+        from lib_copier.webui.forge_host import ClassicHost
+
+        return ClassicHost()
+    if is_forge_model(shared.sd_model):
         from lib_copier.webui.forge_host import ForgeHost
 
         return ForgeHost()

@@ -1,11 +1,11 @@
-"""Shared by the live tests: a real A1111 1.10 or Forge started on CPU with this repo as an extension.
+"""Shared by the live tests: a real A1111 1.10, Forge or Forge Classic started on CPU with this repo as an extension.
 
 Each runs only when its directory is given: COPIER_WEBUI_DIR an A1111 checkout, COPIER_FORGE_DIR a Forge checkout,
-each prepared with `prepare_webui.py` (random checkpoints and the offline tokenizer files); COPIER_WEBUI_ARGS adds
-launch arguments, COPIER_WEBUI_PYTHON names another venv's Python (one with the torch the WebUI ships: 2.1.2 for
-A1111 1.10, 2.3.1 for Forge). Both WebUIs take the same
-tests, one after the other (never both at once: each needs 7 GB and more). Small sizes come from a ui-config file,
-so the browser test trains in about a minute.
+COPIER_CLASSIC_DIR a Forge Classic one, each prepared with `prepare_webui.py` (random checkpoints and the offline
+tokenizer files); COPIER_WEBUI_ARGS adds launch arguments, COPIER_WEBUI_PYTHON names another venv's Python (one with
+the torch the WebUI ships: 2.1.2 for A1111 1.10, 2.3.1 for Forge). All take the same tests, one after the other
+(never two at once: each needs 7 GB and more). Small sizes come from a ui-config file, so the browser test trains in
+about a minute.
 """
 
 import json
@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-WEBUIS = {"a1111": os.environ.get("COPIER_WEBUI_DIR"), "forge": os.environ.get("COPIER_FORGE_DIR")}
+ROOTS = {"a1111": "COPIER_WEBUI_DIR", "forge": "COPIER_FORGE_DIR", "classic": "COPIER_CLASSIC_DIR"}
+WEBUIS = {kind: os.environ.get(variable) for kind, variable in ROOTS.items()}
+FORGES = ("forge", "classic")  # Forge and Forge Classic: started alike, their LoRA loaders log alike
 SD15 = "random-sd15"
 PORT = int(os.environ.get("COPIER_WEBUI_PORT", "7861"))
 URL = f"http://127.0.0.1:{PORT}"
@@ -46,7 +48,7 @@ def call(path: str, body: dict | None = None, timeout: float = 600):
 
 @dataclass
 class LiveWebUI:
-    kind: str  # "a1111" or "forge"
+    kind: str  # "a1111", "forge" or "classic"
     root: Path
     log: Path
     pid: int
@@ -70,7 +72,7 @@ def _arguments(kind: str, root: Path, ui_config: Path) -> list[str]:
               "--port", str(PORT), "--ckpt", str(ckpt), "--ui-config-file", str(ui_config)]  # fmt: skip
     extra = os.environ.get("COPIER_WEBUI_ARGS", "").split()  # e.g. Forge's --unet-in-bf16 where RAM is short
     common += extra
-    if kind == "forge":
+    if kind in FORGES:
         return [python, "launch.py", "--always-cpu", *common]
     # A1111 computes on a CPU in fp32, unless told a precision (--precision half: SDXL in fp16, which fits in 24 GB)
     precision = [] if "--precision" in extra else ["--no-half"]
@@ -81,7 +83,7 @@ def _arguments(kind: str, root: Path, ui_config: Path) -> list[str]:
 @pytest.fixture(scope="session", params=list(WEBUIS))
 def webui(request, tmp_path_factory):
     if not WEBUIS[request.param]:
-        pytest.skip(f"{'COPIER_WEBUI_DIR' if request.param == 'a1111' else 'COPIER_FORGE_DIR'} is not set")
+        pytest.skip(f"{ROOTS[request.param]} is not set")
     root = Path(WEBUIS[request.param])
     ui_config = tmp_path_factory.mktemp("webui") / "ui-config.json"
     ui_config.write_text(json.dumps(UI_CONFIG))
