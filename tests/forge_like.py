@@ -10,6 +10,7 @@ mode, and a LoRA loader that bakes LoRAs into new Parameter objects until its ne
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from contextlib import contextmanager
@@ -373,6 +374,8 @@ class ForgeModel:
         self.is_sd1, self.is_sdxl = family == "sd1", family == "sdxl"
         if design != "neo":
             self.is_sd2 = family == "sd2"
+        if design == "classic":  # its test for SD2 looks where A1111's prompt wrapper hides OpenCLIP: never true
+            self.is_sd1, self.is_sd2 = family != "sdxl", False
         if design == "classic":
             self.get_learned_conditioning = self._conditioning  # A1111's, not under inference mode
             return
@@ -416,6 +419,10 @@ class ForgeHost(StandInUI):
             patcher.load()
 
         return (ClassicBackend if self.sd_model.design == "classic" else ForgeBackend)(self, load=load)
+
+    def differentiable_attention(self):
+        """Forge Classic's attention needs no change here: the stand-in's is PyTorch's."""
+        return contextlib.nullcontext()
 
     def conditioning(self, prompts, height, width):
         if self.sd_model.design == "classic":  # A1111's get_learned_conditioning

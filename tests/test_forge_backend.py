@@ -71,10 +71,13 @@ def test_forge_names_give_the_ldm_targets(name):
     assert forge_to_ldm("clip_g.transformer.x", "sd1") is None
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_the_forge_model_reads_like_the_standalone_one(name):
-    # Neo has no SD2; Forge has VAE scaling factors, Neo shows none, Classic scales by the UNet's latent format
-    ours, host = pair(CONFIGS[name], design={"sd1": "neo", "sd2-v": "forge", "sdxl": "classic"}[name])
+# Neo has no SD2; Forge has VAE scaling factors, Neo shows none, Classic scales by the UNet's latent format (and
+# flags SD2 models as SD1).
+@pytest.mark.parametrize(
+    "name, design", [("sd1", "neo"), ("sd2-v", "forge"), ("sd2-v", "classic"), ("sdxl", "classic")]
+)
+def test_the_forge_model_reads_like_the_standalone_one(name, design):
+    ours, host = pair(CONFIGS[name], design=design)
     forge = host.backend()
     assert_reads_like(forge, ours)
     image = image_tensor(ours.generate(Txt2Img("a cat", seed=0, steps=2)))
@@ -141,8 +144,13 @@ def test_a_job_whose_grids_forge_draws_with_its_lora_loader_leaves_forge_as_load
 def test_low_bit_storage_and_other_model_families_get_one_sentence():
     _, host = pair()
     host.sd_model.forge_objects_original.unet.model.storage_dtype = "nf4"
-    with pytest.raises(CopierError, match="Low Bits"):
+    with pytest.raises(CopierError, match=r"in low bits \(nf4\).*'Diffusion in Low Bits' to Automatic"):
         ForgeBackend(host)
+    _, host = pair(design="classic")  # --clip-in-fp8-e4m3fn: Classic marks nothing but the dtype
+    clip_l = host.sd_model.forge_objects_original.clip.cond_stage_model.clip_l
+    clip_l.transformer.text_model.encoder.layers[0].mlp.fc1.weight.data = torch.zeros(1, dtype=torch.float8_e4m3fn)
+    with pytest.raises(CopierError, match=r"in low bits \(torch.float8_e4m3fn\).*Store UNet Weights in fp8"):
+        host.backend()
     _, host = pair()
     unet = host.sd_model.forge_objects_original.unet.model.diffusion_model
     unet.input_blocks[0][0] = torch.nn.Conv2d(9, unet.input_blocks[0][0].out_channels, 3, padding=1)
@@ -156,3 +164,19 @@ def test_low_bit_storage_and_other_model_families_get_one_sentence():
     host.sd_model.is_sd1 = False  # Flux, SD3: none of Forge's SD flags set
     with pytest.raises(CopierError, match="SD1, SD2 and SDXL"):
         ForgeBackend(host)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_forge_classic_trains_a_ztsnr_v_checkpoint_on_the_schedule_it_samples_with(prediction):
+    """A checkpoint's `ztsnr` key (NoobAI's v-prediction SDXL): Classic rescales a v model's schedule to zero
+    terminal SNR and samples it so; an eps model's it leaves as it is."""
+    _, host = pair(TINY_SD2V if prediction == "v" else TINY, design="classic")
+    plain = host.backend().alphas_cumprod()
+    host.sd_model.ztsnr = True
+    schedule = host.backend().alphas_cumprod()
+    if prediction == "eps":
+        assert torch.equal(schedule, plain)
+        return
+    assert schedule[-1].item() == pytest.approx(4.8973451890853435e-08)  # almost no signal left at t = 999
+    assert schedule[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
+    assert bool((schedule.diff() < 0).all()) and bool((schedule[1:] < plain[1:]).all())  # less signal at every step

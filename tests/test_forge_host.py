@@ -36,11 +36,19 @@ def _process(monkeypatch, design: str):
         memory.current_loaded_models = sd_model.memory.current_loaded_models
         memory.load_model_gpu = sd_model.memory.load_model_gpu
         memory.unload_model_clones = sd_model.memory.unload_model_clones
+        attention = types.ModuleType("ldm_patched.ldm.modules.attention")
+        attention.attention_pytorch = lambda q, k, v, heads, mask=None: None
+        attention.optimized_attention = attention.optimized_attention_masked = attention.attention_pytorch
         ldm_patched = types.ModuleType("ldm_patched")
         ldm_patched.modules = types.ModuleType("ldm_patched.modules")
         ldm_patched.modules.model_management = memory
+        ldm_patched.ldm = types.ModuleType("ldm_patched.ldm")
+        ldm_patched.ldm.modules = types.ModuleType("ldm_patched.ldm.modules")
+        ldm_patched.ldm.modules.attention = attention
         faked |= {"ldm_patched": ldm_patched, "ldm_patched.modules": ldm_patched.modules,
-                  "ldm_patched.modules.model_management": memory}  # fmt: skip
+                  "ldm_patched.modules.model_management": memory, "ldm_patched.ldm": ldm_patched.ldm,
+                  "ldm_patched.ldm.modules": ldm_patched.ldm.modules,
+                  "ldm_patched.ldm.modules.attention": attention}  # fmt: skip
     else:
         sd_models.forge_model_reload = lambda: (shared.sd_model, False)  # the picked checkpoint is the loaded one
         memory.load_model_gpu = lambda patcher: patcher.load()
@@ -75,11 +83,28 @@ def test_forge_is_told_by_what_it_exposes(forge, monkeypatch):
     assert type(current_host()) is A1111Host
 
 
-def test_forge_classic_is_told_by_its_memory_manager(classic):
+def test_forge_classic_is_told_by_its_memory_manager(classic, monkeypatch):
     assert type(current_host()) is ClassicHost
     classic.shared.sd_model = None
     with pytest.raises(CopierError, match="no model loaded; pick a checkpoint"):
         current_host()
+    monkeypatch.delattr(classic.memory, "unload_model_clones")  # reForge's newer ComfyUI memory manager
+    with pytest.raises(CopierError, match="newer memory manager than Forge Classic's, as reForge is"):
+        current_host()
+
+
+def test_forge_classic_trains_through_pytorch_attention_where_it_chose_sageattention(classic):
+    """SageAttention has no backward pass: with it, gradients would stop at every attention of the UNet."""
+    attention = sys.modules["ldm_patched.ldm.modules.attention"]
+
+    def attention_sage(q, k, v, heads, mask=None):
+        return None
+
+    attention.optimized_attention = attention.optimized_attention_masked = attention_sage
+    backend = current_host().backend()
+    with backend.training_mode(text_encoders=False, gradient_checkpointing=False):
+        assert attention.optimized_attention is attention.optimized_attention_masked is attention.attention_pytorch
+    assert attention.optimized_attention is attention.optimized_attention_masked is attention_sage
 
 
 def test_the_checkpoint_picked_in_forge_is_loaded_before_the_job(forge):

@@ -20,12 +20,12 @@ from tests.test_webui_training import request_for, weights
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(params=["a1111", "forge"])
+@pytest.fixture(params=["a1111", "forge", "classic"])
 def host(request, tmp_path):
     model = randomize_(build_model(TINY)).to("cuda", torch.float16)
     if request.param == "a1111":
         return A1111Host(model, lora_dir=tmp_path)
-    forge = ForgeHost(model, lora_dir=tmp_path)
+    forge = ForgeHost(model, lora_dir=tmp_path, design=request.param)
     objects = forge.sd_model.forge_objects
     for patcher in (objects.unet, objects.clip.patcher, objects.vae.patcher):
         patcher.load_device = torch.device("cuda")  # Forge's memory manager puts its models on the GPU

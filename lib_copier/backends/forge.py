@@ -79,8 +79,8 @@ class ForgeBackend(HostBackend):
     def __init__(self, host: Host, load: Callable[[object], None] = lambda patcher: None):
         """`load` is Forge's `memory_management.load_model_gpu`: it puts a patcher's model on its device."""
         sd_model = host.sd_model
-        family = forge_family(sd_model)
         self._objects = sd_model.forge_objects_original
+        family = self._family(sd_model)
         self._load = load
         kmodel = self._objects.unet.model
         for module in (kmodel, self._objects.clip.cond_stage_model):
@@ -101,6 +101,9 @@ class ForgeBackend(HostBackend):
         self.dtype = self._computation_dtype(kmodel)
 
     # What differs between Forge's designs (Forge Classic's: `forge_classic.py`).
+
+    def _family(self, sd_model) -> str:
+        return forge_family(sd_model)
 
     def _prediction(self, kmodel: nn.Module) -> str:
         prediction = getattr(kmodel.predictor, "prediction_type", None)

@@ -24,6 +24,17 @@ def scaled_linear_alphas_cumprod(
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
+def zero_terminal_snr(alphas_cumprod: torch.Tensor, terminal: float = 4.8973451890853435e-08) -> torch.Tensor:
+    """A schedule rescaled to (almost) zero signal at its last timestep (Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed"): sqrt(alpha_bar) shifted so its last value is 0 and scaled so its first is
+    unchanged. The last value is then `terminal` rather than 0, as the WebUIs keep it, so that sigma stays finite."""
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    rescaled = ((root - last) * (first / (first - last))) ** 2
+    rescaled[-1] = terminal
+    return rescaled.to(alphas_cumprod.dtype)
+
+
 def to_x0_and_eps(
     out: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor, prediction: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

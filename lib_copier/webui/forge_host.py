@@ -84,6 +84,14 @@ class ClassicHost(ForgeHost):
     """Forge Classic (`ldm_patched`): Forge's model objects, ComfyUI's memory manager and patchers, and A1111's
     prompt encoding (`lib_copier.backends.forge_classic` says what differs in the model)."""
 
+    def __init__(self):
+        if not hasattr(self.memory_management(), "unload_model_clones"):  # what a job's start and end rely on
+            raise CopierError(
+                "this WebUI is built on the older Forge design (ldm_patched) with a newer memory manager than Forge "
+                "Classic's, as reForge is; Copier LoRA does not train on it yet: use Forge Classic, Forge or A1111 1.10"
+            )
+        super().__init__()
+
     @staticmethod
     def memory_management():
         from ldm_patched.modules import model_management
@@ -108,3 +116,17 @@ class ClassicHost(ForgeHost):
 
     def unload_clones(self):
         return self.memory_management().unload_model_clones
+
+    @contextmanager
+    def differentiable_attention(self) -> Iterator[None]:
+        """PyTorch's attention in the UNet for the block where Classic chose SageAttention (SDXL, with the
+        `sageattention` package installed), which has no backward pass."""
+        from ldm_patched.ldm.modules import attention
+
+        chosen = attention.optimized_attention, attention.optimized_attention_masked
+        if any(getattr(f, "__name__", "") == "attention_sage" for f in chosen):
+            attention.optimized_attention = attention.optimized_attention_masked = attention.attention_pytorch
+        try:
+            yield
+        finally:
+            attention.optimized_attention, attention.optimized_attention_masked = chosen

@@ -9,7 +9,8 @@ It writes, without the network:
   it as an ordinary SD1.5 (SDXL) checkpoint: about 2 GB (7 GB). SDXL is built in fp16 from the start, so writing it
   needs about 8 GB of memory. With `--family sd2v`, `random-sd2v.safetensors`: SD2 768-v (OpenCLIP ViT-H), whose
   UNet output is offset so that A1111's test pass for v-prediction (the mean output at t=999 on a constant input,
-  minus that input, below -1) finds v, as it does for the real 768-v model.
+  minus that input, below -1) finds v, as it does for the real 768-v model. In Forge Classic (which has no such
+  test) its v config is written beside it, `random-sd2v.yaml`.
 - `<hf-home>/hub/models--openai--clip-vit-large-patch14/`: the Hugging Face cache entry that A1111's SD1 text
   encoder reads (tokenizer files and the CLIPModel config.json), built from the BPE vocabulary that ships inside
   open-clip-torch. The default `<hf-home>` is `<webui>/hf`.
@@ -111,6 +112,15 @@ def write_checkpoint(webui: Path, family: str, seed: int, force: bool) -> Path:
     return save_checkpoint(model, path, dtype=torch.float16, overwrite=True)
 
 
+def write_v_config(webui: Path, checkpoint: Path) -> Path:
+    """Forge Classic takes an SD2 checkpoint for v-prediction only from a `v_pred` key or a config beside the file
+    (A1111 also tests the UNet): the 768-v config, copied from the WebUI's own Stability-AI repository."""
+    source = webui / "repositories" / "stable-diffusion-stability-ai" / "configs" / "stable-diffusion"
+    target = checkpoint.with_suffix(".yaml")
+    target.write_bytes((source / "v2-inference-v.yaml").read_bytes())
+    return target
+
+
 def write_clip_cache(hf_home: Path) -> Path:
     """The tokenizer vocabulary and merges exactly as open_clip's SimpleTokenizer builds them, in the HF file format."""
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
@@ -164,7 +174,10 @@ def main() -> None:
     check_tokenizer(snapshot)
     print(f"tokenizer: {snapshot}")
     for family in args.family:
-        print(f"checkpoint: {write_checkpoint(args.webui, family, args.seed, args.force)}")
+        path = write_checkpoint(args.webui, family, args.seed, args.force)
+        print(f"checkpoint: {path}")
+        if family == "sd2v" and (args.webui / "ldm_patched").is_dir():
+            print(f"config: {write_v_config(args.webui, path)}")
 
 
 if __name__ == "__main__":
