@@ -1,4 +1,5 @@
-"""The Forge (and Forge Neo) side of the WebUI backend: Forge's conditioning, memory manager and LoRA loader.
+"""The Forge (Forge Neo, Forge Classic) side of the WebUI backend: Forge's conditioning, memory manager and LoRA
+loader.
 
 Forge keeps A1111's `modules` (processing, shared.state, call_queue, infotext_utils), so txt2img, progress and
 Interrupt are A1111Host's; what differs is the model (`lib_copier.backends.forge`) and how it is left as loaded.
@@ -104,7 +105,8 @@ class ClassicHost(ForgeHost):
         def load(patcher):
             memory_management.load_model_gpu(patcher)
             # Short of memory, it loads part of the model and streams the rest from CPU memory per call ("async").
-            if any(m.model is patcher and m.model_accelerated for m in memory_management.current_loaded_models):
+            loaded = memory_management.current_loaded_models
+            if any(m.model is patcher and getattr(m, "model_accelerated", False) for m in loaded):
                 raise CopierError(
                     "the GPU has too little free memory to hold the whole model, so Forge would stream part of it "
                     "from CPU memory at every step; close other GPU programs, or train a smaller model"
