@@ -5,7 +5,7 @@ inference tensors, a `Linear` that is not an `nn.Linear`, transformer blocks tha
 `KModel` whose `apply_model` works in sigma space, a VAE whose `encode` samples, conditioning made under inference
 mode, and a LoRA loader that bakes LoRAs into new Parameter objects until its next refresh. Text encoders sit in a
 `JointTextEncoder` as `clip_l` / `clip_g` in the Hugging Face layout (SDXL's bigG converted from our OpenCLIP one).
-`design` gives Forge Neo's or Forge Classic's variant of each point (see `ForgeModel`).
+`design` gives Forge Neo's, Forge Classic's or reForge's variant of each point (see `ForgeModel`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib_copier.backends.forge import ForgeBackend, borrowed, forge_conditioning
-from lib_copier.backends.forge_classic import ClassicBackend
+from lib_copier.backends.forge_classic import ClassicBackend, ReForgeBackend
 from lib_copier.lora.files import read_lora
 from lib_copier.lora.naming import by_key, forge_to_ldm, lora_targets
 from lib_copier.lora.network import LoRANetwork
@@ -259,12 +259,26 @@ class MemoryManager:
             loaded.model.unpatch_model()
 
 
-class ModelSampling(nn.Module):
-    """ComfyUI's discrete `ModelSampling(EPS | V_PREDICTION, ModelSamplingDiscrete)`: sigmas, no alphas_cumprod."""
+class ModelSamplingDiscrete(nn.Module):
+    """ComfyUI's discrete schedule: sigmas, no alphas_cumprod."""
 
     def __init__(self, alphas_cumprod: torch.Tensor):
         super().__init__()
         self.register_buffer("sigmas", ((1 - alphas_cumprod) / alphas_cumprod).sqrt().float())
+
+
+class EPS:
+    pass
+
+
+class V_PREDICTION(EPS):  # noqa: N801 (ComfyUI's name, which the reForge backend reads)
+    pass
+
+
+def model_sampling(alphas_cumprod: torch.Tensor, prediction: str) -> ModelSamplingDiscrete:
+    """`model_base.model_sampling`: a class made of the schedule and the parameterisation."""
+    kind = type("ModelSampling", (ModelSamplingDiscrete, V_PREDICTION if prediction == "v" else EPS), {})
+    return kind(alphas_cumprod)
 
 
 class LatentFormat:
@@ -275,16 +289,36 @@ class LatentFormat:
         return latent * self.scale_factor
 
 
-class BaseModel(nn.Module):
-    """Forge Classic's `model_base.BaseModel`: the UNet, its sampling, its latent format and compute dtype."""
+class SD15(LatentFormat):
+    pass
 
-    def __init__(self, unet: nn.Module, model_sampling: ModelSampling, scale_factor: float):
+
+class SDXL(LatentFormat):
+    pass
+
+
+class BaseModel(nn.Module):
+    """Forge Classic's (and reForge's) `model_base.BaseModel`: the UNet, its sampling, its latent format and compute
+    dtype."""
+
+    def __init__(self, unet: nn.Module, sampling: ModelSamplingDiscrete, latent_format: LatentFormat):
         super().__init__()
-        self.diffusion_model, self.model_sampling = unet, model_sampling
-        self.latent_format, self.manual_cast_dtype = LatentFormat(scale_factor), None
+        self.diffusion_model, self.model_sampling = unet, sampling
+        self.latent_format, self.manual_cast_dtype = latent_format, None
 
     def get_dtype(self):
         return next(self.diffusion_model.parameters()).dtype
+
+
+class ReForgePatcher(NeoPatcher):
+    """reForge's ComfyUI `ModelPatcher`: clones share the backups (as Neo's), and it tells how much of its model is
+    on the device."""
+
+    def model_size(self):
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def loaded_size(self):
+        return self.model_size()
 
 
 @dataclasses.dataclass
@@ -320,14 +354,14 @@ class JointTextEncoder(nn.Module):
 
 class SampledVAE(nn.Module):
     """The VAE Forge holds: LDM encoder/quant_conv, `process_in` (shift, then scale; Forge also shows the factors,
-    Neo does not; Classic has neither), and an `encode` that samples."""
+    Neo does not; Classic and reForge have neither), and an `encode` that samples."""
 
     def __init__(self, vae: nn.Module, scale: float, design: str):
         super().__init__()
         self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
         if design == "forge":
             self.scaling_factor, self.shift_factor = scale, 0.0
-        if design != "classic":
+        if design in ("forge", "neo"):
             self.process_in = lambda latent: latent * scale
         self.ours = [vae]
 
@@ -341,7 +375,8 @@ class ForgeModel:
     `design="classic"` gives Forge Classic's: A1111's model object (its `parameterization` and `alphas_cumprod`,
     prompt encoding that autograd goes through) over Forge's objects, a `BaseModel` whose sampling has sigmas only,
     ComfyUI patchers whose clones keep LoRAs baked in while the memory manager (`memory`) holds them, and weights
-    loaded under `no_grad` (ordinary tensors, not inference ones)."""
+    loaded under `no_grad` (ordinary tensors, not inference ones). `design="reforge"` gives reForge's: Classic's,
+    with Neo's patchers (clones share the backups) that tell how much of their model is loaded."""
 
     def __init__(self, model: StableDiffusion, design: str = "forge"):
         self.ours, self.design = model, design
@@ -352,20 +387,26 @@ class ForgeModel:
         single = "clip_l" if family == "sd1" else "clip_h"
         names = ["clip_l", "clip_g"] if len(embedders) == 2 else [single]
         clip = JointTextEncoder(dict(zip(names, embedders, strict=True)))
-        alphas_cumprod = model.schedule.alphas_cumprod
-        if design == "classic":
-            self.parameterization, self.alphas_cumprod = model.config.prediction, alphas_cumprod.clone()
-            if model.config.prediction == "v":
+        alphas_cumprod, prediction, scale = (
+            model.schedule.alphas_cumprod,
+            model.config.prediction,
+            model.config.scale_factor,
+        )
+        older = design in ("classic", "reforge")  # Forge's first design: A1111's model object over Forge's
+        if older:
+            self.parameterization, self.alphas_cumprod = prediction, alphas_cumprod.clone()
+            if prediction == "v":
                 self.alphas_cumprod_original = self.alphas_cumprod
-            kmodel = BaseModel(model.unet, ModelSampling(alphas_cumprod), model.config.scale_factor)
+            latents = (SDXL if family == "sdxl" else SD15)(scale)
+            kmodel = BaseModel(model.unet, model_sampling(alphas_cumprod, prediction), latents)
         else:
-            kmodel = KModel(model.unet, Predictor(alphas_cumprod, model.config.prediction))
-        vae = SampledVAE(model.first_stage_model, model.config.scale_factor, design)
+            kmodel = KModel(model.unet, Predictor(alphas_cumprod, prediction))
+        vae = SampledVAE(model.first_stage_model, scale, design)
         self.memory = MemoryManager()
         if design == "classic":
             patchers = [ClassicPatcher(module, self.memory) for module in (kmodel, clip, vae)]
         else:
-            kind = NeoPatcher if design == "neo" else Patcher
+            kind = {"forge": Patcher, "neo": NeoPatcher, "reforge": ReForgePatcher}[design]
             patchers = [kind(module, LoraLoader(module)) for module in (kmodel, clip, vae)]
         self.forge_objects = ForgeObjects(patchers[0], Clip(clip, patchers[1]), VAE(vae, patchers[2]))
         self.forge_objects_original = self.forge_objects.shallow_copy()
@@ -374,9 +415,8 @@ class ForgeModel:
         self.is_sd1, self.is_sdxl = family == "sd1", family == "sdxl"
         if design != "neo":
             self.is_sd2 = family == "sd2"
-        if design == "classic":  # its test for SD2 looks where A1111's prompt wrapper hides OpenCLIP: never true
+        if older:  # its test for SD2 looks where A1111's prompt wrapper hides OpenCLIP: never true
             self.is_sd1, self.is_sd2 = family != "sdxl", False
-        if design == "classic":
             self.get_learned_conditioning = self._conditioning  # A1111's, not under inference mode
             return
         with torch.inference_mode():  # Forge loads its models under inference mode
@@ -418,14 +458,15 @@ class ForgeHost(StandInUI):
             self.loads.append(type(patcher.model).__name__)
             patcher.load()
 
-        return (ClassicBackend if self.sd_model.design == "classic" else ForgeBackend)(self, load=load)
+        backend = {"classic": ClassicBackend, "reforge": ReForgeBackend}.get(self.sd_model.design, ForgeBackend)
+        return backend(self, load=load)
 
     def differentiable_attention(self):
         """Forge Classic's attention needs no change here: the stand-in's is PyTorch's."""
         return contextlib.nullcontext()
 
     def conditioning(self, prompts, height, width):
-        if self.sd_model.design == "classic":  # A1111's get_learned_conditioning
+        if self.sd_model.design in ("classic", "reforge"):  # A1111's get_learned_conditioning
             return self.sd_model.get_learned_conditioning(Prompts(prompts, width, height))
         return forge_conditioning(self.sd_model, Prompts(prompts, width, height))
 

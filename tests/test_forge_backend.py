@@ -15,6 +15,7 @@ from lib_copier.errors import CopierError
 from lib_copier.lora.naming import forge_to_ldm, lora_targets
 from lib_copier.models.configs import TINY
 from lib_copier.models.generate import Txt2Img
+from lib_copier.models.sampling import zero_terminal_snr
 from lib_copier.models.sd_model import build_model
 from lib_copier.recipes.job import Effect, Job, run_job
 from lib_copier.train.config import make_config
@@ -29,7 +30,7 @@ def model(config):
     return hf_layout(randomize_(build_model(config)))
 
 
-DESIGNS = ["forge", "neo", "classic"]
+DESIGNS = ["forge", "neo", "classic", "reforge"]
 
 
 def pair(config=TINY, lora_dir=None, design="forge"):
@@ -42,12 +43,12 @@ def snapshot(host):
 
 def assert_as_loaded(host, before):
     """Bit-identical, each weight an inference tensor again where it was one (all of them in Forge and Neo, none in
-    Forge Classic), and no LoRA left in Forge's bookkeeping."""
+    Forge Classic and reForge), and no LoRA left in Forge's bookkeeping."""
     after = dict(host.backend().weights())
     assert after.keys() == before.keys()
     assert [n for n, (p, _) in before.items() if not torch.equal(p, after[n])] == []
     assert [n for n, (_, inference) in before.items() if after[n].is_inference() != inference] == []
-    assert all(inference for _, inference in before.values()) == (host.sd_model.design != "classic")
+    assert all(inference for _, inference in before.values()) == (host.sd_model.design in ("forge", "neo"))
     sd = host.sd_model
     assert sd.current_lora_hash == "[]" and not sd.forge_objects_after_applying_lora.unet.lora_patches
 
@@ -74,7 +75,8 @@ def test_forge_names_give_the_ldm_targets(name):
 # Neo has no SD2; Forge has VAE scaling factors, Neo shows none, Classic scales by the UNet's latent format (and
 # flags SD2 models as SD1).
 @pytest.mark.parametrize(
-    "name, design", [("sd1", "neo"), ("sd2-v", "forge"), ("sd2-v", "classic"), ("sdxl", "classic")]
+    "name, design",
+    [("sd1", "neo"), ("sd2-v", "forge"), ("sd2-v", "classic"), ("sd2-v", "reforge"), ("sdxl", "classic")],
 )
 def test_the_forge_model_reads_like_the_standalone_one(name, design):
     ours, host = pair(CONFIGS[name], design=design)
@@ -180,3 +182,50 @@ def test_forge_classic_trains_a_ztsnr_v_checkpoint_on_the_schedule_it_samples_wi
     assert schedule[-1].item() == pytest.approx(4.8973451890853435e-08)  # almost no signal left at t = 999
     assert schedule[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
     assert bool((schedule.diff() < 0).all()) and bool((schedule[1:] < plain[1:]).all())  # less signal at every step
+
+
+def test_reforge_reads_the_prediction_and_a_ztsnr_schedule_where_its_sampler_does():
+    """reForge reads a checkpoint's `v_pred` and `ztsnr` keys into the UNet's `model_sampling` only: A1111's model
+    object still says eps, and its `alphas_cumprod` is the plain schedule."""
+    ours, host = pair(TINY_SD2V, design="reforge")
+    host.sd_model.parameterization = "eps"
+    sampling = host.sd_model.forge_objects_original.unet.model.model_sampling
+    backend = host.backend()
+    assert backend.prediction == "v"
+    sampling.zsnr = True  # what reForge made of the checkpoint's ztsnr key: the last sigma huge, not infinite
+    sampling.sigmas = ((1 - zero_terminal_snr(ours.alphas_cumprod())) / zero_terminal_snr(ours.alphas_cumprod())).sqrt()
+    assert backend.alphas_cumprod()[-1].item() == pytest.approx(4.8973451890853435e-08, rel=1e-3)
+    assert torch.allclose(backend.alphas_cumprod(), zero_terminal_snr(ours.alphas_cumprod()), rtol=1e-5)
+
+
+def test_reforge_refuses_what_it_loads_but_copier_lora_cannot_train():
+    _, host = pair(design="reforge")
+    kmodel = host.sd_model.forge_objects_original.unet.model
+    edm = type("ModelSampling", (torch.nn.Module, type("EDM", (), {})), {})  # Playground 2.5, EDM v-prediction
+    sampling, kmodel.model_sampling = kmodel.model_sampling, edm()
+    with pytest.raises(CopierError, match=r"does not sample as SD does \(EDM\)"):
+        host.backend()
+    kmodel.model_sampling = sampling
+    latents, kmodel.latent_format = kmodel.latent_format, type("SDXL_flux2", (), {})()
+    with pytest.raises(CopierError, match=r"latents are not SD's or SDXL's \(SDXL_flux2\)"):
+        host.backend()
+    kmodel.latent_format = latents
+    compiled = torch.nn.Module()
+    compiled._orig_mod = kmodel.diffusion_model  # what --torch-compile leaves in the model
+    kmodel.diffusion_model = compiled
+    with pytest.raises(CopierError, match="compiled by --torch-compile"):
+        host.backend()
+
+
+def test_reforge_loads_the_unet_again_when_its_memory_manager_moved_part_of_it_away():
+    _, host = pair(design="reforge")
+    backend = host.backend()
+    unet = host.sd_model.forge_objects_original.unet
+    cond = backend.encode_prompts(["a cat"], 64, 64)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    with torch.no_grad():
+        backend.predict(x, t, cond)
+        assert host.loads == []
+        unet.loaded_size = lambda: unet.model_size() // 2  # freeing memory for the CLIP unloaded part of it
+        backend.predict(x, t, cond)
+    assert host.loads == ["BaseModel"]

@@ -11,14 +11,16 @@ import torch
 from lib_copier.errors import CopierError
 from lib_copier.models.configs import TINY
 from lib_copier.models.sd_model import build_model
-from lib_copier.webui.forge_host import ClassicHost, ForgeHost
+from lib_copier.webui.forge_host import ForgeHost
 from lib_copier.webui.host import A1111Host, current_host
+from lib_copier.webui.ldm_patched_host import ClassicHost, ReForgeHost
 from tests.conftest import randomize_
 from tests.forge_like import ForgeModel
 
 
 def _process(monkeypatch, design: str):
-    """A Forge (or Forge Classic) process as far as the adapter can tell: its shared model and memory manager."""
+    """A Forge (Forge Classic, reForge) process as far as the adapter can tell: its shared model and memory
+    manager."""
     sd_model = ForgeModel(randomize_(build_model(TINY)), design)
     shared = types.SimpleNamespace(sd_model=sd_model, cmd_opts=types.SimpleNamespace())
     processing = types.ModuleType("modules.processing")
@@ -32,10 +34,21 @@ def _process(monkeypatch, design: str):
     memory.ALWAYS_VRAM_OFFLOAD = False
     faked = {"modules": modules, "modules.shared": shared, "modules.processing": processing,
              "modules.sd_models": sd_models}  # fmt: skip
+    memory.calls = []
+    if design == "reforge":  # ComfyUI's newer memory manager: loads asked to be whole, no unload_model_clones
+        memory.load_model_gpu = lambda patcher: pytest.fail("reForge loads are asked to be whole")
+
+        def load_models_gpu(patchers, memory_required=0, force_patch_weights=False, force_full_load=False):
+            memory.calls.append(force_full_load)
+            for patcher in patchers:
+                patcher.load()
+
+        memory.load_models_gpu = load_models_gpu
     if design == "classic":
         memory.current_loaded_models = sd_model.memory.current_loaded_models
         memory.load_model_gpu = sd_model.memory.load_model_gpu
         memory.unload_model_clones = sd_model.memory.unload_model_clones
+    if design in ("classic", "reforge"):
         attention = types.ModuleType("ldm_patched.ldm.modules.attention")
         attention.attention_pytorch = lambda q, k, v, heads, mask=None: None
         attention.optimized_attention = attention.optimized_attention_masked = attention.attention_pytorch
@@ -88,9 +101,19 @@ def test_forge_classic_is_told_by_its_memory_manager(classic, monkeypatch):
     classic.shared.sd_model = None
     with pytest.raises(CopierError, match="no model loaded; pick a checkpoint"):
         current_host()
-    monkeypatch.delattr(classic.memory, "unload_model_clones")  # reForge's newer ComfyUI memory manager
-    with pytest.raises(CopierError, match="newer memory manager than Forge Classic's, as reForge is"):
-        current_host()
+
+
+def test_reforge_is_told_by_its_newer_memory_manager_and_loads_whole_models(monkeypatch):
+    process = _process(monkeypatch, "reforge")
+    host = current_host()
+    assert type(host) is ReForgeHost
+    process.memory.ALWAYS_VRAM_OFFLOAD = True  # reForge only prints that it is set
+    with host.prepared():
+        host.backend().encode_images(torch.zeros(1, 3, 64, 64))
+    assert process.memory.calls == [True]
+    process.memory.vram_state = types.SimpleNamespace(name="NO_VRAM")
+    with pytest.raises(CopierError, match="--always-no-vram"), host.prepared():
+        pytest.fail("the job must not start")
 
 
 def test_forge_classic_trains_through_pytorch_attention_where_it_chose_sageattention(classic):
@@ -128,8 +151,13 @@ def test_the_checkpoint_picked_in_forge_is_loaded_before_the_job(forge):
         ForgeHost()
 
 
-@pytest.mark.parametrize("design", ["forge", "classic"])
-@pytest.mark.parametrize("state, offload", [("LOW_VRAM", False), ("NO_VRAM", False), ("NORMAL_VRAM", True)])
+SWAPS = [("LOW_VRAM", False), ("NO_VRAM", False), ("NORMAL_VRAM", True)]  # reForge ignores the offload flag
+
+
+@pytest.mark.parametrize(
+    "design, state, offload",
+    [(d, *swap) for d in ("forge", "classic", "reforge") for swap in SWAPS[: 2 + (d != "reforge")]],
+)
 def test_swap_modes_are_refused_before_any_weight_is_touched(monkeypatch, design, state, offload):
     process = _process(monkeypatch, design)
     process.memory.vram_state = types.SimpleNamespace(name=state)

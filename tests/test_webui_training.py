@@ -25,7 +25,7 @@ from tests.conftest import randomize_
 from tests.forge_like import ForgeHost
 
 
-@pytest.fixture(params=["a1111", "forge", "neo", "classic"])
+@pytest.fixture(params=["a1111", "forge", "neo", "classic", "reforge"])
 def host(request, tmp_path):
     model = randomize_(build_model(TINY))
     if request.param == "a1111":

@@ -120,6 +120,9 @@ class ForgeBackend(HostBackend):
     def _scaled_latents(self, mean: torch.Tensor) -> torch.Tensor:
         return self._objects.vae.first_stage_model.process_in(mean)  # Forge's shift and scale
 
+    def _unet_loaded(self) -> bool:
+        return _same_device(next(self.unet().parameters()).device, self.device)
+
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         # Forge replaces Parameter objects (LoRA refresh, device moves): read them where they are now.
         return live_parameters(self.sd_model, self.family)
@@ -135,7 +138,7 @@ class ForgeBackend(HostBackend):
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         unet = self.unet()
-        if not _same_device(next(unet.parameters()).device, self.device):
+        if not self._unet_loaded():
             self._load(self._objects.unet)  # drawing a preview may have made room for the VAE
         extra = {} if cond.vector is None else {"y": cond.vector}
         return unet(x, t, context=cond.context, **extra).float()

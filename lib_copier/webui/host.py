@@ -24,7 +24,8 @@ SAMPLERS = {"euler": "Euler", "ddim": "DDIM"}
 
 def current_host():
     """The host adapter for the WebUI this runs in, told by what it exposes: Forge's memory manager (`backend`), or
-    Forge Classic's older one (`ldm_patched`), or Forge's model objects; else A1111."""
+    the older design's (`ldm_patched`: Forge Classic's, or reForge's newer one), or Forge's model objects; else
+    A1111."""
     from modules import shared
 
     from lib_copier.backends.forge import is_forge_model
@@ -34,9 +35,9 @@ def current_host():
 
         return ForgeHost()
     if "ldm_patched.modules.model_management" in sys.modules:
-        from lib_copier.webui.forge_host import ClassicHost
+        from lib_copier.webui.ldm_patched_host import ClassicHost, ReForgeHost, is_reforge
 
-        return ClassicHost()
+        return ReForgeHost() if is_reforge(sys.modules["ldm_patched.modules.model_management"]) else ClassicHost()
     if is_forge_model(shared.sd_model):
         from lib_copier.webui.forge_host import ForgeHost
 
