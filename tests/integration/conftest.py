@@ -1,11 +1,12 @@
-"""Shared by the live tests: a real A1111 1.10, Forge or Forge Classic started on CPU with this repo as an extension.
+"""Shared by the live tests: a real A1111 1.10, Forge, Forge Classic or reForge started on CPU with this repo as an
+extension.
 
 Each runs only when its directory is given: COPIER_WEBUI_DIR an A1111 checkout, COPIER_FORGE_DIR a Forge checkout,
-COPIER_CLASSIC_DIR a Forge Classic one, each prepared with `prepare_webui.py` (random checkpoints and the offline
-tokenizer files); COPIER_WEBUI_ARGS adds launch arguments, COPIER_WEBUI_PYTHON names another venv's Python (one with
-the torch the WebUI ships: 2.1.2 for A1111 1.10, 2.3.1 for Forge). All take the same tests, one after the other
-(never two at once: each needs 7 GB and more). Small sizes come from a ui-config file, so the browser test trains in
-about a minute.
+COPIER_CLASSIC_DIR a Forge Classic one, COPIER_REFORGE_DIR a reForge one, each prepared with `prepare_webui.py`
+(random checkpoints and the offline tokenizer files); COPIER_WEBUI_ARGS adds launch arguments, COPIER_WEBUI_PYTHON
+names another venv's Python (one with the torch the WebUI ships: 2.1.2 for A1111 1.10, 2.3.1 for Forge). All take
+the same tests, one after the other (never two at once: each needs 7 GB and more). Small sizes come from a ui-config
+file, so the browser test trains in about a minute.
 """
 
 import json
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-ROOTS = {"a1111": "COPIER_WEBUI_DIR", "forge": "COPIER_FORGE_DIR", "classic": "COPIER_CLASSIC_DIR"}
+ROOTS = {"a1111": "COPIER_WEBUI_DIR", "forge": "COPIER_FORGE_DIR", "classic": "COPIER_CLASSIC_DIR",
+         "reforge": "COPIER_REFORGE_DIR"}  # fmt: skip
 WEBUIS = {kind: os.environ.get(variable) for kind, variable in ROOTS.items()}
-FORGES = ("forge", "classic")  # Forge and Forge Classic: started alike, their LoRA loaders log alike
+FORGES = ("forge", "classic", "reforge")  # started alike, their LoRA loaders log what they applied
 SD15 = "random-sd15"
 PORT = int(os.environ.get("COPIER_WEBUI_PORT", "7861"))
 URL = f"http://127.0.0.1:{PORT}"
@@ -48,7 +50,7 @@ def call(path: str, body: dict | None = None, timeout: float = 600):
 
 @dataclass
 class LiveWebUI:
-    kind: str  # "a1111", "forge" or "classic"
+    kind: str  # "a1111", "forge", "classic" or "reforge"
     root: Path
     log: Path
     pid: int

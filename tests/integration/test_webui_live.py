@@ -47,11 +47,17 @@ def train_body(name: str, **overrides) -> dict:
 def forge_loaded_keys(webui, name: str) -> dict[str, int]:
     """What Forge's LoRA loader said it applied of `name`: keys per part (UNet, CLIP); fails on any skipped key."""
     loaded = {}
-    for line in webui.log_text().splitlines():  # Forge logs the file's path, Neo its name
-        if "[LORA]" in line and re.search(rf"(^|[ /]){re.escape(name)}\.safetensors ", line):
-            assert "skipped 0 keys" in line and "unmatched" not in line and "Mismatch" not in line, line
-            part = "clip" if "-CLIP with" in line else "unet"
-            loaded[part] = int(line.split(" with ")[1].split(" keys")[0])
+    log = webui.log_text()
+    for line in log.splitlines():  # Forge logs the file's path, Neo its name
+        if "[LORA]" not in line or not re.search(rf"(^|[ /]){re.escape(name)}\.safetensors ", line):
+            continue
+        if parts := re.search(r"\(UNet: (\d+), CLIP: (\d+)\)", line):  # reForge: one line, unloaded keys apart
+            assert "lora key not loaded" not in log and "NOT LOADED" not in log
+            loaded |= {part: int(n) for part, n in zip(("unet", "clip"), parts.groups(), strict=True) if int(n)}
+            continue
+        assert "skipped 0 keys" in line and "unmatched" not in line and "Mismatch" not in line, line
+        part = "clip" if "-CLIP with" in line else "unet"
+        loaded[part] = int(line.split(" with ")[1].split(" keys")[0])
     return loaded
 
 
