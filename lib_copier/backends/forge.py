@@ -42,10 +42,16 @@ def is_forge_model(sd_model) -> bool:
 
 
 def forge_family(sd_model) -> str:
-    """sd1 / sd2 / sdxl from the flags Forge's engines set; one sentence for everything else (Flux, SD3)."""
-    for flag, family in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
-        if getattr(sd_model, flag, False):
-            return family  # the SDXL refiner is refused with the other backends' models (`HostBackend`)
+    """sd1 / sd2 / sdxl from the flags Forge's engines set; one sentence for everything else (Flux, SD3). SD2 is told
+    by its text encoder, `clip_h`, as well: Forge Classic (seen live) and reForge flag every SD2 model as SD1 (their
+    test looks for OpenCLIP's `.model` on A1111's prompt wrapper, which does not show it)."""
+    sd2 = hasattr(sd_model.forge_objects_original.clip.cond_stage_model, "clip_h")
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"  # the SDXL refiner is refused with the other backends' models (`HostBackend`)
+    if sd2 or getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
     raise CopierError(
         f"Copier LoRA trains SD1, SD2 and SDXL models; the loaded model is a {type(sd_model).__name__}: "
         "pick an SD1, SD2 or SDXL checkpoint"
@@ -80,7 +86,7 @@ class ForgeBackend(HostBackend):
         """`load` is Forge's `memory_management.load_model_gpu`: it puts a patcher's model on its device."""
         sd_model = host.sd_model
         self._objects = sd_model.forge_objects_original
-        family = self._family(sd_model)
+        family = forge_family(sd_model)
         self._load = load
         kmodel = self._objects.unet.model
         for module in (kmodel, self._objects.clip.cond_stage_model):
@@ -101,9 +107,6 @@ class ForgeBackend(HostBackend):
         self.dtype = self._computation_dtype(kmodel)
 
     # What differs between Forge's designs (Forge Classic's: `forge_classic.py`).
-
-    def _family(self, sd_model) -> str:
-        return forge_family(sd_model)
 
     def _prediction(self, kmodel: nn.Module) -> str:
         prediction = getattr(kmodel.predictor, "prediction_type", None)

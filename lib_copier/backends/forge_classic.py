@@ -5,7 +5,7 @@ ComfyUI's newer patchers and memory manager, by reForge (Panchovix/stable-diffus
 It holds the same `forge_objects` as Forge (a UNet patcher whose model has `.diffusion_model` under LDM names, a
 CLIP whose `cond_stage_model` has `clip_l` / `clip_g` / `clip_h` in the Hugging Face layout, a VAE with a patcher),
 so `ForgeBackend` reads and trains it; what differs is read where Forge Classic keeps it:
-- the model family from the flags, except SD2, which Classic flags as SD1: its `clip_h` encoder tells;
+- the model family: Classic flags SD2 models as SD1, and `forge_family` tells them by their `clip_h` encoder;
 - `shared.sd_model` is still A1111's LDM/SGM object, and A1111's samplers sample it: the prediction is its
   `parameterization` and the schedule its `alphas_cumprod(_original)`, as for A1111 (`KModel.predictor` does not
   exist; the UNet's `model_sampling` has sigmas only), rescaled to zero terminal SNR where the checkpoint says so;
@@ -26,7 +26,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from lib_copier.backends.forge import ForgeBackend, forge_family
+from lib_copier.backends.forge import ForgeBackend
 from lib_copier.backends.webui import ldm_prediction, ldm_schedule
 from lib_copier.errors import CopierError
 from lib_copier.models.sampling import zero_terminal_snr
@@ -37,13 +37,6 @@ class ClassicBackend(ForgeBackend):
         "turn off Settings → Optimizations → 'Store UNet Weights in fp8', or start Forge without "
         "--unet-in-fp8-e4m3fn / --unet-in-fp8-e5m2 / --clip-in-fp8-…"
     )
-
-    def _family(self, sd_model) -> str:
-        # Its `is_sd2` looks for OpenCLIP's `.model` on A1111's prompt wrapper, which does not show it: every SD2
-        # model is flagged SD1 (seen live). The text encoders tell.
-        if hasattr(self._objects.clip.cond_stage_model, "clip_h") and not getattr(sd_model, "is_sdxl", False):
-            return "sd2"
-        return forge_family(sd_model)
 
     def _prediction(self, kmodel: nn.Module) -> str:
         return ldm_prediction(self.sd_model)
