@@ -274,7 +274,10 @@ def test_the_copier_command_says_when_a_training_starts_over_with_checkpointing_
     said = "the GPU ran out of memory training at 64x64 px with 1 timestep per step; starting over with gradient"
     out = capsys.readouterr().out
     assert f"copier: {said}" in out and "processed: grayscale: the GPU" not in out and len(failed) == 1
-    assert len(list((tmp_path / "out").glob("*.safetensors"))) == 2
+    files = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(files) == 2
+    for file in files:  # each file's metadata records the settings its run trained with, not the ones asked
+        assert json.loads(read_lora(file).metadata["ss_copier_train_config"])["gradient_checkpointing"] is True
 
 
 def test_copier_cli_refuses_bad_settings_and_outputs_before_loading_the_model(tmp_path, monkeypatch, capsys):

@@ -154,6 +154,7 @@ class _Pending:
     seconds: float
     final_loss: float | None
     description: str
+    config: TrainConfig  # what its (last) run trained with, recorded in the file's metadata
     chain_json: str = ""
 
 
@@ -260,7 +261,7 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
 def _as_run(run: TrainResult, *configs: TrainConfig) -> tuple[TrainConfig, ...]:
     """The job's settings for its later trainings: once a run ran out of GPU memory and finished with gradient
     checkpointing, the rest start with it rather than each running out of memory first."""
-    if not run.gradient_checkpointing:
+    if not run.config.gradient_checkpointing:
         return configs
     return tuple(dataclasses.replace(c, gradient_checkpointing=True) for c in configs)
 
@@ -290,11 +291,10 @@ def _cpu(weights: Weights) -> Weights:
 def _pending(kind, effect, weights, runs: list[TrainResult], description, chain_json="") -> _Pending:
     loss = runs[-1].losses[-1] if runs[-1].losses else None
     steps, seconds = sum(r.steps for r in runs), sum(r.seconds for r in runs)
-    return _Pending(kind, effect, weights, steps, seconds, loss, description, chain_json)
+    return _Pending(kind, effect, weights, steps, seconds, loss, description, runs[-1].config, chain_json)
 
 
 def _finish(backend: Backend, job: Job, pending: list[_Pending], grids: bool) -> list[Result]:
-    config = job.config()
     names: set[str] = set()
     prepared, unchanged = [], {}
     for item in pending:
@@ -310,7 +310,7 @@ def _finish(backend: Backend, job: Job, pending: list[_Pending], grids: bool) ->
     results, done = [], []
     try:
         for item, name, grid in prepared:
-            info = _info(backend, job, config, item, name)
+            info = _info(backend, job, item, name)
             written = write_result(
                 job.out_dir, name, item.weights, info, sidecar(backend.family, item.description), grid
             )
@@ -325,7 +325,8 @@ def _finish(backend: Backend, job: Job, pending: list[_Pending], grids: bool) ->
     return results
 
 
-def _info(backend: Backend, job: Job, config: TrainConfig, item: _Pending, name: str) -> NetworkInfo:
+def _info(backend: Backend, job: Job, item: _Pending, name: str) -> NetworkInfo:
+    config = item.config
     first = next(iter(item.weights.values()))
     size = job.originals[0].size
     return NetworkInfo(

@@ -66,7 +66,7 @@ class TrainResult:
     steps: int  # steps actually taken
     seconds: float
     losses: list[float] = field(default_factory=list)
-    gradient_checkpointing: bool = False  # what the run trained with: a run that ran out of memory turns it on
+    config: TrainConfig | None = None  # what the run trained with: one that ran out of memory turns checkpointing on
 
 
 class Cancelled(CopierError):
@@ -218,7 +218,7 @@ def _loop(backend, network, batch: _Batch, config: TrainConfig, callbacks: Callb
     scaler = _grad_scaler() if backend.device.type == "cuda" and config.mixed_precision == "fp16" else None
     alphas = backend.alphas_cumprod().to(backend.device)
     generator = torch.Generator("cpu").manual_seed(config.seed)
-    result = TrainResult(network, 0, 0.0, gradient_checkpointing=config.gradient_checkpointing)
+    result = TrainResult(network, 0, 0.0, config=config)
     start = time.perf_counter()
 
     def finish(step: int, loss: torch.Tensor, lr: float) -> None:
