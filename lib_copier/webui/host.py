@@ -90,7 +90,7 @@ class A1111Host:
             )
 
     def txt2img(self, request: Txt2Img, progress: StepProgress | None = None) -> Image.Image:
-        from modules import processing, shared
+        from modules import processing, scripts, shared
 
         clear_cached_conditioning()  # a text-encoder LoRA attached now is not part of the cache's key
         p = processing.StableDiffusionProcessingTxt2Img(
@@ -107,6 +107,8 @@ class A1111Host:
             do_not_save_samples=True,
             do_not_reload_embeddings=True,
         )
+        # No script of the WebUI's runs on our images, but reForge reads `p.scripts.alwayson_scripts` unguarded.
+        p.scripts = scripts.ScriptRunner()
         saved = shared.state.job_count, shared.state.job_no, shared.state.textinfo
         try:
             with closing(p):
