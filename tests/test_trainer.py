@@ -272,6 +272,12 @@ def test_presets_and_validation():
         make_config("quick", timestep_min=500, timestep_max=400)
     with pytest.raises(CopierError, match="unknown preset"):
         make_config("fastest")
+    # Settings in range that would train a LoRA which learns nothing, or hardly anything.
+    with pytest.raises(CopierError, match="setting lr is 0; it must be above 0"):
+        make_config("quick", lr=0.0)
+    with pytest.raises(CopierError, match=r"warmup_steps \(500\) must be at most steps \(100\)"):
+        make_config("thorough", steps=100)
+    assert make_config("quick", steps=10, warmup_steps=10).warmup_steps == 10
 
 
 def test_schedules_and_optional_optimizers():

@@ -136,7 +136,7 @@ def test_the_utilities_form_becomes_the_api_body():
 def test_the_estimate_counts_the_recipe_and_warns_a_cpu_user_before_hours_of_training():
     assert recipe_steps("copier", 2, "quick", {}) == 500 * 3
     assert recipe_steps("both", 1, "thorough", {}) == 3000 + 4000 + 3000
-    assert recipe_steps("extraction", 1, "thorough", {"steps": 10}) == 20
+    assert recipe_steps("extraction", 1, "thorough", {"steps": 600}) == 1200
     assert recipe_steps("copier", 1, "quick", {}, originals=3) == 3 * 1000
     slow = estimate(1000, "cpu", 512)
     assert "hours" in slow and "training size of 128" in slow
@@ -165,3 +165,42 @@ def test_more_originals_come_from_the_file_box(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(CopierError, match="original broken.png is not an image"):
         build_request(image, "", [], {}, None, "copier", "quick", {}, False, "", more=[str(tmp_path / "broken.png")])
+
+
+def _tab_function(tab, name):
+    """The tab's event function `name`, and the components it reads (gradio 4's Blocks)."""
+    fn = next(f for f in tab.fns.values() if getattr(f.fn, "__name__", None) == name)
+    return fn.fn, fn.inputs
+
+
+def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_missing():
+    """A number box the user cleared reads None: Train uses the preset's value there, as an untouched box does, and
+    Generate says which value is missing, instead of a TypeError's "Error"."""
+    asked = []
+    tab = build_tab(Hooks(run=lambda request, state: asked.append(request) or [], generate=lambda request: None))
+    start, inputs = _tab_function(tab, "start")
+    emptied = {"copier_lora_size", "copier_lora_grid_steps", "copier_lora_steps", "copier_lora_rank"}
+    values = [None if c.elem_id in emptied else "" if c.value is None and isinstance(c, gr.Textbox) else c.value
+              for c in inputs]  # fmt: skip
+    values[[c.elem_id for c in inputs].index("copier_lora_image")] = Image.new("RGB", (64, 64), "red")
+    *_, status = start(*values)
+    assert status == "<ul></ul>", status  # trained (the stand-in made no files), no error
+    (request,) = asked
+    assert request.size is None and request.grid_steps == 20 and request.overrides == {}
+    # Whole numbers stay whole: the int settings' boxes round as the user types.
+    assert all(c.precision == 0 for c in inputs if c.elem_id in emptied)
+
+    generate, inputs = _tab_function(tab, "generate_here")
+    with pytest.raises(gr.Error, match='"steps" is required'):
+        generate("a red apple", "", None, None, 7.0, 64)
+    with pytest.raises(gr.Error, match='"width" is 32; it must be between 64'):
+        generate("a red apple", "", 3, 20, 7.0, 32)
+
+    # The estimate says what Train would refuse while the user types it (Thorough warms up for 500 steps).
+    tab = build_tab(Hooks(run=lambda request, state: [], device=lambda: ("cpu", False)))
+    estimate_text, _ = _tab_function(tab, "estimate_text")
+    assert estimate_text("copier", "thorough", ["Grayscale"], 64, 3000, 1, []).startswith("7000 training steps")
+    refused = estimate_text("copier", "thorough", ["Grayscale"], None, 100, 1, [])
+    assert refused == "Train would refuse this: warmup_steps (500) must be at most steps (100), " + (
+        "or the learning rate never reaches its setting."
+    )

@@ -28,6 +28,7 @@ from lib_copier.recipes.prompts import GRID_PROMPTS
 from lib_copier.train.config import PRESETS, make_config
 
 DEFAULT_GRID_PROMPTS = GRID_PROMPTS[:2]
+DEFAULT_GRID_STEPS = 20
 MAX_IMAGE_BYTES = 64 * 2**20  # of base64 text: a 4096-px PNG fits several times over
 MAX_MORE_IMAGES = 15
 
@@ -107,7 +108,7 @@ class TrainRequest:
         hi=8,
         item_hi=MAX_PROMPT,
     )
-    grid_steps: int = setting(20, "sampling steps of each grid image", 1, MAX_STEPS)
+    grid_steps: int = setting(DEFAULT_GRID_STEPS, "sampling steps of each grid image", 1, MAX_STEPS)
     grid_seed: int = setting(0, "seed of the grid images", 0, 2**32 - 1)
     save_on_interrupt: bool = setting(False, "an interrupted run keeps what it trained so far")
 

@@ -83,6 +83,13 @@ def validate(config: TrainConfig) -> TrainConfig:
     check(config, lambda name: f"setting {name}")
     if config.timestep_min >= config.timestep_max:
         raise CopierError(f"timestep_min ({config.timestep_min}) must be below timestep_max ({config.timestep_max})")
+    if config.lr == 0:
+        raise CopierError("setting lr is 0; it must be above 0, or the LoRA learns nothing")
+    if config.warmup_steps > config.steps:
+        raise CopierError(
+            f"warmup_steps ({config.warmup_steps}) must be at most steps ({config.steps}), or the learning rate never "
+            "reaches its setting"
+        )
     if config.optimizer in OPTIONAL_OPTIMIZERS:
         module, _, package = OPTIONAL_OPTIMIZERS[config.optimizer]
         if importlib.util.find_spec(module) is None:

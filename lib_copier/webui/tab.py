@@ -21,12 +21,13 @@ from PIL import Image
 from lib_copier.effects.image_io import read_image, to_rgb
 from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError
+from lib_copier.fields import check
 from lib_copier.models.cli import slug
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.estimate import describe_run
 from lib_copier.recipes.job import RECIPE_PRESETS, make_effects, method_config
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
-from lib_copier.recipes.request import DEFAULT_GRID_PROMPTS, TrainRequest
+from lib_copier.recipes.request import DEFAULT_GRID_PROMPTS, DEFAULT_GRID_STEPS, TrainRequest
 from lib_copier.train.config import PRESETS, field_info
 from lib_copier.webui.infotext import Infotext, build_infotext, image_infotext, with_lora
 from lib_copier.webui.jobs import JobState
@@ -125,7 +126,7 @@ def build_request(
     save_on_interrupt,
     grid_prompts,
     size=0,
-    grid_steps=20,
+    grid_steps=DEFAULT_GRID_STEPS,
     more=(),
 ):
     if image is None:
@@ -146,8 +147,8 @@ def build_request(
         caption=caption,
         grid_prompts=[p for p in grid_prompts.splitlines() if p.strip()] or list(DEFAULT_GRID_PROMPTS),
         save_on_interrupt=save_on_interrupt,
-        size=int(size) or None,
-        grid_steps=int(grid_steps),
+        size=int(size or 0) or None,  # an emptied number box reads None: the model's native side
+        grid_steps=int(grid_steps or DEFAULT_GRID_STEPS),
         more_images=more_images,
     )
 
@@ -190,10 +191,10 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                         gen_prompt = gr.Textbox(label="Prompt", lines=2)
                         gen_negative = gr.Textbox(label="Negative prompt")
                         with gr.Row():
-                            gen_seed = gr.Number(-1, label="Seed (-1: random)")
-                            gen_steps = gr.Number(20, label="Steps")
+                            gen_seed = gr.Number(-1, label="Seed (-1: random)", precision=0)
+                            gen_steps = gr.Number(20, label="Steps", precision=0)
                             gen_cfg = gr.Number(7.0, label="CFG scale")
-                            gen_size = gr.Number(512, label="Width and height")
+                            gen_size = gr.Number(512, label="Width and height", precision=0)
                         gen_button = gr.Button("Generate", elem_id="copier_lora_generate")
                     edited = gr.Image(label="Or your own edit of it (a processed image)", type="pil", image_mode=None)
                     more = gr.File(
@@ -235,9 +236,11 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 with gr.Row():
                     size = gr.Number(
                         0, label="Training size", info="image side to train at; 0: the model's native",
-                        elem_id="copier_lora_size",
+                        elem_id="copier_lora_size", precision=0,
                     )  # fmt: skip
-                    grid_steps = gr.Number(20, label="Grid sampling steps", elem_id="copier_lora_grid_steps")
+                    grid_steps = gr.Number(
+                        DEFAULT_GRID_STEPS, label="Grid sampling steps", elem_id="copier_lora_grid_steps", precision=0
+                    )
                 shown, fields = method_config(DEFAULT_METHOD, "quick", {}), field_info()
                 with gr.Row():
                     for group, keys in SETTING_GROUPS.items():
@@ -252,8 +255,9 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                                     settings[key] = gr.Dropdown(list(meta["choices"]), value=default, **common)
                                 elif meta["type"] is bool:
                                     settings[key] = gr.Checkbox(default, **common)
-                                else:
-                                    settings[key] = gr.Number(default, **common)
+                                else:  # whole numbers for int settings; an emptied box keeps the preset's value
+                                    precision = 0 if meta["type"] is int else None
+                                    settings[key] = gr.Number(default, precision=precision, **common)
             with gr.Row():
                 train = gr.Button("Train", variant="primary", elem_id="copier_lora_train")
                 interrupt = gr.Button("Interrupt", elem_id="copier_lora_interrupt")
@@ -297,8 +301,11 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 return ""
             device, sdxl = hooks.device()
             asked = {"steps": steps, "batch_size": batch}
-            side = int(side) or (1024 if sdxl else 512)
-            return describe_run(meth, pre, asked, len(chosen), 1 + len(extra or ()), device, side, sdxl)
+            side = int(side or 0) or (1024 if sdxl else 512)
+            try:
+                return describe_run(meth, pre, asked, len(chosen), 1 + len(extra or ()), device, side, sdxl)
+            except CopierError as exc:  # said as the user types, not only at Train
+                return f"Train would refuse this: {exc}."
 
         estimate_inputs = [method, preset, selected, size, settings["steps"], settings["batch_size"], more]
         for component in (*estimate_inputs, image):  # not at build time: the WebUI may still be loading its model
@@ -315,7 +322,6 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         def start(_task, img, out_name, chosen, edit, meth, pre, grid_text, keep, side, grid_step_count, extra, *rest):
             values = dict(zip(sliders, rest[: len(sliders)], strict=True))
             chosen_settings = dict(zip(settings, rest[len(sliders) :], strict=True))
-            chosen_settings = {k: int(v) if field_info()[k]["type"] is int else v for k, v in chosen_settings.items()}
             try:
                 request = build_request(
                     img,
@@ -373,8 +379,11 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 _on(button.click, take, [gallery, generation_info, task_id], [image, info], js="copierLoraTake")
 
         def generate_here(prompt, negative, seed, steps, cfg, side):
-            seed = int(seed) if seed >= 0 else random.randrange(2**32)
-            request = Txt2Img(prompt, negative, seed, int(steps), float(cfg), int(side), int(side))
+            seed = int(seed) if seed is not None and seed >= 0 else random.randrange(2**32)
+            try:  # an emptied box reads None, which the check names
+                request = check(Txt2Img(prompt, negative, seed, steps, cfg, side, side))
+            except CopierError as exc:
+                raise gr.Error(str(exc)) from None  # shown by gradio, over the tab
             img = hooks.generate(request)
             img.info["parameters"] = build_infotext(
                 Infotext(
