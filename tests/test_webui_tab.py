@@ -16,7 +16,9 @@ from lib_copier.recipes.kinds import DEFAULT_METHOD
 from lib_copier.train.config import field_info
 from lib_copier.webui.gallery import selected_image
 from lib_copier.webui.infotext import parse_infotext
+from lib_copier.webui.lora_tools import check_tool
 from lib_copier.webui.tab import (
+    IMAGE_HEIGHT,
     LABELS,
     SETTING_GROUPS,
     Hooks,
@@ -47,6 +49,9 @@ def test_the_tab_builds():
     default = method_config(DEFAULT_METHOD, "quick", {})
     assert all(shown[f"copier_lora_{key}"] == getattr(default, key) for key in grouped)
     assert shown["copier_lora_rank"] == 4 and DEFAULT_METHOD == "addift"
+    # The image boxes keep their height whatever the upload's shape (a tall portrait pushed the form screens down).
+    images = [b for b in tab.blocks.values() if isinstance(b, gr.Image)]
+    assert len(images) == 2 and all(b.height == IMAGE_HEIGHT for b in images)
 
 
 def test_the_effects_are_ticked_by_label_and_described():
@@ -123,7 +128,7 @@ def test_the_selected_gallery_image_comes_with_its_infotext(tmp_path, shape):
         selected_image([], info, 0)
 
 
-def test_the_utilities_form_becomes_the_api_body():
+def test_the_utilities_form_becomes_the_api_body(tmp_path):
     assert tool_body("merge", ["a", "b"], "", None, None, "1, -0.5", 8, 0, "none", 0.9, "ab") == {
         "out": "ab", "loras": ["a", "b"], "ratios": [1.0, -0.5]}  # fmt: skip
     assert tool_body("resize", ["a"], "", None, None, "", 4, 0, "sv_fro", 0.9, "small") == {
@@ -131,6 +136,11 @@ def test_the_utilities_form_becomes_the_api_body():
     assert tool_body("extract", [], "", "base", "tuned", "", 16, 8, "none", 0, "x")["conv_rank"] == 8
     with pytest.raises(CopierError, match="ratios"):
         tool_body("svd-merge", ["a"], "", None, None, "one", 8, 0, "none", 0, "x")
+    # Emptied number boxes (None) are left out, and the tool's check names what is missing.
+    emptied = tool_body("resize", ["a"], "", None, None, "", None, None, "sv_fro", None, "small")
+    assert emptied == {"out": "small", "lora": "a", "dynamic_method": "sv_fro"}
+    with pytest.raises(CopierError, match='the resize request needs "rank"'):
+        check_tool("resize", emptied, tmp_path)
 
 
 def test_the_estimate_counts_the_recipe_and_warns_a_cpu_user_before_hours_of_training():

@@ -58,6 +58,7 @@ def _on(event, fn, inputs, outputs, js: str | None = None):
 
 
 LABELS = {e.name: e.label for e in all_effects()}
+IMAGE_HEIGHT = 400  # pixels, of the image boxes
 METHOD_HELP = (
     "copier: trains a copier of the image, then one effect LoRA on top of it (the seeds' method); "
     "extraction: a copier of each processed image too, and their difference; both: each kind; "
@@ -183,7 +184,10 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                     # image_mode None: the file's own mode reaches `to_rgb`, which lays transparency over white and
                     # scales 16 bits, as the API and the command line do (gradio's "RGB" turns both into black or
                     # white)
-                    image = gr.Image(label="Original", type="pil", image_mode=None, elem_id="copier_lora_image")
+                    # A fixed height: a tall portrait would otherwise push the whole form a screen or more down
+                    image = gr.Image(
+                        label="Original", type="pil", image_mode=None, height=IMAGE_HEIGHT, elem_id="copier_lora_image"
+                    )
                     info = gr.Textbox(label="Its generation parameters", lines=2, interactive=False)
                     with gr.Row():
                         from_buttons = {tab_name: gr.Button(f"From {tab_name}") for tab_name in ("txt2img", "img2img")}
@@ -196,7 +200,10 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                             gen_cfg = gr.Number(7.0, label="CFG scale")
                             gen_size = gr.Number(512, label="Width and height", precision=0)
                         gen_button = gr.Button("Generate", elem_id="copier_lora_generate")
-                    edited = gr.Image(label="Or your own edit of it (a processed image)", type="pil", image_mode=None)
+                    edited = gr.Image(
+                        label="Or your own edit of it (a processed image)", type="pil", image_mode=None,
+                        height=IMAGE_HEIGHT, elem_id="copier_lora_edited",
+                    )  # fmt: skip
                     more = gr.File(
                         label="More originals (optional): each effect LoRA is learned over all of them",
                         file_count="multiple", file_types=["image"], elem_id="copier_lora_more_originals",

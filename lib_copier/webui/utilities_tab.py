@@ -28,11 +28,11 @@ def tool_body(tool: str, loras, checkpoint, original, tuned, ratios, rank, conv_
         body["lora"] = (loras or [None])[0]
     if tool == "extract":
         body["original"], body["tuned"] = original, tuned
-    if tool != "merge":
-        body["rank"] = int(rank)
-        body["conv_rank"] = int(conv_rank) or None
+    if tool != "merge":  # an emptied number box reads None: left out, so the check says that it is required
+        body["rank"] = rank
+        body["conv_rank"] = conv_rank or None
     if tool == "resize" and dynamic != "none":
-        body["dynamic_method"], body["dynamic_param"] = dynamic, float(dynamic_param)
+        body["dynamic_method"], body["dynamic_param"] = dynamic, dynamic_param
     return {k: v for k, v in body.items() if v is not None}
 
 
@@ -50,8 +50,8 @@ def build_utilities(
         original = gr.Dropdown(checkpoints(), label="Extract: original checkpoint")
         tuned = gr.Dropdown(checkpoints(), label="Extract: tuned checkpoint")
     with gr.Row():
-        rank = gr.Number(8, label="Rank (svd-merge, resize, extract)")
-        conv_rank = gr.Number(0, label="Conv rank (0: none)")
+        rank = gr.Number(8, label="Rank (svd-merge, resize, extract)", precision=0)
+        conv_rank = gr.Number(0, label="Conv rank (0: none)", precision=0)
         dynamic = gr.Dropdown(["none", "sv_ratio", "sv_fro", "sv_cumulative"], value="none", label="Dynamic resize")
         dynamic_param = gr.Number(0.9, label="Dynamic parameter")
     out = gr.Textbox(label="Output name (written as <name>.safetensors)")
