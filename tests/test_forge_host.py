@@ -212,3 +212,28 @@ def test_forge_classic_streaming_part_of_the_model_is_refused_in_one_sentence(cl
     host = current_host()
     with pytest.raises(CopierError, match="too little free memory to hold the whole model"), host.prepared():
         host.backend().encode_images(torch.zeros(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("design", ["forge", "classic", "reforge"])
+def test_the_interrupt_button_stops_a_run_whether_it_asks_to_stop_now_or_after_the_current_image(monkeypatch, design):
+    """The WebUIs' Interrupt button, pressed while a run counts its training steps as jobs (more than one), only
+    asks to stop "after the current image" by default: seen live in Forge, the training went on to its end."""
+    process = _process(monkeypatch, design)
+    process.shared.state = types.SimpleNamespace(interrupted=False, stopping_generation=False, job_count=40)
+    host = current_host()
+    assert not host.interrupted()
+
+    def interrupt_button(opts_interrupt_after_current=True):  # what the WebUIs' interrupt_function does
+        state = process.shared.state
+        if not state.stopping_generation and state.job_count > 1 and opts_interrupt_after_current:
+            state.stopping_generation = True
+        else:
+            state.interrupted = True
+
+    interrupt_button()
+    assert host.interrupted()
+    process.shared.state = types.SimpleNamespace(interrupted=False, stopping_generation=False, job_count=40)
+    interrupt_button(opts_interrupt_after_current=False)
+    assert host.interrupted()
+    del process.shared.state.stopping_generation  # a WebUI from before the flag
+    assert host.interrupted()

@@ -122,7 +122,10 @@ class A1111Host:
     def interrupted(self) -> bool:
         from modules import shared
 
-        return bool(shared.state.interrupted)
+        # Pressed while more than one job step is counted (a run shows its training steps so), the Interrupt button
+        # asks to "stop after the current image" by default (Settings: "Don't Interrupt in the middle"): a flag of its
+        # own, which txt2img reads too. For a run, both mean stop now.
+        return bool(shared.state.interrupted or getattr(shared.state, "stopping_generation", False))
 
     def show_progress(self, text: str, step: int, total: int) -> None:
         """Onto the WebUI's progress bar: `job_no / job_count` is its fraction, `textinfo` its text."""
