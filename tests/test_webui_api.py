@@ -120,6 +120,12 @@ def test_images_and_requests_are_checked():
         {"generate": {"prompt": "a red cube", "seed": 3}, "method": "both", "effects": ["blur"]}
     )
     assert request.generate.seed == 3 and request.name == "a-red-cube"
+    # The settings are checked as the method trains with them: Thorough's 500-step warm-up is the copier's, not
+    # addift's, which trains at its own settings under any preset.
+    short = {"generate": {"prompt": "a cube"}, "effects": ["blur"], "preset": "thorough", "overrides": {"steps": 50}}
+    assert request_from_json({**short, "method": "addift"}).overrides == {"steps": 50}
+    with pytest.raises(CopierError, match=r"warmup_steps \(500\) must be at most steps \(50\)"):
+        request_from_json({**short, "method": "copier"})
 
 
 def _png(side: int) -> str:

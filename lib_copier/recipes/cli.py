@@ -12,7 +12,7 @@ from lib_copier.errors import CopierError, shown
 from lib_copier.models.cli import add_model_arguments, slug
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.prompts import grid_prompts, prompt_pool
-from lib_copier.train.config import PRESETS, field_info, make_config
+from lib_copier.train.config import PRESETS, field_info
 
 DEMO_PROMPT = "a large yellow star with shading and a dark outline on a purple background"
 DEMO_EFFECTS = ["grayscale", "outline:thickness=3", "posterize:levels=3"]
@@ -162,7 +162,7 @@ def run_copier(args: argparse.Namespace) -> int:
     from lib_copier.effects.image_io import load_image
     from lib_copier.fields import check, check_field
     from lib_copier.models.generate import Txt2Img
-    from lib_copier.recipes.job import Job, fit_image
+    from lib_copier.recipes.job import Job, fit_image, method_config
     from lib_copier.recipes.request import TrainRequest
 
     check_folder(args.out)
@@ -170,7 +170,7 @@ def run_copier(args: argparse.Namespace) -> int:
     check(request, lambda name: "--generate" if name == "prompt" else f"--{name}")
     overrides = parse_overrides(args.set)
     overrides.update({k: getattr(args, k) for k in ("steps", "rank", "alpha", "lr") if getattr(args, k) is not None})
-    make_config(args.preset, **overrides)  # a setting out of range: its sentence before the model loads
+    method_config(args.method, args.preset, overrides)  # a setting out of range: said before the model loads
     if args.size is not None:
         check_field(TrainRequest, "size", args.size, lambda name: f"--{name}")
     effects = _effects(args.effect, args.processed_image)

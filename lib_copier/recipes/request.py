@@ -21,11 +21,11 @@ from lib_copier.fields import check as check_fields
 from lib_copier.fields import from_json, quoted, setting
 from lib_copier.models.cli import slug
 from lib_copier.models.generate import MAX_PROMPT, MAX_STEPS, Txt2Img
-from lib_copier.recipes.job import Effect, make_effects
+from lib_copier.recipes.job import Effect, make_effects, method_config
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.outputs import check_name
 from lib_copier.recipes.prompts import GRID_PROMPTS
-from lib_copier.train.config import PRESETS, make_config
+from lib_copier.train.config import PRESETS
 
 DEFAULT_GRID_PROMPTS = GRID_PROMPTS[:2]
 DEFAULT_GRID_STEPS = 20
@@ -122,7 +122,8 @@ def check_request(request: TrainRequest) -> TrainRequest:
     check_name(request.name)
     if request.method != "copier" and not request.effects:
         raise CopierError(f'method "{request.method}" needs at least one effect in "effects"')
-    make_config(request.preset, **request.overrides)  # unknown settings and out-of-range values
+    # unknown settings, values out of range, and the rules between them, on what the method trains with
+    method_config(request.method, request.preset, request.overrides)
     return request
 
 
