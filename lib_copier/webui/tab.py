@@ -330,21 +330,8 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             values = dict(zip(sliders, rest[: len(sliders)], strict=True))
             chosen_settings = dict(zip(settings, rest[len(sliders) :], strict=True))
             try:
-                request = build_request(
-                    img,
-                    out_name,
-                    chosen,
-                    values,
-                    edit,
-                    meth,
-                    pre,
-                    chosen_settings,
-                    keep,
-                    grid_text,
-                    side,
-                    grid_step_count,
-                    extra,
-                )
+                request = build_request(img, out_name, chosen, values, edit, meth, pre, chosen_settings, keep,
+                                        grid_text, side, grid_step_count, extra)  # fmt: skip
                 results = hooks.run(request, JobState("tab"))
             except CopierError as exc:
                 return [], "[]", gr.update(choices=[]), f"<p class='copier-lora-error'>{escape(str(exc))}</p>"
