@@ -13,6 +13,7 @@ from lib_copier.errors import CopierError
 from lib_copier.recipes.estimate import describe_run, estimate, recipe_steps
 from lib_copier.recipes.job import method_config
 from lib_copier.recipes.kinds import DEFAULT_METHOD
+from lib_copier.recipes.request import check_request
 from lib_copier.train.config import field_info
 from lib_copier.webui.gallery import selected_image
 from lib_copier.webui.infotext import parse_infotext
@@ -197,6 +198,9 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     assert status == "<ul></ul>", status  # trained (the stand-in made no files), no error
     (request,) = asked
     assert request.size is None and request.grid_steps == 20 and request.overrides == {}
+    image = Image.new("RGB", (64, 64))
+    with pytest.raises(CopierError, match='"grid_steps" is 0'):  # a value typed, unlike an empty box, is checked
+        check_request(build_request(image, "x", [], {}, None, "copier", "quick", {}, False, "", grid_steps=0))
     # Whole numbers stay whole: the int settings' boxes round as the user types.
     assert all(c.precision == 0 for c in inputs if c.elem_id in emptied)
 

@@ -148,8 +148,8 @@ def build_request(
         caption=caption,
         grid_prompts=[p for p in grid_prompts.splitlines() if p.strip()] or list(DEFAULT_GRID_PROMPTS),
         save_on_interrupt=save_on_interrupt,
-        size=int(size or 0) or None,  # an emptied number box reads None: the model's native side
-        grid_steps=int(grid_steps or DEFAULT_GRID_STEPS),
+        size=int(size) if size else None,  # 0, or an emptied number box (None): the model's native side
+        grid_steps=DEFAULT_GRID_STEPS if grid_steps is None else int(grid_steps),  # 0 is refused, not replaced
         more_images=more_images,
     )
 
