@@ -1,4 +1,5 @@
-"""The files A1111 runs from the extension's root: preload.py and install.py."""
+"""The files A1111 runs from the extension's root (preload.py, install.py), and what the extension sets up in the
+WebUI before its tab is built."""
 
 import argparse
 import runpy
@@ -25,3 +26,17 @@ def test_install_installs_only_what_is_missing_and_never_torch_or_gradio(monkeyp
     needed = runpy.run_path(str(ROOT / "install.py"))["NEEDED"]
     assert calls == ["install open-clip-torch"]
     assert not {"torch", "torchvision", "gradio"} & set(needed.values())
+
+
+def test_the_webuis_temp_folder_for_shown_images_is_made(monkeypatch, tmp_path):
+    """Forge Neo names `tmp/` as its temp folder without making it; each image gradio shows is written there."""
+    from lib_copier.webui.extension import make_temp_dir
+
+    modules = types.ModuleType("modules")
+    modules.shared = types.SimpleNamespace(opts=types.SimpleNamespace(temp_dir=str(tmp_path / "webui" / "tmp")))
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    make_temp_dir()
+    assert (tmp_path / "webui" / "tmp").is_dir()
+    modules.shared.opts.temp_dir = ""  # A1111's default: gradio's own cache folder, which gradio makes
+    make_temp_dir()
+    assert [p.name for p in tmp_path.iterdir()] == ["webui"]

@@ -91,6 +91,16 @@ def on_ui_settings() -> None:
     )
 
 
+def make_temp_dir() -> None:
+    """The WebUI writes each image a tab shows into its temp folder ("Directory for temporary images") when one is
+    set, and creates that folder only when the setting changes. Forge Neo sets one by default (`tmp/`) without
+    creating it, so every image this tab showed there failed with FileNotFoundError until something made it."""
+    from modules import shared
+
+    if temp_dir := getattr(shared.opts, "temp_dir", ""):
+        Path(temp_dir).mkdir(parents=True, exist_ok=True)
+
+
 def on_ui_tabs():
     import gradio as gr
     from modules import call_queue, devices, infotext_utils, sd_models, shared
@@ -122,6 +132,7 @@ def on_ui_tabs():
         gallery_trains=lambda: bool(getattr(shared.opts, "copier_lora_gallery_trains", True)),
         device=lambda: (devices.device.type, bool(getattr(shared.sd_model, "is_sdxl", False))),
     )
+    make_temp_dir()
     return [(build_tab(hooks), "Copier LoRA", "copier_lora")]
 
 
