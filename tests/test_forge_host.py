@@ -170,6 +170,22 @@ def test_swap_modes_are_refused_before_any_weight_is_touched(monkeypatch, design
     assert all(after[n] is p and p.is_inference() == (design == "forge") for n, p in params.items())
 
 
+@pytest.mark.parametrize(
+    "state, flags, said",
+    [("LOW_VRAM", {"lowvram": True, "novram": False}, "(--lowvram)"),  # Forge Neo's name for it
+     ("NO_VRAM", {"always_no_vram": True, "always_low_vram": False}, "(--always-no-vram)"),
+     ("NORMAL_VRAM", {"always_offload_from_vram": True}, "(--always-offload-from-vram)")],
+)  # fmt: skip
+def test_the_refusal_names_the_flag_to_take_away(monkeypatch, state, flags, said):
+    process = _process(monkeypatch, "forge")
+    process.memory.vram_state = types.SimpleNamespace(name=state)
+    process.memory.ALWAYS_VRAM_OFFLOAD = flags.get("always_offload_from_vram", False)
+    process.memory.args = types.SimpleNamespace(**flags)
+    with pytest.raises(CopierError) as refused, ForgeHost().prepared():
+        pytest.fail("the job must not start")
+    assert str(refused.value).endswith(f"CPU memory {said}; restart Forge without it")
+
+
 def test_a_full_load_is_asked_for_where_the_memory_manager_offers_it(forge):
     calls = []
     forge.memory.load_models_gpu = lambda patchers, memory_required=0, force_full_load=False: calls.append(

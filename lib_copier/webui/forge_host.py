@@ -19,6 +19,16 @@ from lib_copier.webui.host import A1111Host, clear_cached_conditioning, refresh_
 # Forge's memory states in which weights live in CPU memory and are cast per call ("swap"): training there would
 # stream the whole UNet every step, and LoRA fusing would miss the weights Forge keeps elsewhere.
 _SWAP_STATES = ("LOW_VRAM", "NO_VRAM")
+# The launch flags that choose them, as each design names them (Forge, Forge Classic, reForge; then Neo's).
+_SWAP_FLAGS = ("always_low_vram", "always_no_vram", "always_offload_from_vram", "lowvram", "novram")
+
+
+def swap_flags(memory_management) -> str:
+    """The swap flags this process was started with, as typed ("--lowvram"), read from the memory manager's own
+    arguments; all of the known ones where it has none."""
+    args = getattr(memory_management, "args", None)
+    named = [flag for flag in _SWAP_FLAGS if getattr(args, flag, False) is True] or _SWAP_FLAGS[:3]
+    return " / ".join("--" + flag.replace("_", "-") for flag in named)
 
 
 class ForgeHost(A1111Host):
@@ -75,8 +85,8 @@ class ForgeHost(A1111Host):
         offload = self.OFFLOAD_SWAPS and getattr(memory_management, "ALWAYS_VRAM_OFFLOAD", False)
         if state in _SWAP_STATES or offload:
             raise CopierError(
-                f"Copier LoRA cannot train while Forge keeps the model in CPU memory ({state.lower()} mode, "
-                "--always-low-vram / --always-no-vram / --always-offload-from-vram); restart Forge without them"
+                f"Copier LoRA cannot train while Forge keeps the model in CPU memory ({swap_flags(memory_management)}"
+                "); restart Forge without it"
             )
         try:
             with borrowed(self.sd_model, self.unload_clones()):
