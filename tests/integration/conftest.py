@@ -1,8 +1,9 @@
-"""Shared by the live tests: a real A1111 1.10, Forge, Forge Classic or reForge started on CPU with this repo as an
-extension.
+"""Shared by the live tests: a real A1111 1.10, Forge, Forge Neo, Forge Classic or reForge started on CPU with this
+repo as an extension.
 
 Each runs only when its directory is given: COPIER_WEBUI_DIR an A1111 checkout, COPIER_FORGE_DIR a Forge checkout,
-COPIER_CLASSIC_DIR a Forge Classic one, COPIER_REFORGE_DIR a reForge one, each prepared with `prepare_webui.py`
+COPIER_NEO_DIR a Forge Neo one (sd-webui-forge-classic's `neo` branch), COPIER_CLASSIC_DIR a Forge Classic one,
+COPIER_REFORGE_DIR a reForge one, each prepared with `prepare_webui.py`
 (random checkpoints and the offline tokenizer files); COPIER_WEBUI_ARGS adds launch arguments, COPIER_WEBUI_PYTHON
 names another venv's Python (one with the torch the WebUI ships: 2.1.2 for A1111 1.10, 2.3.1 for Forge). All take
 the same tests, one after the other (never two at once: each needs 7 GB and more). Small sizes come from a ui-config
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-ROOTS = {"a1111": "COPIER_WEBUI_DIR", "forge": "COPIER_FORGE_DIR", "classic": "COPIER_CLASSIC_DIR",
-         "reforge": "COPIER_REFORGE_DIR"}  # fmt: skip
+ROOTS = {"a1111": "COPIER_WEBUI_DIR", "forge": "COPIER_FORGE_DIR", "neo": "COPIER_NEO_DIR",
+         "classic": "COPIER_CLASSIC_DIR", "reforge": "COPIER_REFORGE_DIR"}  # fmt: skip
 WEBUIS = {kind: os.environ.get(variable) for kind, variable in ROOTS.items()}
-FORGES = ("forge", "classic", "reforge")  # started alike, their LoRA loaders log what they applied
+FORGES = ("forge", "neo", "classic", "reforge")  # started alike, their LoRA loaders log what they applied
 SD15 = "random-sd15"
 PORT = int(os.environ.get("COPIER_WEBUI_PORT", "7861"))
 URL = f"http://127.0.0.1:{PORT}"
@@ -38,6 +39,10 @@ UI_CONFIG = {
     "copier_lora/steps/value": 4,
     "copier_lora/rank/value": 4,
     "copier_lora/alpha/value": 4,
+    # Saved empty, so the prompt boxes start as "" in Forge Neo too: on a first start without these keys its prompt
+    # boxes hold None, and its paste (Send to txt2img, its own PNG Info buttons) then skips the prompt.
+    "txt2img/Prompt/value": "",
+    "txt2img/Negative prompt/value": "",
 }
 
 
@@ -50,7 +55,7 @@ def call(path: str, body: dict | None = None, timeout: float = 600):
 
 @dataclass
 class LiveWebUI:
-    kind: str  # "a1111", "forge", "classic" or "reforge"
+    kind: str  # "a1111", "forge", "neo", "classic" or "reforge"
     root: Path
     log: Path
     pid: int
@@ -70,10 +75,13 @@ class LiveWebUI:
 def _arguments(kind: str, root: Path, ui_config: Path) -> list[str]:
     python = os.environ.get("COPIER_WEBUI_PYTHON", str(root / "venv" / "bin" / "python"))
     ckpt = root / "models" / "Stable-diffusion" / f"{SD15}.safetensors"
-    common = ["--api", "--skip-prepare-environment", "--skip-version-check", "--no-download-sd-model",
-              "--port", str(PORT), "--ckpt", str(ckpt), "--ui-config-file", str(ui_config)]  # fmt: skip
+    common = ["--api", "--skip-prepare-environment", "--skip-version-check", "--port", str(PORT), "--ckpt", str(ckpt),
+              "--ui-config-file", str(ui_config)]  # fmt: skip
     extra = os.environ.get("COPIER_WEBUI_ARGS", "").split()  # e.g. Forge's --unet-in-bf16 where RAM is short
     common += extra
+    if kind == "neo":  # Neo never downloads a model, asks for Python 3.13, and names its CPU mode --cpu
+        return [python, "launch.py", "--cpu", "--skip-python-version-check", *common]
+    common.append("--no-download-sd-model")
     if kind in FORGES:
         return [python, "launch.py", "--always-cpu", *common]
     # A1111 computes on a CPU in fp32, unless told a precision (--precision half: SDXL in fp16, which fits in 24 GB)
@@ -92,7 +100,8 @@ def webui(request, tmp_path_factory):
     link = root / "extensions" / "copier-lora"
     if not link.exists():
         link.symlink_to(Path(__file__).resolve().parents[2], target_is_directory=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # COLUMNS: Neo's console (rich) wraps its log lines at 80 columns, splitting the LoRA loader's lines the tests read
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "1000"}
     env.setdefault("HF_HOME", str(root / "hf"))
     log_path = root / "copier-lora-test.log"
     log = open(log_path, "w")  # noqa: SIM115 (open for the server's lifetime)

@@ -24,7 +24,7 @@ def page(webui, tmp_path):
         pytest.skip(f"no Chromium at {CHROMIUM}")
     # txt2img draws with the saved checkpoint setting, which an earlier test may have left on another model.
     call("/sdapi/v1/options", {"sd_model_checkpoint": SD15})
-    if webui.kind == "forge":  # Forge's "UI defaults" for the "sd" preset replace the ui-config's txt2img size
+    if webui.kind in ("forge", "neo"):  # Forge's "UI defaults" for the "sd" preset replace the ui-config's txt2img size
         call("/sdapi/v1/options", {"forge_preset": "sd", "sd_t2i_width": 64, "sd_t2i_height": 64})
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
