@@ -172,9 +172,11 @@ def test_swap_modes_are_refused_before_any_weight_is_touched(monkeypatch, design
 
 @pytest.mark.parametrize(
     "state, flags, said",
-    [("LOW_VRAM", {"lowvram": True, "novram": False}, "(--lowvram)"),  # Forge Neo's name for it
-     ("NO_VRAM", {"always_no_vram": True, "always_low_vram": False}, "(--always-no-vram)"),
-     ("NORMAL_VRAM", {"always_offload_from_vram": True}, "(--always-offload-from-vram)")],
+    [("LOW_VRAM", {"lowvram": True, "novram": False}, "(--lowvram); restart Forge without it"),  # Forge Neo's name
+     ("NO_VRAM", {"always_no_vram": True, "always_low_vram": False}, "(--always-no-vram); restart Forge without it"),
+     ("NORMAL_VRAM", {"always_offload_from_vram": True}, "(--always-offload-from-vram); restart Forge without it"),
+     ("LOW_VRAM", {}, "(--always-low-vram / --always-no-vram / --always-offload-from-vram); restart Forge without "
+                      "them")],  # no flag set: the memory manager chose it itself
 )  # fmt: skip
 def test_the_refusal_names_the_flag_to_take_away(monkeypatch, state, flags, said):
     process = _process(monkeypatch, "forge")
@@ -183,7 +185,7 @@ def test_the_refusal_names_the_flag_to_take_away(monkeypatch, state, flags, said
     process.memory.args = types.SimpleNamespace(**flags)
     with pytest.raises(CopierError) as refused, ForgeHost().prepared():
         pytest.fail("the job must not start")
-    assert str(refused.value).endswith(f"CPU memory {said}; restart Forge without it")
+    assert str(refused.value).endswith(f"CPU memory {said}")
 
 
 def test_a_full_load_is_asked_for_where_the_memory_manager_offers_it(forge):

@@ -23,12 +23,12 @@ _SWAP_STATES = ("LOW_VRAM", "NO_VRAM")
 _SWAP_FLAGS = ("always_low_vram", "always_no_vram", "always_offload_from_vram", "lowvram", "novram")
 
 
-def swap_flags(memory_management) -> str:
+def swap_flags(memory_management) -> list[str]:
     """The swap flags this process was started with, as typed ("--lowvram"), read from the memory manager's own
-    arguments; all of the known ones where it has none."""
+    arguments; all of Forge's where it has none."""
     args = getattr(memory_management, "args", None)
     named = [flag for flag in _SWAP_FLAGS if getattr(args, flag, False) is True] or _SWAP_FLAGS[:3]
-    return " / ".join("--" + flag.replace("_", "-") for flag in named)
+    return ["--" + flag.replace("_", "-") for flag in named]
 
 
 class ForgeHost(A1111Host):
@@ -84,9 +84,10 @@ class ForgeHost(A1111Host):
         state = getattr(memory_management.vram_state, "name", "")
         offload = self.OFFLOAD_SWAPS and getattr(memory_management, "ALWAYS_VRAM_OFFLOAD", False)
         if state in _SWAP_STATES or offload:
+            flags = swap_flags(memory_management)
             raise CopierError(
-                f"Copier LoRA cannot train while Forge keeps the model in CPU memory ({swap_flags(memory_management)}"
-                "); restart Forge without it"
+                f"Copier LoRA cannot train while Forge keeps the model in CPU memory ({' / '.join(flags)}); restart "
+                f"Forge without {'it' if len(flags) == 1 else 'them'}"
             )
         try:
             with borrowed(self.sd_model, self.unload_clones()):
