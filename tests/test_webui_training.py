@@ -81,6 +81,20 @@ def test_a_run_writes_loras_whose_grids_the_host_draws_from_the_files(host, tmp_
     assert all(torch.equal(before[n], p) for n, p in host.backend().weights())
 
 
+def test_a_caption_from_a_prompt_with_lora_tags_trains_on_the_text_txt2img_encodes(host, tmp_path, monkeypatch):
+    # The 🧬 button's caption is the gallery image's prompt, which names the LoRAs it was drawn with; txt2img takes
+    # the tags out before the text encoder, so training must too.
+    encoded = []
+    conditioning = host.conditioning
+    monkeypatch.setattr(host, "conditioning", lambda texts, h, w: encoded.append(texts) or conditioning(texts, h, w))
+    caption = "a cat, <lora:old style:0.8> on a mat <hypernet:x:1>"
+    request = request_for(host, caption=caption, prompt_pool=0, overrides={"steps": 3, "preview_every": 3})
+    results = train_in_webui(request, host, tmp_path, JobState("j"))
+    assert encoded and all(prompts == ["a cat, on a mat"] for prompts in encoded)
+    assert read_lora(results[0]["lora"]).metadata["ss_copier_caption"] == "a cat, on a mat"
+    assert host.prompts[0] == "a cat, on a mat"  # the preview draws what the copier learned, without the old LoRA
+
+
 def test_interrupt_from_the_webui_keeps_nothing_unless_asked(host, tmp_path):
     host.interrupt_when = lambda shown: len(shown) > 2
     with pytest.raises(Cancelled):

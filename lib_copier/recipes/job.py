@@ -33,6 +33,7 @@ from lib_copier.recipes.methods import (
     train_processed,
 )
 from lib_copier.recipes.outputs import Written, free_name, sidecar, write_result
+from lib_copier.recipes.prompts import without_extra_networks
 from lib_copier.train.config import PAIR_LOSSES, TrainConfig, make_config
 from lib_copier.train.trainer import Callbacks, Cancelled, TrainResult, train_pair
 
@@ -116,8 +117,13 @@ class Job:
     keep_copier: bool = True  # also write the copier LoRA A itself
     publish_dir: Path | None = None  # where out_dir's files go once the caller is done: their names must be free there
 
+    @property
+    def training_caption(self) -> str:
+        """The caption as the text encoder gets it: a WebUI prompt's `<lora:…>` tags are not text (see prompts.py)."""
+        return without_extra_networks(self.caption)
+
     def captions(self) -> list[str]:
-        return [self.caption, *self.prompt_pool]
+        return [self.training_caption, *self.prompt_pool]
 
     def config(self) -> TrainConfig:
         return method_config(self.method, self.preset, self.overrides)
@@ -344,7 +350,7 @@ def _info(backend: Backend, job: Job, item: _Pending, name: str) -> NetworkInfo:
             "copier_preset": job.preset,
             "copier_method": job.method,
             "copier_originals": len(job.originals),
-            "copier_caption": job.caption,
+            "copier_caption": job.training_caption,
             "copier_prompt_pool": json.dumps(job.prompt_pool),
             "seed": config.seed,
             "max_train_steps": item.steps,

@@ -5,6 +5,12 @@ The built-in model understands only its scene captions, so it gets its own; full
 
 from __future__ import annotations
 
+import re
+
+# The WebUIs' extra-network tags (`<lora:name:0.8>`, `<hypernet:name:1>`, `<lyco:…>`): txt2img takes them out of the
+# prompt before the text encoder sees it, the same pattern in A1111 and every Forge.
+_EXTRA_NETWORK = re.compile(r"<\w+:[^>]+>")
+
 GRID_PROMPTS = ["a portrait of a woman, detailed", "a mountain landscape at sunset", "a bowl of fruit on a table"]
 
 POOL_PROMPTS = [
@@ -51,3 +57,9 @@ def prompt_pool(builtin: bool, count: int) -> list[str]:
 
         return sample_captions(count, seed=5)
     return (POOL_PROMPTS * (count // len(POOL_PROMPTS) + 1))[:count]
+
+
+def without_extra_networks(prompt: str) -> str:
+    """The prompt as the WebUI's text encoder sees it in txt2img: without its extra-network tags. A caption taken from
+    an image drawn with a LoRA then trains on the text that image was drawn from, not on the tag's letters."""
+    return " ".join(_EXTRA_NETWORK.sub(" ", prompt).split())  # CLIP's tokenizer reads any run of spaces as one

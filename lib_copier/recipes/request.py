@@ -98,7 +98,7 @@ class TrainRequest:
     )
     preset: str = setting("quick", "trainer preset", choices=tuple(PRESETS))
     overrides: dict = setting(factory=dict, help='trainer settings over the preset, e.g. {"steps": 200}')
-    caption: str = setting("", "training caption", hi=MAX_PROMPT)
+    caption: str = setting("", "training caption; its <lora:…> tags are left out, as txt2img does", hi=MAX_PROMPT)
     prompt_pool: int = setting(32, "varied prompts mixed with the caption; 0: the caption only", 0, 1024)
     size: int | None = setting(None, "the side the image is trained at, about size² pixels (default: native)", 64, 2048)
     grid_prompts: list[str] = setting(

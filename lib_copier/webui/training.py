@@ -100,7 +100,7 @@ def _train_and_draw(request: TrainRequest, host: WebUIHost, out_dir: Path, stagi
         base_model=host.checkpoint,
     )
     callbacks = _callbacks(host, state)
-    preview_prompt = request.caption or next(iter(request.grid_prompts), "")
+    preview_prompt = job.training_caption or next(iter(request.grid_prompts), "")
     callbacks.preview_request = Txt2Img(preview_prompt, steps=request.grid_steps, width=side, height=side)
     staging.mkdir(parents=True, exist_ok=True)
     results = run_job(backend, job, callbacks, _stage(host, state))
