@@ -23,6 +23,7 @@ def test_same_seed_same_image_and_inputs_matter(tiny):
     assert generate(tiny, Txt2Img("a red circle", seed=1, steps=3)).tobytes() == a.tobytes()
     assert generate(tiny, Txt2Img("a red circle", seed=2, steps=3)).tobytes() != a.tobytes()
     assert generate(tiny, Txt2Img("a blue square", seed=1, steps=3)).tobytes() != a.tobytes()
+    assert generate(tiny, Txt2Img("a red circle", seed=-1, steps=3)).tobytes() != a.tobytes()  # -1: a random seed
 
 
 @pytest.mark.parametrize("sampler", ["euler", "ddim"])
@@ -98,7 +99,7 @@ def test_cli_refuses_bad_numbers_and_outputs_in_one_line_before_loading_the_mode
         (["--cfg", "nan"], "--cfg must be a number, not nan"),
         (["--width", "0"], "--width is 0; it must be between 64 and 2048"),
         (["--width", "100000"], "--width is 100000"),
-        (["--seed", "99999999999999999999"], "--seed is 99999999999999999999; it must be between 0 and"),
+        (["--seed", "99999999999999999999"], "--seed is 99999999999999999999; it must be between -1 and"),
         (["--out", str(tmp_path / "x.txt")], "must end in an image format's extension"),
         (["--out", str(tmp_path / "folder.png")], "is a folder"),
         (["--steps", "0"], "--steps is 0"),

@@ -72,6 +72,17 @@ def test_same_seed_same_lora_and_it_fits_the_image(tiny):
     assert denoising_error(backend, image, a.network) < 0.99 * denoising_error(backend, image)
 
 
+def test_seed_minus_one_draws_a_seed_per_run_that_the_result_records_and_that_gives_the_same_lora_again(tiny):
+    backend, image = tiny
+    a, b = (train_lora(backend, image, "", quick(steps=2, seed=-1)) for _ in range(2))
+    assert 0 <= a.config.seed < 2**31 and a.config.seed != b.config.seed
+    assert a.losses != b.losses
+    again = train_lora(backend, image, "", quick(steps=2, seed=a.config.seed))
+    assert again.losses == a.losses
+    with pytest.raises(CopierError, match="setting seed is -2; it must be between -1 and"):
+        quick(seed=-2)
+
+
 def test_unet_only_by_default_text_encoder_on_request(tiny):
     backend, image = tiny
     unet_only = train_lora(backend, image, "", quick(steps=1)).network.modules_by_key

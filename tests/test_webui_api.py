@@ -120,6 +120,13 @@ def test_images_and_requests_are_checked():
         {"generate": {"prompt": "a red cube", "seed": 3}, "method": "both", "effects": ["blur"]}
     )
     assert request.generate.seed == 3 and request.name == "a-red-cube"
+    # -1 asks for a random seed, as in the WebUI's own txt2img API (the WebUI draws it); the trainer's too.
+    request = request_from_json(
+        {"generate": {"prompt": "a cube", "seed": -1}, "method": "copier", "overrides": {"seed": -1}}
+    )
+    assert request.generate.seed == -1 and request.overrides == {"seed": -1}
+    with pytest.raises(CopierError, match='"generate.seed" is -2; it must be between -1 and'):
+        request_from_json({"generate": {"prompt": "a cube", "seed": -2}})
     # The settings are checked as the method trains with them: Thorough's 500-step warm-up is the copier's, not
     # addift's, which trains at its own settings under any preset.
     short = {"generate": {"prompt": "a cube"}, "effects": ["blur"], "preset": "thorough", "overrides": {"steps": 50}}

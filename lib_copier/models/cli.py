@@ -55,7 +55,9 @@ def run_generate(args: argparse.Namespace) -> int:
     from lib_copier.fields import check
     from lib_copier.models.generate import Txt2Img, generate
     from lib_copier.models.loading import load_model
+    from lib_copier.seeds import fixed_seed
 
+    args.seed = fixed_seed(args.seed)  # drawn here, so that the file's name says which it was
     request = Txt2Img(
         args.prompt, args.negative, args.seed, args.steps, args.cfg, args.width, args.height, args.sampler
     )

@@ -12,6 +12,7 @@ from PIL import Image
 from lib_copier.fields import setting
 from lib_copier.models.sampling import SAMPLERS, Progress, sample
 from lib_copier.models.sd_model import Conditioning, StableDiffusion
+from lib_copier.seeds import fixed_seed
 
 
 def initial_noise(model: StableDiffusion, seed: int, height: int, width: int, batch: int = 1) -> torch.Tensor:
@@ -45,7 +46,7 @@ class Txt2Img:
 
     prompt: str = setting(help="what to draw", hi=MAX_PROMPT)
     negative: str = setting("", "what not to draw", hi=MAX_PROMPT)
-    seed: int = setting(0, "noise seed", 0, 2**32 - 1)
+    seed: int = setting(0, "noise seed; -1: a random one", -1, 2**32 - 1)
     steps: int = setting(20, "sampling steps", 1, MAX_STEPS)
     cfg: float = setting(7.0, "classifier-free guidance scale", 0.0, 30.0)
     width: int | None = setting(None, "image width in pixels (default: the model's native side)", 64, MAX_SIDE)
@@ -83,7 +84,7 @@ def generate_latents(
         c, u = both.float().chunk(2)
         return u + cfg * (c - u)
 
-    noise = torch.cat([initial_noise(model, r.seed, height, width) for r in requests]).to(param.device)
+    noise = torch.cat([initial_noise(model, fixed_seed(r.seed), height, width) for r in requests]).to(param.device)
     return sample(first.sampler, predict, noise, model.schedule, first.steps, model.config.prediction, progress)
 
 

@@ -52,7 +52,12 @@ class TrainConfig:
     pair_weight: float = setting(
         1.0, "slider and ADDifT: the LoRA's weight while it trains; weight 1 afterwards is 1 / this of it", 0.05, 10.0
     )
-    seed: int = setting(0, "seed of the LoRA initialisation, the noise and the timesteps", 0, 2**31 - 1)
+    seed: int = setting(
+        0,
+        "seed of the LoRA initialisation, the noise and the timesteps; -1: a random one, which the file records",
+        -1,
+        2**31 - 1,
+    )
     preview_every: int = setting(0, "sample a preview every N steps; 0 turns previews off", 0, 100_000)
     save_on_cancel: bool = setting(False, "an interrupted run keeps what it has trained so far")
 

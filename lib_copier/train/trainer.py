@@ -32,6 +32,7 @@ from lib_copier.errors import CopierError
 from lib_copier.lora.naming import by_key, is_text_encoder_key
 from lib_copier.lora.network import LoRAModule, LoRANetwork
 from lib_copier.models.generate import Txt2Img
+from lib_copier.seeds import fixed_seed
 from lib_copier.train.config import PAIR_LOSSES, TrainConfig, validate
 from lib_copier.train.master import MasterWeights
 from lib_copier.train.optim import ELEMENTWISE, lr_factor, make_optimizer
@@ -148,6 +149,7 @@ def _train(backend, images, caption, config: TrainConfig, frozen, callbacks: Cal
     """`_train_in_place`; a run that runs out of GPU memory starts over once with gradient checkpointing, which gives
     the same LoRA in less memory, and otherwise ends in one sentence."""
     validate(config)
+    config = dataclasses.replace(config, seed=fixed_seed(config.seed))  # the run, its retry and its file share it
     callbacks = callbacks or Callbacks()
     width, height = images[0].size
     n = config.batch_size
