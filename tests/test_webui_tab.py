@@ -10,6 +10,12 @@ import pytest
 from PIL import Image
 
 from lib_copier.errors import CopierError
+from lib_copier.lora.files import write_lora
+from lib_copier.lora.metadata import NetworkInfo, build_metadata
+from lib_copier.lora.naming import lora_targets
+from lib_copier.lora.network import LoRANetwork
+from lib_copier.models.configs import TINY
+from lib_copier.models.sd_model import build_model
 from lib_copier.recipes.estimate import describe_run, estimate, recipe_steps
 from lib_copier.recipes.job import method_config
 from lib_copier.recipes.kinds import DEFAULT_METHOD
@@ -17,7 +23,7 @@ from lib_copier.recipes.request import check_request
 from lib_copier.train.config import field_info
 from lib_copier.webui.gallery import selected_image
 from lib_copier.webui.infotext import parse_infotext
-from lib_copier.webui.lora_tools import check_tool
+from lib_copier.webui.lora_tools import check_tool, run_checked
 from lib_copier.webui.tab import (
     IMAGE_HEIGHT,
     LABELS,
@@ -29,7 +35,7 @@ from lib_copier.webui.tab import (
     effect_specs,
     txt2img_infotext,
 )
-from lib_copier.webui.utilities_tab import tool_body
+from lib_copier.webui.utilities_tab import result_text, tool_body
 
 INFO = "a red fox in snow\nNegative prompt: blurry\nSteps: 20, Sampler: Euler, Seed: 42, Size: 64x64"
 
@@ -142,6 +148,21 @@ def test_the_utilities_form_becomes_the_api_body(tmp_path):
     assert emptied == {"out": "small", "lora": "a", "dynamic_method": "sv_fro"}
     with pytest.raises(CopierError, match='the resize request needs "rank"'):
         check_tool("resize", emptied, tmp_path)
+
+
+def test_the_utilities_result_says_once_what_the_tool_wrote_or_why_not(tmp_path):
+    targets = lora_targets({k: tuple(v.shape) for k, v in build_model(TINY).state_dict().items()}, "sd1")
+    network = LoRANetwork.create(targets, rank=4, alpha=4.0, seed=0)
+    write_lora(tmp_path / "a.safetensors", network.to_weights(), build_metadata(NetworkInfo("sd1", 4, 4.0, "a")))
+
+    def run(tool, body):
+        return run_checked(check_tool(tool, body, tmp_path))
+
+    text = result_text(run, "resize", ["a"], "", None, None, "", 2, 0, "none", 0.9, "small")
+    assert text.count("wrote") == 1 and f"{tmp_path / 'small.safetensors'} ({len(targets)} modules)" in text
+    assert (tmp_path / "small.safetensors").is_file()
+    refused = result_text(run, "resize", ["a"], "", None, None, "", 2, 0, "none", 0.9, "small")
+    assert refused.startswith("error: ") and "small.safetensors" in refused and refused.count("\n") == 0
 
 
 def test_the_estimate_counts_the_recipe_and_warns_a_cpu_user_before_hours_of_training():

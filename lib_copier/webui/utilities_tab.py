@@ -36,6 +36,14 @@ def tool_body(tool: str, loras, checkpoint, original, tuned, ratios, rank, conv_
     return {k: v for k, v in body.items() if v is not None}
 
 
+def result_text(run_tool: Callable[[str, dict], dict], tool: str, *values) -> str:
+    """What the Result box shows: the tool's own lines, its "wrote <path> (<n> modules)" among them; or the error."""
+    try:
+        return run_tool(tool, tool_body(tool, *values))["log"]
+    except CopierError as exc:
+        return f"error: {exc}"
+
+
 def build_utilities(
     run_tool: Callable[[str, dict], dict], loras: Callable[[], list[str]], checkpoints: Callable[[], list[str]]
 ) -> None:
@@ -58,15 +66,8 @@ def build_utilities(
     go = gr.Button("Run", variant="primary", elem_id="copier_lora_utilities_run")
     log = gr.Textbox(label="Result", lines=4, interactive=False)
 
-    def run(*values):
-        try:
-            result = run_tool(values[0], tool_body(*values))
-        except CopierError as exc:
-            return f"error: {exc}"
-        return f"wrote {result['path']}\n{result['log']}"
-
-    go.click(run, [tool, lora_files, checkpoint, original, tuned, ratios, rank, conv_rank, dynamic, dynamic_param, out],
-             [log])  # fmt: skip
+    form = [tool, lora_files, checkpoint, original, tuned, ratios, rank, conv_rank, dynamic, dynamic_param, out]
+    go.click(lambda *values: result_text(run_tool, *values), form, [log])
     refresh.click(
         lambda: (gr.update(choices=loras()), gr.update(choices=[""] + checkpoints()),
                  gr.update(choices=checkpoints()), gr.update(choices=checkpoints())),
