@@ -35,7 +35,7 @@ from lib_copier.webui.tab import (
     effect_specs,
     txt2img_infotext,
 )
-from lib_copier.webui.utilities_tab import result_text, tool_body
+from lib_copier.webui.utilities_tab import TOOLS, build_utilities, result_text, tool_body
 
 INFO = "a red fox in snow\nNegative prompt: blurry\nSteps: 20, Sampler: Euler, Seed: 42, Size: 64x64"
 
@@ -148,6 +148,25 @@ def test_the_utilities_form_becomes_the_api_body(tmp_path):
     assert emptied == {"out": "small", "lora": "a", "dynamic_method": "sv_fro"}
     with pytest.raises(CopierError, match='the resize request needs "rank"'):
         check_tool("resize", emptied, tmp_path)
+
+
+def test_the_utilities_form_shows_what_the_chosen_tool_reads_and_says_what_it_does():
+    with gr.Blocks() as blocks:
+        build_utilities(lambda tool, body: {}, lambda: ["a"], lambda: ["model"])
+    choose = next(f for f in blocks.fns.values() if f.name == "choose")
+    shown_at_start = {c.label for c in choose.outputs[1:] if c.visible}
+    for tool in TOOLS:
+        text, *updates = choose.fn(tool)
+        shown = {c.label for c, update in zip(choose.outputs[1:], updates, strict=True) if update["visible"]}
+        assert text.startswith(f"**{tool}**: ") and "Output name" not in " ".join(shown)
+        if tool == "merge":
+            assert shown == shown_at_start == {"LoRAs (resize: the first)", "Ratios, one per LoRA (negative subtracts)",
+                                               "Merge into this checkpoint (optional)"}  # fmt: skip
+        if tool == "resize":
+            assert shown == {"LoRAs (resize: the first)", "Rank", "Conv rank (0: none)", "Dynamic resize",
+                             "Dynamic parameter"}  # fmt: skip
+        if tool == "extract":
+            assert shown == {"Original checkpoint", "Tuned checkpoint", "Rank", "Conv rank (0: none)"}
 
 
 def test_the_utilities_result_says_once_what_the_tool_wrote_or_why_not(tmp_path):

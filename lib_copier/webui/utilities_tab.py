@@ -44,28 +44,72 @@ def result_text(run_tool: Callable[[str, dict], dict], tool: str, *values) -> st
         return f"error: {exc}"
 
 
+# Each tool: what it does, and the form's fields it reads (the others are hidden while it is chosen).
+TOOLS = {
+    "merge": (
+        "LoRAs added at their ratios into one LoRA, exactly (the ranks add up); or into a checkpoint",
+        {"lora_files", "ratios", "checkpoint"},
+    ),
+    "svd-merge": (
+        "LoRAs added at their ratios, then brought to one rank by SVD",
+        {"lora_files", "ratios", "rank", "conv_rank"},
+    ),
+    "resize": (
+        "a LoRA brought to a lower rank by SVD: one rank for all modules, or one per module (dynamic)",
+        {"lora_files", "rank", "conv_rank", "dynamic", "dynamic_param"},
+    ),
+    "extract": (
+        "a LoRA from the difference between two checkpoints (tuned minus original)",
+        {"original", "tuned", "rank", "conv_rank"},
+    ),
+}
+FIELDS = ("lora_files", "ratios", "checkpoint", "original", "tuned", "rank", "conv_rank", "dynamic", "dynamic_param")
+
+
+def shown_fields(tool: str) -> tuple[str, dict[str, bool]]:
+    """The tool's description, and which of `FIELDS` the form shows for it."""
+    text, used = TOOLS[tool]
+    return f"**{tool}**: {text}.", {name: name in used for name in FIELDS}
+
+
 def build_utilities(
     run_tool: Callable[[str, dict], dict], loras: Callable[[], list[str]], checkpoints: Callable[[], list[str]]
 ) -> None:
     """Inside an open gr.Tab: the form, run through `run_tool(tool, body)`."""
-    tool = gr.Radio(["merge", "svd-merge", "resize", "extract"], value="merge", label="Tool")
+    text, visible = shown_fields("merge")
+    tool = gr.Radio(list(TOOLS), value="merge", label="Tool")
+    about = gr.Markdown(text)
     with gr.Row():
-        lora_files = gr.Dropdown(loras(), multiselect=True, label="LoRAs (resize: the first)")
+        lora_files = gr.Dropdown(
+            loras(), multiselect=True, label="LoRAs (resize: the first)", visible=visible["lora_files"]
+        )
         refresh = gr.Button("Refresh lists")
-    ratios = gr.Textbox(label="Ratios, one per LoRA (merge, svd-merge; negative subtracts)", placeholder="1 1")
+    ratios = gr.Textbox(label="Ratios, one per LoRA (negative subtracts)", placeholder="1 1", visible=visible["ratios"])
     with gr.Row():
-        checkpoint = gr.Dropdown([""] + checkpoints(), value="", label="Merge into this checkpoint (optional)")
-        original = gr.Dropdown(checkpoints(), label="Extract: original checkpoint")
-        tuned = gr.Dropdown(checkpoints(), label="Extract: tuned checkpoint")
+        checkpoint = gr.Dropdown(
+            [""] + checkpoints(), value="", label="Merge into this checkpoint (optional)", visible=visible["checkpoint"]
+        )
+        original = gr.Dropdown(checkpoints(), label="Original checkpoint", visible=visible["original"])
+        tuned = gr.Dropdown(checkpoints(), label="Tuned checkpoint", visible=visible["tuned"])
     with gr.Row():
-        rank = gr.Number(8, label="Rank (svd-merge, resize, extract)", precision=0)
-        conv_rank = gr.Number(0, label="Conv rank (0: none)", precision=0)
-        dynamic = gr.Dropdown(["none", "sv_ratio", "sv_fro", "sv_cumulative"], value="none", label="Dynamic resize")
-        dynamic_param = gr.Number(0.9, label="Dynamic parameter")
+        rank = gr.Number(8, label="Rank", precision=0, visible=visible["rank"])
+        conv_rank = gr.Number(0, label="Conv rank (0: none)", precision=0, visible=visible["conv_rank"])
+        dynamic = gr.Dropdown(
+            ["none", "sv_ratio", "sv_fro", "sv_cumulative"], value="none", label="Dynamic resize",
+            visible=visible["dynamic"],
+        )  # fmt: skip
+        dynamic_param = gr.Number(0.9, label="Dynamic parameter", visible=visible["dynamic_param"])
     out = gr.Textbox(label="Output name (written as <name>.safetensors)")
     go = gr.Button("Run", variant="primary", elem_id="copier_lora_utilities_run")
     log = gr.Textbox(label="Result", lines=4, interactive=False)
 
+    fields = [lora_files, ratios, checkpoint, original, tuned, rank, conv_rank, dynamic, dynamic_param]
+
+    def choose(chosen: str):
+        text, shown = shown_fields(chosen)
+        return [text, *(gr.update(visible=shown[name]) for name in FIELDS)]
+
+    tool.change(choose, [tool], [about, *fields])
     form = [tool, lora_files, checkpoint, original, tuned, ratios, rank, conv_rank, dynamic, dynamic_param, out]
     go.click(lambda *values: result_text(run_tool, *values), form, [log])
     refresh.click(
