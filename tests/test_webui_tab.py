@@ -205,6 +205,20 @@ def test_the_estimate_counts_the_recipe_and_warns_a_cpu_user_before_hours_of_tra
     assert halved.endswith("roughly 80 min.") and estimate(1000, "cpu", 64).endswith("roughly 40 min.")
 
 
+def test_the_estimate_says_what_size_the_original_trains_at_and_how_to_keep_a_small_one_small():
+    run = ("copier", "quick", {"steps": 10, "batch_size": 1}, 1, 1, "cpu")
+    # A 64 px image (e.g. drawn small to save time) trains at the model's 512 unless told: said, with the way out.
+    small = describe_run(*run, 0, False, (64, 64))
+    assert small.startswith("The 64x64 original trains at 512x512, scaled up 8.0x; a training size of 64 keeps")
+    assert "at 512 px" in small
+    assert describe_run(*run, 64, False, (64, 64)) == describe_run(*run, 64, False)  # nothing to say
+    assert describe_run(*run, 0, False, (100, 60)).startswith("The 100x60 original trains at 640x384, scaled up")
+    assert "a training size of 64 keeps" in describe_run(*run, 0, False, (100, 60))
+    # A large one is brought down to about the model's pixel count, keeping its aspect; SDXL's is 1024.
+    assert describe_run(*run, 0, False, (1024, 1536)).startswith("The 1024x1536 original trains at 448x640. 20 ")
+    assert describe_run(*run, 0, True, (1024, 1024)) == describe_run(*run, 0, True)
+
+
 def test_more_originals_come_from_the_file_box(tmp_path):
     image = Image.new("RGB", (64, 64), "red")
     paths = []
@@ -253,8 +267,10 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     # The estimate says what Train would refuse while the user types it (Thorough warms up for 500 steps).
     tab = build_tab(Hooks(run=lambda request, state: [], device=lambda: ("cpu", False)))
     estimate_text, _ = _tab_function(tab, "estimate_text")
-    assert estimate_text("copier", "thorough", ["Grayscale"], 64, 3000, 1, []).startswith("7000 training steps")
-    refused = estimate_text("copier", "thorough", ["Grayscale"], None, 100, 1, [])
+    assert estimate_text("copier", "thorough", ["Grayscale"], 64, 3000, 1, [], None).startswith("7000 training steps")
+    small = estimate_text("copier", "thorough", ["Grayscale"], None, 3000, 1, [], Image.new("RGB", (64, 64)))
+    assert small.startswith("The 64x64 original trains at 512x512, scaled up 8.0x")
+    refused = estimate_text("copier", "thorough", ["Grayscale"], None, 100, 1, [], None)
     assert refused == "Train would refuse this: warmup_steps (500) must be at most steps (100), " + (
         "or the learning rate never reaches its setting."
     )

@@ -9,7 +9,7 @@ made.
 
 from __future__ import annotations
 
-from lib_copier.recipes.job import RECIPE_PRESETS, method_config
+from lib_copier.recipes.job import RECIPE_PRESETS, fitted_size, method_config, training_side
 from lib_copier.train.config import PAIR_LOSSES
 
 CPU_SECONDS_AT = (2.07, 7.98e-5)  # seconds per step = a + b * side², SD1.5 on 2 CPU cores
@@ -60,12 +60,39 @@ def estimate(steps: int, device: str, side: int, sdxl: bool = False, method: str
     return text + "."
 
 
+def size_note(size: tuple[int, int], asked: int | None, model_side: int) -> str:
+    """What training does to the original's size, when it changes it: the size it trains at, and when that scales it
+    up, the Training size that keeps about its own."""
+    width, height = size
+    w, h = fitted_size(width, height, training_side(asked, model_side), model_side)
+    if (w, h) == (width, height):
+        return ""
+    text = f"The {width}x{height} original trains at {w}x{h}"
+    if w * h <= width * height:
+        return text + "."
+    own = training_side(round((width * height) ** 0.5), model_side)
+    return text + f", scaled up {w / width:.1f}x; a training size of {own} keeps about its own size."
+
+
 def describe_run(
-    method: str, preset: str, asked: dict, effects: int, originals: int, device: str, side: int, sdxl: bool
+    method: str,
+    preset: str,
+    asked: dict,
+    effects: int,
+    originals: int,
+    device: str,
+    side: int,
+    sdxl: bool,
+    image_size: tuple[int, int] | None = None,
 ) -> str:
     """`estimate` for a run as a form describes it: `asked` holds the form's values of trainer settings (steps,
-    batch_size), which override the method and preset where they differ from them."""
+    batch_size), which override the method and preset where they differ from them; `side` is the form's training
+    size (0: the model's). With the original's size, the size it trains at where that differs (`size_note`)."""
     defaults = method_config(method, preset, {})
     overrides = {k: int(v) for k, v in asked.items() if v is not None and v != getattr(defaults, k)}
     steps = recipe_steps(method, effects, preset, overrides, originals)
-    return estimate(steps, device, side, sdxl, method, overrides.get("batch_size", defaults.batch_size))
+    model_side = 1024 if sdxl else 512
+    trained = training_side(side or None, model_side)
+    text = estimate(steps, device, trained, sdxl, method, overrides.get("batch_size", defaults.batch_size))
+    note = size_note(image_size, side or None, model_side) if image_size else ""
+    return f"{note} {text}" if note else text

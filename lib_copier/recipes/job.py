@@ -193,13 +193,24 @@ def side_multiple(resolution: int) -> int:
     return 64 if resolution >= 512 else 32
 
 
-def fit_image(image: Image.Image, resolution: int, model_resolution: int) -> Image.Image:
-    """Scale to about `resolution`² pixels with sides that are multiples of the `side_multiple` of the model whose
-    native side is `model_resolution`, keeping the aspect."""
+def training_side(size: int | None, model_resolution: int) -> int:
+    """The side an original trains at (about side² pixels): the asked size, or the model's own, on its multiple."""
     multiple = side_multiple(model_resolution)
-    scale = (resolution * resolution / (image.width * image.height)) ** 0.5
-    w = max(multiple, round(image.width * scale / multiple) * multiple)
-    h = max(multiple, round(image.height * scale / multiple) * multiple)
+    return max(multiple, round((size or model_resolution) / multiple) * multiple)
+
+
+def fitted_size(width: int, height: int, resolution: int, model_resolution: int) -> tuple[int, int]:
+    """About `resolution`² pixels with sides that are multiples of the `side_multiple` of the model whose native side
+    is `model_resolution`, keeping the aspect."""
+    multiple = side_multiple(model_resolution)
+    scale = (resolution * resolution / (width * height)) ** 0.5
+    w = max(multiple, round(width * scale / multiple) * multiple)
+    return w, max(multiple, round(height * scale / multiple) * multiple)
+
+
+def fit_image(image: Image.Image, resolution: int, model_resolution: int) -> Image.Image:
+    """The image scaled to `fitted_size`."""
+    w, h = fitted_size(image.width, image.height, resolution, model_resolution)
     image = image.convert("RGB")
     return image if image.size == (w, h) else image.resize((w, h), Image.Resampling.LANCZOS)
 

@@ -303,19 +303,20 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 list(settings.values()),
             )
 
-        def estimate_text(meth, pre, chosen, side, steps, batch, extra):
+        def estimate_text(meth, pre, chosen, side, steps, batch, extra, img):
             if hooks.device is None:
                 return ""
             device, sdxl = hooks.device()
-            asked = {"steps": steps, "batch_size": batch}
-            side = int(side or 0) or (1024 if sdxl else 512)
+            asked, shape = {"steps": steps, "batch_size": batch}, img.size if img is not None else None
             try:
-                return describe_run(meth, pre, asked, len(chosen), 1 + len(extra or ()), device, side, sdxl)
+                return describe_run(
+                    meth, pre, asked, len(chosen), 1 + len(extra or ()), device, int(side or 0), sdxl, shape
+                )
             except CopierError as exc:  # said as the user types, not only at Train
                 return f"Train would refuse this: {exc}."
 
-        estimate_inputs = [method, preset, selected, size, settings["steps"], settings["batch_size"], more]
-        for component in (*estimate_inputs, image):  # not at build time: the WebUI may still be loading its model
+        estimate_inputs = [method, preset, selected, size, settings["steps"], settings["batch_size"], more, image]
+        for component in estimate_inputs:  # not at build time: the WebUI may still be loading its model
             component.change(estimate_text, estimate_inputs, [estimated])
 
         for trigger in (image.change, selected.change, *(slider.change for slider in slider_list)):

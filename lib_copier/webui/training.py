@@ -24,7 +24,7 @@ from lib_copier.backends.webui import Host
 from lib_copier.errors import CopierError
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.grid import Render, strength_grid
-from lib_copier.recipes.job import Job, Result, fit_image, run_job, side_multiple
+from lib_copier.recipes.job import Job, Result, fit_image, run_job, training_side
 from lib_copier.recipes.prompts import prompt_pool
 from lib_copier.recipes.request import TrainRequest, check_request
 from lib_copier.train.trainer import Callbacks, Progress
@@ -80,8 +80,7 @@ def train_in_webui(request: TrainRequest, host: WebUIHost, out_dir: Path, state:
 
 def _train_and_draw(request: TrainRequest, host: WebUIHost, out_dir: Path, staging: Path, state: JobState):
     backend = host.backend()
-    multiple = side_multiple(backend.resolution)  # what the model's sides must be multiples of; the grids' too
-    side = max(multiple, round((request.size or backend.resolution) / multiple) * multiple)
+    side = training_side(request.size, backend.resolution)  # the grids' too
     image = request.image
     if image is None:
         state.on_stage("generating the original")
