@@ -217,6 +217,8 @@ def test_the_estimate_says_what_size_the_original_trains_at_and_how_to_keep_a_sm
     # A large one is brought down to about the model's pixel count, keeping its aspect; SDXL's is 1024.
     assert describe_run(*run, 0, False, (1024, 1536)).startswith("The 1024x1536 original trains at 448x640. 20 ")
     assert describe_run(*run, 0, True, (1024, 1024)) == describe_run(*run, 0, True)
+    assert describe_run(*run, 0, False, (768, 768), 768) == describe_run(*run, 0, False, None, 768)  # SD2 768-v
+    assert "at 768 px" in describe_run(*run, 0, False, None, 768)
 
 
 def test_more_originals_come_from_the_file_box(tmp_path):
@@ -265,7 +267,7 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
         generate("a red apple", "", 3, 20, 7.0, 32)
 
     # The estimate says what Train would refuse while the user types it (Thorough warms up for 500 steps).
-    tab = build_tab(Hooks(run=lambda request, state: [], device=lambda: ("cpu", False)))
+    tab = build_tab(Hooks(run=lambda request, state: [], device=lambda: ("cpu", False, 512)))
     estimate_text, _ = _tab_function(tab, "estimate_text")
     assert estimate_text("copier", "thorough", ["Grayscale"], 64, 3000, 1, [], None).startswith("7000 training steps")
     small = estimate_text("copier", "thorough", ["Grayscale"], None, 3000, 1, [], Image.new("RGB", (64, 64)))
@@ -273,4 +275,10 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     refused = estimate_text("copier", "thorough", ["Grayscale"], None, 100, 1, [], None)
     assert refused == "Train would refuse this: warmup_steps (500) must be at most steps (100), " + (
         "or the learning rate never reaches its setting."
+    )
+    # A model Train would refuse (here, a flow-matching one in Forge) is said as soon as the form changes.
+    flux = CopierError("the loaded model does not sample as SD does")
+    tab = build_tab(Hooks(run=lambda request, state: [], device=lambda: (_ for _ in ()).throw(flux)))
+    assert _tab_function(tab, "estimate_text")[0]("copier", "quick", [], 0, 10, 1, [], None) == (
+        "Train would refuse this: the loaded model does not sample as SD does."
     )

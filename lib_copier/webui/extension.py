@@ -115,6 +115,10 @@ def on_ui_tabs():
         binding = infotext_utils.ParamBinding(paste_button=button, tabname="txt2img", source_text_component=text)
         infotext_utils.register_paste_params_button(binding)
 
+    def model_kind() -> tuple[str, bool, int]:
+        backend = current_host().backend()  # names only: nothing is loaded or moved
+        return devices.device.type, backend.family == "sdxl", backend.resolution
+
     def tool(name: str, body: dict) -> dict:  # checked before it waits for the WebUI's queue
         checked = check_tool(name, body, Path(lora_dir()), checkpoint_file, checkpoint_dir())
         return call_queue.wrap_queued_call(run_checked)(checked)
@@ -130,7 +134,7 @@ def on_ui_tabs():
         paste_to_txt2img=paste,
         galleries=gallery.complete(),
         gallery_trains=lambda: bool(getattr(shared.opts, "copier_lora_gallery_trains", True)),
-        device=lambda: (devices.device.type, bool(getattr(shared.sd_model, "is_sdxl", False))),
+        device=model_kind,
     )
     make_temp_dir()
     return [(build_tab(hooks), "Copier LoRA", "copier_lora")]

@@ -46,7 +46,8 @@ class Hooks:
     loras: Callable[[], list[str]] = list
     checkpoints: Callable[[], list[str]] = list
     open_gallery_item: Callable | None = None  # the host's own reader of gallery items (it checks the folder)
-    device: Callable[[], tuple[str, bool]] | None = None  # (torch device type, whether the model is SDXL)
+    # (torch device type, whether the model is SDXL, its native side); raises CopierError for a model Train refuses
+    device: Callable[[], tuple[str, bool, int]] | None = None
 
 
 def _on(event, fn, inputs, outputs, js: str | None = None):
@@ -306,11 +307,11 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         def estimate_text(meth, pre, chosen, side, steps, batch, extra, img):
             if hooks.device is None:
                 return ""
-            device, sdxl = hooks.device()
             asked, shape = {"steps": steps, "batch_size": batch}, img.size if img is not None else None
             try:
+                device, sdxl, native = hooks.device()
                 return describe_run(
-                    meth, pre, asked, len(chosen), 1 + len(extra or ()), device, int(side or 0), sdxl, shape
+                    meth, pre, asked, len(chosen), 1 + len(extra or ()), device, int(side or 0), sdxl, shape, native
                 )
             except CopierError as exc:  # said as the user types, not only at Train
                 return f"Train would refuse this: {exc}."
