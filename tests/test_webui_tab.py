@@ -267,7 +267,7 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
         generate("a red apple", "", 3, 20, 7.0, 32)
 
     # The estimate says what Train would refuse while the user types it (Thorough warms up for 500 steps).
-    tab = build_tab(Hooks(run=lambda request, state: [], device=lambda: ("cpu", False, 512)))
+    tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: ("cpu", False, 512)))
     estimate_text, _ = _tab_function(tab, "estimate_text")
     assert estimate_text("copier", "thorough", ["Grayscale"], 64, 3000, 1, [], None).startswith("7000 training steps")
     small = estimate_text("copier", "thorough", ["Grayscale"], None, 3000, 1, [], Image.new("RGB", (64, 64)))
@@ -278,7 +278,7 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     )
     # A model Train would refuse (here, a flow-matching one in Forge) is said as soon as the form changes.
     flux = CopierError("the loaded model does not sample as SD does")
-    tab = build_tab(Hooks(run=lambda request, state: [], device=lambda: (_ for _ in ()).throw(flux)))
+    tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: (_ for _ in ()).throw(flux)))
     assert _tab_function(tab, "estimate_text")[0]("copier", "quick", [], 0, 10, 1, [], None) == (
         "Train would refuse this: the loaded model does not sample as SD does."
     )

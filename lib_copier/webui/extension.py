@@ -134,7 +134,7 @@ def on_ui_tabs():
         paste_to_txt2img=paste,
         galleries=gallery.complete(),
         gallery_trains=lambda: bool(getattr(shared.opts, "copier_lora_gallery_trains", True)),
-        device=model_kind,
+        model_kind=model_kind,
     )
     make_temp_dir()
     return [(build_tab(hooks), "Copier LoRA", "copier_lora")]

@@ -47,7 +47,7 @@ class Hooks:
     checkpoints: Callable[[], list[str]] = list
     open_gallery_item: Callable | None = None  # the host's own reader of gallery items (it checks the folder)
     # (torch device type, whether the model is SDXL, its native side); raises CopierError for a model Train refuses
-    device: Callable[[], tuple[str, bool, int]] | None = None
+    model_kind: Callable[[], tuple[str, bool, int]] | None = None
 
 
 def _on(event, fn, inputs, outputs, js: str | None = None):
@@ -305,11 +305,11 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             )
 
         def estimate_text(meth, pre, chosen, side, steps, batch, extra, img):
-            if hooks.device is None:
+            if hooks.model_kind is None:
                 return ""
             asked, shape = {"steps": steps, "batch_size": batch}, img.size if img is not None else None
             try:
-                device, sdxl, native = hooks.device()
+                device, sdxl, native = hooks.model_kind()
                 return describe_run(
                     meth, pre, asked, len(chosen), 1 + len(extra or ()), device, int(side or 0), sdxl, shape, native
                 )
