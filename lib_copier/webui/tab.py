@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
@@ -28,6 +27,7 @@ from lib_copier.recipes.estimate import describe_run
 from lib_copier.recipes.job import RECIPE_PRESETS, make_effects, method_config
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.request import DEFAULT_GRID_PROMPTS, DEFAULT_GRID_STEPS, TrainRequest
+from lib_copier.seeds import RANDOM, fixed_seed
 from lib_copier.train.config import PRESETS, field_info
 from lib_copier.webui.infotext import Infotext, build_infotext, image_infotext, with_lora
 from lib_copier.webui.jobs import JobState
@@ -375,7 +375,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 _on(button.click, take, [gallery, generation_info, task_id], [image, info], js="copierLoraTake")
 
         def generate_here(prompt, negative, seed, steps, cfg, side):
-            seed = int(seed) if seed is not None and seed >= 0 else random.randrange(2**32)
+            seed = fixed_seed(int(seed) if seed is not None and seed >= 0 else RANDOM)  # recorded in the infotext
             try:  # an emptied box reads None, which the check names
                 request = check(Txt2Img(prompt, negative, seed, steps, cfg, side, side))
             except CopierError as exc:
