@@ -196,29 +196,29 @@ def test_the_estimate_counts_the_recipe_and_warns_a_cpu_user_before_hours_of_tra
     # Fast: a quarter of Quick's steps, each of four timesteps, which a CPU computes in about four times as long.
     assert recipe_steps("both", 1, "fast", {}) == 3 * 125
     form = {"steps": 125, "batch_size": 4.0}  # as the tab's Advanced shows Fast (gradio's numbers may be floats)
-    fast = describe_run("both", "fast", form, 1, 1, "cpu", 512, False)
-    assert fast == describe_run("both", "quick", {"steps": 500, "batch_size": 1}, 1, 1, "cpu", 512, False).replace(
+    fast = describe_run("both", "fast", form, 1, 1, "cpu", 512, False, 512)
+    assert fast == describe_run("both", "quick", {"steps": 500, "batch_size": 1}, 1, 1, "cpu", 512, False, 512).replace(
         "1500", "375"
     )
     assert fast.startswith("375 training steps in all") and "roughly 9.6 hours" in fast
-    halved = describe_run("copier", "quick", {"steps": 500, "batch_size": 2}, 1, 1, "cpu", 64, False)
+    halved = describe_run("copier", "quick", {"steps": 500, "batch_size": 2}, 1, 1, "cpu", 64, False, 512)
     assert halved.endswith("roughly 80 min.") and estimate(1000, "cpu", 64).endswith("roughly 40 min.")
 
 
 def test_the_estimate_says_what_size_the_original_trains_at_and_how_to_keep_a_small_one_small():
     run = ("copier", "quick", {"steps": 10, "batch_size": 1}, 1, 1, "cpu")
     # A 64 px image (e.g. drawn small to save time) trains at the model's 512 unless told: said, with the way out.
-    small = describe_run(*run, 0, False, (64, 64))
+    small = describe_run(*run, 0, False, 512, (64, 64))
     assert small.startswith("The 64x64 original trains at 512x512, scaled up 8.0x; a training size of 64 keeps")
     assert "at 512 px" in small
-    assert describe_run(*run, 64, False, (64, 64)) == describe_run(*run, 64, False)  # nothing to say
-    assert describe_run(*run, 0, False, (100, 60)).startswith("The 100x60 original trains at 640x384, scaled up")
-    assert "a training size of 64 keeps" in describe_run(*run, 0, False, (100, 60))
+    assert describe_run(*run, 64, False, 512, (64, 64)) == describe_run(*run, 64, False, 512)  # nothing to say
+    assert describe_run(*run, 0, False, 512, (100, 60)).startswith("The 100x60 original trains at 640x384, scaled up")
+    assert "a training size of 64 keeps" in describe_run(*run, 0, False, 512, (100, 60))
     # A large one is brought down to about the model's pixel count, keeping its aspect; SDXL's is 1024.
-    assert describe_run(*run, 0, False, (1024, 1536)).startswith("The 1024x1536 original trains at 448x640. 20 ")
-    assert describe_run(*run, 0, True, (1024, 1024)) == describe_run(*run, 0, True)
-    assert describe_run(*run, 0, False, (768, 768), 768) == describe_run(*run, 0, False, None, 768)  # SD2 768-v
-    assert "at 768 px" in describe_run(*run, 0, False, None, 768)
+    assert describe_run(*run, 0, False, 512, (1024, 1536)).startswith("The 1024x1536 original trains at 448x640. 20 ")
+    assert describe_run(*run, 0, True, 1024, (1024, 1024)) == describe_run(*run, 0, True, 1024)
+    assert describe_run(*run, 0, False, 768, (768, 768)) == describe_run(*run, 0, False, 768)  # SD2 768-v
+    assert "at 768 px" in describe_run(*run, 0, False, 768)
 
 
 def test_more_originals_come_from_the_file_box(tmp_path):

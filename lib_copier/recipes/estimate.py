@@ -83,8 +83,8 @@ def describe_run(
     device: str,
     side: int,
     sdxl: bool,
+    model_side: int,
     image_size: tuple[int, int] | None = None,
-    model_side: int | None = None,
 ) -> str:
     """`estimate` for a run as a form describes it: `asked` holds the form's values of trainer settings (steps,
     batch_size), which override the method and preset where they differ from them; `side` is the form's training
@@ -93,7 +93,6 @@ def describe_run(
     defaults = method_config(method, preset, {})
     overrides = {k: int(v) for k, v in asked.items() if v is not None and v != getattr(defaults, k)}
     steps = recipe_steps(method, effects, preset, overrides, originals)
-    model_side = model_side or (1024 if sdxl else 512)
     trained = training_side(side or None, model_side)
     text = estimate(steps, device, trained, sdxl, method, overrides.get("batch_size", defaults.batch_size))
     note = size_note(image_size, side or None, model_side) if image_size else ""

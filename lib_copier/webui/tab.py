@@ -311,7 +311,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             try:
                 device, sdxl, native = hooks.model_kind()
                 return describe_run(
-                    meth, pre, asked, len(chosen), 1 + len(extra or ()), device, int(side or 0), sdxl, shape, native
+                    meth, pre, asked, len(chosen), 1 + len(extra or ()), device, int(side or 0), sdxl, native, shape
                 )
             except CopierError as exc:  # said as the user types, not only at Train
                 return f"Train would refuse this: {exc}."
