@@ -19,6 +19,7 @@ from lib_copier.recipes.job import make_effects
 from lib_copier.recipes.request import TrainRequest
 from lib_copier.train.trainer import Cancelled
 from lib_copier.webui.jobs import JobState
+from lib_copier.webui.tab import results_html
 from lib_copier.webui.training import STAGING, train_in_webui
 from tests.a1111_like import A1111Host
 from tests.conftest import randomize_
@@ -65,6 +66,7 @@ def test_a_run_writes_loras_whose_grids_the_host_draws_from_the_files(host, tmp_
         for key in ("lora", "sidecar", "grid"):
             assert (tmp_path / r[key]).is_file()
         assert r["prompt"] == f"<lora:{r['name']}:1>"
+        assert r["seed"] == 0 == int(read_lora(r["lora"]).metadata["ss_seed"])  # the preset's seed
     assert any("<lora:cat-copier:1.5>" in p for p in host.prompts)
     assert any("<lora:cat-grayscale:-1>" in p for p in host.prompts)
     # The copier at +1.5 draws something else than the model alone: the file was loaded and applied.
@@ -93,6 +95,14 @@ def test_a_caption_from_a_prompt_with_lora_tags_trains_on_the_text_txt2img_encod
     assert encoded and all(prompts == ["a cat, on a mat"] for prompts in encoded)
     assert read_lora(results[0]["lora"]).metadata["ss_copier_caption"] == "a cat, on a mat"
     assert host.prompts[0] == "a cat, on a mat"  # the preview draws what the copier learned, without the old LoRA
+
+
+def test_a_random_training_seed_is_reported_as_the_one_each_file_records(host, tmp_path):
+    results = train_in_webui(request_for(host, overrides={"steps": 2, "seed": -1}), host, tmp_path, JobState("j"))
+    seeds = [r["seed"] for r in results]
+    assert seeds == [int(read_lora(r["lora"]).metadata["ss_seed"]) for r in results]
+    assert all(0 <= s < 2**31 for s in seeds) and seeds[0] != seeds[1]  # drawn per LoRA
+    assert f"seed {seeds[1]} — " in results_html(results)
 
 
 def test_interrupt_from_the_webui_keeps_nothing_unless_asked(host, tmp_path):

@@ -112,7 +112,7 @@ def _bar_callbacks(bar_holder: dict):
 
     def counted(done, total):
         bar = bar_holder["bar"]
-        bar.total, bar.unit = total, "module"
+        bar.total, bar.unit = total, "image" if bar.desc == "strength grids" else "module"
         bar.update(done - bar.n)
 
     def notice(text):
@@ -141,10 +141,10 @@ def run_job_with_progress(backend, job):
 
 
 def print_summary(results) -> None:
-    rows = [("kind", "effect", "steps", "seconds", "final loss", "file")]
+    rows = [("kind", "effect", "steps", "seconds", "final loss", "seed", "file")]
     for r in results:
         loss = "" if r.final_loss is None else f"{r.final_loss:.4f}"
-        rows.append((r.kind, r.effect or "-", str(r.steps), f"{r.seconds:.1f}", loss, str(r.written.lora)))
+        rows.append((r.kind, r.effect or "-", str(r.steps), f"{r.seconds:.1f}", loss, str(r.seed), str(r.written.lora)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))

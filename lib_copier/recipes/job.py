@@ -149,6 +149,7 @@ class Result:
     steps: int
     seconds: float
     final_loss: float | None
+    seed: int  # the training seed its file records (drawn when the setting was -1)
 
 
 @dataclass
@@ -272,7 +273,7 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
     stage("merging and resizing")
     finished = _merged(job, config, trained, callbacks.counted)
     stage("strength grids")
-    return _finish(backend, job, pending + finished, grids=True)
+    return _finish(backend, job, pending + finished, grids=True, progress=callbacks.counted)
 
 
 def _as_run(run: TrainResult, *configs: TrainConfig) -> tuple[TrainConfig, ...]:
@@ -301,6 +302,13 @@ def _merged(job: Job, config: TrainConfig, trained: dict, progress: Progress | N
     return out
 
 
+def _offset(progress: Progress | None, index: int, count: int) -> Progress | None:
+    """Grid `index` of `count` equal grids, counted as part of them all."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(index * total + done, count * total)
+
+
 def _cpu(weights: Weights) -> Weights:
     return {k: LoRAWeights(w.down.detach().cpu(), w.up.detach().cpu(), w.alpha) for k, w in weights.items()}
 
@@ -311,10 +319,12 @@ def _pending(kind, effect, weights, runs: list[TrainResult], description, chain_
     return _Pending(kind, effect, weights, steps, seconds, loss, description, runs[-1].config, chain_json)
 
 
-def _finish(backend: Backend, job: Job, pending: list[_Pending], grids: bool) -> list[Result]:
+def _finish(
+    backend: Backend, job: Job, pending: list[_Pending], grids: bool, progress: Progress | None = None
+) -> list[Result]:
     names: set[str] = set()
     prepared, unchanged = [], {}
-    for item in pending:
+    for i, item in enumerate(pending):
         stem = "-".join(part for part in (job.name, item.effect, SUFFIX[item.kind]) if part)
         name = free_name([job.out_dir, *filter(None, [job.publish_dir])], stem, names)
         names.add(name)
@@ -322,7 +332,10 @@ def _finish(backend: Backend, job: Job, pending: list[_Pending], grids: bool) ->
         if grids and job.grid_prompts:
             network = LoRANetwork.from_weights(item.weights).to(backend.device)
             render = network_render(backend, network, unchanged)
-            grid = strength_grid(render, job.grid_prompts, backend.resolution, seed=job.grid_seed, steps=job.grid_steps)
+            drawn = _offset(progress, i, len(pending))
+            grid = strength_grid(
+                render, job.grid_prompts, backend.resolution, seed=job.grid_seed, steps=job.grid_steps, progress=drawn
+            )
         prepared.append((item, name, grid))
     results, done = [], []
     try:
@@ -332,7 +345,9 @@ def _finish(backend: Backend, job: Job, pending: list[_Pending], grids: bool) ->
                 job.out_dir, name, item.weights, info, sidecar(backend.family, item.description), grid
             )
             done.append(written)
-            results.append(Result(item.kind, item.effect, written, item.steps, item.seconds, item.final_loss))
+            results.append(
+                Result(item.kind, item.effect, written, item.steps, item.seconds, item.final_loss, item.config.seed)
+            )
     except BaseException:
         for written in done:
             for path in (written.lora, written.sidecar, written.grid):

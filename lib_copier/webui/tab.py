@@ -163,7 +163,7 @@ def _path(file) -> str:
 def results_html(results: list[dict]) -> str:
     rows = "".join(
         f"<li><b>{escape(r['name'])}</b> ({r['kind']}{', ' + escape(r['effect']) if r['effect'] else ''}): "
-        f"{r['steps']} steps in {r['seconds']} s — <code>{escape(r['lora'])}</code></li>"
+        f"{r['steps']} steps in {r['seconds']} s, seed {r['seed']} — <code>{escape(r['lora'])}</code></li>"
         for r in results
     )
     return f"<ul>{rows}</ul>"

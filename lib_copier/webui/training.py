@@ -212,5 +212,6 @@ def _describe(result: Result, grid: Path, out_dir: Path) -> dict:
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
         "final_loss": result.final_loss,
+        "seed": result.seed,
         "prompt": with_lora("", result.written.name, 1.0),
     }
