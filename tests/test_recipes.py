@@ -206,6 +206,25 @@ def test_jobs_are_checked_before_any_training(backend, original, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_effect_that_changes_no_original_is_refused_before_any_training(backend, tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr("lib_copier.recipes.job.train_copier", lambda *a, **k: trained.append(a))
+    flat = Image.new("RGB", (64, 64), (200, 30, 30))  # no edges to outline, nothing to grey
+    outline = Effect("outline", chain=Chain.parse(["outline"]))
+    with pytest.raises(CopierError, match="^outline leaves the original unchanged, so its LoRA would have nothing to"):
+        run_job(backend, job(tmp_path, flat, effects=[Effect("grayscale", chain=Chain.parse(["grayscale"])), outline]))
+    with pytest.raises(CopierError, match="^outline leaves all 2 originals unchanged"):
+        run_job(backend, job(tmp_path, flat, originals=[flat, flat.copy()], effects=[outline]))
+    with pytest.raises(CopierError, match="^the processed image 'mine' is the same as the original, so"):
+        run_job(backend, job(tmp_path, flat, effects=[Effect("mine", image=flat.copy())]))
+    assert trained == [] and list(tmp_path.iterdir()) == []
+    # One original it changes is enough: the other pair teaches the LoRA to leave such an image alone.
+    disc = flat.copy()
+    ImageDraw.Draw(disc).ellipse((16, 16, 48, 48), fill="white")
+    processed = outline.process_all([flat, disc])
+    assert processed[0].tobytes() == flat.tobytes() and processed[1].tobytes() != disc.tobytes()
+
+
 def test_copier_command_and_its_errors(backend, tmp_path, capsys):
     model = tmp_path / "tiny.safetensors"
     save_checkpoint(backend.model, model)
@@ -233,14 +252,16 @@ def test_copier_command_and_its_errors(backend, tmp_path, capsys):
     assert sorted(p.name for p in out.glob("pair*.safetensors")) == ["pair-posterize-grayscale-addift.safetensors"]
 
 
-def test_demo_writes_everything_into_its_folder(backend, tmp_path):
+def test_demo_writes_everything_into_its_folder(backend, tmp_path, capsys):
     model = tmp_path / "tiny.safetensors"
     save_checkpoint(backend.model, model)
     out = tmp_path / "demo"
     assert main(["demo", "--model", str(model), "--out", str(out), "--steps", "1"]) == 0
+    # The random model draws the star without edges: the outline LoRA would learn nothing, so the demo leaves it out.
+    assert "outline is left out: it leaves the original this model drew unchanged" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     kinds = sorted(r["kind"] for r in summary["results"])
-    assert kinds == ["addift"] * 3 + ["copier"] + ["extraction"] * 3 + ["processed"] * 3
+    assert kinds == ["addift"] * 2 + ["copier"] + ["extraction"] * 2 + ["processed"] * 2
     assert all((out / name).exists() for name in ("original.png", "processed-grayscale.png", "demo-copier.png"))
     assert main(["demo", "--model", str(model), "--out", str(out), "--steps", "1"]) == 2
 

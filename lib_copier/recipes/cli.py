@@ -204,7 +204,7 @@ def run_copier(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     from lib_copier.models.generate import Txt2Img
-    from lib_copier.recipes.job import Job
+    from lib_copier.recipes.job import Job, changed
 
     start = time.perf_counter()
     out = Path(args.out)
@@ -212,7 +212,14 @@ def run_demo(args: argparse.Namespace) -> int:
         raise CopierError(f"{out} is not empty (an earlier demo?); remove it or choose another --out")
     backend = _load(args)
     original = backend.generate(Txt2Img(DEMO_PROMPT, seed=1))
-    effects = _effects(DEMO_EFFECTS, [])
+    effects = []
+    for effect in _effects(DEMO_EFFECTS, []):  # another --model may draw the prompt without edges, say
+        if changed(original, effect.process(original)):
+            effects.append(effect)
+        else:
+            print(f"{effect.label} is left out: it leaves the original this model drew unchanged")
+    if not effects:
+        raise CopierError("none of the demo's effects changes the original this model drew; try the built-in model")
     steps = {"steps": args.steps} if args.steps else {}
     common = dict(
         originals=[original],

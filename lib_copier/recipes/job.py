@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from lib_copier.atomic import check_folder
@@ -77,6 +78,24 @@ class Effect:
         if self.image is not None:
             return self.image.convert("RGB").resize(original.size, Image.Resampling.LANCZOS)
         return self.chain.apply(original)
+
+    def process_all(self, originals: list[Image.Image]) -> list[Image.Image]:
+        """The processed image of each original; refused when none of them changes, as the LoRA would learn nothing."""
+        processed = [self.process(original) for original in originals]
+        if not any(changed(o, p) for o, p in zip(originals, processed, strict=True)):
+            which = "the original" if len(originals) == 1 else f"all {len(originals)} originals"
+            if self.image is not None:
+                problem, fix = f"the processed image {self.label!r} is the same as {which}", "upload an edited one"
+            else:
+                problem, fix = f"{self.label} leaves {which} unchanged", "change its settings or pick another effect"
+            raise CopierError(f"{problem}, so its LoRA would have nothing to learn; {fix}")
+        return processed
+
+
+def changed(original: Image.Image, processed: Image.Image) -> bool:
+    """Whether any pixel moved by more than rounding (one level of 255)."""
+    a = np.asarray(original.convert("RGB"), dtype=np.int16)
+    return int(np.abs(a - np.asarray(processed.convert("RGB"), dtype=np.int16)).max()) > 1
 
 
 def make_effects(chains: list[list[str]], edited: list[tuple[str, Image.Image]] = ()) -> list[Effect]:
@@ -218,6 +237,7 @@ def fit_image(image: Image.Image, resolution: int, model_resolution: int) -> Ima
 
 def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stage: Stage | None = None) -> list[Result]:
     check_job(job, backend)
+    processed = {effect.label: effect.process_all(job.originals) for effect in job.effects}
     callbacks, stage = callbacks or Callbacks(), stage or (lambda text: None)
     config, processed_config = job.config(), job.processed_config()
     extraction_rank = RECIPE_PRESETS[job.preset]["extraction_rank"]
@@ -237,7 +257,7 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
                     note = f"Copier LoRA of {job.name}{tag}"
                     pending.append(_pending("copier", "", copier_weights, [copier], note))
             for effect in job.effects:
-                processed_image = effect.process(original)
+                processed_image = processed[effect.label][i]
                 if job.method in PAIR_LOSSES:
                     stage(f"{job.method}: {effect.label}{tag}")
                     current = (job.method, effect.label)
