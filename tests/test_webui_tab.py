@@ -282,3 +282,15 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     assert _tab_function(tab, "estimate_text")[0]("copier", "quick", [], 0, 10, 1, [], None) == (
         "Train would refuse this: the loaded model does not sample as SD does."
     )
+
+
+def test_the_previews_say_when_an_effect_changes_nothing_in_the_image():
+    tab = build_tab(Hooks(run=lambda request, state: [], generate=lambda request: None))
+    preview, inputs = _tab_function(tab, "preview")
+    values = [c.value for c in inputs[2:]]  # the effects' parameters at their defaults
+    chosen = [LABELS["grayscale"], LABELS["outline"]]
+    flat = Image.new("RGB", (64, 64), (200, 30, 30))  # no edges to outline
+    assert [label for _, label in preview(flat, chosen, *values)] == ["outline: changes nothing here", "grayscale"]
+    grey = Image.new("RGB", (64, 64), (90, 90, 90))
+    grey.paste((250, 250, 250), (16, 16, 48, 48))  # edges, and nothing to grey
+    assert [label for _, label in preview(grey, chosen, *values)] == ["outline", "grayscale: changes nothing here"]

@@ -291,7 +291,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 return []
             by_key = dict(zip(sliders, values, strict=True))
             img = to_rgb(img)
-            return [(effect.process(img), effect.label) for effect in make_effects(effect_specs(chosen, by_key))]
+            return [effect.preview(img) for effect in make_effects(effect_specs(chosen, by_key))]
 
         def on_image(img, chosen, current_name):
             return describe_image(img), current_name or default_name(img)
