@@ -290,7 +290,7 @@ def test_the_previews_say_when_an_effect_changes_nothing_in_the_image():
     values = [c.value for c in inputs[2:]]  # the effects' parameters at their defaults
     chosen = [LABELS["grayscale"], LABELS["outline"]]
     flat = Image.new("RGB", (64, 64), (200, 30, 30))  # no edges to outline
-    assert [label for _, label in preview(flat, chosen, *values)] == ["outline: changes nothing here", "grayscale"]
+    assert [label for _, label in preview(flat, chosen, *values)] == ["outline: no change", "grayscale"]
     grey = Image.new("RGB", (64, 64), (90, 90, 90))
     grey.paste((250, 250, 250), (16, 16, 48, 48))  # edges, and nothing to grey
-    assert [label for _, label in preview(grey, chosen, *values)] == ["outline", "grayscale: changes nothing here"]
+    assert [label for _, label in preview(grey, chosen, *values)] == ["outline", "grayscale: no change"]

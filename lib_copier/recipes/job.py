@@ -82,7 +82,7 @@ class Effect:
     def preview(self, original: Image.Image) -> tuple[Image.Image, str]:
         """The processed image with its caption, which says so when the effect changes nothing (Train refuses it)."""
         processed = self.process(original)
-        return processed, self.label if changed(original, processed) else f"{self.label}: changes nothing here"
+        return processed, self.label if changed(original, processed) else f"{self.label}: no change"
 
     def process_all(self, originals: list[Image.Image]) -> list[Image.Image]:
         """The processed image of each original; refused when none of them changes, as the LoRA would learn nothing."""
