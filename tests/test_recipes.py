@@ -306,9 +306,14 @@ def test_copier_cli_refuses_bad_settings_and_outputs_before_loading_the_model(tm
     monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
     image = tmp_path / "o.png"
     Image.new("RGB", (64, 64), "red").save(image)
+    cropped, scaled = tmp_path / "cropped.png", tmp_path / "scaled.png"
+    Image.new("RGB", (64, 48), "gray").save(cropped)
+    Image.new("RGB", (128, 128), "gray").save(scaled)
     common = ["copier", "--image", str(image), "--effect", "grayscale", "--steps", "2"]
     cases = [
         (["--out", str(image)], f"cannot write in {image}: {image} is a file, not a folder"),
+        (["--processed-image", str(cropped)], "'cropped' is 64x48 but the original is 64x64; an edit must keep"),
+        (["--processed-image", str(scaled), "--image", str(image)], "'scaled' is an edit of one original, but there"),
         (["--lr", "nan"], "setting lr must be a number, not nan"),
         (["--set", "alpha=nan"], "setting alpha must be a number, not nan"),
         (["--prompt-pool", "-1"], "--prompt-pool: -1 is not from 0 to 1024"),
@@ -317,7 +322,7 @@ def test_copier_cli_refuses_bad_settings_and_outputs_before_loading_the_model(tm
         assert main([*common, *args]) == 2, args
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (args, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cropped.png", "o.png", "scaled.png"]
 
 
 def test_an_unforeseen_os_error_is_one_line(tmp_path, monkeypatch, capsys):

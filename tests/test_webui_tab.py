@@ -107,6 +107,10 @@ def test_transparent_and_16_bit_uploads_train_as_the_api_takes_them(tmp_path):
     assert request.image.getpixel((32, 32)) == (200, 0, 0)
     (edit,) = request.effects
     assert edit.process(request.image).getpixel((0, 0)) == (128, 128, 128)
+    # An edit is compared with its original pixel by pixel: a scaled one is fine, a cropped one is refused.
+    check_request(build_request(clear, "x", [], {}, grey16.resize((128, 128)), "copier", "quick", {}, False, ""))
+    with pytest.raises(CopierError, match="^your processed image 'edited' is 64x60 but the original is 64x64; an"):
+        check_request(build_request(clear, "x", [], {}, grey16.crop((0, 0, 64, 60)), "copier", "quick", {}, False, ""))
 
 
 def test_send_to_txt2img_pastes_the_prompt_with_the_lora_and_no_model():

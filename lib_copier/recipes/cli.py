@@ -162,7 +162,7 @@ def run_copier(args: argparse.Namespace) -> int:
     from lib_copier.effects.image_io import load_image
     from lib_copier.fields import check, check_field
     from lib_copier.models.generate import Txt2Img
-    from lib_copier.recipes.job import Job, fit_image, method_config
+    from lib_copier.recipes.job import Job, check_edits, fit_image, method_config
     from lib_copier.recipes.request import TrainRequest
 
     check_folder(args.out)
@@ -174,14 +174,16 @@ def run_copier(args: argparse.Namespace) -> int:
     if args.size is not None:
         check_field(TrainRequest, "size", args.size, lambda name: f"--{name}")
     effects = _effects(args.effect, args.processed_image)
+    if args.image:
+        given = [load_image(path) for path in args.image]
+        check_edits(effects, given)  # before the model loads
     backend = _load(args)
-    side = args.size or backend.resolution
     if args.generate:
-        originals = [fit_image(backend.generate(request), side, backend.resolution)]
-        name = args.name or slug(args.generate, 30)
-    else:
-        originals = [fit_image(load_image(path), side, backend.resolution) for path in args.image]
-        name = args.name or slug(Path(args.image[0]).stem, 30)
+        given = [backend.generate(request)]
+        check_edits(effects, given)
+    side = args.size or backend.resolution
+    originals = [fit_image(image, side, backend.resolution) for image in given]
+    name = args.name or slug(args.generate or Path(args.image[0]).stem, 30)
     job = Job(
         originals=originals,
         effects=effects,

@@ -97,6 +97,24 @@ class Effect:
         return processed
 
 
+def check_edits(effects: list[Effect], originals: list[Image.Image]) -> None:
+    """A processed image the user edited belongs to one original, framed as it is: the two are compared pixel by
+    pixel, so a crop would teach the LoRA a shift. `originals` as given, before they are fitted to the model."""
+    edits = [effect for effect in effects if effect.image is not None]
+    if edits and len(originals) > 1:
+        raise CopierError(
+            f"your processed image {edits[0].label!r} is an edit of one original, but there are {len(originals)}; "
+            "train it with that original alone, or choose effects, which process each original"
+        )
+    for effect in edits:
+        (w, h), (ew, eh) = originals[0].size, effect.image.size
+        if abs(w * eh / (h * ew) - 1) > 0.01:  # resized to the original's size, it would stretch by more than 1%
+            raise CopierError(
+                f"your processed image {effect.label!r} is {ew}x{eh} but the original is {w}x{h}; an edit must keep "
+                "the original's framing (scaled is fine, cropped is not), as the two are compared pixel by pixel"
+            )
+
+
 def changed(original: Image.Image, processed: Image.Image) -> bool:
     """Whether any pixel moved by more than rounding (one level of 255)."""
     a = np.asarray(original.convert("RGB"), dtype=np.int16)

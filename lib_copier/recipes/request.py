@@ -21,7 +21,7 @@ from lib_copier.fields import check as check_fields
 from lib_copier.fields import from_json, quoted, setting
 from lib_copier.models.cli import slug
 from lib_copier.models.generate import MAX_PROMPT, MAX_STEPS, Txt2Img
-from lib_copier.recipes.job import Effect, make_effects, method_config
+from lib_copier.recipes.job import Effect, check_edits, make_effects, method_config
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.outputs import check_name
 from lib_copier.recipes.prompts import GRID_PROMPTS
@@ -124,6 +124,8 @@ def check_request(request: TrainRequest) -> TrainRequest:
         raise CopierError(f'method "{request.method}" needs at least one effect in "effects"')
     # unknown settings, values out of range, and the rules between them, on what the method trains with
     method_config(request.method, request.preset, request.overrides)
+    if request.image is not None:
+        check_edits(request.effects, [request.image, *request.more_images])
     return request
 
 
