@@ -17,7 +17,8 @@ from lib_copier.models.configs import TINY
 from lib_copier.models.generate import Txt2Img
 from lib_copier.models.sampling import zero_terminal_snr
 from lib_copier.models.sd_model import build_model
-from lib_copier.recipes.job import Effect, Job, run_job
+from lib_copier.recipes.job import Job, run_job
+from lib_copier.recipes.processed import Effect
 from lib_copier.train.config import make_config
 from lib_copier.train.trainer import Callbacks, Cancelled, image_tensor, train_lora
 from tests.conftest import TINY_SD2V, TINY_SDXL, assert_reads_like, randomize_

@@ -24,8 +24,9 @@ from lib_copier.lora.network import LoRANetwork
 from lib_copier.models.builtin.scenes import sample_captions
 from lib_copier.models.generate import Txt2Img
 from lib_copier.models.loading import load_model
-from lib_copier.recipes.job import Effect, Job, method_config, run_job
+from lib_copier.recipes.job import Job, method_config, run_job
 from lib_copier.recipes.methods import train_copier, train_processed
+from lib_copier.recipes.processed import Effect
 from lib_copier.train.config import make_config
 from lib_copier.train.trainer import train_pair
 

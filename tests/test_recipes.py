@@ -19,9 +19,10 @@ from lib_copier.models.generate import Txt2Img
 from lib_copier.models.sd_model import build_model
 from lib_copier.recipes.estimate import estimate, recipe_steps
 from lib_copier.recipes.grid import column_label
-from lib_copier.recipes.job import PAIR_DEFAULTS, Effect, Job, fit_image, method_config, run_job
+from lib_copier.recipes.job import PAIR_DEFAULTS, Job, fit_image, method_config, run_job
 from lib_copier.recipes.methods import extraction
 from lib_copier.recipes.outputs import check_name, free_name, sidecar, write_result
+from lib_copier.recipes.processed import Effect
 from lib_copier.train.config import make_config
 from lib_copier.train.trainer import Callbacks, Cancelled
 from tests.conftest import randomize_

@@ -16,7 +16,8 @@ from lib_copier.errors import CopierError
 from lib_copier.models.configs import TINY
 from lib_copier.models.generate import Txt2Img
 from lib_copier.models.sd_model import build_model
-from lib_copier.recipes.job import Effect, Job, run_job
+from lib_copier.recipes.job import Job, run_job
+from lib_copier.recipes.processed import Effect
 from lib_copier.train.config import make_config
 from lib_copier.train.trainer import Callbacks, Cancelled, image_tensor, train_lora
 from tests.a1111_like import A1111Host

@@ -15,7 +15,7 @@ from lib_copier.models.configs import TINY
 from lib_copier.models.generate import Txt2Img, generate
 from lib_copier.models.sd_model import build_model
 from lib_copier.recipes.grid import HEADER
-from lib_copier.recipes.job import make_effects
+from lib_copier.recipes.processed import make_effects
 from lib_copier.recipes.request import TrainRequest
 from lib_copier.train.trainer import Cancelled
 from lib_copier.webui.jobs import JobState

@@ -74,7 +74,7 @@ def settings_from(args: argparse.Namespace):
     from lib_copier.effects.chain import split_specs
     from lib_copier.evaluate.run import QUICK, SEED_EFFECTS, Settings
     from lib_copier.recipes.cli import parse_overrides
-    from lib_copier.recipes.job import make_effects
+    from lib_copier.recipes.processed import make_effects
 
     values = dict(QUICK) if args.quick else {}
     values.update({k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})

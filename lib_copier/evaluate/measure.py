@@ -26,7 +26,7 @@ from lib_copier.evaluate.train import METHODS, Trained
 from lib_copier.evaluate.workers import Packed, Workers, backend, unpack
 from lib_copier.lora.network import LoRANetwork
 from lib_copier.models.generate import Txt2Img
-from lib_copier.recipes.job import Effect
+from lib_copier.recipes.processed import Effect
 
 WEIGHTS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
 BATCH = 12

@@ -18,7 +18,8 @@ from lib_copier.evaluate.report import Layout, write_report
 from lib_copier.evaluate.train import METHODS, train_methods
 from lib_copier.evaluate.workers import Workers, backend
 from lib_copier.models.generate import Txt2Img
-from lib_copier.recipes.job import make_effects, method_config
+from lib_copier.recipes.job import method_config
+from lib_copier.recipes.processed import make_effects
 from lib_copier.recipes.prompts import GRID_PROMPTS, grid_prompts, prompt_pool
 from lib_copier.train.config import PAIR_LOSSES, make_config
 

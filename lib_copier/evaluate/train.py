@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image
 
 from lib_copier.evaluate.workers import Packed, Workers, backend, pack, unpack
-from lib_copier.recipes.job import Effect
 from lib_copier.recipes.methods import extraction, merge_processed, train_copier, train_processed
+from lib_copier.recipes.processed import Effect
 from lib_copier.train.config import PAIR_LOSSES, TrainConfig
 from lib_copier.train.trainer import train_pair
 

@@ -94,7 +94,7 @@ def parse_overrides(items: list[str]) -> dict:
 def _effects(specs: list[str], processed_images: list[str]):
     from lib_copier.effects.chain import split_specs
     from lib_copier.effects.image_io import load_image
-    from lib_copier.recipes.job import make_effects
+    from lib_copier.recipes.processed import make_effects
 
     return make_effects(
         [split_specs(spec) for spec in specs], [(Path(p).stem, load_image(p)) for p in processed_images]
@@ -162,7 +162,8 @@ def run_copier(args: argparse.Namespace) -> int:
     from lib_copier.effects.image_io import load_image
     from lib_copier.fields import check, check_field
     from lib_copier.models.generate import Txt2Img
-    from lib_copier.recipes.job import Job, check_edits, fit_image, method_config
+    from lib_copier.recipes.job import Job, fit_image, method_config
+    from lib_copier.recipes.processed import check_edits
     from lib_copier.recipes.request import TrainRequest
 
     check_folder(args.out)
@@ -206,7 +207,8 @@ def run_copier(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     from lib_copier.models.generate import Txt2Img
-    from lib_copier.recipes.job import Job, changed
+    from lib_copier.recipes.job import Job
+    from lib_copier.recipes.processed import changed
 
     start = time.perf_counter()
     out = Path(args.out)

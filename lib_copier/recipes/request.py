@@ -21,9 +21,10 @@ from lib_copier.fields import check as check_fields
 from lib_copier.fields import from_json, quoted, setting
 from lib_copier.models.cli import slug
 from lib_copier.models.generate import MAX_PROMPT, MAX_STEPS, Txt2Img
-from lib_copier.recipes.job import Effect, check_edits, make_effects, method_config
+from lib_copier.recipes.job import method_config
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.outputs import check_name
+from lib_copier.recipes.processed import Effect, check_edits, make_effects
 from lib_copier.recipes.prompts import GRID_PROMPTS
 from lib_copier.train.config import PRESETS
 

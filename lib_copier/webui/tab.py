@@ -1,8 +1,7 @@
 """The Copier LoRA tab: source image, effects, method and settings, training with progress, results.
 
-Works on gradio 3.41 (A1111 1.10) and gradio 4: components are configured through constructor arguments only,
-and event JS goes through `_on` (gradio 3 calls it `_js`, gradio 4 `js`). The A1111-specific pieces (queue lock,
-progress bar, paste buttons) come in through `Hooks`, so the tab can be built and driven without a WebUI.
+Works on gradio 3.41 (A1111 1.10) and gradio 4: components take constructor arguments only, and event JS goes
+through `_on` (gradio 3's `_js`, gradio 4's `js`). The host's pieces (queue lock, bar, paste) come in through `Hooks`.
 """
 
 from __future__ import annotations
@@ -24,8 +23,9 @@ from lib_copier.fields import check
 from lib_copier.models.cli import slug
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.estimate import describe_run
-from lib_copier.recipes.job import RECIPE_PRESETS, make_effects, method_config
+from lib_copier.recipes.job import RECIPE_PRESETS, method_config
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
+from lib_copier.recipes.processed import make_effects
 from lib_copier.recipes.request import DEFAULT_GRID_PROMPTS, DEFAULT_GRID_STEPS, TrainRequest
 from lib_copier.seeds import RANDOM, fixed_seed
 from lib_copier.train.config import PRESETS, field_info
