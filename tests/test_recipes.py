@@ -307,14 +307,17 @@ def test_copier_cli_refuses_bad_settings_and_outputs_before_loading_the_model(tm
     monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
     image = tmp_path / "o.png"
     Image.new("RGB", (64, 64), "red").save(image)
-    cropped, scaled = tmp_path / "cropped.png", tmp_path / "scaled.png"
+    cropped, scaled, same = tmp_path / "cropped.png", tmp_path / "scaled.png", tmp_path / "same.png"
     Image.new("RGB", (64, 48), "gray").save(cropped)
     Image.new("RGB", (128, 128), "gray").save(scaled)
+    Image.new("RGB", (64, 64), "red").save(same)
     common = ["copier", "--image", str(image), "--effect", "grayscale", "--steps", "2"]
     cases = [
         (["--out", str(image)], f"cannot write in {image}: {image} is a file, not a folder"),
         (["--processed-image", str(cropped)], "'cropped' is 64x48 but the original is 64x64; an edit must keep"),
         (["--processed-image", str(scaled), "--image", str(image)], "'scaled' is an edit of one original, but there"),
+        (["--effect", "outline"], "outline leaves the original unchanged, so its LoRA would have nothing to learn"),
+        (["--processed-image", str(same)], "the processed image 'same' is the same as the original, so its LoRA"),
         (["--lr", "nan"], "setting lr must be a number, not nan"),
         (["--set", "alpha=nan"], "setting alpha must be a number, not nan"),
         (["--prompt-pool", "-1"], "--prompt-pool: -1 is not from 0 to 1024"),
@@ -323,7 +326,7 @@ def test_copier_cli_refuses_bad_settings_and_outputs_before_loading_the_model(tm
         assert main([*common, *args]) == 2, args
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (args, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cropped.png", "o.png", "scaled.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cropped.png", "o.png", "same.png", "scaled.png"]
 
 
 def test_an_unforeseen_os_error_is_one_line(tmp_path, monkeypatch, capsys):

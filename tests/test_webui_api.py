@@ -12,6 +12,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from lib_copier.errors import CopierError
 from lib_copier.models.configs import TINY
@@ -146,6 +147,7 @@ def _png(side: int) -> str:
 
 
 GENERATE = {"generate": {"prompt": "a cat"}, "effects": ["grayscale"]}
+FLAT = png_base64(Image.new("RGB", (64, 64), "red"))  # outline finds no edge in it
 BAD_TRAIN = [
     ({**GENERATE, "name": 123}, '"name" must be text'),
     ({**GENERATE, "overrides": [1, 2]}, '"overrides" must be an object'),
@@ -179,6 +181,8 @@ BAD_TRAIN = [
     ({"image": _png(15000)}, "refused as a possible decompression bomb"),
     ({"image": _png(6000)}, "6000x6000 px"),
     ({"image": "data:image/png;base64,@@@"}, "not valid base64"),
+    ({"image": FLAT, "effects": ["outline"]}, "outline leaves the original unchanged, so its LoRA would have nothing"),
+    ({"image": FLAT, "more_images": [FLAT], "effects": ["grayscale", "outline"]}, "outline leaves all 2 originals"),
     ({**GENERATE, "more_images": "abc"}, '"more_images" must be a list'),
     ({**GENERATE, "more_images": [1]}, '"more_images" must be a list of base64 images'),
     ({**GENERATE, "more_images": [_png(6000)]}, '"more_images"[0] is 6000x6000 px'),

@@ -163,7 +163,7 @@ def run_copier(args: argparse.Namespace) -> int:
     from lib_copier.fields import check, check_field
     from lib_copier.models.generate import Txt2Img
     from lib_copier.recipes.job import Job, fit_image, method_config
-    from lib_copier.recipes.processed import check_edits
+    from lib_copier.recipes.processed import check_pairs
     from lib_copier.recipes.request import TrainRequest
 
     check_folder(args.out)
@@ -177,11 +177,11 @@ def run_copier(args: argparse.Namespace) -> int:
     effects = _effects(args.effect, args.processed_image)
     if args.image:
         given = [load_image(path) for path in args.image]
-        check_edits(effects, given)  # before the model loads
+        check_pairs(effects, given)  # before the model loads
     backend = _load(args)
     if args.generate:
         given = [backend.generate(request)]
-        check_edits(effects, given)
+        check_pairs(effects, given)
     side = args.size or backend.resolution
     originals = [fit_image(image, side, backend.resolution) for image in given]
     name = args.name or slug(args.generate or Path(args.image[0]).stem, 30)

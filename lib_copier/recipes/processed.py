@@ -43,9 +43,11 @@ class Effect:
         return processed
 
 
-def check_edits(effects: list[Effect], originals: list[Image.Image]) -> None:
-    """A processed image the user edited belongs to one original, framed as it is: the two are compared pixel by
-    pixel, so a crop would teach the LoRA a shift. `originals` as given, before they are fitted to the model."""
+def check_pairs(effects: list[Effect], originals: list[Image.Image]) -> None:
+    """Before any work: each effect makes a pair worth learning from with these originals (as given, before they
+    are fitted to the model). A processed image the user edited belongs to one original, framed as it is: the two
+    are compared pixel by pixel, so a crop would teach the LoRA a shift. And each effect changes some original
+    (`Effect.process_all`, which the job repeats on the fitted originals)."""
     edits = [effect for effect in effects if effect.image is not None]
     if edits and len(originals) > 1:
         raise CopierError(
@@ -59,6 +61,8 @@ def check_edits(effects: list[Effect], originals: list[Image.Image]) -> None:
                 f"your processed image {effect.label!r} is {ew}x{eh} but the original is {w}x{h}; an edit must keep "
                 "the original's framing (scaled is fine, cropped is not), as the two are compared pixel by pixel"
             )
+    for effect in effects:
+        effect.process_all(originals)
 
 
 def changed(original: Image.Image, processed: Image.Image) -> bool:

@@ -24,7 +24,7 @@ from lib_copier.models.generate import MAX_PROMPT, MAX_STEPS, Txt2Img
 from lib_copier.recipes.job import method_config
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.outputs import check_name
-from lib_copier.recipes.processed import Effect, check_edits, make_effects
+from lib_copier.recipes.processed import Effect, check_pairs, make_effects
 from lib_copier.recipes.prompts import GRID_PROMPTS
 from lib_copier.train.config import PRESETS
 
@@ -126,7 +126,7 @@ def check_request(request: TrainRequest) -> TrainRequest:
     # unknown settings, values out of range, and the rules between them, on what the method trains with
     method_config(request.method, request.preset, request.overrides)
     if request.image is not None:
-        check_edits(request.effects, [request.image, *request.more_images])
+        check_pairs(request.effects, [request.image, *request.more_images])
     return request
 
 
