@@ -20,7 +20,7 @@ from lib_copier.models.sd_model import build_model
 from lib_copier.recipes.estimate import estimate, recipe_steps
 from lib_copier.recipes.grid import column_label
 from lib_copier.recipes.job import PAIR_DEFAULTS, Job, fit_image, method_config, run_job
-from lib_copier.recipes.methods import extraction
+from lib_copier.recipes.methods import extraction, merge_processed
 from lib_copier.recipes.outputs import check_name, free_name, sidecar, write_result
 from lib_copier.recipes.processed import Effect
 from lib_copier.train.config import make_config
@@ -89,6 +89,24 @@ def test_extraction_moves_toward_the_processed_image():
     toward = a_prime["lora_unet_x"].delta() - a["lora_unet_x"].delta()
     cosine = torch.nn.functional.cosine_similarity(merged.flatten(), toward.flatten(), dim=0)
     assert cosine > 0.95
+
+
+def test_the_recipes_svd_merges_are_the_best_approximation_of_their_rank():
+    """Eckart–Young: the error of a rank-r merge is the norm of the singular values it drops, and no more (kohya's
+    quantile clamp would add to it)."""
+    gen = torch.Generator().manual_seed(1)
+
+    def lora():
+        return {"lora_unet_x": LoRAWeights(torch.randn(8, 96, generator=gen), torch.randn(64, 8, generator=gen), 8.0)}
+
+    a, b = lora(), lora()
+    for merged, exact in [
+        (extraction(a, b, rank=4), b["lora_unet_x"].delta() - a["lora_unet_x"].delta()),
+        (merge_processed([a, b], rank=4), (a["lora_unet_x"].delta() + b["lora_unet_x"].delta()) / 2),
+    ]:
+        dropped = torch.linalg.svdvals(exact.double())[4:].norm()
+        error = (merged["lora_unet_x"].delta() - exact).double().norm()
+        assert error == pytest.approx(float(dropped), rel=1e-4)
 
 
 def test_both_methods_write_loadable_loras_with_metadata_sidecar_and_grid(backend, original, tmp_path):
