@@ -7,10 +7,11 @@ import json
 import gradio as gr
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lib_copier.errors import CopierError
-from lib_copier.lora.files import write_lora
+from lib_copier.lora.files import read_lora, write_lora
 from lib_copier.lora.metadata import NetworkInfo, build_metadata
 from lib_copier.lora.naming import lora_targets
 from lib_copier.lora.network import LoRANetwork
@@ -36,6 +37,7 @@ from lib_copier.webui.tab import (
     txt2img_infotext,
 )
 from lib_copier.webui.utilities_tab import TOOLS, build_utilities, result_text, tool_body
+from tests.conftest import randomize_
 
 INFO = "a red fox in snow\nNegative prompt: blurry\nSteps: 20, Sampler: Euler, Seed: 42, Size: 64x64"
 
@@ -140,15 +142,19 @@ def test_the_selected_gallery_image_comes_with_its_infotext(tmp_path, shape):
 
 
 def test_the_utilities_form_becomes_the_api_body(tmp_path):
-    assert tool_body("merge", ["a", "b"], "", None, None, "1, -0.5", 8, 0, "none", 0.9, "ab") == {
+    assert tool_body("merge", ["a", "b"], "", None, None, "1, -0.5", 8, 0, True, "none", 0.9, "ab") == {
         "out": "ab", "loras": ["a", "b"], "ratios": [1.0, -0.5]}  # fmt: skip
-    assert tool_body("resize", ["a"], "", None, None, "", 4, 0, "sv_fro", 0.9, "small") == {
+    assert tool_body("resize", ["a"], "", None, None, "", 4, 0, True, "sv_fro", 0.9, "small") == {
         "out": "small", "lora": "a", "rank": 4, "dynamic_method": "sv_fro", "dynamic_param": 0.9}  # fmt: skip
-    assert tool_body("extract", [], "", "base", "tuned", "", 16, 8, "none", 0, "x")["conv_rank"] == 8
+    assert tool_body("extract", [], "", "base", "tuned", "", 16, 8, True, "none", 0, "x")["conv_rank"] == 8
+    # Unticking kohya's clamp asks for the best approximation of the rank (clamp quantile 1); ticked, kohya's 0.99.
+    exact = tool_body("svd-merge", ["a"], "", None, None, "", 8, 0, False, "none", 0, "x")
+    assert exact == {"out": "x", "loras": ["a"], "rank": 8, "clamp_quantile": 1.0}
+    assert "clamp_quantile" not in tool_body("resize", ["a"], "", None, None, "", 4, 0, False, "none", 0.9, "small")
     with pytest.raises(CopierError, match="ratios"):
-        tool_body("svd-merge", ["a"], "", None, None, "one", 8, 0, "none", 0, "x")
+        tool_body("svd-merge", ["a"], "", None, None, "one", 8, 0, True, "none", 0, "x")
     # Emptied number boxes (None) are left out, and the tool's check names what is missing.
-    emptied = tool_body("resize", ["a"], "", None, None, "", None, None, "sv_fro", None, "small")
+    emptied = tool_body("resize", ["a"], "", None, None, "", None, None, True, "sv_fro", None, "small")
     assert emptied == {"out": "small", "lora": "a", "dynamic_method": "sv_fro"}
     with pytest.raises(CopierError, match='the resize request needs "rank"'):
         check_tool("resize", emptied, tmp_path)
@@ -169,23 +175,37 @@ def test_the_utilities_form_shows_what_the_chosen_tool_reads_and_says_what_it_do
         if tool == "resize":
             assert shown == {"LoRAs (resize: the first)", "Rank", "Conv rank (0: none)", "Dynamic resize",
                              "Dynamic parameter"}  # fmt: skip
+        clamp = "kohya's clamp (off: the best approximation of the rank)"
         if tool == "extract":
-            assert shown == {"Original checkpoint", "Tuned checkpoint", "Rank", "Conv rank (0: none)"}
+            assert shown == {"Original checkpoint", "Tuned checkpoint", "Rank", "Conv rank (0: none)", clamp}
+        assert (clamp in shown) == (tool in ("svd-merge", "extract"))
 
 
 def test_the_utilities_result_says_once_what_the_tool_wrote_or_why_not(tmp_path):
     targets = lora_targets({k: tuple(v.shape) for k, v in build_model(TINY).state_dict().items()}, "sd1")
-    network = LoRANetwork.create(targets, rank=4, alpha=4.0, seed=0)
+    network = randomize_(LoRANetwork.create(targets, rank=4, alpha=4.0, seed=0))  # ups not zero: a real delta
     write_lora(tmp_path / "a.safetensors", network.to_weights(), build_metadata(NetworkInfo("sd1", 4, 4.0, "a")))
 
     def run(tool, body):
         return run_checked(check_tool(tool, body, tmp_path))
 
-    text = result_text(run, "resize", ["a"], "", None, None, "", 2, 0, "none", 0.9, "small")
+    text = result_text(run, "resize", ["a"], "", None, None, "", 2, 0, True, "none", 0.9, "small")
     assert text.count("wrote") == 1 and f"{tmp_path / 'small.safetensors'} ({len(targets)} modules)" in text
     assert (tmp_path / "small.safetensors").is_file()
-    refused = result_text(run, "resize", ["a"], "", None, None, "", 2, 0, "none", 0.9, "small")
+    refused = result_text(run, "resize", ["a"], "", None, None, "", 2, 0, True, "none", 0.9, "small")
     assert refused.startswith("error: ") and "small.safetensors" in refused and refused.count("\n") == 0
+    # The clamp unticked: the merge of a and −0.5 b at rank 2 is the best rank-2 approximation of their sum.
+    network_b = randomize_(LoRANetwork.create(targets, rank=4, alpha=4.0, seed=1), seed=1)
+    write_lora(tmp_path / "b.safetensors", network_b.to_weights(), build_metadata(NetworkInfo("sd1", 4, 4.0, "b")))
+    for clamp, name in [(True, "kohya"), (False, "exact")]:
+        result_text(run, "svd-merge", ["a", "b"], "", None, None, "1 -0.5", 2, 0, clamp, "none", 0, name)
+    a, b = network.to_weights(), network_b.to_weights()
+    kohya, exact = (read_lora(tmp_path / f"{name}.safetensors").modules for name in ("kohya", "exact"))
+    for key in a:
+        target = (a[key].delta() - 0.5 * b[key].delta()).double().flatten(1)
+        best = float(torch.linalg.svdvals(target)[2:].norm())
+        assert float((exact[key].delta().double().flatten(1) - target).norm()) == pytest.approx(best, rel=1e-4)
+        assert float((kohya[key].delta().double().flatten(1) - target).norm()) > best * 1.0001
 
 
 def test_the_estimate_counts_the_recipe_and_warns_a_cpu_user_before_hours_of_training():

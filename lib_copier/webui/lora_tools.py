@@ -33,6 +33,11 @@ def _precision():
     return setting("fp32", "save precision", choices=PRECISIONS)
 
 
+def _clamp():
+    return setting(0.99, "kohya's clamp of the new factors at this quantile of their values; 1 turns it off and keeps "
+                   "the best approximation of the rank", 0.0, 1.0)  # fmt: skip
+
+
 @dataclass
 class Merge:
     loras: list[str] = setting(help=_LORAS, lo=1, hi=32)
@@ -51,6 +56,7 @@ class SvdMerge:
     rank: int = setting(help=_RANK, lo=1, hi=1024)
     ratios: list[float] | None = setting(None, _RATIOS)
     conv_rank: int | None = setting(None, _CONV, 1, 1024)
+    clamp_quantile: float = _clamp()
     precision: str = _precision()
 
 
@@ -72,6 +78,7 @@ class Extract:
     out: str = setting(help=_OUT)
     rank: int = setting(help=_RANK, lo=1, hi=1024)
     conv_rank: int | None = setting(None, _CONV, 1, 1024)
+    clamp_quantile: float = _clamp()
     precision: str = _precision()
 
 

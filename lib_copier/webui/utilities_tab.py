@@ -16,7 +16,9 @@ def _numbers(text: str) -> list[float] | None:
         raise CopierError(f"ratios must be numbers, not {shown(text)}") from exc
 
 
-def tool_body(tool: str, loras, checkpoint, original, tuned, ratios, rank, conv_rank, dynamic, dynamic_param, out):
+def tool_body(
+    tool: str, loras, checkpoint, original, tuned, ratios, rank, conv_rank, clamp, dynamic, dynamic_param, out
+):
     """The form's values → the body of the tool's request (the same as the HTTP API's)."""
     body: dict = {"out": out}
     if tool in ("merge", "svd-merge"):
@@ -31,6 +33,8 @@ def tool_body(tool: str, loras, checkpoint, original, tuned, ratios, rank, conv_
     if tool != "merge":  # an emptied number box reads None: left out, so the check says that it is required
         body["rank"] = rank
         body["conv_rank"] = conv_rank or None
+    if tool in ("svd-merge", "extract") and clamp is False:
+        body["clamp_quantile"] = 1.0  # the default, 0.99, is kohya's
     if tool == "resize" and dynamic != "none":
         body["dynamic_method"], body["dynamic_param"] = dynamic, dynamic_param
     return {k: v for k, v in body.items() if v is not None}
@@ -52,7 +56,7 @@ TOOLS = {
     ),
     "svd-merge": (
         "LoRAs added at their ratios, then brought to one rank by SVD",
-        {"lora_files", "ratios", "rank", "conv_rank"},
+        {"lora_files", "ratios", "rank", "conv_rank", "clamp"},
     ),
     "resize": (
         "a LoRA brought to a lower rank by SVD: one rank for all modules, or one per module (dynamic)",
@@ -60,10 +64,12 @@ TOOLS = {
     ),
     "extract": (
         "a LoRA from the difference between two checkpoints (tuned minus original)",
-        {"original", "tuned", "rank", "conv_rank"},
+        {"original", "tuned", "rank", "conv_rank", "clamp"},
     ),
 }
-FIELDS = ("lora_files", "ratios", "checkpoint", "original", "tuned", "rank", "conv_rank", "dynamic", "dynamic_param")
+FIELDS = (
+    "lora_files", "ratios", "checkpoint", "original", "tuned", "rank", "conv_rank", "clamp", "dynamic", "dynamic_param"
+)  # fmt: skip
 
 
 def shown_fields(tool: str) -> tuple[str, dict[str, bool]]:
@@ -94,6 +100,9 @@ def build_utilities(
     with gr.Row():
         rank = gr.Number(8, label="Rank", precision=0, visible=visible["rank"])
         conv_rank = gr.Number(0, label="Conv rank (0: none)", precision=0, visible=visible["conv_rank"])
+        clamp = gr.Checkbox(
+            True, label="kohya's clamp (off: the best approximation of the rank)", visible=visible["clamp"]
+        )
         dynamic = gr.Dropdown(
             ["none", "sv_ratio", "sv_fro", "sv_cumulative"], value="none", label="Dynamic resize",
             visible=visible["dynamic"],
@@ -103,14 +112,14 @@ def build_utilities(
     go = gr.Button("Run", variant="primary", elem_id="copier_lora_utilities_run")
     log = gr.Textbox(label="Result", lines=4, interactive=False)
 
-    fields = [lora_files, ratios, checkpoint, original, tuned, rank, conv_rank, dynamic, dynamic_param]
+    fields = [lora_files, ratios, checkpoint, original, tuned, rank, conv_rank, clamp, dynamic, dynamic_param]
 
     def choose(chosen: str):
         text, shown = shown_fields(chosen)
         return [text, *(gr.update(visible=shown[name]) for name in FIELDS)]
 
     tool.change(choose, [tool], [about, *fields])
-    form = [tool, lora_files, checkpoint, original, tuned, ratios, rank, conv_rank, dynamic, dynamic_param, out]
+    form = [tool, lora_files, checkpoint, original, tuned, ratios, rank, conv_rank, clamp, dynamic, dynamic_param, out]
     go.click(lambda *values: result_text(run_tool, *values), form, [log])
     refresh.click(
         lambda: (gr.update(choices=loras()), gr.update(choices=[""] + checkpoints()),
