@@ -245,6 +245,7 @@ BAD_TOOLS = [
     ("merge", {"loras": ["base"], "out": "x", "ratios": [1, 2]}, '1 "loras" but 2 "ratios"'),
     ("merge", {"loras": ["base"], "out": "x", "ratios": ["a"]}, '"ratios" must be a list of numbers'),
     ("svd-merge", {"loras": ["base"], "out": "x"}, 'needs "rank"'),
+    ("svd-merge", {"loras": ["base"], "out": "x", "rank": 2, "clamp_quantile": 0}, "must be between 0.5 and 1.0"),
     ("extract", {"original": "a", "tuned": "b", "out": "x", "rank": 4}, "checkpoints are not available"),
 ]
 

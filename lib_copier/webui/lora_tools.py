@@ -35,7 +35,7 @@ def _precision():
 
 def _clamp():
     return setting(0.99, "kohya's clamp of the new factors at this quantile of their values; 1 turns it off and keeps "
-                   "the best approximation of the rank", 0.0, 1.0)  # fmt: skip
+                   "the best approximation of the rank", 0.5, 1.0)  # fmt: skip
 
 
 @dataclass

@@ -7,7 +7,9 @@ own loader applies every key of it (text encoders included) and it changes txt2i
 before the run, and interrupt or a failure keeps nothing and changes nothing.
 """
 
+import base64
 import contextlib
+import io
 import json
 import re
 import sys
@@ -15,6 +17,7 @@ import time
 import urllib.error
 
 import pytest
+from PIL import Image
 
 from tests.integration.conftest import FORGES, SD15, call
 
@@ -97,8 +100,12 @@ def test_a_run_stopped_while_drawing_its_grids_changes_nothing(webui):
 
 
 def test_bad_requests_are_refused_before_any_job(webui):
+    flat = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(flat, format="PNG")  # outline finds no edge in it
+    flat_outline = {"image": base64.b64encode(flat.getvalue()).decode(), "effects": ["outline"], "name": "x"}
     for body, words in [({**train_body("x"), "grid_steps": -1}, '"grid_steps" is -1'),
-                        ({**train_body("x"), "size": "big"}, '"size" must be a whole number')]:  # fmt: skip
+                        ({**train_body("x"), "size": "big"}, '"size" must be a whole number'),
+                        (flat_outline, "outline leaves the original unchanged")]:  # fmt: skip
         with pytest.raises(urllib.error.HTTPError) as refused:
             call("/copier-lora/v1/train", body)
         assert refused.value.code == 400 and words in json.loads(refused.value.read())["detail"]
