@@ -214,8 +214,8 @@ def _merge_into_checkpoint(args, pairs, family: str | None) -> int:
     if family is not None and family != model:
         raise CopierError(f"the LoRAs are for {family} but {args.model} is an {model} checkpoint")
     table = by_key(lora_targets({k: tuple(v.shape) for k, v in state.items()}, model, conv=True))
-    count = apply_to_state_dict(state, pairs, table, _tqdm("merging"))
     dtype = PRECISIONS[args.precision]
+    count = apply_to_state_dict(state, pairs, table, _tqdm("merging"), dtype)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     metadata = dict(sorted(source.metadata.items()))
     atomic_write(args.out, lambda tmp: save_file(state, str(tmp), metadata=metadata), args.overwrite)

@@ -41,10 +41,12 @@ def apply_to_state_dict(
     loras: list[tuple[Mapping[str, LoRAWeights], float]],
     table: Mapping[str, Target],
     progress: Progress | None = None,
+    dtype: torch.dtype | None = None,
 ) -> int:
     """W += ratio * alpha/rank * up @ down for every module of every (LoRA, ratio); returns the modules applied.
 
-    Each weight is updated in float32 and cast back once, so several LoRAs do not round several times.
+    Each weight is updated in float32 and rounded once, to `dtype` (default: its own), so several LoRAs do not
+    round several times, and an fp16 checkpoint saved in fp32 keeps the LoRA's delta at fp32 precision.
     """
     changes: dict[str, torch.Tensor] = {}
     unknown = [key for modules, _ in loras for key in modules if key not in table]
@@ -58,7 +60,7 @@ def apply_to_state_dict(
         weight = changes[target.param_name]
         weight[target.rows] += ratio * _check_fits(key, module.delta(), target.shape)
     for name, weight in changes.items():
-        state[name] = weight.to(state[name].dtype)
+        state[name] = weight.to(dtype or state[name].dtype)
     return len(every)
 
 
