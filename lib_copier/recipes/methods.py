@@ -22,7 +22,7 @@ from lib_copier.train.trainer import Callbacks, TrainResult, train_lora
 
 Weights = dict[str, LoRAWeights]
 # The recipe's SVD merges keep the best rank-r approximation (no kohya quantile clamp, which the `lora` command line
-# keeps for kohya's numbers): on the quick evaluation the clamp took a third of the extraction's effect away.
+# keeps for kohya's numbers): in evaluate --quick the clamp took over a quarter of the extraction's effect away.
 EXACT = 1.0
 
 
