@@ -34,20 +34,28 @@ class Effect:
         """The processed image of each original; refused when none of them changes, as the LoRA would learn nothing."""
         processed = [self.process(original) for original in originals]
         if not any(changed(o, p) for o, p in zip(originals, processed, strict=True)):
-            which = "the original" if len(originals) == 1 else f"all {len(originals)} originals"
-            if self.image is not None:
-                problem, fix = f"the processed image {self.label!r} is the same as {which}", "upload an edited one"
-            else:
-                problem, fix = f"{self.label} leaves {which} unchanged", "change its settings or pick another effect"
-            raise CopierError(f"{problem}, so its LoRA would have nothing to learn; {fix}")
+            self._refuse(len(originals))
         return processed
+
+    def check_changes(self, originals: list[Image.Image]) -> None:
+        """`process_all`'s refusal, processing only up to the first original the effect changes."""
+        if not any(changed(original, self.process(original)) for original in originals):
+            self._refuse(len(originals))
+
+    def _refuse(self, count: int) -> None:
+        which = "the original" if count == 1 else f"all {count} originals"
+        if self.image is not None:
+            problem, fix = f"the processed image {self.label!r} is the same as {which}", "upload an edited one"
+        else:
+            problem, fix = f"{self.label} leaves {which} unchanged", "change its settings or pick another effect"
+        raise CopierError(f"{problem}, so its LoRA would have nothing to learn; {fix}")
 
 
 def check_pairs(effects: list[Effect], originals: list[Image.Image]) -> None:
     """Before any work: each effect makes a pair worth learning from with these originals (as given, before they
     are fitted to the model). A processed image the user edited belongs to one original, framed as it is: the two
     are compared pixel by pixel, so a crop would teach the LoRA a shift. And each effect changes some original
-    (`Effect.process_all`, which the job repeats on the fitted originals)."""
+    (`Effect.check_changes`; the job's `process_all` checks again on the originals as fitted)."""
     edits = [effect for effect in effects if effect.image is not None]
     if edits and len(originals) > 1:
         raise CopierError(
@@ -62,7 +70,7 @@ def check_pairs(effects: list[Effect], originals: list[Image.Image]) -> None:
                 "the original's framing (scaled is fine, cropped is not), as the two are compared pixel by pixel"
             )
     for effect in effects:
-        effect.process_all(originals)
+        effect.check_changes(originals)
 
 
 def changed(original: Image.Image, processed: Image.Image) -> bool:
