@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lib_copier.arguments import FRACTION, number, positive
 from lib_copier.errors import CopierError
+from lib_copier.lora.weights import KOHYA_CLAMP
 
 
 def _tqdm(desc: str):
@@ -71,7 +72,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p = sub.add_parser("svd-merge", help="merge LoRAs with ratios and re-factor them to a new rank (SVD)")
     _inputs_with_ratios(p)
     _rank_options(p, "new-rank", "new-conv-rank", "rank of the merged LoRA")
-    p.add_argument("--clamp-quantile", "--clamp_quantile", type=FRACTION, default=0.99)
+    p.add_argument("--clamp-quantile", "--clamp_quantile", type=FRACTION, default=KOHYA_CLAMP)
     _output(p)
     p.set_defaults(func=run_svd_merge)
 
@@ -94,7 +95,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("original", type=Path)
     p.add_argument("tuned", type=Path)
     _rank_options(p, "dim", "conv-dim", "rank of the extracted LoRA")
-    p.add_argument("--clamp-quantile", "--clamp_quantile", type=FRACTION, default=0.99)
+    p.add_argument("--clamp-quantile", "--clamp_quantile", type=FRACTION, default=KOHYA_CLAMP)
     p.add_argument(
         "--min-diff", "--min_diff", type=number(float, 0), default=0.01, help="drop text encoders that differ less"
     )

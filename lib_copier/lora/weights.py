@@ -57,6 +57,9 @@ OVERSAMPLE = 16  # extra directions the randomized SVD carries past the rank (Ha
 POWER_ITERATIONS = 4  # each sharpens a slowly falling spectrum; two matrix products each, cheap beside an SVD
 
 
+KOHYA_CLAMP = 0.99  # the quantile kohya clamps SVD factors at (extract, SVD merge); 1 is no clamp
+
+
 def truncated_svd(matrix: torch.Tensor, rank: int, randomized: bool = False):
     """U, S, Vh holding at least the leading `rank` singular triplets of `matrix`: an exact SVD, or with `randomized`
     a seeded `torch.svd_lowrank` where the matrix is large against the rank (else the exact one)."""
@@ -70,7 +73,7 @@ def truncated_svd(matrix: torch.Tensor, rank: int, randomized: bool = False):
 
 
 def low_rank(
-    delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99, randomized: bool = False
+    delta: torch.Tensor, rank: int, clamp_quantile: float = KOHYA_CLAMP, randomized: bool = False
 ) -> tuple[LoRAWeights, float]:
     """Best rank-`rank` factorisation of `delta` (SVD), alpha = rank, as kohya's extract and SVD merge do, and the
     fraction of the delta's Frobenius norm it keeps (before the clamp)."""

@@ -19,6 +19,7 @@ import numpy as np
 from lib_copier.errors import CopierError, shown
 from lib_copier.fields import from_json, quoted, setting
 from lib_copier.lora.ops import DYNAMIC_METHODS, check_dynamic
+from lib_copier.lora.weights import KOHYA_CLAMP
 from lib_copier.recipes.outputs import check_name
 
 PRECISIONS = ("fp32", "fp16", "bf16")  # lora.files.PRECISIONS without kohya's alias "float"
@@ -34,8 +35,8 @@ def _precision():
 
 
 def _clamp():
-    return setting(0.99, "kohya's clamp of the new factors at this quantile of their values; 1 turns it off and keeps "
-                   "the best approximation of the rank", 0.5, 1.0)  # fmt: skip
+    text = "kohya's clamp of the new factors at this quantile of their values; 1 turns it off and keeps the best "
+    return setting(KOHYA_CLAMP, text + "approximation of the rank", 0.5, 1.0)
 
 
 @dataclass

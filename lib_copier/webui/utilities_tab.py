@@ -34,7 +34,7 @@ def tool_body(
         body["rank"] = rank
         body["conv_rank"] = conv_rank or None
     if tool in ("svd-merge", "extract") and clamp is False:
-        body["clamp_quantile"] = 1.0  # the default, 0.99, is kohya's
+        body["clamp_quantile"] = 1.0  # no clamp; the default is kohya's
     if tool == "resize" and dynamic != "none":
         body["dynamic_method"], body["dynamic_param"] = dynamic, dynamic_param
     return {k: v for k, v in body.items() if v is not None}
