@@ -142,20 +142,23 @@ def test_the_selected_gallery_image_comes_with_its_infotext(tmp_path, shape):
 
 
 def test_the_utilities_form_becomes_the_api_body(tmp_path):
-    assert tool_body("merge", ["a", "b"], "", None, None, "1, -0.5", 8, 0, True, "none", 0.9, "ab") == {
-        "out": "ab", "loras": ["a", "b"], "ratios": [1.0, -0.5]}  # fmt: skip
-    assert tool_body("resize", ["a"], "", None, None, "", 4, 0, True, "sv_fro", 0.9, "small") == {
-        "out": "small", "lora": "a", "rank": 4, "dynamic_method": "sv_fro", "dynamic_param": 0.9}  # fmt: skip
-    assert tool_body("extract", [], "", "base", "tuned", "", 16, 8, True, "none", 0, "x")["conv_rank"] == 8
+    assert tool_body("merge", ["a", "b"], "", None, None, "1, -0.5", 8, 0, True, "none", 0.9, "fp32", "ab") == {
+        "out": "ab", "precision": "fp32", "loras": ["a", "b"], "ratios": [1.0, -0.5]}  # fmt: skip
+    assert tool_body("resize", ["a"], "", None, None, "", 4, 0, True, "sv_fro", 0.9, "fp32", "small") == {
+        "out": "small", "precision": "fp32", "lora": "a", "rank": 4, "dynamic_method": "sv_fro",
+        "dynamic_param": 0.9}  # fmt: skip
+    assert tool_body("extract", [], "", "base", "tuned", "", 16, 8, True, "none", 0, "fp32", "x")["conv_rank"] == 8
     # Unticking kohya's clamp asks for the best approximation of the rank (clamp quantile 1); ticked, kohya's 0.99.
-    exact = tool_body("svd-merge", ["a"], "", None, None, "", 8, 0, False, "none", 0, "x")
-    assert exact == {"out": "x", "loras": ["a"], "rank": 8, "clamp_quantile": 1.0}
-    assert "clamp_quantile" not in tool_body("resize", ["a"], "", None, None, "", 4, 0, False, "none", 0.9, "small")
+    exact = tool_body("svd-merge", ["a"], "", None, None, "", 8, 0, False, "none", 0, "fp32", "x")
+    assert exact == {"out": "x", "precision": "fp32", "loras": ["a"], "rank": 8, "clamp_quantile": 1.0}
+    assert "clamp_quantile" not in tool_body(
+        "resize", ["a"], "", None, None, "", 4, 0, False, "none", 0.9, "fp32", "small"
+    )
     with pytest.raises(CopierError, match="ratios"):
-        tool_body("svd-merge", ["a"], "", None, None, "one", 8, 0, True, "none", 0, "x")
+        tool_body("svd-merge", ["a"], "", None, None, "one", 8, 0, True, "none", 0, "fp32", "x")
     # Emptied number boxes (None) are left out, and the tool's check names what is missing.
-    emptied = tool_body("resize", ["a"], "", None, None, "", None, None, True, "sv_fro", None, "small")
-    assert emptied == {"out": "small", "lora": "a", "dynamic_method": "sv_fro"}
+    emptied = tool_body("resize", ["a"], "", None, None, "", None, None, True, "sv_fro", None, "fp32", "small")
+    assert emptied == {"out": "small", "precision": "fp32", "lora": "a", "dynamic_method": "sv_fro"}
     with pytest.raises(CopierError, match='the resize request needs "rank"'):
         check_tool("resize", emptied, tmp_path)
 
@@ -189,16 +192,20 @@ def test_the_utilities_result_says_once_what_the_tool_wrote_or_why_not(tmp_path)
     def run(tool, body):
         return run_checked(check_tool(tool, body, tmp_path))
 
-    text = result_text(run, "resize", ["a"], "", None, None, "", 2, 0, True, "none", 0.9, "small")
+    text = result_text(run, "resize", ["a"], "", None, None, "", 2, 0, True, "none", 0.9, "fp32", "small")
     assert text.count("wrote") == 1 and f"{tmp_path / 'small.safetensors'} ({len(targets)} modules)" in text
     assert (tmp_path / "small.safetensors").is_file()
-    refused = result_text(run, "resize", ["a"], "", None, None, "", 2, 0, True, "none", 0.9, "small")
+    refused = result_text(run, "resize", ["a"], "", None, None, "", 2, 0, True, "none", 0.9, "fp32", "small")
     assert refused.startswith("error: ") and "small.safetensors" in refused and refused.count("\n") == 0
     # The clamp unticked: the merge of a and −0.5 b at rank 2 is the best rank-2 approximation of their sum.
     network_b = randomize_(LoRANetwork.create(targets, rank=4, alpha=4.0, seed=1), seed=1)
     write_lora(tmp_path / "b.safetensors", network_b.to_weights(), build_metadata(NetworkInfo("sd1", 4, 4.0, "b")))
     for clamp, name in [(True, "kohya"), (False, "exact")]:
-        result_text(run, "svd-merge", ["a", "b"], "", None, None, "1 -0.5", 2, 0, clamp, "none", 0, name)
+        result_text(run, "svd-merge", ["a", "b"], "", None, None, "1 -0.5", 2, 0, clamp, "none", 0, "fp32", name)
+    # The save precision reaches the file: fp16 halves it.
+    result_text(run, "svd-merge", ["a", "b"], "", None, None, "1 -0.5", 2, 0, False, "none", 0, "fp16", "half")
+    half = read_lora(tmp_path / "half.safetensors")
+    assert {t.dtype for m in half.modules.values() for t in (m.up, m.down)} == {torch.float16}
     a, b = network.to_weights(), network_b.to_weights()
     kohya, exact = (read_lora(tmp_path / f"{name}.safetensors").modules for name in ("kohya", "exact"))
     for key in a:

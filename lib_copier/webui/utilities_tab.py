@@ -7,6 +7,7 @@ from collections.abc import Callable
 import gradio as gr
 
 from lib_copier.errors import CopierError, shown
+from lib_copier.webui.lora_tools import PRECISIONS
 
 
 def _numbers(text: str) -> list[float] | None:
@@ -17,10 +18,10 @@ def _numbers(text: str) -> list[float] | None:
 
 
 def tool_body(
-    tool: str, loras, checkpoint, original, tuned, ratios, rank, conv_rank, clamp, dynamic, dynamic_param, out
-):
+    tool: str, loras, checkpoint, original, tuned, ratios, rank, conv_rank, clamp, dynamic, dynamic_param, precision, out
+):  # fmt: skip
     """The form's values → the body of the tool's request (the same as the HTTP API's)."""
-    body: dict = {"out": out}
+    body: dict = {"out": out, "precision": precision}
     if tool in ("merge", "svd-merge"):
         body["loras"] = list(loras or [])
         body["ratios"] = _numbers(ratios or "")
@@ -108,7 +109,9 @@ def build_utilities(
             visible=visible["dynamic"],
         )  # fmt: skip
         dynamic_param = gr.Number(0.9, label="Dynamic parameter", visible=visible["dynamic_param"])
-    out = gr.Textbox(label="Output name (written as <name>.safetensors)")
+    with gr.Row():
+        out = gr.Textbox(label="Output name (written as <name>.safetensors)")
+        precision = gr.Dropdown(list(PRECISIONS), value="fp32", label="Save precision (fp16: half the file)")
     go = gr.Button("Run", variant="primary", elem_id="copier_lora_utilities_run")
     log = gr.Textbox(label="Result", lines=4, interactive=False)
 
@@ -119,7 +122,8 @@ def build_utilities(
         return [text, *(gr.update(visible=shown[name]) for name in FIELDS)]
 
     tool.change(choose, [tool], [about, *fields])
-    form = [tool, lora_files, checkpoint, original, tuned, ratios, rank, conv_rank, clamp, dynamic, dynamic_param, out]
+    form = [tool, lora_files, checkpoint, original, tuned, ratios, rank, conv_rank, clamp, dynamic, dynamic_param]
+    form += [precision, out]
     go.click(lambda *values: result_text(run_tool, *values), form, [log])
     refresh.click(
         lambda: (gr.update(choices=loras()), gr.update(choices=[""] + checkpoints()),
