@@ -18,7 +18,8 @@ def _numbers(text: str) -> list[float] | None:
 
 
 def tool_body(
-    tool: str, loras, checkpoint, original, tuned, ratios, rank, conv_rank, clamp, dynamic, dynamic_param, precision, out
+    tool: str, loras, checkpoint, original, tuned, ratios, rank, conv_rank, clamp, dynamic, dynamic_param, precision,
+    out,
 ):  # fmt: skip
     """The form's values → the body of the tool's request (the same as the HTTP API's)."""
     body: dict = {"out": out, "precision": precision}
