@@ -6,7 +6,7 @@ import torch
 from lib_copier.errors import CopierError
 from lib_copier.lora.naming import Target
 from lib_copier.lora.ops import apply_to_state_dict, dynamic_rank, extract, merge_exact, merge_svd, resize
-from lib_copier.lora.weights import LoRAWeights
+from lib_copier.lora.weights import KOHYA_CLAMP, LoRAWeights
 
 
 def random_lora(seed, shapes, rank=4, alpha=2.0):
@@ -45,7 +45,7 @@ def test_exact_merge_equals_the_sum_of_deltas():
 
 def test_svd_merge_at_full_rank_reproduces_the_sum():
     pairs = [(random_lora(0, SHAPES), 1.0), (random_lora(1, SHAPES), -1.0)]
-    merged = merge_svd(pairs, rank=8)  # default clamp: nothing is truncated, so nothing is clamped
+    merged = merge_svd(pairs, rank=8, clamp_quantile=KOHYA_CLAMP)  # nothing is truncated, so nothing is clamped
     expected = dense(pairs)
     for key, module in merged.items():
         assert module.alpha == module.rank == 8
@@ -67,7 +67,7 @@ LARGE_SHAPES = {
 @pytest.mark.parametrize("rank", [12, 16])
 def test_svd_merge_is_exact_on_the_large_modules_when_the_rank_holds_the_sum(rank):
     pairs = [(random_lora(0, LARGE_SHAPES, rank=4, alpha=4), 1.0), (random_lora(1, LARGE_SHAPES, rank=8, alpha=8), 1.0)]
-    merged = merge_svd(pairs, rank=rank, conv_rank=rank)  # kohya's clamp on by default: it must not touch this
+    merged = merge_svd(pairs, rank=rank, conv_rank=rank, clamp_quantile=KOHYA_CLAMP)  # it must not touch this
     for key, expected in dense(pairs).items():
         assert merged[key].rank == rank
         assert relative(merged[key].delta(), expected) < 1e-4, key

@@ -73,6 +73,7 @@ def bench_lora(args: argparse.Namespace) -> int:
 
     from lib_copier.lora.naming import lora_targets
     from lib_copier.lora.ops import merge_exact, merge_svd, resize
+    from lib_copier.lora.weights import KOHYA_CLAMP
     from lib_copier.models.sd_model import build_model
 
     shapes = {k: tuple(v.shape) for k, v in build_model("sd1", device="meta").state_dict().items()}
@@ -81,13 +82,13 @@ def bench_lora(args: argparse.Namespace) -> int:
     pairs = [(a, 1.0), (b, -0.5)]
     figures: dict[str, object] = {"modules": len(targets), "rank": args.rank, "threads": torch.get_num_threads()}
     exact, figures["merge_s"] = _timed(lambda: merge_exact(pairs))
-    _, figures["svd_merge_s"] = _timed(lambda: merge_svd(pairs, args.rank, args.rank))
-    full, figures["svd_merge_full_rank_s"] = _timed(lambda: merge_svd(pairs, 2 * args.rank, 2 * args.rank))
+    _, figures["svd_merge_s"] = _timed(lambda: merge_svd(pairs, args.rank, args.rank, KOHYA_CLAMP))
+    full, figures["svd_merge_full_rank_s"] = _timed(lambda: merge_svd(pairs, 2 * args.rank, 2 * args.rank, KOHYA_CLAMP))
     figures["svd_merge_full_rank_worst_error"] = max(_relative_error(full[k].delta(), exact[k].delta()) for k in exact)
     _, figures["resize_s"] = _timed(lambda: resize(exact, args.rank, args.rank))
     largest = sorted(targets, key=lambda t: -torch.Size(t.shape).numel())[: args.dense_modules]
     subset = [({t.key: a[t.key]}, 1.0) for t in largest] + [({t.key: b[t.key]}, -0.5) for t in largest]
-    _, factored = _timed(lambda: merge_svd(subset, args.rank, args.rank))
+    _, factored = _timed(lambda: merge_svd(subset, args.rank, args.rank, KOHYA_CLAMP))
     _, dense = _timed(lambda: _dense_svd([(a[t.key], b[t.key]) for t in largest], [1.0, -0.5], args.rank))
     figures[f"svd_merge_{len(largest)}_largest_s"] = factored
     figures[f"dense_svd_{len(largest)}_largest_s"] = dense

@@ -13,7 +13,7 @@ import torch
 
 from lib_copier.errors import CopierError
 from lib_copier.lora.naming import Target
-from lib_copier.lora.weights import KOHYA_CLAMP, LoRAWeights, factored_svd, from_svd, low_rank
+from lib_copier.lora.weights import LoRAWeights, factored_svd, from_svd, low_rank
 
 Progress = Callable[[int, int], None]  # (modules done, modules in all), after each module
 MIN_SINGULAR_VALUE = 1e-6  # kohya's MIN_SV: below this a module is treated as zero and kept at rank 1
@@ -91,7 +91,7 @@ def merge_svd(
     loras: list[tuple[Mapping[str, LoRAWeights], float]],
     rank: int,
     conv_rank: int | None = None,
-    clamp_quantile: float = KOHYA_CLAMP,
+    clamp_quantile: float = 1.0,
     progress: Progress | None = None,
 ) -> dict[str, LoRAWeights]:
     """sum(ratio * delta) per module, then its best rank-`rank` factorisation (kxk convs: `conv_rank`).
@@ -208,7 +208,7 @@ def extract(
     targets: Iterable[Target],
     rank: int,
     conv_rank: int | None = None,
-    clamp_quantile: float = KOHYA_CLAMP,
+    clamp_quantile: float = 1.0,
     min_diff: float = 0.01,
     progress: Progress | None = None,
     randomized: bool = True,

@@ -57,7 +57,9 @@ OVERSAMPLE = 16  # extra directions the randomized SVD carries past the rank (Ha
 POWER_ITERATIONS = 4  # each sharpens a slowly falling spectrum; two matrix products each, cheap beside an SVD
 
 
-KOHYA_CLAMP = 0.99  # the quantile kohya clamps SVD factors at (extract, SVD merge); 1 is no clamp
+# The quantile kohya clamps SVD factors at (extract, SVD merge). The functions here default to 1, no clamp: the best
+# approximation of the rank. The `lora` command line and the WebUI's tools pass kohya's, for kohya's numbers.
+KOHYA_CLAMP = 0.99
 
 
 def truncated_svd(matrix: torch.Tensor, rank: int, randomized: bool = False):
@@ -73,7 +75,7 @@ def truncated_svd(matrix: torch.Tensor, rank: int, randomized: bool = False):
 
 
 def low_rank(
-    delta: torch.Tensor, rank: int, clamp_quantile: float = KOHYA_CLAMP, randomized: bool = False
+    delta: torch.Tensor, rank: int, clamp_quantile: float = 1.0, randomized: bool = False
 ) -> tuple[LoRAWeights, float]:
     """Best rank-`rank` factorisation of `delta` (SVD), alpha = rank, as kohya's extract and SVD merge do, and the
     fraction of the delta's Frobenius norm it keeps (before the clamp)."""

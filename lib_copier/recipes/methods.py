@@ -21,9 +21,6 @@ from lib_copier.train.config import TrainConfig
 from lib_copier.train.trainer import Callbacks, TrainResult, train_lora
 
 Weights = dict[str, LoRAWeights]
-# The recipe's SVD merges keep the best rank-r approximation (no kohya quantile clamp, which the `lora` command line
-# keeps for kohya's numbers): in evaluate --quick the clamp took over a quarter of the extraction's effect away.
-EXACT = 1.0
 
 
 def train_copier(
@@ -53,11 +50,10 @@ def shrink(weights: Weights, rank: int | None, progress: Progress | None = None)
 
 
 def extraction(copier: Weights, processed_copier: Weights, rank: int, progress: Progress | None = None) -> Weights:
-    """(A′ − A) at `rank`: positive weights move toward the processed image.
+    """(A′ − A) at `rank`, its best approximation there (no kohya clamp): positive weights move toward P.
 
     The write-ups merged (A, A′) with ratios (1, −1), whose positive weight *removed* the effect; we flip it."""
-    pairs = [(processed_copier, 1.0), (copier, -1.0)]
-    return merge_svd(pairs, rank, conv_rank=rank, clamp_quantile=EXACT, progress=progress)
+    return merge_svd([(processed_copier, 1.0), (copier, -1.0)], rank, conv_rank=rank, progress=progress)
 
 
 def merge_processed(processed: list[Weights], rank: int, progress: Progress | None = None) -> Weights:
@@ -65,5 +61,4 @@ def merge_processed(processed: list[Weights], rank: int, progress: Progress | No
     if len(processed) == 1:
         return processed[0]
     share = 1.0 / len(processed)
-    pairs = [(weights, share) for weights in processed]
-    return merge_svd(pairs, rank, conv_rank=rank, clamp_quantile=EXACT, progress=progress)
+    return merge_svd([(weights, share) for weights in processed], rank, conv_rank=rank, progress=progress)
