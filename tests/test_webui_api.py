@@ -9,19 +9,25 @@ import typing
 import zlib
 
 import pytest
+import torch
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from lib_copier.errors import CopierError
+from lib_copier.lora.files import read_lora, write_lora
+from lib_copier.lora.metadata import NetworkInfo, build_metadata
+from lib_copier.lora.naming import lora_targets
+from lib_copier.lora.network import LoRANetwork
 from lib_copier.models.configs import TINY
 from lib_copier.models.generate import Txt2Img, generate
 from lib_copier.models.sd_model import build_model
 from lib_copier.recipes.request import decode_image, request_from_json
 from lib_copier.webui.api import PREFIX, add_routes
 from lib_copier.webui.jobs import JobRunner
-from lib_copier.webui.training import train_in_webui
+from lib_copier.webui.lora_tools import lora_names
+from lib_copier.webui.training import STAGING, train_in_webui
 from tests.a1111_like import A1111Host
 from tests.conftest import randomize_
 
@@ -67,6 +73,37 @@ def test_train_poll_and_the_loras_are_in_the_folder(api, tmp_path):
     assert merged.status_code == 200 and (tmp_path / "both.safetensors").is_file()
     resized = client.post(f"{PREFIX}/lora/resize", json={"lora": "both", "rank": 2, "out": "small"})
     assert resized.status_code == 200, resized.text
+
+
+def test_loras_in_subfolders_and_with_any_file_name_are_listed_and_taken_by_the_tools(api, tmp_path):
+    """WebUI users keep their LoRAs in subfolders and name them freely; the tools take each as the list names it,
+    and a name without its folder where it is the only LoRA of that name."""
+    client, _, _ = api
+    targets = lora_targets({k: tuple(v.shape) for k, v in build_model(TINY).state_dict().items()}, "sd1")
+    deltas = {}
+    for seed, name in enumerate(["styles/Ghibli style!", "キャラ/ink", "old/ink"]):
+        network = randomize_(LoRANetwork.create(targets, rank=4, alpha=4.0, seed=seed), seed=seed)
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        info = build_metadata(NetworkInfo("sd1", 4, 4.0, "x"))
+        write_lora(tmp_path / f"{name}.safetensors", network.to_weights(), info)
+        deltas[name] = {key: w.delta() for key, w in read_lora(tmp_path / f"{name}.safetensors").modules.items()}
+    (tmp_path / STAGING / "run").mkdir(parents=True)
+    (tmp_path / STAGING / "run" / "half.safetensors").write_bytes(b"")  # an unfinished run's file is not listed
+    assert lora_names(tmp_path) == ["old/ink", "styles/Ghibli style!", "キャラ/ink"]
+
+    body = {"loras": ["styles/Ghibli style!", "キャラ/ink"], "ratios": [1, -0.5], "out": "mix"}
+    assert client.post(f"{PREFIX}/lora/merge", json=body).status_code == 200
+    merged = read_lora(tmp_path / "mix.safetensors").modules
+    a, b = deltas["styles/Ghibli style!"], deltas["キャラ/ink"]
+    assert all(torch.allclose(merged[k].delta(), a[k] - 0.5 * b[k], atol=1e-6) for k in a)
+    resized = client.post(f"{PREFIX}/lora/resize", json={"lora": "Ghibli style!", "rank": 2, "out": "small"})
+    assert resized.status_code == 200, resized.text
+    reply = client.post(f"{PREFIX}/lora/resize", json={"lora": "ink", "rank": 2, "out": "x"})
+    assert reply.status_code == 400
+    assert reply.json()["detail"] == "2 LoRAs are named 'ink': old/ink, キャラ/ink; give one with its folder"
+    reply = client.post(f"{PREFIX}/lora/resize", json={"lora": "old/../../ink", "rank": 2, "out": "x"})
+    assert reply.status_code == 400 and "is not a LoRA name" in reply.json()["detail"]
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_every_route_and_dependency_resolves_its_annotations_among_its_module_names(api):
@@ -225,7 +262,7 @@ BAD_TOOLS = [
     ("resize", {"lora": "base", "rank": 0, "out": "x"}, '"rank" is 0; it must be between 1 and 1024'),
     ("resize", {"lora": "base", "rank": "8", "out": "x"}, '"rank" must be a whole number'),
     ("resize", {"lora": "base", "rank": 2, "out": "base"}, "base.safetensors already exists"),
-    ("resize", {"lora": "../base", "rank": 2, "out": "x"}, "\"lora\" '../base' must not contain"),
+    ("resize", {"lora": "../base", "rank": 2, "out": "x"}, "\"lora\" '../base' is not a LoRA name"),
     (
         "resize",
         {"lora": "base", "rank": 2, "out": "x", "dynamic_method": "sv_fro"},

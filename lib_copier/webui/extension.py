@@ -108,7 +108,7 @@ def on_ui_tabs():
     from lib_copier.webui import gallery
     from lib_copier.webui.host import current_host
     from lib_copier.webui.jobs import in_own_thread
-    from lib_copier.webui.lora_tools import check_tool, run_checked
+    from lib_copier.webui.lora_tools import check_tool, lora_names, run_checked
     from lib_copier.webui.tab import Hooks, build_tab
 
     def paste(button, text):
@@ -127,7 +127,7 @@ def on_ui_tabs():
         run=lambda request, state: in_own_thread(lambda: run(request, state)),
         generate=call_queue.wrap_queued_call(lambda request: current_host().txt2img(request)),
         run_tool=tool,
-        loras=lambda: sorted(p.stem for p in Path(lora_dir()).glob("*.safetensors")),
+        loras=lambda: lora_names(Path(lora_dir())),
         checkpoints=lambda: list(sd_models.checkpoint_tiles()),
         open_gallery_item=infotext_utils.image_from_url_text,
         wrap=lambda fn: call_queue.wrap_gradio_gpu_call(fn, extra_outputs=[[], "[]", gr.update()]),

@@ -1,18 +1,19 @@
 """Merge, SVD-merge, resize and extract over the files in the WebUI's folders, for the Utilities tab and the API.
 
-Requests name files, not paths: LoRAs in the LoRA folder, checkpoints among the WebUI's checkpoints. Each tool has
-one typed request (`REQUESTS`); `check_tool` checks it completely, names and files included, before any lock is
-taken, and `run_checked` runs it through the very command line `python -m lib_copier lora …`, so the numbers and
-files are the same as there.
+Requests name files, not paths: LoRAs by their path below the LoRA folder (subfolders included, as the WebUI's Lora
+cards list them), checkpoints among the WebUI's checkpoints. Each tool has one typed request (`REQUESTS`);
+`check_tool` checks it completely, names and files included, before any lock is taken, and `run_checked` runs it
+through the very command line `python -m lib_copier lora …`, so the numbers and files are the same as there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
@@ -21,10 +22,12 @@ from lib_copier.fields import from_json, quoted, setting
 from lib_copier.lora.ops import DYNAMIC_METHODS, check_dynamic
 from lib_copier.lora.weights import KOHYA_CLAMP
 from lib_copier.recipes.outputs import check_name
+from lib_copier.webui.training import STAGING
 
+SUFFIX = ".safetensors"
 PRECISIONS = ("fp32", "fp16", "bf16")  # lora.files.PRECISIONS without kohya's alias "float"
 _OUT = "name of the file to write, without .safetensors"
-_LORAS = "LoRA names in the LoRA folder, without .safetensors"
+_LORAS = 'LoRA names: paths below the LoRA folder, without .safetensors ("ink", "styles/ink")'
 _RATIOS = "one per LoRA (default 1 each); a negative ratio subtracts"
 _RANK = "rank of linear layers and 1x1 convolutions"
 _CONV = "rank of 3x3 convolutions (none: they are left as they are, or out)"
@@ -63,7 +66,7 @@ class SvdMerge:
 
 @dataclass
 class Resize:
-    lora: str = setting(help="the LoRA to resize, by name")
+    lora: str = setting(help='the LoRA to resize, named as in "loras"')
     out: str = setting(help=_OUT)
     rank: int = setting(help="new rank (the most, with dynamic_method)", lo=1, hi=1024)
     conv_rank: int | None = setting(None, _CONV, 1, 1024)
@@ -95,11 +98,36 @@ class CheckedTool:
     path: Path
 
 
+def lora_names(folder: Path) -> list[str]:
+    """The LoRA files under `folder` as requests name them: the path below it, with "/", without .safetensors
+    ("styles/ink"). Subfolders and linked folders are searched, as the WebUI's Lora cards search them; the folder of
+    unfinished runs is not, and a link back up the tree is followed once."""
+    names, seen = [], {folder.resolve()}
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        here = Path(root)
+        dirs[:] = sorted(d for d in dirs if (here / d).resolve() not in seen and not (here == folder and d == STAGING))
+        seen.update((here / d).resolve() for d in dirs)
+        below = here.relative_to(folder).as_posix()
+        prefix = "" if below == "." else below + "/"
+        names += [prefix + f[: -len(SUFFIX)] for f in sorted(files) if f.endswith(SUFFIX)]
+    return names
+
+
 def lora_file(folder: Path, name: str, field: str = "loras") -> Path:
-    path = folder / f"{check_name(name, quoted(field))}.safetensors"
-    if not path.is_file():
+    """The file a LoRA name stands for: its path below `folder` as `lora_names` gives it, or, where the name has no
+    folder, the one LoRA of that name in any subfolder."""
+    parts = name.replace("\\", "/").split("/") if isinstance(name, str) else [""]
+    if any(part.strip() in ("", ".", "..") for part in parts) or PureWindowsPath(name).drive:
+        raise CopierError(f"{quoted(field)} {shown(name)} is not a LoRA name: give it as the list shows it")
+    path = folder.joinpath(*parts[:-1], parts[-1] + SUFFIX)
+    if path.is_file():
+        return path
+    found = [n for n in lora_names(folder) if len(parts) == 1 and n.rpartition("/")[2] == name]
+    if len(found) > 1:
+        raise CopierError(f"{len(found)} LoRAs are named {shown(name)}: {', '.join(found)}; give one with its folder")
+    if not found:
         raise CopierError(f"there is no LoRA named {shown(name)} in {folder}")
-    return path
+    return folder / (found[0] + SUFFIX)
 
 
 def check_tool(
