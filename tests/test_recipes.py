@@ -17,6 +17,7 @@ from lib_copier.models.checkpoint import save_checkpoint
 from lib_copier.models.configs import TINY
 from lib_copier.models.generate import Txt2Img
 from lib_copier.models.sd_model import build_model
+from lib_copier.names import slug
 from lib_copier.recipes.estimate import estimate, recipe_steps
 from lib_copier.recipes.grid import column_label
 from lib_copier.recipes.job import PAIR_DEFAULTS, Job, fit_image, method_config, run_job
@@ -64,6 +65,24 @@ def test_bad_output_names_are_refused_in_one_sentence(name):
 def test_names_near_windows_device_names_are_fine():
     for name in ("console", "null", "com10", "Con-copier", "aux (2)", "nul_effect.v2"):
         assert check_name(name) == name
+
+
+@pytest.mark.parametrize(
+    ("prompt", "name"),
+    [
+        ("(masterpiece:1.2), 1girl, <lora:style_v2:0.8>, solo", "masterpiece-1girl-solo"),
+        ("[cat:dog:0.5] in (snow:1.3)", "cat-dog-in-snow"),
+        ("Café crème, ünïcode", "cafe-creme-unicode"),
+        ("猫の絵", "image"),
+        ("CON", "con-image"),
+        ("a cat " * 20, "a-cat-a-cat-a-cat-a-cat-a-cat-a"),
+    ],
+)
+def test_a_name_made_from_a_prompt_keeps_its_words_and_is_a_valid_output_name(prompt, name):
+    """The API and the tab name a run after its prompt when no name is given: without the prompt's LoRA tags and
+    weights, and never a name the output check would refuse."""
+    assert slug(prompt, 32) == name
+    assert check_name(name) == name
 
 
 def test_names_never_collide_and_nothing_is_overwritten(tmp_path):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 from lib_copier.errors import CopierError
 from lib_copier.models.sampling import SAMPLERS
+from lib_copier.names import slug
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,10 +41,6 @@ def free_path(directory: Path, stem: str, suffix: str) -> Path:
         n += 1
         candidate = directory / f"{stem}-{n}{suffix}"
     return candidate
-
-
-def slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from lib_copier.arguments import number, positive
 from lib_copier.errors import CopierError, shown
-from lib_copier.models.cli import add_model_arguments, slug
+from lib_copier.models.cli import add_model_arguments
+from lib_copier.names import slug
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.prompts import grid_prompts, prompt_pool
 from lib_copier.train.config import PRESETS, field_info

@@ -15,12 +15,11 @@ from lib_copier.errors import CopierError, shown
 from lib_copier.lora.files import write_lora
 from lib_copier.lora.metadata import NetworkInfo, build_metadata
 from lib_copier.lora.weights import LoRAWeights
+from lib_copier.names import WINDOWS_DEVICES
 
 SUFFIXES = (".safetensors", ".json", ".png")
 SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # the sidecar's "sd version" values in A1111
 _ALLOWED = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+\-()\[\]]*")
-# Names Windows gives to devices, whatever follows a dot: "nul.safetensors" cannot be a file there.
-_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"{port}{n}" for port in ("COM", "LPT") for n in range(10))}
 
 
 def check_name(name: str, what: str = "the output name") -> str:
@@ -36,7 +35,7 @@ def check_name(name: str, what: str = "the output name") -> str:
         bad = next((c for c in name if not _ALLOWED.fullmatch("a" + c)), None)
         problem = f"has {bad!r}, which a file name here may not use" if bad else "does not start with a letter or digit"
         raise CopierError(f"{what} {shown(name)} {problem}: {rule}")
-    if name.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
+    if name.split(".")[0].rstrip(" ").upper() in WINDOWS_DEVICES:
         raise CopierError(f"{what} {shown(name)} is a name Windows keeps for a device; choose another")
     return name
 

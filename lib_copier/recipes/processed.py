@@ -82,7 +82,7 @@ def changed(original: Image.Image, processed: Image.Image) -> bool:
 def make_effects(chains: list[list[str]], edited: list[tuple[str, Image.Image]] = ()) -> list[Effect]:
     """Effects from chain specs (`[["outline:thickness=3", "grayscale"], ["posterize"]]`) and from images the
     user edited (label, image), labelled for file names; the same label twice gets numbered."""
-    from lib_copier.models.cli import slug
+    from lib_copier.names import slug
 
     effects = []
     for specs in chains:

@@ -19,8 +19,8 @@ from lib_copier.effects.image_io import read_image
 from lib_copier.errors import CopierError, shown
 from lib_copier.fields import check as check_fields
 from lib_copier.fields import from_json, quoted, setting
-from lib_copier.models.cli import slug
 from lib_copier.models.generate import MAX_PROMPT, MAX_STEPS, Txt2Img
+from lib_copier.names import slug
 from lib_copier.recipes.job import method_config
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.outputs import check_name

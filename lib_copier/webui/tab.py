@@ -20,8 +20,8 @@ from lib_copier.effects.image_io import read_image, to_rgb
 from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError
 from lib_copier.fields import check
-from lib_copier.models.cli import slug
 from lib_copier.models.generate import Txt2Img
+from lib_copier.names import slug
 from lib_copier.recipes.estimate import describe_run
 from lib_copier.recipes.job import RECIPE_PRESETS, method_config
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS

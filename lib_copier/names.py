@@ -1,0 +1,22 @@
+"""File names made from what users type: a prompt becomes a short ASCII stem that every OS can save."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# Names Windows gives to devices, whatever follows a dot: "nul.safetensors" cannot be a file there.
+WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"{port}{n}" for port in ("COM", "LPT") for n in range(10))}
+_TAGS = re.compile(r"<[^<>]*>")  # <lora:name:0.8>, <hypernet:…>: not what the image shows
+_WEIGHTS = re.compile(r":\s*[-+]?(\d+\.?\d*|\.\d+)\s*(?=[)\]])")  # (masterpiece:1.2): the weight, not the word
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """`text`'s words in ASCII lower case joined by "-", at most `limit` characters: a prompt's <…> tags and
+    attention weights left out, accents dropped ("Café" → "cafe"); "image" when nothing is left."""
+    text = _WEIGHTS.sub(" ", _TAGS.sub(" ", text))
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    name = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-")
+    if name.upper() in WINDOWS_DEVICES:
+        name += "-image"
+    return name or "image"
