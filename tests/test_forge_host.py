@@ -255,3 +255,36 @@ def test_the_interrupt_button_stops_a_run_whether_it_asks_to_stop_now_or_after_t
     assert host.interrupted()
     del process.shared.state.stopping_generation  # a WebUI from before the flag
     assert host.interrupted()
+
+
+@pytest.mark.parametrize("design", ["forge", "classic", "reforge"])
+def test_the_grids_are_drawn_with_the_webuis_automatic_schedule_and_no_autocorrection(monkeypatch, design):
+    """The WebUIs log 'Sampler Scheduler autocorrection' for every image whose processing leaves the schedule
+    unset: twenty console warnings per strength grid."""
+    from PIL import Image
+
+    from lib_copier.models.generate import Txt2Img
+
+    process = _process(monkeypatch, design)
+    process.shared.state = types.SimpleNamespace(job_count=0, job_no=0, textinfo="")
+    drawn = []
+
+    class Txt2ImgProcessing(process.processing.StableDiffusionProcessing):
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs, scheduler=None)  # the WebUIs' dataclass default
+
+        def close(self):
+            pass
+
+    def process_images(p):
+        drawn.append((p.sampler_name, p.scheduler))
+        return types.SimpleNamespace(images=[Image.new("RGB", (64, 64))])
+
+    process.processing.StableDiffusionProcessingTxt2Img = Txt2ImgProcessing
+    process.processing.process_images = process_images
+    scripts = types.ModuleType("modules.scripts")
+    scripts.ScriptRunner = lambda: types.SimpleNamespace(alwayson_scripts=[])
+    monkeypatch.setitem(sys.modules, "modules.scripts", scripts)
+    sys.modules["modules"].scripts = scripts
+    current_host().txt2img(Txt2Img("a cat", seed=1, width=64, height=64))
+    assert drawn == [("Euler", "Automatic")]

@@ -109,6 +109,8 @@ class A1111Host:
         )
         # No script of the WebUI's runs on our images, but reForge reads `p.scripts.alwayson_scripts` unguarded.
         p.scripts = scripts.ScriptRunner()
+        if hasattr(p, "scheduler") and p.scheduler is None:  # the WebUI would log an "autocorrection" per image
+            p.scheduler = "Automatic"
         saved = shared.state.job_count, shared.state.job_no, shared.state.textinfo
         try:
             with closing(p):
