@@ -7,6 +7,8 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,3 +42,38 @@ def test_the_webuis_temp_folder_for_shown_images_is_made(monkeypatch, tmp_path):
     modules.shared.opts.temp_dir = ""  # A1111's default: gradio's own cache folder, which gradio makes
     make_temp_dir()
     assert [p.name for p in tmp_path.iterdir()] == ["webui"]
+
+
+def test_a_checkpoint_written_after_the_webui_listed_its_own_is_found_by_name(monkeypatch, tmp_path):
+    """A merge into a checkpoint from Utilities writes a file the WebUI has not listed: extracting from it by name,
+    or picking it after "Refresh lists", must find it without the WebUI's own full refresh."""
+    from lib_copier.errors import CopierError
+    from lib_copier.webui.extension import checkpoint_file, checkpoint_titles
+
+    listed = {}
+
+    class CheckpointInfo:  # what the WebUIs' CheckpointInfo does with a file: a title, and registering it
+        def __init__(self, filename):
+            self.filename, self.title = filename, Path(filename).relative_to(tmp_path).as_posix()
+
+        def register(self):
+            listed[self.title] = self
+
+    sd_models = types.ModuleType("modules.sd_models")
+    sd_models.model_path, sd_models.checkpoints_list, sd_models.CheckpointInfo = str(tmp_path), listed, CheckpointInfo
+    sd_models.get_closet_checkpoint_match = listed.get
+    sd_models.checkpoint_tiles = lambda: sorted(listed)
+    modules = types.ModuleType("modules")
+    modules.sd_models, modules.shared = sd_models, types.SimpleNamespace(cmd_opts=types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.sd_models", sd_models)
+    (tmp_path / "base.safetensors").write_bytes(b"")
+    CheckpointInfo(str(tmp_path / "base.safetensors")).register()  # what the WebUI listed at its start
+    (tmp_path / "sub").mkdir()
+    for name in ("sub/merged.safetensors", "merged.vae.safetensors", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert checkpoint_file("sub/merged.safetensors") == tmp_path / "sub" / "merged.safetensors"
+    (tmp_path / "copied.safetensors").write_bytes(b"")
+    assert checkpoint_titles() == ["base.safetensors", "copied.safetensors", "sub/merged.safetensors"]
+    with pytest.raises(CopierError, match="there is no checkpoint named 'absent'"):
+        checkpoint_file("absent")

@@ -6,6 +6,7 @@ Nothing here imports the WebUI at import time, and nothing asks which WebUI it i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lib_copier.webui.host import lora_dir
@@ -49,9 +50,40 @@ def checkpoint_file(name: str) -> Path:
     from lib_copier.errors import CopierError, shown
 
     info = sd_models.get_closet_checkpoint_match(name)
+    if info is None and register_new_checkpoints():
+        info = sd_models.get_closet_checkpoint_match(name)
     if info is None:
         raise CopierError(f"there is no checkpoint named {shown(name)}")
     return Path(info.filename)
+
+
+def register_new_checkpoints() -> int:
+    """Checkpoints written since the WebUI listed its own (a merge from Utilities, a file copied in) made known to it;
+    returns how many. Its own refresh re-reads the whole list, which may also switch the selected checkpoint back to
+    --ckpt: here only the new files are added."""
+    from modules import sd_models, shared
+
+    known = {os.path.abspath(info.filename) for info in sd_models.checkpoints_list.values()}
+    new = [
+        path
+        for folder in {sd_models.model_path, getattr(shared.cmd_opts, "ckpt_dir", None)} - {None}
+        for path in sorted(Path(folder).rglob("*"))
+        if path.suffix in (".safetensors", ".ckpt")
+        and not path.name.endswith((".vae.safetensors", ".vae.ckpt"))
+        and os.path.abspath(path) not in known
+        and path.is_file()
+    ]
+    for path in new:
+        sd_models.CheckpointInfo(str(path)).register()
+    return len(new)
+
+
+def checkpoint_titles() -> list[str]:
+    """The WebUI's checkpoints, new files included, as its dropdown names them."""
+    from modules import sd_models
+
+    register_new_checkpoints()
+    return list(sd_models.checkpoint_tiles())
 
 
 def checkpoint_dir() -> Path:
@@ -103,7 +135,7 @@ def make_temp_dir() -> None:
 
 def on_ui_tabs():
     import gradio as gr
-    from modules import call_queue, devices, infotext_utils, sd_models, shared
+    from modules import call_queue, devices, infotext_utils, shared
 
     from lib_copier.webui import gallery
     from lib_copier.webui.host import current_host
@@ -128,7 +160,7 @@ def on_ui_tabs():
         generate=call_queue.wrap_queued_call(lambda request: current_host().txt2img(request)),
         run_tool=tool,
         loras=lambda: lora_names(Path(lora_dir())),
-        checkpoints=lambda: list(sd_models.checkpoint_tiles()),
+        checkpoints=checkpoint_titles,
         open_gallery_item=infotext_utils.image_from_url_text,
         wrap=lambda fn: call_queue.wrap_gradio_gpu_call(fn, extra_outputs=[[], "[]", gr.update()]),
         paste_to_txt2img=paste,
