@@ -5,6 +5,8 @@ layout Forge holds them in): both must read, predict and train alike, and Forge'
 bit-identical and as inference tensors after every kind of run, with Forge's LoRA state reset.
 """
 
+import types
+
 import pytest
 import torch
 
@@ -183,6 +185,18 @@ def test_forge_classic_trains_a_ztsnr_v_checkpoint_on_the_schedule_it_samples_wi
     assert schedule[-1].item() == pytest.approx(4.8973451890853435e-08)  # almost no signal left at t = 999
     assert schedule[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
     assert bool((schedule.diff() < 0).all()) and bool((schedule[1:] < plain[1:]).all())  # less signal at every step
+
+
+@pytest.mark.parametrize("design", ["forge", "neo"])
+def test_forge_trains_a_ztsnr_checkpoint_on_the_schedule_it_samples_with(design):
+    """Forge and Neo read a checkpoint's `ztsnr` key (NoobAI's v-prediction SDXL) into the model's config, and
+    rescale the sigmas of each generation to zero terminal SNR; the predictor keeps the plain schedule."""
+    ours, host = pair(TINY_SD2V, design=design)
+    assert torch.equal(host.backend().alphas_cumprod(), ours.alphas_cumprod().float())
+    host.sd_model.model_config = types.SimpleNamespace(ztsnr=True)  # what Forge's loader made of the key
+    schedule = host.backend().alphas_cumprod()
+    assert torch.allclose(schedule, zero_terminal_snr(ours.alphas_cumprod().float()), rtol=1e-6)
+    assert schedule[-1].item() == pytest.approx(4.8973451890853435e-08)
 
 
 def test_reforge_reads_the_prediction_and_a_ztsnr_schedule_where_its_sampler_does():
