@@ -162,9 +162,13 @@ class StandInUI:
         self.interrupt_when = lambda shown: False
         self.prepared_jobs = 0
         self.replaced = False
+        self.noise_schedule = "Default"  # the WebUIs' setting "Noise schedule for sampling"
 
     def model_changed(self):
         return self.replaced
+
+    def zero_terminal_snr(self):
+        return self.noise_schedule == "Zero Terminal SNR"
 
     def find_lora(self, name: str) -> Path:
         """As the WebUIs' Lora extensions do: by file name, anywhere under the LoRA folder."""

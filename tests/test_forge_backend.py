@@ -199,6 +199,18 @@ def test_forge_trains_a_ztsnr_checkpoint_on_the_schedule_it_samples_with(design)
     assert schedule[-1].item() == pytest.approx(4.8973451890853435e-08)
 
 
+@pytest.mark.parametrize("design", ["forge", "neo", "classic", "reforge"])
+def test_the_zero_terminal_snr_setting_trains_on_the_schedule_the_webui_samples_with(design):
+    """Settings → "Noise schedule for sampling": Zero Terminal SNR, for models trained on one (what A1111 users of
+    NoobAI's v-prediction SDXL set): every WebUI then samples on the rescaled schedule, and so must training."""
+    ours, host = pair(TINY_SD2V, design=design)
+    plain = ours.alphas_cumprod().float()
+    host.noise_schedule = "Zero Terminal SNR"
+    assert torch.allclose(host.backend().alphas_cumprod(), zero_terminal_snr(plain), rtol=1e-5)
+    host.noise_schedule = "Default"
+    assert torch.allclose(host.backend().alphas_cumprod(), plain, rtol=1e-6)
+
+
 def test_reforge_reads_the_prediction_and_a_ztsnr_schedule_where_its_sampler_does():
     """reForge reads a checkpoint's `v_pred` and `ztsnr` keys into the UNet's `model_sampling` only: A1111's model
     object still says eps, and its `alphas_cumprod` is the plain schedule."""

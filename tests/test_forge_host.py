@@ -288,3 +288,14 @@ def test_the_grids_are_drawn_with_the_webuis_automatic_schedule_and_no_autocorre
     sys.modules["modules"].scripts = scripts
     current_host().txt2img(Txt2Img("a cat", seed=1, width=64, height=64))
     assert drawn == [("Euler", "Automatic")]
+
+
+@pytest.mark.parametrize("design", ["forge", "classic", "reforge"])
+def test_the_host_reads_the_noise_schedule_setting_every_webui_has(monkeypatch, design):
+    process = _process(monkeypatch, design)
+    process.shared.opts = types.SimpleNamespace(sd_noise_schedule="Default")
+    assert not current_host().zero_terminal_snr()
+    process.shared.opts.sd_noise_schedule = "Zero Terminal SNR"
+    assert current_host().zero_terminal_snr()
+    del process.shared.opts.sd_noise_schedule  # a WebUI from before the setting
+    assert not current_host().zero_terminal_snr()

@@ -15,6 +15,7 @@ from lib_copier.effects.chain import Chain
 from lib_copier.errors import CopierError
 from lib_copier.models.configs import TINY
 from lib_copier.models.generate import Txt2Img
+from lib_copier.models.sampling import zero_terminal_snr
 from lib_copier.models.sd_model import build_model
 from lib_copier.recipes.job import Job, run_job
 from lib_copier.recipes.processed import Effect
@@ -84,6 +85,16 @@ def test_training_on_the_host_gives_the_standalone_lora_and_leaves_the_model_bit
         assert torch.allclose(got[key].up, expected[key].up, atol=1e-6), key
     assert_identical(host, before)
     assert not host.unet().training
+
+
+def test_the_zero_terminal_snr_setting_trains_on_the_schedule_a1111_samples_with():
+    """A1111 reads no ztsnr key: its users of zero-terminal-SNR models (NoobAI's v-prediction SDXL) set "Noise
+    schedule for sampling" to Zero Terminal SNR, and A1111 rescales `alphas_cumprod` for every generation."""
+    ours, backend = pair(TINY_SD2V)
+    backend.host.noise_schedule = "Zero Terminal SNR"
+    schedule = backend.alphas_cumprod()
+    assert torch.allclose(schedule, zero_terminal_snr(ours.alphas_cumprod().float()), rtol=1e-6)
+    assert schedule[-1].item() == pytest.approx(4.8973451890853435e-08)
 
 
 def test_built_in_checkpoint_flags_are_off_while_training_and_restored_after():

@@ -31,7 +31,6 @@ from torch import nn
 from lib_copier.backends.webui import Host, HostBackend, native_resolution, posterior_mean
 from lib_copier.errors import CopierError
 from lib_copier.lora.naming import forge_to_ldm
-from lib_copier.models.sampling import zero_terminal_snr
 from lib_copier.models.sd_model import Conditioning
 
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
@@ -135,8 +134,7 @@ class ForgeBackend(HostBackend):
         schedule = self._objects.unet.model.predictor.alphas_cumprod.detach().to("cpu", torch.float32)
         # A checkpoint with a `ztsnr` key (NoobAI's v-prediction SDXL) was trained on a zero-terminal-SNR schedule,
         # and Forge samples it so (its sigmas rescaled for each generation; the predictor keeps the plain schedule).
-        ztsnr = getattr(getattr(self.sd_model, "model_config", None), "ztsnr", False)
-        return zero_terminal_snr(schedule) if ztsnr else schedule
+        return self._as_sampled(schedule, getattr(getattr(self.sd_model, "model_config", None), "ztsnr", False))
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

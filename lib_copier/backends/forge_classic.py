@@ -29,7 +29,6 @@ from torch import nn
 from lib_copier.backends.forge import ForgeBackend
 from lib_copier.backends.webui import ldm_prediction, ldm_schedule
 from lib_copier.errors import CopierError
-from lib_copier.models.sampling import zero_terminal_snr
 
 
 class ClassicBackend(ForgeBackend):
@@ -48,8 +47,7 @@ class ClassicBackend(ForgeBackend):
         schedule = ldm_schedule(self.sd_model)
         # A v checkpoint with a `ztsnr` key (NoobAI's v-prediction SDXL) was trained on a zero-terminal-SNR schedule,
         # and Classic samples it so (it leaves an eps model's schedule as it is).
-        ztsnr = getattr(self.sd_model, "ztsnr", False) and self.prediction == "v"
-        return zero_terminal_snr(schedule) if ztsnr else schedule
+        return self._as_sampled(schedule, getattr(self.sd_model, "ztsnr", False) and self.prediction == "v")
 
     def _scaled_latents(self, mean: torch.Tensor) -> torch.Tensor:
         return self._objects.unet.model.latent_format.process_in(mean)
@@ -110,8 +108,8 @@ class ReForgeBackend(ClassicBackend):
 
     def alphas_cumprod(self) -> torch.Tensor:
         sampling = self._objects.unet.model.model_sampling
-        if not getattr(sampling, "zsnr", False):
-            return ldm_schedule(self.sd_model)  # the same schedule, without a round trip through fp32 sigmas
+        if not getattr(sampling, "zsnr", False):  # the same schedule, without a round trip through fp32 sigmas
+            return self._as_sampled(ldm_schedule(self.sd_model))
         return (1 / (1 + sampling.sigmas.detach().to("cpu", torch.float64) ** 2)).float()
 
     def _unet_loaded(self) -> bool:

@@ -26,6 +26,7 @@ from lib_copier.lora.naming import Target, lora_targets, model_family
 from lib_copier.lora.network import LoRANetwork, all_applied
 from lib_copier.models.checkpoint import check_plain_unet
 from lib_copier.models.generate import Txt2Img
+from lib_copier.models.sampling import zero_terminal_snr
 from lib_copier.models.sd_model import Conditioning
 
 _WRAPPED = re.compile(r"\.wrapped(?=\.|$)")
@@ -44,6 +45,10 @@ class Host(Protocol):
 
     def txt2img(self, request: Txt2Img, progress: StepProgress | None = None) -> Image.Image:
         """One image through the host's own txt2img, with whatever is attached to the model now."""
+
+    def zero_terminal_snr(self) -> bool:
+        """Whether the user's setting has the host sample every model on a zero-terminal-SNR schedule (the WebUIs'
+        "Noise schedule for sampling", meant for models trained on one)."""
 
 
 class PlacingHost(Host, Protocol):
@@ -92,6 +97,11 @@ class HostBackend(ABC):
 
     def lora_layers(self) -> Mapping[str, nn.Module]:
         return self._layers
+
+    def _as_sampled(self, schedule: torch.Tensor, trained_so: bool = False) -> torch.Tensor:
+        """The model's noise schedule as the host samples with it: rescaled to zero terminal SNR where the
+        checkpoint says it was trained so (`trained_so`) or the user's setting asks for it, as the WebUIs do."""
+        return zero_terminal_snr(schedule) if trained_so or self.host.zero_terminal_snr() else schedule
 
     def lora_targets(self, conv: bool = False) -> list[Target]:
         return lora_targets({n: tuple(p.shape) for n, p in self._params.items()}, self.family, conv=conv)
@@ -158,7 +168,7 @@ class WebUIBackend(HostBackend):
     # What the trainer reads.
 
     def alphas_cumprod(self) -> torch.Tensor:
-        return ldm_schedule(self.sd_model)
+        return self._as_sampled(ldm_schedule(self.sd_model))
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -202,8 +212,9 @@ def ldm_prediction(sd_model) -> str:
 
 
 def ldm_schedule(sd_model) -> torch.Tensor:
-    """An LDM/SGM model object's training noise schedule, float32 on the CPU. A1111 (and Forge Classic) rewrite
-    `alphas_cumprod` per generation (downcast, zero terminal SNR); the original is what the model was trained on."""
+    """An LDM/SGM model object's noise schedule, float32 on the CPU. A1111 (and Forge Classic) rewrite
+    `alphas_cumprod` per generation (downcast to fp16, rescaled to zero terminal SNR): this is the original, which
+    `HostBackend._as_sampled` rescales where the host samples so; the downcast is rounding, left out."""
     schedule = getattr(sd_model, "alphas_cumprod_original", None)
     if schedule is None:
         schedule = sd_model.alphas_cumprod

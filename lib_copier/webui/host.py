@@ -121,6 +121,11 @@ class A1111Host:
             raise CopierError("the WebUI's txt2img returned no image (was it interrupted?)")
         return processed.images[0]
 
+    def zero_terminal_snr(self) -> bool:
+        from modules import shared
+
+        return getattr(shared.opts, "sd_noise_schedule", "Default") == "Zero Terminal SNR"
+
     def interrupted(self) -> bool:
         from modules import shared
 
