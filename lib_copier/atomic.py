@@ -49,7 +49,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwri
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        if os.name == "posix":  # safetensors 0.8 writes its files readable by their owner only, whatever the umask
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (setting it is process-wide: another
+    thread could make a file meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

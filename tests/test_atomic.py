@@ -1,6 +1,8 @@
 """Where the outputs go (`lib_copier.atomic`): what cannot be written is one sentence before any work, and a write
 either lands whole or leaves nothing."""
 
+import os
+import stat
 import tempfile
 
 import pytest
@@ -44,3 +46,17 @@ def test_a_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(tmp_path / "out.txt", half)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_a_written_file_is_readable_as_the_umask_allows_like_any_other_file(tmp_path):
+    """safetensors 0.8 writes its files with mode 0600: a WebUI run as another user could not read the LoRAs."""
+    import torch
+    from safetensors.torch import save_file
+
+    previous = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "x.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
