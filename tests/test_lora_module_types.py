@@ -137,6 +137,10 @@ def test_a_lycoris_file_round_trips_through_the_tools_as_a_plain_lora(kind, tmp_
         ({"diff": _r(8, 8)}, "is a full weight difference"),
         ({"oft_blocks": _r(2, 4, 4)}, "is OFT"),
         ({"hada_w1_a": _r(8, 2), "hada_w1_b": _r(2, 8), "hada_w2_a": _r(8, 2)}, "lacks its hada_w2_b tensor"),
+        (
+            {"hada_w1_a": _r(8, 2), "hada_w1_b": _r(2, 9), "hada_w2_a": _r(8, 2), "hada_w2_b": _r(2, 8)},
+            "is a LoHa whose tensors do not fit each other: hada_w1_a",
+        ),
     ],
 )
 def test_a_module_that_is_not_a_lora_is_named_with_its_type_and_nothing_is_written(parts, words, tmp_path, capsys):
@@ -148,6 +152,27 @@ def test_a_module_that_is_not_a_lora_is_named_with_its_type_and_nothing_is_writt
     out = tmp_path / "out.safetensors"
     assert main(["lora", "resize", str(source), "--new-rank", "4", "--out", str(out)]) == 2
     assert words in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("alpha", "words"),
+    [
+        (torch.tensor(float("nan")), "its alpha is nan; the file is damaged"),
+        (torch.tensor([4.0, 4.0]), "its alpha holds 2 values; it must be one number"),
+    ],
+)
+@pytest.mark.parametrize("tool", ["merge", "resize"])
+def test_a_damaged_alpha_is_refused_and_nothing_is_written(alpha, words, tool, tmp_path, capsys):
+    """A NaN alpha passed the factors' check: the merged LoRA came out NaN, and a checkpoint merged with it drew
+    black images."""
+    key = "lora_unet_mid_block_attentions_0_proj_out"
+    source = tmp_path / "odd.safetensors"
+    parts = {"lora_down.weight": _r(4, 8), "lora_up.weight": _r(8, 4), "alpha": alpha}
+    save_file({f"{key}.{name}": t for name, t in parts.items()}, str(source), metadata=SD1)
+    out = tmp_path / "out.safetensors"
+    rank = ["--new-rank", "2"] if tool == "resize" else []
+    assert main(["lora", tool, str(source), *rank, "--out", str(out)]) == 2
+    assert f"LoRA module {key}: {words}" in capsys.readouterr().err and not out.exists()
 
 
 def test_a_one_by_one_conv_merges_whether_it_comes_as_a_matrix_or_four_dimensional():

@@ -16,6 +16,7 @@ layer's name (the kxk layers of SD's UNet are all 3x3).
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -54,11 +55,22 @@ def module_type(parts: Mapping[str, torch.Tensor]) -> str:
     return known[0] if known else "unknown (" + ", ".join(sorted(names)) + ")"
 
 
-def _scale(parts: Mapping[str, torch.Tensor], dim: int | None) -> float:
+def _number(key: str, parts: Mapping[str, torch.Tensor], name: str) -> float:
+    """A module's one-number tensor (alpha, scale), or a CopierError saying what is wrong with it."""
+    tensor = parts[name]
+    if tensor.numel() != 1:
+        raise CopierError(f"LoRA module {key}: its {name} holds {tensor.numel()} values; it must be one number")
+    value = float(tensor)
+    if not math.isfinite(value):
+        raise CopierError(f"LoRA module {key}: its {name} is {value}; the file is damaged")
+    return value
+
+
+def _scale(key: str, parts: Mapping[str, torch.Tensor], dim: int | None) -> float:
     if "scale" in parts:
-        return float(parts["scale"])
+        return _number(key, parts, "scale")
     if "alpha" in parts and dim:
-        return float(parts["alpha"]) / dim
+        return _number(key, parts, "alpha") / dim
     return 1.0
 
 
@@ -104,7 +116,7 @@ def _loha(key: str, parts) -> tuple[torch.Tensor, torch.Tensor, float]:
     up2, down2 = _pair(key, parts, "hada_w2_a", "hada_w2_b", "hada_t2")
     shape = down1.shape[1:]
     up, down = _khatri_rao(up1, down1.flatten(1), up2, down2.flatten(1))
-    return up, down.reshape(down.shape[0], *shape), _scale(parts, parts["hada_w1_b"].shape[0])
+    return up, down.reshape(down.shape[0], *shape), _scale(key, parts, parts["hada_w1_b"].shape[0])
 
 
 def _lokr(key: str, parts) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -123,14 +135,14 @@ def _lokr(key: str, parts) -> tuple[torch.Tensor, torch.Tensor, float]:
     dim = next((parts[n].shape[0] for n in ("lokr_w2_b", "lokr_w1_b") if n in parts), None)
     if kernel:
         down = down.reshape(down.shape[0], -1, *kernel)
-    return up, down, _scale(parts, dim)
+    return up, down, _scale(key, parts, dim)
 
 
 def _lora_with_core(key: str, parts) -> tuple[torch.Tensor, torch.Tensor, float]:
     """LoCon with a Tucker core: delta = einsum(mid, up, down) as A1111's `rebuild_cp_decomposition`."""
     up, down = _need(key, parts, "lora_up.weight", "lora_down.weight")
     up, down = _tucker(parts["lora_mid.weight"], up.flatten(1).T, down.flatten(1))
-    return up, down, _scale(parts, down.shape[0])
+    return up, down, _scale(key, parts, down.shape[0])
 
 
 _CONVERT = {"LoHa": _loha, "LoKr": _lokr, "LoCon (Tucker)": _lora_with_core}
@@ -141,7 +153,11 @@ def to_lora(key: str, parts: Mapping[str, torch.Tensor]) -> LoRAWeights:
     kind = module_type(parts)
     if kind not in _CONVERT:
         raise CopierError(f"LoRA module {key} is {kind}, which cannot be read as a LoRA")
-    up, down, scale = _CONVERT[kind](key, parts)
+    try:
+        up, down, scale = _CONVERT[kind](key, parts)
+    except (RuntimeError, ValueError) as exc:  # torch's shape errors: factors that do not fit each other
+        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in sorted(parts.items()) if t.dim())
+        raise CopierError(f"LoRA module {key} is a {kind} whose tensors do not fit each other: {shapes}") from exc
     if down.dim() == 2 and _KXK_LAYER.fullmatch(key) and down.shape[1] % 9 == 0:
         down = down.reshape(down.shape[0], -1, 3, 3)
     columns = down[0].numel()
@@ -176,5 +192,5 @@ def _plain(key: str, parts: Mapping[str, torch.Tensor]) -> LoRAWeights:
     down, up = parts["lora_down.weight"], parts["lora_up.weight"]
     if up.shape[1] != down.shape[0] or down.dim() != up.dim():
         raise CopierError(f"LoRA module {key}: lora_up {tuple(up.shape)} does not fit lora_down {tuple(down.shape)}")
-    alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
+    alpha = _number(key, parts, "alpha") if "alpha" in parts else float(down.shape[0])
     return LoRAWeights(down, up, alpha)
