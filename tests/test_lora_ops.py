@@ -165,6 +165,16 @@ def test_extract_recovers_a_low_rank_difference_and_drops_unchanged_text():
     assert text and set(modules) == {"lora_unet_a", "lora_te_b"}
 
 
+@pytest.mark.parametrize("which", ["original", "tuned"])
+def test_extracting_from_a_checkpoint_holding_nan_names_it_in_one_sentence(which):
+    """An SVD of a NaN difference failed with torch's own LinAlgError."""
+    targets = [Target("lora_unet_a", "unet.a", "weight", None, (8, 6))]
+    weights = {"original": {"unet.a.weight": torch.zeros(8, 6)}, "tuned": {"unet.a.weight": torch.ones(8, 6)}}
+    weights[which]["unet.a.weight"][3, 2] = float("nan")
+    with pytest.raises(CopierError, match=f"the {which} checkpoint's unet.a.weight holds NaN or infinite values"):
+        extract(weights["original"].__getitem__, weights["tuned"].__getitem__, targets, rank=2)
+
+
 def test_randomized_extraction_of_a_large_module_comes_within_a_hair_of_the_optimum():
     # A fine-tune's difference: a few strong directions over a slowly falling tail, at SD's largest linear shape.
     gen = torch.Generator().manual_seed(0)

@@ -224,7 +224,11 @@ def extract(
 
     def difference(target: Target) -> torch.Tensor:
         name = target.param_name
-        return tuned(name)[target.rows].float() - original(name)[target.rows].float()
+        weights = {"tuned": tuned(name)[target.rows].float(), "original": original(name)[target.rows].float()}
+        for which, weight in weights.items():
+            if not weight.isfinite().all():
+                raise CopierError(f"the {which} checkpoint's {name} holds NaN or infinite values: it is damaged")
+        return weights["tuned"] - weights["original"]
 
     # First pass over the text encoders only: deciding to drop them needs every difference, SVDs do not.
     text_targets = [t for t in targets if t.key.startswith("lora_te")]
