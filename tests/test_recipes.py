@@ -1,6 +1,7 @@
 """The recipes and their files, on the tiny random model: names, metadata, all-or-nothing writes, cancel, CLI."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -288,6 +289,21 @@ def test_copier_command_and_its_errors(backend, tmp_path, capsys):
     assert read_lora(out / "wide-copier.safetensors").metadata["ss_resolution"] == "(96, 96)"
     assert main([*pair, "--name", "pair"]) == 0  # the default method
     assert sorted(p.name for p in out.glob("pair*.safetensors")) == ["pair-posterize-grayscale-addift.safetensors"]
+    empty = ["copier", "--generate", "", "--effect", "posterize:levels=3", *common, "--name", "empty", "--seed", "-1"]
+    assert main(empty) == 0  # the empty prompt (it was a traceback), with a seed drawn and said
+    assert re.search(r"the original: '', seed \d+", capsys.readouterr().out)
+
+
+def test_the_copier_command_refuses_its_output_names_before_loading_the_model(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("lib_copier.recipes.cli._load", lambda args: pytest.fail("the model was loaded"))
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), "red").save(image)
+    common = ["copier", "--image", str(image), "--effect", "grayscale", "--out", str(tmp_path / "out")]
+    assert main([*common, "--name", "a:b"]) == 2
+    assert main([*common, "--name", "x" * 110]) == 2  # fine alone, too long with "-grayscale-addift"
+    err = capsys.readouterr().err
+    assert "--name 'a:b' has ':'" in err and "(127 characters) is too long" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_demo_writes_everything_into_its_folder(backend, tmp_path, capsys):

@@ -163,12 +163,14 @@ def run_copier(args: argparse.Namespace) -> int:
     from lib_copier.effects.image_io import load_image
     from lib_copier.fields import check, check_field
     from lib_copier.models.generate import Txt2Img
-    from lib_copier.recipes.job import Job, fit_image, method_config
+    from lib_copier.recipes.job import Job, fit_image, method_config, output_names
+    from lib_copier.recipes.outputs import check_name
     from lib_copier.recipes.processed import check_pairs
     from lib_copier.recipes.request import TrainRequest
+    from lib_copier.seeds import fixed_seed
 
     check_folder(args.out)
-    request = Txt2Img(args.generate or "", seed=args.seed)
+    request = Txt2Img(args.generate or "", seed=fixed_seed(args.seed))  # drawn here, so that it can be said
     check(request, lambda name: "--generate" if name == "prompt" else f"--{name}")
     overrides = parse_overrides(args.set)
     overrides.update({k: getattr(args, k) for k in ("steps", "rank", "alpha", "lr") if getattr(args, k) is not None})
@@ -176,16 +178,21 @@ def run_copier(args: argparse.Namespace) -> int:
     if args.size is not None:
         check_field(TrainRequest, "size", args.size, lambda name: f"--{name}")
     effects = _effects(args.effect, args.processed_image)
-    if args.image:
+    generating = args.generate is not None  # "" draws the empty prompt
+    if args.name:
+        check_name(args.name, "--name")
+    name = args.name or slug(args.generate if generating else Path(args.image[0]).stem, 30)
+    output_names(name, args.method, [effect.label for effect in effects])  # a name too long: said before the model
+    if not generating:
         given = [load_image(path) for path in args.image]
         check_pairs(effects, given)  # before the model loads
     backend = _load(args)
-    if args.generate:
+    if generating:
         given = [backend.generate(request)]
+        print(f"the original: {request.prompt!r}, seed {request.seed}")
         check_pairs(effects, given)
     side = args.size or backend.resolution
     originals = [fit_image(image, side, backend.resolution) for image in given]
-    name = args.name or slug(args.generate or Path(args.image[0]).stem, 30)
     job = Job(
         originals=originals,
         effects=effects,

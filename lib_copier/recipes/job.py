@@ -31,7 +31,7 @@ from lib_copier.recipes.methods import (
     train_copier,
     train_processed,
 )
-from lib_copier.recipes.outputs import Written, free_name, sidecar, write_result
+from lib_copier.recipes.outputs import Written, check_name, free_name, sidecar, write_result
 from lib_copier.recipes.processed import Effect
 from lib_copier.recipes.prompts import without_extra_networks
 from lib_copier.train.config import PAIR_LOSSES, TrainConfig, make_config
@@ -47,6 +47,8 @@ SUFFIX = {
     "processed-copier": "processed-copier",
     **{loss: loss for loss in PAIR_LOSSES},
 }
+# The kinds of effect LoRA each method writes, one of each per effect.
+_EFFECT_KINDS = {"copier": ("processed",), "extraction": ("extraction",), "both": ("processed", "extraction")}
 # What a preset means for the recipe beyond the trainer: the processed LoRA's steps and its final rank.
 RECIPE_PRESETS = {
     "quick": {"processed_steps": None, "resize_rank": None, "extraction_rank": 8},
@@ -136,6 +138,19 @@ class _Pending:
 Stage = Callable[[str], None]
 
 
+def output_names(name: str, method: str, labels: list[str], keep_copier: bool = True) -> list[str]:
+    """The names of the files a job writes (before `-2`, `-3` … where one is taken), each checked as an output name:
+    a name that the effects' labels make too long is refused before any training."""
+    kinds = _EFFECT_KINDS.get(method, (method,))
+    names = [_stem(name, "", "copier")] if method in COPIER_METHODS and keep_copier else []
+    names += [_stem(name, label, kind) for label in labels for kind in kinds]
+    return [check_name(n) for n in names]
+
+
+def _stem(name: str, label: str, kind: str) -> str:
+    return "-".join(part for part in (name, label, SUFFIX[kind]) if part)
+
+
 def check_job(job: Job, backend: Backend) -> None:
     if job.method not in METHODS:
         raise CopierError(f"unknown method {job.method!r}; choose one of {', '.join(METHODS)}")
@@ -148,6 +163,7 @@ def check_job(job: Job, backend: Backend) -> None:
     labels = [e.label for e in job.effects]
     if len(set(labels)) != len(labels):
         raise CopierError("two effects have the same label; each processed LoRA needs its own name")
+    output_names(job.name, job.method, labels, job.keep_copier)
     multiple = side_multiple(backend.resolution)
     for image in job.originals:
         if image.width % multiple or image.height % multiple:
@@ -294,7 +310,7 @@ def _finish(
     names: set[str] = set()
     prepared, unchanged = [], {}
     for i, item in enumerate(pending):
-        stem = "-".join(part for part in (job.name, item.effect, SUFFIX[item.kind]) if part)
+        stem = _stem(job.name, item.effect, item.kind)
         name = free_name([job.out_dir, *filter(None, [job.publish_dir])], stem, names)
         names.add(name)
         grid = None

@@ -30,7 +30,7 @@ def check_name(name: str, what: str = "the output name") -> str:
         raise CopierError(f"{what} {shown(name)} must not contain path separators or '..'")
     rule = "it may use ASCII letters, digits, spaces and . _ + - ( ) [ ] and must start with a letter or digit"
     if len(name) > 120:
-        raise CopierError(f"{what} is {len(name)} characters long; it may be at most 120")
+        raise CopierError(f"{what} {shown(name)} is too long; it may be at most 120 characters")
     if not _ALLOWED.fullmatch(name):
         bad = next((c for c in name if not _ALLOWED.fullmatch("a" + c)), None)
         problem = f"has {bad!r}, which a file name here may not use" if bad else "does not start with a letter or digit"

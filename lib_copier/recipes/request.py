@@ -21,7 +21,7 @@ from lib_copier.fields import check as check_fields
 from lib_copier.fields import from_json, quoted, setting
 from lib_copier.models.generate import MAX_PROMPT, MAX_STEPS, Txt2Img
 from lib_copier.names import slug
-from lib_copier.recipes.job import method_config
+from lib_copier.recipes.job import method_config, output_names
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.outputs import check_name
 from lib_copier.recipes.processed import Effect, check_pairs, make_effects
@@ -123,6 +123,7 @@ def check_request(request: TrainRequest) -> TrainRequest:
     check_name(request.name)
     if request.method != "copier" and not request.effects:
         raise CopierError(f'method "{request.method}" needs at least one effect in "effects"')
+    output_names(request.name, request.method, [effect.label for effect in request.effects])
     # unknown settings, values out of range, and the rules between them, on what the method trains with
     method_config(request.method, request.preset, request.overrides)
     if request.image is not None:
