@@ -404,3 +404,14 @@ def test_images_fit_the_models_multiple_at_any_training_size():
         width, height = fit_image(image, size, 512).size
         assert width % 64 == 0 and height % 64 == 0 and width > 0, (image.size, size, width, height)
     assert fit_image(tall, 128, 128).size == (96, 192)  # the built-in 128-px model's multiple is 32
+
+
+def test_a_true_or_false_setting_takes_only_true_or_false_words():
+    """Anything but "1", "true" or "yes" was false: a typo quietly turned the setting off."""
+    from lib_copier.recipes.cli import parse_overrides
+
+    words = ["flip=on", "save_on_cancel=False", "train_text_encoder=1", "gradient_checkpointing= no"]
+    expected = {"flip": True, "save_on_cancel": False, "train_text_encoder": True, "gradient_checkpointing": False}
+    assert parse_overrides(words) == expected
+    with pytest.raises(CopierError, match="gradient_checkpointing takes true or false, not 'ture'"):
+        parse_overrides(["gradient_checkpointing=ture"])

@@ -85,11 +85,20 @@ def parse_overrides(items: list[str]) -> dict:
         if not eq or key not in info:
             raise CopierError(f"--set {shown(item)}: expected KEY=VALUE with KEY one of {', '.join(info)}")
         kind = info[key]["type"]
+        if kind is bool:
+            word = value.strip().lower()
+            if word not in _TRUE + _FALSE:  # a typo ("ture") must not quietly turn the setting off
+                raise CopierError(f"--set {shown(item)}: {key} takes true or false, not {shown(value)}")
+            overrides[key] = word in _TRUE
+            continue
         try:
-            overrides[key] = value.strip().lower() in ("1", "true", "yes") if kind is bool else kind(value)
+            overrides[key] = kind(value)
         except ValueError as exc:
             raise CopierError(f"--set {shown(item)}: {shown(value)} is not a valid {kind.__name__}") from exc
     return overrides
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _effects(specs: list[str], processed_images: list[str]):
