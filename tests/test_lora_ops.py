@@ -69,7 +69,7 @@ def test_svd_merge_is_exact_on_the_large_modules_when_the_rank_holds_the_sum(ran
     pairs = [(random_lora(0, LARGE_SHAPES, rank=4, alpha=4), 1.0), (random_lora(1, LARGE_SHAPES, rank=8, alpha=8), 1.0)]
     merged = merge_svd(pairs, rank=rank, conv_rank=rank, clamp_quantile=KOHYA_CLAMP)  # it must not touch this
     for key, expected in dense(pairs).items():
-        assert merged[key].rank == rank
+        assert merged[key].rank == 12  # the summed rank: asked for more, zero directions would only fill the file
         assert relative(merged[key].delta(), expected) < 1e-4, key
 
 

@@ -258,7 +258,7 @@ def run_resize(args: argparse.Namespace) -> int:
             f"Dynamic resize with {args.dynamic_method}: {args.dynamic_param} from {old}; {comment}"
         )
     else:
-        metadata["ss_training_comment"] = f"dimension is resized from {old} to {args.rank}; {comment}"
+        metadata["ss_training_comment"] = f"dimension is resized from {old} to {max(ranks)}; {comment}"
     path = write_lora(args.out, modules, metadata, args.precision, args.overwrite)
     print(f"wrote {path} ({len(modules)} modules)")
     return 0

@@ -105,7 +105,7 @@ def merge_svd(
     merged = {}
     for key, module in _counted(merge_exact(loras).items(), progress):  # alpha = rank: the factors are the delta
         u, s, vh = factored_svd(module.up, module.down)
-        keep = max(1, min(_rank_for(module.shape, rank, conv_rank), module.shape[0], module.down[0].numel()))
+        keep = max(1, min(_rank_for(module.shape, rank, conv_rank), len(s)))  # past the summed rank: zeros
         merged[key] = from_svd(u, s, vh, keep, module.shape, clamp_quantile)
     return merged
 
