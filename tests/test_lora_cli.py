@@ -100,7 +100,7 @@ def test_a_half_precision_checkpoint_merged_in_fp32_keeps_the_delta_at_fp32_prec
     ("args", "message"),
     [
         (["info", "missing.safetensors"], "does not exist"),
-        (["info", "{base}"], "is not a LoRA"),
+        (["info", "{base}"], "is a model checkpoint, not a LoRA"),
         (
             ["resize", "{a}", "--new-rank", "0", "--out", "{tmp}/o.safetensors"],
             "--new-rank/--new_rank: 0 is not at least 1",

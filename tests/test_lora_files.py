@@ -112,7 +112,7 @@ def test_bad_files_get_one_clear_sentence(tmp_path):
     with pytest.raises(CopierError, match="not a readable .safetensors"):
         read_lora(tmp_path / "junk.safetensors")
     save_file({"model.diffusion_model.out.2.weight": torch.ones(2)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CopierError, match="is not a LoRA"):
+    with pytest.raises(CopierError, match="model.safetensors is a model checkpoint, not a LoRA$"):
         read_lora(tmp_path / "model.safetensors")
     path = write_lora(tmp_path / "a.safetensors", modules(count=1), {})
     before = path.read_bytes()

@@ -134,6 +134,8 @@ def read_lora(path: str | os.PathLike) -> LoRA:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise CopierError(f"{path} is not a readable .safetensors file ({exc})") from exc
+    if any(name.startswith(_MODEL_PREFIXES) for name in tensors):
+        raise CopierError(f"{path} is a model checkpoint, not a LoRA")
     try:
         modules, types = split_modules(normalise(tensors))
     except CopierError as exc:
@@ -144,6 +146,8 @@ def read_lora(path: str | os.PathLike) -> LoRA:
 
 
 _CONV_ARGS = ("conv_dim", "conv_alpha")
+# Where an LDM/SGM checkpoint keeps its UNet, VAE and text encoders; no LoRA key starts so.
+_MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
 
 
 def _one(values: set) -> str:
