@@ -34,6 +34,28 @@ def files(tmp_path_factory):
     return root, base, paths, by_key(targets)
 
 
+def test_kohya_names_for_the_inputs_give_the_same_files(files, tmp_path):
+    """`--models` (merge, svd-merge), `--model` (resize), `--model_org`/`--model_tuned` (extract), as in kohya's
+    scripts, so that a kohya command line can be reused; each gives the file the command gives by position."""
+    _, base, (a, b), _ = files
+    merged = tmp_path / "merged.safetensors"
+    assert main(["lora", "merge", str(a), "--model", str(base), "--out", str(merged)]) == 0
+    commands = {
+        "merge": (["merge", str(a), str(b)], ["merge", "--models", str(a), str(b)]),
+        "resize": (["resize", str(a), "--new-rank", "2"], ["resize", "--model", str(a), "--new_rank", "2"]),
+        "extract": (
+            ["extract", str(base), str(merged), "--dim", "2"],
+            ["extract", "--model_org", str(base), "--model_tuned", str(merged), "--dim", "2"],
+        ),
+    }
+    for name, (ours, kohya) in commands.items():
+        written = [tmp_path / f"{name}-{i}.safetensors" for i in range(2)]
+        assert main(["lora", *ours, "--out", str(written[0])]) == 0
+        assert main(["lora", *kohya, "--save_to", str(written[1])]) == 0
+        first, second = (read_lora(path).modules for path in written)
+        assert all(torch.equal(first[k].delta(), second[k].delta()) for k in first), name
+
+
 def test_info(files, capsys):
     _, _, (a, _), _ = files
     assert main(["lora", "info", str(a)]) == 0
@@ -101,6 +123,8 @@ def test_a_half_precision_checkpoint_merged_in_fp32_keeps_the_delta_at_fp32_prec
     [
         (["info", "missing.safetensors"], "does not exist"),
         (["info", "{base}"], "is a model checkpoint, not a LoRA"),
+        (["resize", "--new-rank", "2", "--out", "{tmp}/o.safetensors"], "give LORA (or --model, as kohya names it)"),
+        (["merge", "{a}", "--models", "{b}", "--out", "{tmp}/o.safetensors"], "LORA is given twice"),
         (
             ["resize", "{a}", "--new-rank", "0", "--out", "{tmp}/o.safetensors"],
             "--new-rank/--new_rank: 0 is not at least 1",

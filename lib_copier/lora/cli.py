@@ -40,8 +40,34 @@ def _output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
+# kohya's option for each input our commands take in place (`--models a b`, `resize --model a`, `extract --model_org`).
+_KOHYA_INPUTS = {"loras": "--models", "lora": "--model", "original": "--model_org", "tuned": "--model_tuned"}
+
+
+def _input(parser: argparse.ArgumentParser, name: str, many: bool = False) -> None:
+    """An input given in place (`lora resize A.safetensors`) or by kohya's option for it (`--model A.safetensors`)."""
+    parser.add_argument(name, nargs="*" if many else "?", type=Path, metavar=_shown(name))
+    kohya = _KOHYA_INPUTS[name]
+    parser.add_argument(kohya, dest=f"{name}_kohya", nargs="+" if many else None, type=Path, help=argparse.SUPPRESS)
+
+
+def _shown(name: str) -> str:
+    return "LORA" if name == "loras" else name.upper()
+
+
+def _inputs_given(args: argparse.Namespace, *names: str) -> None:
+    """Each input from its place or its kohya option (one of the two), or a CopierError naming it."""
+    for name in names:
+        here, kohya = getattr(args, name), getattr(args, f"{name}_kohya")
+        if here and kohya:
+            raise CopierError(f"{_shown(name)} is given twice: in place and as {_KOHYA_INPUTS[name]}; give it once")
+        if not (here or kohya):
+            raise CopierError(f"give {_shown(name)} (or {_KOHYA_INPUTS[name]}, as kohya names it)")
+        setattr(args, name, here or kohya)
+
+
 def _inputs_with_ratios(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("loras", nargs="+", type=Path, metavar="LORA")
+    _input(parser, "loras", many=True)
     parser.add_argument(
         "--ratios", nargs="+", type=number(float, -1e4, 1e4), help="one per LoRA (default 1 each); negative subtracts"
     )
@@ -77,7 +103,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_svd_merge)
 
     p = sub.add_parser("resize", help="reduce a LoRA's rank, fixed or dynamic (kohya's resize_lora.py)")
-    p.add_argument("lora", type=Path)
+    _input(p, "lora")
     _rank_options(p, "new-rank", "new-conv-rank", "new rank (the maximum, with --dynamic-method)")
     p.add_argument("--dynamic-method", "--dynamic_method", choices=("sv_ratio", "sv_fro", "sv_cumulative"))
     p.add_argument(
@@ -92,8 +118,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_resize)
 
     p = sub.add_parser("extract", help="extract a LoRA from the difference of two checkpoints")
-    p.add_argument("original", type=Path)
-    p.add_argument("tuned", type=Path)
+    _input(p, "original")
+    _input(p, "tuned")
     _rank_options(p, "dim", "conv-dim", "rank of the extracted LoRA")
     p.add_argument("--clamp-quantile", "--clamp_quantile", type=FRACTION, default=KOHYA_CLAMP)
     p.add_argument(
@@ -124,6 +150,7 @@ def _merge_inputs(args: argparse.Namespace):
     """The LoRAs with their ratios and common family, after checking the output can be written."""
     from lib_copier.lora.files import read_lora
 
+    _inputs_given(args, "loras")
     _check_out(args)
     ratios = args.ratios or [1.0] * len(args.loras)
     if len(ratios) != len(args.loras):
@@ -238,6 +265,7 @@ def run_resize(args: argparse.Namespace) -> int:
     from lib_copier.lora.files import read_lora, write_lora
     from lib_copier.lora.ops import check_dynamic, resize
 
+    _inputs_given(args, "lora")
     _check_out(args)
     check_dynamic(args.dynamic_method, args.dynamic_param)
     lora = read_lora(args.lora).check_finite(args.lora)
@@ -271,6 +299,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from lib_copier.models.checkpoint import TensorSource
     from lib_copier.models.loading import pick_device
 
+    _inputs_given(args, "original", "tuned")
     _check_out(args)
     device = pick_device(args.device)
     original, tuned = TensorSource(args.original), TensorSource(args.tuned)
