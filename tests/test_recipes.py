@@ -415,3 +415,12 @@ def test_a_true_or_false_setting_takes_only_true_or_false_words():
     assert parse_overrides(words) == expected
     with pytest.raises(CopierError, match="gradient_checkpointing takes true or false, not 'ture'"):
         parse_overrides(["gradient_checkpointing=ture"])
+
+
+def test_the_same_effect_twice_gets_a_numbered_label_that_reads_as_one():
+    """An edit named "edited128" given twice became "edited1282"."""
+    from lib_copier.recipes.processed import make_effects
+
+    image = Image.new("RGB", (8, 8))
+    effects = make_effects([["grayscale"], ["grayscale"]], [("edited128", image), ("edited128", image)])
+    assert [e.label for e in effects] == ["grayscale", "grayscale-2", "edited128", "edited128-2"]

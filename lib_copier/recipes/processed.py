@@ -93,5 +93,5 @@ def make_effects(chains: list[list[str]], edited: list[tuple[str, Image.Image]] 
     for effect in effects:
         seen[effect.label] = seen.get(effect.label, 0) + 1
         if seen[effect.label] > 1:
-            effect.label = f"{effect.label}{seen[effect.label]}"
+            effect.label = f"{effect.label}-{seen[effect.label]}"  # "edited128-2", not "edited1282"
     return effects
