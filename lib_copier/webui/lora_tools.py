@@ -104,9 +104,13 @@ def lora_names(folder: Path) -> list[str]:
     unfinished runs is not, and a link back up the tree is followed once."""
     names, seen = [], {folder.resolve()}
     for root, dirs, files in os.walk(folder, followlinks=True):
-        here = Path(root)
-        dirs[:] = sorted(d for d in dirs if (here / d).resolve() not in seen and not (here == folder and d == STAGING))
-        seen.update((here / d).resolve() for d in dirs)
+        here, kept = Path(root), []
+        for name in sorted(dirs):
+            real = (here / name).resolve()
+            if real not in seen and not (here == folder and name == STAGING):
+                seen.add(real)
+                kept.append(name)
+        dirs[:] = kept
         below = here.relative_to(folder).as_posix()
         prefix = "" if below == "." else below + "/"
         names += [prefix + f[: -len(SUFFIX)] for f in sorted(files) if f.endswith(SUFFIX)]
