@@ -76,6 +76,9 @@ def test_cli_writes_a_png_and_never_overwrites(tmp_path, monkeypatch, capsys):
     assert main(["generate", "--prompt", "x", "--steps", "1", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--steps", "1", "--width", "30"]) == 2
+    assert main(["generate", "--prompt", "x", "--steps", "1", "--width", "96", "--height", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "height 100 must be a positive multiple of 32" in err and "sampling" not in err  # said before sampling
 
 
 def test_the_default_model_is_the_built_in_one_and_draws_the_prompt():

@@ -49,7 +49,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from lib_copier.atomic import atomic_write, check_target
     from lib_copier.fields import check
-    from lib_copier.models.generate import Txt2Img, generate
+    from lib_copier.models.generate import Txt2Img, check_size, generate
     from lib_copier.models.loading import load_model
     from lib_copier.seeds import fixed_seed
 
@@ -66,11 +66,13 @@ def run_generate(args: argparse.Namespace) -> int:
     if fmt not in Image.SAVE:
         raise CopierError(f"--out {out} must end in an image format's extension, such as .png")
     model = load_model(args.model, args.device, args.dtype, args.prediction)
+    native = model.config.resolution
+    try:
+        check_size(model, request.height or native, request.width or native)  # before the sampling bar shows
+    except ValueError as exc:
+        raise CopierError(str(exc)) from exc
     with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
-        try:
-            image = generate(model, request, progress=lambda i, n: bar.update(1))
-        except ValueError as exc:
-            raise CopierError(str(exc)) from exc
+        image = generate(model, request, progress=lambda i, n: bar.update(1))
     atomic_write(out, lambda tmp: image.save(tmp, fmt))
     print(out)
     return 0
