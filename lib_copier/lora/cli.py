@@ -46,12 +46,12 @@ _KOHYA_INPUTS = {"loras": "--models", "lora": "--model", "original": "--model_or
 
 def _input(parser: argparse.ArgumentParser, name: str, many: bool = False) -> None:
     """An input given in place (`lora resize A.safetensors`) or by kohya's option for it (`--model A.safetensors`)."""
-    parser.add_argument(name, nargs="*" if many else "?", type=Path, metavar=_shown(name))
+    parser.add_argument(name, nargs="*" if many else "?", type=Path, metavar=_metavar(name))
     kohya = _KOHYA_INPUTS[name]
     parser.add_argument(kohya, dest=f"{name}_kohya", nargs="+" if many else None, type=Path, help=argparse.SUPPRESS)
 
 
-def _shown(name: str) -> str:
+def _metavar(name: str) -> str:
     return "LORA" if name == "loras" else name.upper()
 
 
@@ -60,9 +60,9 @@ def _inputs_given(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         here, kohya = getattr(args, name), getattr(args, f"{name}_kohya")
         if here and kohya:
-            raise CopierError(f"{_shown(name)} is given twice: in place and as {_KOHYA_INPUTS[name]}; give it once")
+            raise CopierError(f"{_metavar(name)} is given twice: in place and as {_KOHYA_INPUTS[name]}; give it once")
         if not (here or kohya):
-            raise CopierError(f"give {_shown(name)} (or {_KOHYA_INPUTS[name]}, as kohya names it)")
+            raise CopierError(f"give {_metavar(name)} (or {_KOHYA_INPUTS[name]}, as kohya names it)")
         setattr(args, name, here or kohya)
 
 

@@ -126,7 +126,7 @@ def lora_file(folder: Path, name: str, field: str = "loras") -> Path:
     path = folder.joinpath(*parts[:-1], parts[-1] + SUFFIX)
     if path.is_file():
         return path
-    found = [n for n in lora_names(folder) if len(parts) == 1 and n.rpartition("/")[2] == name]
+    found = [n for n in lora_names(folder) if n.rpartition("/")[2] == name] if len(parts) == 1 else []
     if len(found) > 1:
         raise CopierError(f"{len(found)} LoRAs are named {shown(name)}: {', '.join(found)}; give one with its folder")
     if not found:
