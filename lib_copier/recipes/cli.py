@@ -173,7 +173,6 @@ def run_copier(args: argparse.Namespace) -> int:
     from lib_copier.fields import check, check_field
     from lib_copier.models.generate import Txt2Img
     from lib_copier.recipes.job import Job, fit_image, method_config, output_names
-    from lib_copier.recipes.outputs import check_name
     from lib_copier.recipes.processed import check_pairs
     from lib_copier.recipes.request import TrainRequest
     from lib_copier.seeds import fixed_seed
@@ -188,10 +187,8 @@ def run_copier(args: argparse.Namespace) -> int:
         check_field(TrainRequest, "size", args.size, lambda name: f"--{name}")
     effects = _effects(args.effect, args.processed_image)
     generating = args.generate is not None  # "" draws the empty prompt
-    if args.name:
-        check_name(args.name, "--name")
     name = args.name or slug(args.generate if generating else Path(args.image[0]).stem, 30)
-    output_names(name, args.method, [effect.label for effect in effects])  # a name too long: said before the model
+    output_names(name, args.method, [effect.label for effect in effects], what="--name")  # before the model loads
     if not generating:
         given = [load_image(path) for path in args.image]
         check_pairs(effects, given)  # before the model loads

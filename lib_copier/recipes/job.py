@@ -138,9 +138,12 @@ class _Pending:
 Stage = Callable[[str], None]
 
 
-def output_names(name: str, method: str, labels: list[str], keep_copier: bool = True) -> list[str]:
-    """The names of the files a job writes (before `-2`, `-3` … where one is taken), each checked as an output name:
-    a name that the effects' labels make too long is refused before any training."""
+def output_names(
+    name: str, method: str, labels: list[str], keep_copier: bool = True, what: str = "the output name"
+) -> list[str]:
+    """The names of the files a job writes (before `-2`, `-3` … where one is taken), checked before any training:
+    the name itself (called `what`), then each file's, which the effects' labels may make too long."""
+    check_name(name, what)
     kinds = _EFFECT_KINDS.get(method, (method,))
     names = [_stem(name, "", "copier")] if method in COPIER_METHODS and keep_copier else []
     names += [_stem(name, label, kind) for label in labels for kind in kinds]

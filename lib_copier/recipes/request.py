@@ -23,7 +23,6 @@ from lib_copier.models.generate import MAX_PROMPT, MAX_STEPS, Txt2Img
 from lib_copier.names import slug
 from lib_copier.recipes.job import method_config, output_names
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
-from lib_copier.recipes.outputs import check_name
 from lib_copier.recipes.processed import Effect, check_pairs, make_effects
 from lib_copier.recipes.prompts import GRID_PROMPTS
 from lib_copier.train.config import PRESETS
@@ -120,10 +119,9 @@ def check_request(request: TrainRequest) -> TrainRequest:
     check_fields(request, quoted)
     if (request.image is None) == (request.generate is None):
         raise CopierError('give either "image" or "generate", not both or neither')
-    check_name(request.name)
     if request.method != "copier" and not request.effects:
         raise CopierError(f'method "{request.method}" needs at least one effect in "effects"')
-    output_names(request.name, request.method, [effect.label for effect in request.effects])
+    output_names(request.name, request.method, [effect.label for effect in request.effects])  # and the name itself
     # unknown settings, values out of range, and the rules between them, on what the method trains with
     method_config(request.method, request.preset, request.overrides)
     if request.image is not None:
