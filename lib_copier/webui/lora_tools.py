@@ -26,6 +26,7 @@ from lib_copier.webui.training import STAGING
 
 SUFFIX = ".safetensors"
 PRECISIONS = ("fp32", "fp16", "bf16")  # lora.files.PRECISIONS without kohya's alias "float"
+DEFAULT_PRECISION = "fp32"  # kohya's, and the CLI's
 _OUT = "name of the file to write, without .safetensors"
 _LORAS = 'LoRA names: paths below the LoRA folder, without .safetensors ("ink", "styles/ink")'
 _RATIOS = "one per LoRA (default 1 each); a negative ratio subtracts"
@@ -34,7 +35,7 @@ _CONV = "rank of 3x3 convolutions (none: they are left as they are, or out)"
 
 
 def _precision():
-    return setting("fp32", "save precision", choices=PRECISIONS)
+    return setting(DEFAULT_PRECISION, "save precision", choices=PRECISIONS)
 
 
 def _clamp():

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import gradio as gr
 
 from lib_copier.errors import CopierError, shown
-from lib_copier.webui.lora_tools import PRECISIONS
+from lib_copier.lora.ops import DYNAMIC_METHODS
+from lib_copier.webui.lora_tools import DEFAULT_PRECISION, PRECISIONS
 
 
 def _numbers(text: str) -> list[float] | None:
@@ -106,13 +107,13 @@ def build_utilities(
             True, label="kohya's clamp (off: the best approximation of the rank)", visible=visible["clamp"]
         )
         dynamic = gr.Dropdown(
-            ["none", "sv_ratio", "sv_fro", "sv_cumulative"], value="none", label="Dynamic resize",
+            ["none", *DYNAMIC_METHODS], value="none", label="Dynamic resize",
             visible=visible["dynamic"],
         )  # fmt: skip
         dynamic_param = gr.Number(0.9, label="Dynamic parameter", visible=visible["dynamic_param"])
     with gr.Row():
         out = gr.Textbox(label="Output name (written as <name>.safetensors)")
-        precision = gr.Dropdown(list(PRECISIONS), value="fp32", label="Save precision (fp16: half the file)")
+        precision = gr.Dropdown(list(PRECISIONS), value=DEFAULT_PRECISION, label="Save precision (fp16: half the file)")
     go = gr.Button("Run", variant="primary", elem_id="copier_lora_utilities_run")
     log = gr.Textbox(label="Result", lines=4, interactive=False)
 
