@@ -237,6 +237,10 @@ def test_a_cancelled_job_writes_nothing_unless_asked(backend, original, tmp_path
 def test_jobs_are_checked_before_any_training(backend, original, tmp_path):
     with pytest.raises(CopierError, match="multiples of 32"):
         run_job(backend, job(tmp_path, original, originals=[original.resize((50, 64))]))
+    # At 16 times its side the small model's attention would need tens of GB: a sentence, not the kernel's OOM kill.
+    big = backend.resolution * 16
+    with pytest.raises(CopierError, match=f"at most {backend.resolution * 8}"):
+        run_job(backend, job(tmp_path, original, originals=[original.resize((big, big))]))
     with pytest.raises(CopierError, match="the extraction method needs at least one effect"):
         run_job(backend, job(tmp_path, original, method="extraction", effects=[]))
     with pytest.raises(CopierError, match="unknown trainer setting"):

@@ -167,13 +167,23 @@ def check_job(job: Job, backend: Backend) -> None:
     if len(set(labels)) != len(labels):
         raise CopierError("two effects have the same label; each processed LoRA needs its own name")
     output_names(job.name, job.method, labels, job.keep_copier)
-    multiple = side_multiple(backend.resolution)
+    multiple, largest = side_multiple(backend.resolution), MAX_SIDE_FACTOR * backend.resolution
     for image in job.originals:
         if image.width % multiple or image.height % multiple:
             raise CopierError(
                 f"the original is {image.width}x{image.height}; both sides must be multiples of {multiple} "
                 "(use fit_image first)"
             )
+        if image.width * image.height > largest * largest:
+            raise CopierError(
+                f"the original would train at {image.width}x{image.height}, more than {MAX_SIDE_FACTOR} times the side "
+                f"of this {backend.resolution}-px model; ask for a training size of at most {largest}"
+            )
+
+
+# Attention memory grows with the fourth power of the side: the built-in 128-px model takes 3 GB at 1024 and more
+# than 14 GB at 2048. Full-size models stay under the request's 2048 anyway.
+MAX_SIDE_FACTOR = 8
 
 
 def side_multiple(resolution: int) -> int:
