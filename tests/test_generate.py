@@ -79,6 +79,25 @@ def test_cli_writes_a_png_and_never_overwrites(tmp_path, monkeypatch, capsys):
     assert main(["generate", "--prompt", "x", "--steps", "1", "--width", "96", "--height", "100"]) == 2
     err = capsys.readouterr().err
     assert "height 100 must be a positive multiple of 32" in err and "sampling" not in err  # said before sampling
+    # fp16 on a CPU works, many times slower: said, not silent; fp32 and bf16 say nothing.
+    small = [
+        "generate",
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--device",
+        "cpu",
+        "--dtype",
+    ]
+    assert main([*small, "fp16"]) == 0
+    assert "fp16 on a CPU is about 20 times slower" in capsys.readouterr().err
+    assert main([*small, "bf16"]) == 0
+    assert "slower" not in capsys.readouterr().err
 
 
 def test_the_default_model_is_the_built_in_one_and_draws_the_prompt():

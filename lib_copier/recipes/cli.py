@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lib_copier.arguments import number, positive
 from lib_copier.errors import CopierError, shown
-from lib_copier.models.cli import add_model_arguments
+from lib_copier.models.cli import add_model_arguments, load
 from lib_copier.names import slug
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.prompts import grid_prompts, prompt_pool
@@ -162,9 +162,8 @@ def print_summary(results) -> None:
 
 def _load(args):
     from lib_copier.backends.standalone import StandaloneBackend
-    from lib_copier.models.loading import load_model
 
-    return StandaloneBackend(load_model(args.model, args.device, args.dtype, args.prediction))
+    return StandaloneBackend(load(args))
 
 
 def run_copier(args: argparse.Namespace) -> int:
