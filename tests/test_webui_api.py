@@ -42,7 +42,7 @@ def png_base64(image) -> str:
 def api(tmp_path):
     host = A1111Host(randomize_(build_model(TINY)), lora_dir=tmp_path)
     app, runner = FastAPI(), JobRunner(threading.Lock())
-    add_routes(app, runner, lambda request, state: train_in_webui(request, host, tmp_path, state), lambda: tmp_path,
+    add_routes(app, runner, lambda request, state: train_in_webui(request, host, tmp_path, state), lambda: [tmp_path],
                auth="user:secret")  # fmt: skip
     client = TestClient(app)
     client.auth = ("user", "secret")
@@ -89,7 +89,7 @@ def test_loras_in_subfolders_and_with_any_file_name_are_listed_and_taken_by_the_
         deltas[name] = {key: w.delta() for key, w in read_lora(tmp_path / f"{name}.safetensors").modules.items()}
     (tmp_path / STAGING / "run").mkdir(parents=True)
     (tmp_path / STAGING / "run" / "half.safetensors").write_bytes(b"")  # an unfinished run's file is not listed
-    assert lora_names(tmp_path) == ["old/ink", "styles/Ghibli style!", "キャラ/ink"]
+    assert lora_names([tmp_path]) == ["old/ink", "styles/Ghibli style!", "キャラ/ink"]
 
     body = {"loras": ["styles/Ghibli style!", "キャラ/ink"], "ratios": [1, -0.5], "out": "mix"}
     assert client.post(f"{PREFIX}/lora/merge", json=body).status_code == 200
@@ -104,6 +104,42 @@ def test_loras_in_subfolders_and_with_any_file_name_are_listed_and_taken_by_the_
     reply = client.post(f"{PREFIX}/lora/resize", json={"lora": "old/../../ink", "rank": 2, "out": "x"})
     assert reply.status_code == 400 and "is not a LoRA name" in reply.json()["detail"]
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_loras_in_every_folder_the_webuis_lora_cards_list_are_taken_and_results_go_to_the_first(monkeypatch, tmp_path):
+    """A1111 lists models/LyCORIS beside models/Lora, Forge Neo its --lora-dirs: the Utilities take LoRAs from each,
+    as the WebUI's own Lora page names its folders, and write to the LoRA folder."""
+    import sys
+    import types
+
+    from lib_copier.webui.host import lora_dirs
+    from lib_copier.webui.lora_tools import check_tool, run_checked
+
+    lora, lyco, mine = tmp_path / "Lora", tmp_path / "LyCORIS", tmp_path / "copier"
+    page = types.SimpleNamespace(name="lora", allowed_directories_for_previews=lambda: [str(lora), str(lyco)])
+    other = types.SimpleNamespace(name="checkpoints", allowed_directories_for_previews=lambda: [str(tmp_path)])
+    modules = types.ModuleType("modules")
+    modules.shared = types.SimpleNamespace(cmd_opts=types.SimpleNamespace(lora_dir=str(lora), copier_lora_dir=None))
+    modules.ui_extra_networks = types.SimpleNamespace(extra_pages=[other, page])
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.ui_extra_networks", modules.ui_extra_networks)
+    assert lora_dirs() == [lora, lyco]
+    modules.shared.cmd_opts.copier_lora_dir = str(mine)  # --copier-lora-dir: written there, read from all three
+    assert lora_dirs() == [mine, lora, lyco]
+
+    targets = lora_targets({k: tuple(v.shape) for k, v in build_model(TINY).state_dict().items()}, "sd1")
+    for seed, path in enumerate(
+        [lora / "ink.safetensors", lyco / "old" / "loha.safetensors", lyco / "ink.safetensors"]
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        network = randomize_(LoRANetwork.create(targets, rank=4, alpha=4.0, seed=seed), seed=seed)
+        write_lora(path, network.to_weights(), build_metadata(NetworkInfo("sd1", 4, 4.0, "x")))
+    assert lora_names(lora_dirs()) == ["ink", "old/loha"]  # the LoRA folder's "ink" before LyCORIS's
+    checked = check_tool("merge", {"loras": ["ink", "loha"], "out": "both"}, lora_dirs())
+    assert checked.argv[2:4] == [str(lora / "ink.safetensors"), str(lyco / "old" / "loha.safetensors")]
+    assert run_checked(checked)["path"] == str(mine / "both.safetensors") and (mine / "both.safetensors").is_file()
+    with pytest.raises(CopierError, match=f"there is no LoRA named 'absent' in {mine} or {lora} or {lyco}"):
+        check_tool("resize", {"lora": "absent", "rank": 2, "out": "x"}, lora_dirs())
 
 
 def test_every_route_and_dependency_resolves_its_annotations_among_its_module_names(api):
@@ -313,13 +349,13 @@ def test_a_small_negative_ratio_reaches_the_tool_as_a_number(api, tmp_path):
     from lib_copier.webui.lora_tools import check_tool
 
     (tmp_path / "base.safetensors").write_bytes(b"")
-    checked = check_tool("merge", {"loras": ["base"], "out": "x", "ratios": [-1e-05]}, tmp_path)
+    checked = check_tool("merge", {"loras": ["base"], "out": "x", "ratios": [-1e-05]}, [tmp_path])
     assert checked.argv[checked.argv.index("--ratios") + 1] == "-0.00001"
 
 
 def test_a_password_outside_ascii_is_checked_not_a_server_error(tmp_path):
     app, runner = FastAPI(), JobRunner(threading.Lock())
-    add_routes(app, runner, lambda request, state: None, lambda: tmp_path, auth="user:sécret")
+    add_routes(app, runner, lambda request, state: None, lambda: [tmp_path], auth="user:sécret")
     client = TestClient(app)
     assert client.get(f"{PREFIX}/effects", auth=("user", "wrong")).status_code == 401  # was a 500 (TypeError)
 

@@ -160,7 +160,7 @@ def test_the_utilities_form_becomes_the_api_body(tmp_path):
     emptied = tool_body("resize", ["a"], "", None, None, "", None, None, True, "sv_fro", None, "fp32", "small")
     assert emptied == {"out": "small", "precision": "fp32", "lora": "a", "dynamic_method": "sv_fro"}
     with pytest.raises(CopierError, match='the resize request needs "rank"'):
-        check_tool("resize", emptied, tmp_path)
+        check_tool("resize", emptied, [tmp_path])
 
 
 def test_the_utilities_form_shows_what_the_chosen_tool_reads_and_says_what_it_does():
@@ -190,7 +190,7 @@ def test_the_utilities_result_says_once_what_the_tool_wrote_or_why_not(tmp_path)
     write_lora(tmp_path / "a.safetensors", network.to_weights(), build_metadata(NetworkInfo("sd1", 4, 4.0, "a")))
 
     def run(tool, body):
-        return run_checked(check_tool(tool, body, tmp_path))
+        return run_checked(check_tool(tool, body, [tmp_path]))
 
     text = result_text(run, "resize", ["a"], "", None, None, "", 2, 0, True, "none", 0.9, "fp32", "small")
     assert text.count("wrote") == 1 and f"{tmp_path / 'small.safetensors'} ({len(targets)} modules)" in text

@@ -38,7 +38,7 @@ def add_routes(
     app,
     runner: JobRunner,
     run: Callable[[TrainRequest, JobState], list[dict]],
-    lora_dir: Callable[[], Path],
+    lora_dirs: Callable[[], list[Path]],
     checkpoint: Callable[[str], Path] | None = None,
     checkpoint_dir: Callable[[], Path] | None = None,
     auth: str | None = None,
@@ -90,7 +90,7 @@ def add_routes(
     def tool(name: str):
         def run(body: Any = Depends(json_body)):  # noqa: B008 (FastAPI's idiom); checked by check_tool
             try:
-                checked = check_tool(name, body, lora_dir(), checkpoint, checkpoint_dir() if checkpoint_dir else None)
+                checked = check_tool(name, body, lora_dirs(), checkpoint, checkpoint_dir() if checkpoint_dir else None)
                 with runner.lock:  # like every job: not while a generation or a training runs
                     return run_checked(checked)
             except CopierError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lib_copier.webui.host import lora_dir
+from lib_copier.webui.host import lora_dir, lora_dirs
 from lib_copier.webui.jobs import JobRunner
 
 SECTION = ("copier_lora", "Copier LoRA")
@@ -101,7 +101,7 @@ def on_app_started(demo, app) -> None:
         app,
         runner(),
         run_api_job,
-        lambda: Path(lora_dir()),
+        lora_dirs,
         checkpoint_file,
         checkpoint_dir,
         getattr(shared.cmd_opts, "api_auth", None),
@@ -152,14 +152,14 @@ def on_ui_tabs():
         return devices.device.type, backend.family == "sdxl", backend.resolution
 
     def tool(name: str, body: dict) -> dict:  # checked before it waits for the WebUI's queue
-        checked = check_tool(name, body, Path(lora_dir()), checkpoint_file, checkpoint_dir())
+        checked = check_tool(name, body, lora_dirs(), checkpoint_file, checkpoint_dir())
         return call_queue.wrap_queued_call(run_checked)(checked)
 
     hooks = Hooks(
         run=lambda request, state: in_own_thread(lambda: run(request, state)),
         generate=call_queue.wrap_queued_call(lambda request: current_host().txt2img(request)),
         run_tool=tool,
-        loras=lambda: lora_names(Path(lora_dir())),
+        loras=lambda: lora_names(lora_dirs()),
         checkpoints=checkpoint_titles,
         open_gallery_item=infotext_utils.image_from_url_text,
         wrap=lambda fn: call_queue.wrap_gradio_gpu_call(fn, extra_outputs=[[], "[]", gr.update()]),

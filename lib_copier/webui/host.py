@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -49,6 +50,22 @@ def lora_dir() -> str:
     from modules import shared
 
     return getattr(shared.cmd_opts, "copier_lora_dir", None) or shared.cmd_opts.lora_dir
+
+
+def lora_dirs() -> list[Path]:
+    """Where the Utilities find LoRAs: the folder this writes to (`lora_dir`), then each folder the WebUI's own Lora
+    cards list, as its Lora page says (A1111 and reForge add models/LyCORIS, Forge Neo its `--lora-dirs`)."""
+    from modules import shared, ui_extra_networks
+
+    folders = [lora_dir(), shared.cmd_opts.lora_dir]
+    for page in getattr(ui_extra_networks, "extra_pages", []):
+        if getattr(page, "name", None) == "lora":
+            folders += page.allowed_directories_for_previews()
+    unique: dict[Path, Path] = {}
+    for folder in folders:
+        if folder:
+            unique.setdefault(Path(folder).resolve(), Path(folder))
+    return list(unique.values())
 
 
 def _networks():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
@@ -99,63 +99,76 @@ class CheckedTool:
     path: Path
 
 
-def lora_names(folder: Path) -> list[str]:
-    """The LoRA files under `folder` as requests name them: the path below it, with "/", without .safetensors
-    ("styles/ink"). Subfolders and linked folders are searched, as the WebUI's Lora cards search them; the folder of
-    unfinished runs is not, and a link back up the tree is followed once."""
-    names, seen = [], {folder.resolve()}
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        here, kept = Path(root), []
-        for name in sorted(dirs):
-            real = (here / name).resolve()
-            if real not in seen and not (here == folder and name == STAGING):
-                seen.add(real)
-                kept.append(name)
-        dirs[:] = kept
-        below = here.relative_to(folder).as_posix()
-        prefix = "" if below == "." else below + "/"
-        names += [prefix + f[: -len(SUFFIX)] for f in sorted(files) if f.endswith(SUFFIX)]
-    return names
+def lora_names(folders: Sequence[Path]) -> list[str]:
+    """The LoRA files under `folders` as requests name them: the path below its folder, with "/", without
+    .safetensors ("styles/ink"); where two folders hold the same path, the first one's."""
+    return list(_lora_paths(folders))
 
 
-def lora_file(folder: Path, name: str, field: str = "loras") -> Path:
-    """The file a LoRA name stands for: its path below `folder` as `lora_names` gives it, or, where the name has no
-    folder, the one LoRA of that name in any subfolder."""
+def _lora_paths(folders: Sequence[Path]) -> dict[str, Path]:
+    """Each LoRA name and its file. Subfolders and linked folders are searched, as the WebUI's Lora cards search
+    them; the folder of unfinished runs is not, and a link back up the tree is followed once."""
+    paths: dict[str, Path] = {}
+    for folder in folders:
+        seen = {folder.resolve()}
+        for root, dirs, files in os.walk(folder, followlinks=True):
+            here, kept = Path(root), []
+            for name in sorted(dirs):
+                real = (here / name).resolve()
+                if real not in seen and not (here == folder and name == STAGING):
+                    seen.add(real)
+                    kept.append(name)
+            dirs[:] = kept
+            below = here.relative_to(folder).as_posix()
+            prefix = "" if below == "." else below + "/"
+            for file in sorted(files):
+                if file.endswith(SUFFIX):
+                    paths.setdefault(prefix + file[: -len(SUFFIX)], here / file)
+    return paths
+
+
+def lora_file(folders: Sequence[Path], name: str, field: str = "loras") -> Path:
+    """The file a LoRA name stands for: its path below one of `folders` as `lora_names` gives it, or, where the name
+    has no folder, the one LoRA of that name in any subfolder."""
     parts = name.replace("\\", "/").split("/") if isinstance(name, str) else [""]
     if any(part.strip() in ("", ".", "..") for part in parts) or PureWindowsPath(name).drive:
         raise CopierError(f"{quoted(field)} {shown(name)} is not a LoRA name: give it as the list shows it")
-    path = folder.joinpath(*parts[:-1], parts[-1] + SUFFIX)
-    if path.is_file():
-        return path
-    found = [n for n in lora_names(folder) if n.rpartition("/")[2] == name] if len(parts) == 1 else []
+    for folder in folders:
+        path = folder.joinpath(*parts[:-1], parts[-1] + SUFFIX)
+        if path.is_file():
+            return path
+    paths = _lora_paths(folders) if len(parts) == 1 else {}
+    found = [n for n in paths if n.rpartition("/")[2] == name]
     if len(found) > 1:
         raise CopierError(f"{len(found)} LoRAs are named {shown(name)}: {', '.join(found)}; give one with its folder")
     if not found:
-        raise CopierError(f"there is no LoRA named {shown(name)} in {folder}")
-    return folder / (found[0] + SUFFIX)
+        where = " or ".join(str(folder) for folder in folders)
+        raise CopierError(f"there is no LoRA named {shown(name)} in {where}")
+    return paths[found[0]]
 
 
 def check_tool(
-    tool: str, body, lora_dir: Path, checkpoint: Callable[[str], Path] | None = None, checkpoint_dir=None
+    tool: str, body, lora_dirs: Sequence[Path], checkpoint: Callable[[str], Path] | None = None, checkpoint_dir=None
 ) -> CheckedTool:
-    """The request of one tool, checked through to its files, as the command line it runs; nothing is locked."""
+    """The request of one tool, checked through to its files, as the command line it runs; nothing is locked.
+    LoRAs are read from any of `lora_dirs` and written to the first."""
     if tool not in REQUESTS:
         raise CopierError(f"unknown tool {shown(tool)}; choose one of {', '.join(TOOLS)}")
     request = from_json(REQUESTS[tool], body, what=f"the {tool} request")
     into_checkpoint = isinstance(request, Merge) and request.checkpoint
     if into_checkpoint and (checkpoint is None or checkpoint_dir is None):
         raise CopierError("checkpoints are not available here")
-    folder = Path(checkpoint_dir) if into_checkpoint else lora_dir
+    folder = Path(checkpoint_dir) if into_checkpoint else lora_dirs[0]
     out = folder / f"{check_name(request.out, quoted('out'))}.safetensors"
     if out.exists():
         raise CopierError(f'{out.name} already exists in {folder}; choose another "out"')
     argv = ["lora", tool]
     if isinstance(request, Merge | SvdMerge):
-        argv += [str(lora_file(lora_dir, name)) for name in request.loras]
+        argv += [str(lora_file(lora_dirs, name)) for name in request.loras]
         if request.ratios is not None and len(request.ratios) != len(request.loras):
             raise CopierError(f'{len(request.loras)} "loras" but {len(request.ratios)} "ratios"; give one per LoRA')
     if isinstance(request, Resize):
-        argv.append(str(lora_file(lora_dir, request.lora, "lora")))
+        argv.append(str(lora_file(lora_dirs, request.lora, "lora")))
         check_dynamic(request.dynamic_method, request.dynamic_param)
     if isinstance(request, Extract) or into_checkpoint:
         if checkpoint is None:
