@@ -1,7 +1,7 @@
 """Merge, SVD-merge, resize and extract over the files in the WebUI's folders, for the Utilities tab and the API.
 
-Requests name files, not paths: LoRAs by their path below the LoRA folder (subfolders included, as the WebUI's Lora
-cards list them), checkpoints among the WebUI's checkpoints. Each tool has one typed request (`REQUESTS`);
+Requests name files, not paths: LoRAs by their path below one of the LoRA folders (subfolders included, as the WebUI's
+Lora cards list them; results go to the first folder), checkpoints among the WebUI's checkpoints. Each tool has one typed request (`REQUESTS`);
 `check_tool` checks it completely, names and files included, before any lock is taken, and `run_checked` runs it
 through the very command line `python -m lib_copier lora …`, so the numbers and files are the same as there.
 """
