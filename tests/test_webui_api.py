@@ -282,6 +282,7 @@ def test_every_bad_train_request_is_a_400_sentence_before_any_job(api, payload, 
     [
         (b'{"generate": {"prompt": "a cat"},}', "the request body is not valid JSON (Expecting property name"),
         (b"\xff\xfe{}", "the request body is not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # was a 500 (RecursionError)
         (b" ", "must be a JSON object, not empty"),
     ],
 )

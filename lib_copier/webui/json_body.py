@@ -15,3 +15,5 @@ async def json_body(request: Request) -> Any:
         return json.loads(raw) if raw.strip() else None
     except ValueError as exc:  # UnicodeDecodeError included
         raise HTTPException(400, f"the request body is not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise HTTPException(400, "the request body is JSON nested too deeply to read") from exc
