@@ -215,6 +215,32 @@ def test_the_utilities_result_says_once_what_the_tool_wrote_or_why_not(tmp_path)
         assert float((kohya[key].delta().double().flatten(1) - target).norm()) > best * 1.0001
 
 
+def test_tools_run_side_by_side_each_keep_their_own_log_and_leave_the_console_alone(tmp_path, capsys):
+    """The tab's tools and the API's run in different WebUI threads at once. Each said its lines through the
+    process's redirected stdout: a run took the other's lines, and the WebUI's console could stay redirected."""
+    import threading
+
+    targets = lora_targets({k: tuple(v.shape) for k, v in build_model(TINY).state_dict().items()}, "sd1")
+    network = randomize_(LoRANetwork.create(targets, rank=4, alpha=4.0, seed=0))
+    write_lora(tmp_path / "a.safetensors", network.to_weights(), build_metadata(NetworkInfo("sd1", 4, 4.0, "a")))
+    logs = {}
+
+    def resize(i):
+        logs[i] = run_checked(check_tool("resize", {"lora": "a", "rank": 2, "out": f"s{i}"}, [tmp_path]))["log"]
+
+    threads = [threading.Thread(target=resize, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    print("the WebUI says something meanwhile")
+    for thread in threads:
+        thread.join()
+    for i, log in logs.items():
+        assert log.count("wrote") == 1 and f"s{i}.safetensors" in log and "meanwhile" not in log
+    print("and afterwards")
+    out = capsys.readouterr().out
+    assert "meanwhile" in out and "afterwards" in out and "wrote" not in out
+
+
 def test_the_estimate_counts_the_recipe_and_warns_a_cpu_user_before_hours_of_training():
     assert recipe_steps("copier", 2, "quick", {}) == 500 * 3
     assert recipe_steps("both", 1, "thorough", {}) == 3000 + 4000 + 3000

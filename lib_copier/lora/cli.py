@@ -173,12 +173,18 @@ def _merged_info(args, family: str | None, loras, rank, alpha, comment: str, con
     return NetworkInfo(family, rank, alpha, Path(args.out).stem, v, conv_rank, conv_rank, comment=comment)
 
 
+def _say(args, text: str) -> None:
+    """A line for the user: printed, or given to `args.say` where the WebUI runs the command in one of its threads
+    (redirecting the process's stdout there would take other threads' lines, and two runs could leave it redirected)."""
+    getattr(args, "say", print)(text)
+
+
 def _write(args, modules, info) -> None:
     from lib_copier.lora.files import write_lora
     from lib_copier.lora.metadata import build_metadata
 
     path = write_lora(args.out, modules, build_metadata(info), args.precision, args.overwrite)
-    print(f"wrote {path} ({len(modules)} modules)")
+    _say(args, f"wrote {path} ({len(modules)} modules)")
 
 
 def _recipe(args, ratios) -> str:
@@ -194,21 +200,22 @@ def run_info(args: argparse.Namespace) -> int:
     lora = read_lora(args.lora)
     text = sum(key.startswith("lora_te") for key in lora.modules)
     alphas = sorted({m.alpha for m in lora.modules.values()})
-    print(f"file      {args.lora}")
-    print(f"family    {lora.family or 'unknown'}")
-    print(f"modules   {len(lora.modules)} ({len(lora.modules) - text} UNet, {text} text encoder)")
-    print(f"types     {', '.join(f'{kind} {count}' for kind, count in sorted(lora.types.items()))}")
+    _say(args, f"file      {args.lora}")
+    _say(args, f"family    {lora.family or 'unknown'}")
+    _say(args, f"modules   {len(lora.modules)} ({len(lora.modules) - text} UNet, {text} text encoder)")
+    _say(args, f"types     {', '.join(f'{kind} {count}' for kind, count in sorted(lora.types.items()))}")
     plain = "" if set(lora.types) == {"LoRA"} else " (as plain LoRA factors)"
-    print(f"ranks     {', '.join(map(str, sorted(lora.ranks)))}{plain}")
-    print(f"alphas    {', '.join(f'{a:g}' for a in alphas)}{plain}")
+    _say(args, f"ranks     {', '.join(map(str, sorted(lora.ranks)))}{plain}")
+    _say(args, f"alphas    {', '.join(f'{a:g}' for a in alphas)}{plain}")
     stored = lora.metadata.get("sshs_model_hash")
     if stored:
         with safe_open(str(args.lora), framework="pt") as f:
             actual, _ = sshs_hashes({name: f.get_tensor(name) for name in f.keys()}, lora.metadata)
-        print(f"hash      {stored} ({'matches the tensors' if actual == stored else 'does NOT match the tensors'})")
+        matches = "matches the tensors" if actual == stored else "does NOT match the tensors"
+        _say(args, f"hash      {stored} ({matches})")
     for key in sorted(lora.metadata):
         value = lora.metadata[key]
-        print(f"  {key} = {value if len(value) <= 100 else value[:97] + '...'}")
+        _say(args, f"  {key} = {value if len(value) <= 100 else value[:97] + '...'}")
     return 0
 
 
@@ -247,7 +254,7 @@ def _merge_into_checkpoint(args, pairs, family: str | None) -> int:
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     metadata = dict(sorted(source.metadata.items()))
     atomic_write(args.out, lambda tmp: save_file(state, str(tmp), metadata=metadata), args.overwrite)
-    print(f"wrote {args.out} ({count} LoRA modules merged into {args.model.name})")
+    _say(args, f"wrote {args.out} ({count} LoRA modules merged into {args.model.name})")
     return 0
 
 
@@ -274,10 +281,10 @@ def run_resize(args: argparse.Namespace) -> int:
     )
     if args.verbose:
         for row in report:
-            print(f"{row.key:80} rank {row.old_rank:>4} -> {row.new_rank:<4} fro kept {row.fro_retained:.1%}")
+            _say(args, f"{row.key:80} rank {row.old_rank:>4} -> {row.new_rank:<4} fro kept {row.fro_retained:.1%}")
     ranks = [r.new_rank for r in report]
     mean = sum(r.fro_retained for r in report) / len(report)
-    print(f"mean Frobenius norm kept {mean:.2%}; ranks {min(ranks)}..{max(ranks)}")
+    _say(args, f"mean Frobenius norm kept {mean:.2%}; ranks {min(ranks)}..{max(ranks)}")
     old = max(lora.ranks)
     metadata = dict(lora.metadata)
     comment = metadata.get("ss_training_comment", "")
@@ -288,7 +295,7 @@ def run_resize(args: argparse.Namespace) -> int:
     else:
         metadata["ss_training_comment"] = f"dimension is resized from {old} to {max(ranks)}; {comment}"
     path = write_lora(args.out, modules, metadata, args.precision, args.overwrite)
-    print(f"wrote {path} ({len(modules)} modules)")
+    _say(args, f"wrote {path} ({len(modules)} modules)")
     return 0
 
 
@@ -320,11 +327,12 @@ def run_extract(args: argparse.Namespace) -> int:
         randomized=args.svd == "lowrank",
     )
     if not text:
-        print(f"text encoders differ by at most {args.min_diff}: left out")
+        _say(args, f"text encoders differ by at most {args.min_diff}: left out")
     lowest = min(kept, key=kept.get)
-    print(
+    _say(
+        args,
         f"Frobenius norm of the difference kept: mean {sum(kept.values()) / len(kept):.2%}, "
-        f"lowest {kept[lowest]:.2%} ({lowest})"
+        f"lowest {kept[lowest]:.2%} ({lowest})",
     )
     v = tuned.metadata.get("modelspec.prediction_type") == "v"
     comment = f"extracted from {args.tuned.name} - {args.original.name}"

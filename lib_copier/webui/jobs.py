@@ -6,6 +6,7 @@ Plain Python: the WebUI passes its `modules.call_queue.queue_lock`; tests pass a
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
 import time
@@ -124,6 +125,7 @@ class JobRunner:
                 state.error = str(exc) if isinstance(exc, CopierError) else f"{type(exc).__name__}: {exc}"
                 state.log_failure(exc)
             finally:
+                release_freed_memory()
                 state.finished = time.time()
 
     def _forget_old(self) -> None:
@@ -151,6 +153,17 @@ def in_own_thread(work: Callable[[], T]) -> T:
     thread = threading.Thread(target=run, name="copier-lora-tab", daemon=True)
     thread.start()
     thread.join()
+    release_freed_memory()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def release_freed_memory() -> None:
+    """Give the memory a run freed back to the system. glibc keeps freed heap memory for the process: after a merge
+    into an SD1.5 checkpoint 4-6 GB stayed resident, growing with each merge (a live Forge went from 7 to 16 GB),
+    and `malloc_trim` returned it all (0.6 GB left). Other C libraries have no such call and need none."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (Windows, macOS, musl)
+        pass

@@ -1,15 +1,14 @@
 """Merge, SVD-merge, resize and extract over the files in the WebUI's folders, for the Utilities tab and the API.
 
-Requests name files, not paths: LoRAs by their path below one of the LoRA folders (subfolders included, as the WebUI's
-Lora cards list them; results go to the first folder), checkpoints among the WebUI's checkpoints. Each tool has one typed request (`REQUESTS`);
-`check_tool` checks it completely, names and files included, before any lock is taken, and `run_checked` runs it
-through the very command line `python -m lib_copier lora …`, so the numbers and files are the same as there.
+Requests name files, not paths: LoRAs by their path below one of the LoRA folders (subfolders included, as the
+WebUI's Lora cards list them; results go to the first folder), checkpoints among the WebUI's checkpoints. Each tool
+has one typed request (`REQUESTS`); `check_tool` checks it completely, names and files included, before any lock is
+taken, and `run_checked` runs it through the very command line `python -m lib_copier lora …`, so the numbers and
+files are the same as there.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from lib_copier.fields import from_json, quoted, setting
 from lib_copier.lora.ops import DYNAMIC_METHODS, check_dynamic
 from lib_copier.lora.weights import KOHYA_CLAMP
 from lib_copier.recipes.outputs import check_name
+from lib_copier.webui.jobs import in_own_thread
 from lib_copier.webui.training import STAGING
 
 SUFFIX = ".safetensors"
@@ -197,11 +197,13 @@ def _parsable(argv: list[str]) -> list[str]:
 
 
 def run_checked(checked: CheckedTool) -> dict:
-    """Run a checked tool; returns {"path": the file written, "log": what the tool printed}."""
+    """Run a checked tool in a thread of its own (`in_own_thread`: a merge into a checkpoint frees gigabytes, which
+    a long-lived worker thread would keep cached); returns {"path": the file written, "log": what the tool said}.
+    Its progress bars go to the WebUI's console."""
     from lib_copier.cli import build_parser
 
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(io.StringIO()):
-        args = build_parser().parse_args(checked.argv)
-        args.func(args)
-    return {"path": str(checked.path), "log": output.getvalue().strip()}
+    lines: list[str] = []
+    args = build_parser().parse_args(checked.argv)
+    args.say = lines.append
+    in_own_thread(lambda: args.func(args))
+    return {"path": str(checked.path), "log": "\n".join(lines)}
