@@ -5,6 +5,10 @@ class CopierError(Exception):
     """Bad input or a failed run, explained in one sentence that names the input and what is wrong."""
 
 
+class Interrupted(CopierError):
+    """The user stopped the run; the sentence says where."""
+
+
 def check_file(path, what: str):
     """`path` (a `pathlib.Path`) if it is a file; otherwise the sentence for an input that is missing or a folder."""
     if path.is_dir():

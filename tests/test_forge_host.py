@@ -96,6 +96,17 @@ def test_forge_is_told_by_what_it_exposes(forge, monkeypatch):
     assert type(current_host()) is A1111Host
 
 
+def test_a_checkpoint_picked_in_forge_during_a_run_is_a_model_change_before_forge_loads_it(forge):
+    """Forge only notes a pick (checkpoint, VAE, text encoder) and loads it at its next generation: the run's own
+    grids would have been drawn with it."""
+    parameters = {"checkpoint_info": "random-sd15", "additional_modules": []}
+    forge.sd_models.model_data = types.SimpleNamespace(forge_loading_parameters=parameters, forge_hash=str(parameters))
+    host = current_host()
+    assert not host.model_changed()
+    forge.sd_models.model_data.forge_loading_parameters = {**parameters, "checkpoint_info": "other"}
+    assert host.model_changed()
+
+
 def test_forge_classic_is_told_by_its_memory_manager(classic, monkeypatch):
     assert type(current_host()) is ClassicHost
     classic.shared.sd_model = None

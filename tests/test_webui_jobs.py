@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, Interrupted
 from lib_copier.train.trainer import Cancelled, Progress, TrainResult
 from lib_copier.webui.jobs import JobRunner, in_own_thread
 
@@ -70,6 +70,20 @@ def test_an_interrupted_job_stops_between_steps():
     runner.interrupt(running.id)
     gate.set()
     assert runner.wait(running.id, timeout=10).status == "interrupted" and running.results == []
+
+
+def test_an_interrupted_job_says_where_it_stopped_and_what_it_kept():
+    """Interrupted while drawing the grids, with its LoRAs kept: it read "failed", with no word of the files."""
+    runner = JobRunner(threading.Lock())
+
+    def stopped(state):
+        raise Interrupted("interrupted while drawing the strength grids; kept cat-copier")
+
+    state = runner.wait(runner.submit(stopped).id, timeout=10)
+    assert (state.status, state.error) == (
+        "interrupted",
+        "interrupted while drawing the strength grids; kept cat-copier",
+    )
 
 
 def test_failures_are_recorded_in_one_sentence():

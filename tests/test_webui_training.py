@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, Interrupted
 from lib_copier.lora.files import read_lora
 from lib_copier.models.configs import TINY
 from lib_copier.models.generate import Txt2Img, generate
@@ -111,23 +111,45 @@ def test_interrupt_from_the_webui_keeps_nothing_unless_asked(host, tmp_path):
         train_in_webui(request_for(host), host, tmp_path / "a", JobState("a"))
     assert not (tmp_path / "a").exists() or not list((tmp_path / "a").iterdir())
 
-    with pytest.raises(Cancelled):
+    with pytest.raises(Interrupted, match="interrupted at step .*; kept cat-copier$"):  # the sentence names it
         train_in_webui(request_for(host, save_on_interrupt=True), host, tmp_path / "b", JobState("b"))
     assert (tmp_path / "b" / "cat-copier.safetensors").is_file()
     assert not (tmp_path / "b" / STAGING).exists()
 
     host.interrupt_when = lambda shown: any(text.startswith("strength grid") for text, _, _ in shown)
-    with pytest.raises(CopierError, match="interrupted while drawing"):
+    with pytest.raises(Interrupted, match="interrupted while drawing the strength grids$"):
         train_in_webui(request_for(host), host, tmp_path / "c", JobState("c"))
     assert host.lora_files and list((tmp_path / "c").iterdir()) == []  # trained and drawn from, then dropped
+    host.shown.clear()
+    with pytest.raises(Interrupted, match="strength grids; kept cat-copier, cat-grayscale$"):
+        train_in_webui(request_for(host, save_on_interrupt=True), host, tmp_path / "d", JobState("d"))
+    assert {p.name for p in (tmp_path / "d").glob("*.safetensors")} == {"cat-copier.safetensors",
+                                                                         "cat-grayscale.safetensors"}  # fmt: skip
 
 
 def test_a_model_change_mid_run_aborts_with_one_sentence_and_keeps_nothing(host, tmp_path):
     state = JobState("j")
     state.on_progress = lambda p: setattr(host, "replaced", p.step >= 2)
-    with pytest.raises(CopierError, match="model changed"):
+    with pytest.raises(CopierError, match="model was changed during the run, so the run stopped$"):
         train_in_webui(request_for(host), host, tmp_path, state)
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_a_model_picked_while_the_grids_are_drawn_draws_no_grid_with_it(host, tmp_path):
+    """Forge loads a checkpoint picked during the run at the next generation: the grids of LoRAs trained on one
+    model were drawn with another, and the run said "done"."""
+    drawn = []
+    txt2img = host.txt2img
+    host.txt2img = lambda request, progress=None: drawn.append(host.replaced) or txt2img(request, progress)
+
+    def pick_another(shown):  # asked between steps and images, as the WebUI's Interrupt button is
+        host.replaced = any(text.startswith("strength grid") for text, _, _ in shown)
+        return False
+
+    host.interrupt_when = pick_another
+    with pytest.raises(CopierError, match="model was changed during the run"):
+        train_in_webui(request_for(host), host, tmp_path, JobState("j"))
+    assert drawn and not any(drawn) and not list(tmp_path.glob("*.safetensors"))
 
 
 def test_a_bad_name_is_refused_before_anything_runs(host, tmp_path):

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from lib_copier.backends import Backend
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, Interrupted
 from lib_copier.lora.naming import by_key, is_text_encoder_key
 from lib_copier.lora.network import LoRAModule, LoRANetwork
 from lib_copier.models.generate import Txt2Img
@@ -70,7 +70,7 @@ class TrainResult:
     config: TrainConfig | None = None  # what the run trained with: one that ran out of memory turns checkpointing on
 
 
-class Cancelled(CopierError):
+class Cancelled(Interrupted):
     """The run was interrupted between steps; `result` holds what it had trained."""
 
     def __init__(self, result: TrainResult):

@@ -17,8 +17,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from lib_copier.errors import CopierError, shown
-from lib_copier.train.trainer import Callbacks, Cancelled, Progress
+from lib_copier.errors import CopierError, Interrupted, shown
+from lib_copier.train.trainer import Callbacks, Progress
 
 T = TypeVar("T")
 
@@ -118,8 +118,8 @@ class JobRunner:
             try:
                 state.results = work(state)
                 state.status = "done"
-            except Cancelled:
-                state.status = "interrupted"
+            except Interrupted as exc:
+                state.status, state.error = "interrupted", str(exc)  # where it stopped, and what it kept
             except Exception as exc:  # a job thread must record every failure: nobody else will see it
                 state.status = "failed"
                 state.error = str(exc) if isinstance(exc, CopierError) else f"{type(exc).__name__}: {exc}"

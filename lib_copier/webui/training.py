@@ -21,7 +21,7 @@ from PIL import Image
 from lib_copier.atomic import atomic_write
 from lib_copier.backends import Backend
 from lib_copier.backends.webui import Host
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, Interrupted
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.grid import Render, strength_grid
 from lib_copier.recipes.job import Job, Result, fit_image, run_job, training_side
@@ -59,7 +59,7 @@ STAGING = "copier-lora-unfinished"  # in the LoRA folder, where the WebUI finds 
 def train_in_webui(request: TrainRequest, host: WebUIHost, out_dir: Path, state: JobState) -> list[dict]:
     """Train, write the results into a folder of their own inside the LoRA folder, draw their grids through the
     host, and only then move them into the LoRA folder: a run that fails leaves nothing (unless the request keeps
-    an interrupted run's LoRAs)."""
+    an interrupted run's LoRAs, which its sentence then names)."""
     check_request(request)
     staging = out_dir / STAGING / state.id
     _drop_leftovers(staging)
@@ -67,10 +67,14 @@ def train_in_webui(request: TrainRequest, host: WebUIHost, out_dir: Path, state:
         with host.prepared():
             results, grids = _train_and_draw(request, host, out_dir, staging, state)
         return [_describe(r, grid, out_dir) for r, grid in zip(results, grids, strict=True)]
-    except BaseException:
+    except BaseException as exc:
+        kept = []
         if request.save_on_interrupt:  # what an interrupted run wrote is kept; the error that stopped it is the news
             with contextlib.suppress(CopierError):
-                _publish(staging, out_dir)
+                kept = [file.stem for file in _publish(staging, out_dir) if file.suffix == ".safetensors"]
+        if kept and isinstance(exc, CopierError):
+            kind = Interrupted if isinstance(exc, Interrupted) else CopierError
+            raise kind(f"{exc}; kept {', '.join(kept)}") from exc
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -116,14 +120,15 @@ def _drop_leftovers(staging: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Move a run's files into the LoRA folder, all of them or (a name taken there meanwhile) none."""
+def _publish(staging: Path, out_dir: Path) -> list[Path]:
+    """Move a run's files into the LoRA folder, all of them or (a name taken there meanwhile) none; returns them."""
     files = sorted(staging.glob("*")) if staging.is_dir() else []
     clash = [f.name for f in files if (out_dir / f.name).exists()]
     if clash:
         raise CopierError(f"{clash[0]} appeared in {out_dir} during the run, so nothing was written; run it again")
     for file in files:
         os.replace(file, out_dir / file.name)
+    return files
 
 
 def _callbacks(host: WebUIHost, state: JobState) -> Callbacks:
@@ -133,8 +138,7 @@ def _callbacks(host: WebUIHost, state: JobState) -> Callbacks:
         host.show_progress(f"{state.stage}: step {p.step}/{p.total}, loss {p.loss:.4f}{eta}", p.step, p.total)
 
     def cancelled() -> bool:
-        if host.model_changed():
-            raise CopierError("the WebUI's model changed during the run; nothing was kept")
+        _check_model(host)
         return state.interrupted.is_set() or host.interrupted()
 
     def counted(done: int, total: int) -> None:
@@ -152,6 +156,11 @@ def _callbacks(host: WebUIHost, state: JobState) -> Callbacks:
         counted=counted,
         notice=notice,
     )
+
+
+def _check_model(host: WebUIHost) -> None:
+    if host.model_changed():
+        raise CopierError("the WebUI's model was changed during the run, so the run stopped")
 
 
 def _stage(host: WebUIHost, state: JobState):
@@ -173,7 +182,7 @@ def _host_grids(host: WebUIHost, request: TrainRequest, results: list[Result], s
             state.on_count(done, total)
             host.show_progress(f"strength grid: {name}", done, total)
             if state.interrupted.is_set() or host.interrupted():
-                raise CopierError("interrupted while drawing the strength grids")
+                raise Interrupted("interrupted while drawing the strength grids")
 
         grid = strength_grid(
             _tag_render(host, name, unchanged),
@@ -192,6 +201,7 @@ def _host_grids(host: WebUIHost, request: TrainRequest, results: list[Result], s
 
 def _tag_render(host: WebUIHost, name: str, unchanged: dict) -> Render:
     def render(request: Txt2Img, weight: float) -> Image.Image:
+        _check_model(host)  # the LoRA's grid, drawn with the model it was trained on
         if weight:
             return host.txt2img(dataclasses.replace(request, prompt=with_lora(request.prompt, name, weight)))
         if request not in unchanged:
