@@ -224,6 +224,7 @@ FLAT = png_base64(Image.new("RGB", (64, 64), "red"))  # outline finds no edge in
 BAD_TRAIN = [
     ({**GENERATE, "name": 123}, '"name" must be text'),
     ({**GENERATE, "overrides": [1, 2]}, '"overrides" must be an object'),
+    ({**GENERATE, "overrides": {"save_on_cancel": True}}, 'set "save_on_interrupt" instead'),  # it did nothing
     ({**GENERATE, "prompt_pool": "abc"}, '"prompt_pool" must be a whole number'),
     ({**GENERATE, "size": "abc"}, '"size" must be a whole number'),
     ({**GENERATE, "size": -64}, '"size" is -64; it must be between 64 and 2048'),

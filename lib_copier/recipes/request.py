@@ -122,6 +122,8 @@ def check_request(request: TrainRequest) -> TrainRequest:
     if request.method != "copier" and not request.effects:
         raise CopierError(f'method "{request.method}" needs at least one effect in "effects"')
     output_names(request.name, request.method, [effect.label for effect in request.effects])  # and the name itself
+    if "save_on_cancel" in request.overrides:  # the job sets it from save_on_interrupt: one name for one thing
+        raise CopierError('set "save_on_interrupt" instead of the trainer setting "save_on_cancel"')
     # unknown settings, values out of range, and the rules between them, on what the method trains with
     method_config(request.method, request.preset, request.overrides)
     if request.image is not None:

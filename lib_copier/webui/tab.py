@@ -80,7 +80,7 @@ SETTING_GROUPS = {
                      "warmup_steps"),
     "Noise and timesteps": ("timestep_min", "timestep_max", "min_snr_gamma", "noise_offset", "flip", "seed",
                             "pair_weight"),
-    "Memory and output": ("mixed_precision", "gradient_checkpointing", "preview_every", "save_on_cancel"),
+    "Memory and output": ("mixed_precision", "gradient_checkpointing", "preview_every"),  # + "Keep what is finished"
 }  # fmt: skip
 
 
