@@ -37,10 +37,14 @@ function copierLoraGalleryStart() {
 }
 
 function copierLoraTake(gallery, info, index) {
-    // Called from the gallery's own button (its tab is visible) or from the tab's "From …" buttons.
-    const selected = selected_gallery_index();
+    // Called from the gallery's own button (its tab is visible) or from the tab's "From …" buttons, where the
+    // WebUI's selected_gallery_index() sees no gallery (it looks at visible ones only): each gallery's own index.
+    const selected = {};
+    for (const tab of ["txt2img", "img2img"]) {
+        selected[tab] = typeof selected_gallery_index_id === "function" ? selected_gallery_index_id(`${tab}_gallery`) : -1;
+    }
     copierLoraShowTab();
-    return [gallery, info, selected];
+    return [gallery, info, JSON.stringify(selected)];
 }
 
 function copierLoraInterrupt() {

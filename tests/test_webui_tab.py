@@ -23,6 +23,7 @@ from lib_copier.recipes.kinds import DEFAULT_METHOD
 from lib_copier.recipes.request import check_request
 from lib_copier.train.config import field_info
 from lib_copier.webui.gallery import selected_image
+from lib_copier.webui.gallery import take as gallery_take
 from lib_copier.webui.infotext import parse_infotext
 from lib_copier.webui.lora_tools import check_tool, run_checked
 from lib_copier.webui.tab import (
@@ -139,6 +140,23 @@ def test_the_selected_gallery_image_comes_with_its_infotext(tmp_path, shape):
     assert selected_image(gallery, info, -1).getpixel((0, 0)) == (255, 0, 0)
     with pytest.raises(CopierError, match="empty"):
         selected_image([], info, 0)
+
+
+def test_the_from_buttons_take_the_image_selected_in_their_own_gallery_or_the_first_after_the_grid(tmp_path):
+    """From the Copier LoRA tab the WebUI's selected_gallery_index() sees no gallery: "From txt2img" took the
+    batch's grid, with the first image's seed; and an empty gallery showed only gradio's red "Error"."""
+    paths = []
+    for i, colour in enumerate(("gray", "red", "blue")):  # a batch of two: the grid, then each image
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (8, 8), colour).save(paths[-1])
+    texts = [INFO.replace("Seed: 42", f"Seed: {seed}") for seed in (1, 1, 2)]
+    info = json.dumps({"infotexts": texts, "index_of_first_image": 1})
+    image, text = gallery_take(paths, info, json.dumps({"txt2img": 2, "img2img": -1}), "txt2img")
+    assert image.getpixel((0, 0)) == (0, 0, 255) and "seed 2," in text
+    image, text = gallery_take(paths, info, json.dumps({"txt2img": 2, "img2img": -1}), "img2img")  # none selected
+    assert image.getpixel((0, 0)) == (255, 0, 0) and "seed 1," in text
+    with pytest.raises(gr.Error, match="the gallery is empty; generate an image first"):
+        gallery_take([], "", json.dumps({"txt2img": -1, "img2img": -1}), "img2img")
 
 
 def test_the_utilities_form_becomes_the_api_body(tmp_path):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from PIL import Image
 
 from lib_copier.errors import CopierError
-from lib_copier.webui.infotext import parse_infotext
+from lib_copier.webui.infotext import image_infotext, parse_infotext
 
 LAST_BUTTON = {"txt2img_upscale": "txt2img", "img2img_send_to_extras": "img2img"}
 galleries: dict[str, list] = {}  # tab → [gallery, generation info, button], filled as the WebUI builds its UI
@@ -54,25 +54,57 @@ def open_item(item) -> Image.Image:
     return Image.open(path.split("?", 1)[0])
 
 
+def take(gallery, generation_info: str, selected: str, tab: str, load: Callable | None = None):
+    """A "From txt2img" or 🧬 click: (the image, its description), or a gradio error with the sentence, which also
+    stops the training the 🧬 button chains to it. `selected` is the page's {"txt2img": index, "img2img": index} of
+    each gallery's selected thumbnail (-1: none)."""
+    import gradio as gr
+
+    try:
+        index = json.loads(selected).get(tab, -1)
+    except (ValueError, TypeError, AttributeError):
+        index = -1
+    try:
+        image = selected_image(gallery, generation_info, index, load or open_item)
+    except CopierError as exc:
+        raise gr.Error(str(exc)) from None
+    return image, describe_image(image)
+
+
+def describe_image(image: Image.Image | None) -> str:
+    if image is None:
+        return ""
+    info = image_infotext(image)
+    if info is None:
+        return f"{image.width}x{image.height}, no generation parameters"
+    seed, size = info.params.get("Seed", "?"), info.params.get("Size", f"{image.width}x{image.height}")
+    return f"{info.prompt}\nseed {seed}, size {size}"
+
+
 def selected_image(gallery, generation_info: str, index, load: Callable = open_item) -> Image.Image:
-    """The gallery's selected image (the first if none is selected), with its infotext as PNG `parameters`.
+    """The gallery's selected image (if none is selected, the first image after the grid of a batch), with its
+    infotext as PNG `parameters`.
 
     In the WebUI `load` is its own `image_from_url_text`, which also refuses files outside its output folders."""
     items = list(gallery or [])
     if not items:
         raise CopierError("the gallery is empty; generate an image first")
+    info = {}
+    try:
+        info = json.loads(generation_info or "{}")
+    except json.JSONDecodeError:
+        pass
+    info = info if isinstance(info, dict) else {}
     try:
         index = int(float(index))
     except (TypeError, ValueError):
-        index = 0
-    index = index if 0 <= index < len(items) else 0
+        index = -1
+    first = info.get("index_of_first_image", 0)
+    index = index if 0 <= index < len(items) else (first if isinstance(first, int) and 0 <= first < len(items) else 0)
     image = load(items[index])
     image.load()
-    texts = []
-    try:
-        texts = json.loads(generation_info or "{}").get("infotexts", [])
-    except json.JSONDecodeError:
-        pass
+    texts = info.get("infotexts", [])
+    texts = texts if isinstance(texts, list) else []
     if index < len(texts) and texts[index] and parse_infotext(texts[index]).prompt is not None:
         image.info["parameters"] = texts[index]
     return image.convert("RGB") if image.mode != "RGB" else image

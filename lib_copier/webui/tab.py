@@ -6,6 +6,7 @@ through `_on` (gradio 3's `_js`, gradio 4's `js`). The host's pieces (queue lock
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from lib_copier.recipes.processed import make_effects
 from lib_copier.recipes.request import DEFAULT_GRID_PROMPTS, DEFAULT_GRID_STEPS, TrainRequest
 from lib_copier.seeds import RANDOM, fixed_seed
 from lib_copier.train.config import PRESETS, field_info
+from lib_copier.webui.gallery import describe_image
+from lib_copier.webui.gallery import take as gallery_take
 from lib_copier.webui.infotext import Infotext, build_infotext, image_infotext, with_lora
 from lib_copier.webui.jobs import JobState
 from lib_copier.webui.utilities_tab import build_utilities
@@ -98,16 +101,6 @@ def effect_specs(selected: list[str], values: dict[str, float]) -> list[list[str
             params = ",".join(f"{key}={value}" for key, value in given if value is not None)
             specs.append([f"{effect.name}:{params}" if params else effect.name])
     return specs
-
-
-def describe_image(image: Image.Image | None) -> str:
-    if image is None:
-        return ""
-    info = image_infotext(image)
-    if info is None:
-        return f"{image.width}x{image.height}, no generation parameters"
-    seed, size = info.params.get("Seed", "?"), info.params.get("Size", f"{image.width}x{image.height}")
-    return f"{info.prompt}\nseed {seed}, size {size}"
 
 
 def default_name(image: Image.Image | None) -> str:
@@ -363,16 +356,14 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         if hooks.paste_to_txt2img:
             hooks.paste_to_txt2img(send, paste_text)
 
-        def take(gallery, generation_info, index):
-            from lib_copier.webui.gallery import open_item, selected_image
-
-            img = selected_image(gallery, generation_info, index, hooks.open_gallery_item or open_item)
-            return img, describe_image(img)
+        def take(tab_name: str, button):  # the gallery's selected image and its description, or its sentence
+            gallery, generation_info, _ = hooks.galleries[tab_name]
+            fn = functools.partial(gallery_take, tab=tab_name, load=hooks.open_gallery_item)
+            return _on(button.click, fn, [gallery, generation_info, task_id], [image, info], js="copierLoraTake")
 
         for tab_name, button in from_buttons.items():
             if tab_name in hooks.galleries:
-                gallery, generation_info, _ = hooks.galleries[tab_name]
-                _on(button.click, take, [gallery, generation_info, task_id], [image, info], js="copierLoraTake")
+                take(tab_name, button)
 
         def generate_here(prompt, negative, seed, steps, cfg, side):
             seed = fixed_seed(int(seed) if seed is not None and seed >= 0 else RANDOM)  # recorded in the infotext
@@ -394,7 +385,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         if hooks.run_tool:
             with gr.Tab("Utilities"):
                 build_utilities(hooks.run_tool, hooks.loras, hooks.checkpoints)
-        for gallery, generation_info, button in hooks.galleries.values():
-            loaded = _on(button.click, take, [gallery, generation_info, task_id], [image, info], js="copierLoraTake")
-            _on(loaded.then, hooks.wrap(start_from_gallery), train_inputs, train_outputs, js="copierLoraGalleryStart")
+        for tab_name, (_, _, button) in hooks.galleries.items():
+            taken = take(tab_name, button)  # its training only where the image was taken
+            _on(taken.success, hooks.wrap(start_from_gallery), train_inputs, train_outputs, js="copierLoraGalleryStart")
     return tab
