@@ -1,5 +1,6 @@
 // Copier LoRA tab: progress bar, Interrupt, taking images from the galleries, refreshing the Lora cards.
-// Uses A1111's own helpers: gradioApp, randomId, requestProgress, selected_gallery_index, opts.
+// Uses the WebUIs' own helpers: gradioApp, randomId, requestProgress, selected_gallery_index_id, updateInput,
+// switch_to_txt2img, opts.
 
 function copierLoraShowTab() {
     const tabs = gradioApp().querySelectorAll("#tabs > .tabitem");
@@ -45,6 +46,17 @@ function copierLoraTake(gallery, info, index) {
     }
     copierLoraShowTab();
     return [gallery, info, JSON.stringify(selected)];
+}
+
+function copierLoraSend(text) {
+    // Only the prompt changes: the WebUI's infotext paste would also empty the negative prompt and set Clip skip.
+    const box = gradioApp().querySelector("#txt2img_prompt textarea");
+    if (box) {
+        box.value = text;
+        updateInput(box);
+    }
+    switch_to_txt2img();
+    return [];
 }
 
 function copierLoraInterrupt() {

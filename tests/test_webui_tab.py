@@ -24,7 +24,6 @@ from lib_copier.recipes.request import check_request
 from lib_copier.train.config import field_info
 from lib_copier.webui.gallery import selected_image
 from lib_copier.webui.gallery import take as gallery_take
-from lib_copier.webui.infotext import parse_infotext
 from lib_copier.webui.lora_tools import check_tool, run_checked
 from lib_copier.webui.tab import (
     IMAGE_HEIGHT,
@@ -35,7 +34,7 @@ from lib_copier.webui.tab import (
     build_tab,
     effect_descriptions,
     effect_specs,
-    txt2img_infotext,
+    txt2img_prompt,
 )
 from lib_copier.webui.utilities_tab import TOOLS, build_utilities, result_text, tool_body
 from tests.conftest import randomize_
@@ -116,11 +115,12 @@ def test_transparent_and_16_bit_uploads_train_as_the_api_takes_them(tmp_path):
         check_request(build_request(clear, "x", [], {}, grey16.crop((0, 0, 64, 60)), "copier", "quick", {}, False, ""))
 
 
-def test_send_to_txt2img_pastes_the_prompt_with_the_lora_and_no_model():
+def test_send_to_txt2img_sends_the_prompt_with_the_lora_and_nothing_else():
     results = [{"name": "fox-copier"}, {"name": "fox-grayscale"}]
-    text = txt2img_infotext("a cat", results, "fox-grayscale")
-    info = parse_infotext(text)
-    assert info.prompt == "a cat <lora:fox-grayscale:1>" and "Model hash" not in info.params
+    assert txt2img_prompt("a cat, (best:1.2)\nline 2", results, "fox-grayscale") == (
+        "a cat, (best:1.2)\nline 2 <lora:fox-grayscale:1>"
+    )
+    assert txt2img_prompt("a cat", results, None) == "a cat <lora:fox-copier:1>"  # none picked: the first
 
 
 @pytest.mark.parametrize("shape", ["gradio3", "gradio4-tuple", "gradio4-dict"])

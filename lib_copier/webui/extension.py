@@ -143,10 +143,6 @@ def on_ui_tabs():
     from lib_copier.webui.lora_tools import check_tool, lora_names, run_checked
     from lib_copier.webui.tab import Hooks, build_tab
 
-    def paste(button, text):
-        binding = infotext_utils.ParamBinding(paste_button=button, tabname="txt2img", source_text_component=text)
-        infotext_utils.register_paste_params_button(binding)
-
     def model_kind() -> tuple[str, bool, int]:
         backend = current_host().backend()  # names only: nothing is loaded or moved
         return devices.device.type, backend.family == "sdxl", backend.resolution
@@ -163,7 +159,6 @@ def on_ui_tabs():
         checkpoints=checkpoint_titles,
         open_gallery_item=infotext_utils.image_from_url_text,
         wrap=lambda fn: call_queue.wrap_gradio_gpu_call(fn, extra_outputs=[[], "[]", gr.update()]),
-        paste_to_txt2img=paste,
         galleries=gallery.complete(),
         gallery_trains=lambda: bool(getattr(shared.opts, "copier_lora_gallery_trains", True)),
         model_kind=model_kind,

@@ -41,7 +41,6 @@ from lib_copier.webui.utilities_tab import build_utilities
 class Hooks:
     run: Callable[[TrainRequest, JobState], list[dict]]  # trains on the host; blocks until done
     wrap: Callable[[Callable], Callable] = lambda fn: fn  # the host's queue lock and progress (wrap_gradio_gpu_call)
-    paste_to_txt2img: Callable[[gr.Button, gr.Textbox], None] | None = None
     galleries: dict = field(default_factory=dict)  # tab name → (gallery, generation info, button), from gallery.py
     gallery_trains: Callable[[], bool] = lambda: True
     generate: Callable[[Txt2Img], Image.Image] | None = None  # the host's txt2img, for "Generate here"
@@ -162,11 +161,11 @@ def results_html(results: list[dict]) -> str:
     return f"<ul>{rows}</ul>"
 
 
-def txt2img_infotext(prompt: str, results: list[dict], pick: str) -> str:
-    """The infotext "Send to txt2img" pastes: the prompt with the chosen LoRA at weight 1, no model override."""
+def txt2img_prompt(prompt: str, results: list[dict], pick: str) -> str:
+    """What "Send to txt2img" puts in txt2img's prompt box, and nothing else there changes (the WebUI's infotext
+    paste would empty the negative prompt and set Clip skip): the prompt with the chosen LoRA at weight 1."""
     chosen = next((r for r in results if r["name"] == pick), results[0] if results else None)
-    text = with_lora(prompt, chosen["name"], 1.0) if chosen else prompt
-    return build_infotext(Infotext(text))
+    return with_lora(prompt, chosen["name"], 1.0) if chosen else prompt
 
 
 def build_tab(hooks: Hooks) -> gr.Blocks:
@@ -347,14 +346,11 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
 
         _on(interrupt.click, None, [], [], js="copierLoraInterrupt")
 
-        # The WebUI's paste binding reads `paste_text` the moment Send is clicked, so it is kept current.
-        def paste_infotext(prompt, results, chosen):
-            return txt2img_infotext(prompt, json.loads(results or "[]"), chosen)
+        def sent_prompt(prompt, results, chosen):
+            return txt2img_prompt(prompt, json.loads(results or "[]"), chosen)
 
-        for source in (send_prompt, results_json, pick):
-            source.change(paste_infotext, [send_prompt, results_json, pick], [paste_text])
-        if hooks.paste_to_txt2img:
-            hooks.paste_to_txt2img(send, paste_text)
+        composed = send.click(sent_prompt, [send_prompt, results_json, pick], [paste_text])
+        _on(composed.then, None, [paste_text], [], js="copierLoraSend")  # into txt2img's prompt box, and go there
 
         def take(tab_name: str, button):  # the gallery's selected image and its description, or its sentence
             gallery, generation_info, _ = hooks.galleries[tab_name]
