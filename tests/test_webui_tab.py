@@ -344,19 +344,40 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     # The estimate says what Train would refuse while the user types it (Thorough warms up for 500 steps).
     tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: ("cpu", False, 512)))
     estimate_text, _ = _tab_function(tab, "estimate_text")
-    assert estimate_text("copier", "thorough", ["Grayscale"], 64, 3000, 1, [], None).startswith("7000 training steps")
-    small = estimate_text("copier", "thorough", ["Grayscale"], None, 3000, 1, [], Image.new("RGB", (64, 64)))
+    assert estimate_text("copier", "thorough", ["Grayscale"], 64, 3000, 1, [], None, None).startswith("7000 training")
+    small = estimate_text("copier", "thorough", ["Grayscale"], None, 3000, 1, [], Image.new("RGB", (64, 64)), None)
     assert small.startswith("The 64x64 original trains at 512x512, scaled up 8.0x")
-    refused = estimate_text("copier", "thorough", ["Grayscale"], None, 100, 1, [], None)
+    refused = estimate_text("copier", "thorough", ["Grayscale"], None, 100, 1, [], None, None)
     assert refused == "Train would refuse this: warmup_steps (500) must be at most steps (100), " + (
         "or the learning rate never reaches its setting."
     )
     # A model Train would refuse (here, a flow-matching one in Forge) is said as soon as the form changes.
     flux = CopierError("the loaded model does not sample as SD does")
     tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: (_ for _ in ()).throw(flux)))
-    assert _tab_function(tab, "estimate_text")[0]("copier", "quick", [], 0, 10, 1, [], None) == (
+    assert _tab_function(tab, "estimate_text")[0]("copier", "quick", [], 0, 10, 1, [], None, None) == (
         "Train would refuse this: the loaded model does not sample as SD does."
     )
+
+
+def test_the_estimate_counts_your_own_edit_and_says_what_train_would_refuse_of_the_size_and_image():
+    """With an edit uploaded the estimate counted one LoRA too few (0 steps with no effect ticked); a training size
+    Train refuses, or an original over 4096 px, got an ordinary estimate (and the previews a red "Error")."""
+    tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: ("cpu", False, 512)))
+    estimate_text, _ = _tab_function(tab, "estimate_text")
+    edit, image = Image.new("RGB", (64, 64), "blue"), Image.new("RGB", (64, 64))
+    assert estimate_text("addift", "quick", [], 64, 100, 1, [], image, None) == (
+        "Train would refuse this: the addift method needs at least one effect or processed image."
+    )
+    assert estimate_text("addift", "quick", [], 64, 100, 1, [], image, edit).startswith("100 training steps")
+    assert estimate_text("addift", "quick", ["Invert"], 64, 100, 1, [], image, edit).startswith("200 training steps")
+    for side in (-64, 10, 5000):
+        text = estimate_text("addift", "quick", ["Invert"], side, 100, 1, [], image, None)
+        assert text == f"Train would refuse this: the training size is {side}; it must be between 64 and 2048."
+    wide = Image.new("RGB", (5000, 100))
+    text = estimate_text("addift", "quick", ["Invert"], 0, 100, 1, [], wide, None)
+    assert text == "Train would refuse this: the original is 5000x100 px; the largest side allowed is 4096 px."
+    preview, _ = _tab_function(tab, "preview")
+    assert preview(wide, ["Invert"], *[None] * (len(_tab_function(tab, "preview")[1]) - 2)) == []
 
 
 def test_the_previews_say_when_an_effect_changes_nothing_in_the_image():

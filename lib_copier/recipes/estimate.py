@@ -9,7 +9,10 @@ made.
 
 from __future__ import annotations
 
-from lib_copier.recipes.job import RECIPE_PRESETS, fitted_size, method_config, training_side
+from lib_copier.effects.image_io import check_size
+from lib_copier.fields import check_field
+from lib_copier.recipes.job import RECIPE_PRESETS, check_effect_count, fitted_size, method_config, training_side
+from lib_copier.recipes.request import TrainRequest
 from lib_copier.train.config import PAIR_LOSSES
 
 CPU_SECONDS_AT = (2.07, 7.98e-5)  # seconds per step = a + b * side², SD1.5 on 2 CPU cores
@@ -89,7 +92,12 @@ def describe_run(
     """`estimate` for a run as a form describes it: `asked` holds the form's values of trainer settings (steps,
     batch_size), which override the method and preset where they differ from them; `side` is the form's training
     size (0: the model's native `model_side`). With the original's size, the size it trains at where that differs
-    (`size_note`)."""
+    (`size_note`). What Train would refuse of these is its sentence (CopierError)."""
+    if side:
+        check_field(TrainRequest, "size", side, lambda _: "the training size")
+    if image_size:
+        check_size(image_size, "the original")
+    check_effect_count(method, effects)
     defaults = method_config(method, preset, {})
     overrides = {k: int(v) for k, v in asked.items() if v is not None and v != getattr(defaults, k)}
     steps = recipe_steps(method, effects, preset, overrides, originals)

@@ -159,8 +159,7 @@ def check_job(job: Job, backend: Backend) -> None:
         raise CopierError(f"unknown method {job.method!r}; choose one of {', '.join(METHODS)}")
     if not job.originals:
         raise CopierError("the job has no original image")
-    if not job.effects and job.method != "copier":
-        raise CopierError(f"the {job.method} method needs at least one effect or processed image")
+    check_effect_count(job.method, len(job.effects))
     job.config()  # validates the preset and every override
     check_folder(job.out_dir)
     labels = [e.label for e in job.effects]
@@ -184,6 +183,11 @@ def check_job(job: Job, backend: Backend) -> None:
 # Attention memory grows with the fourth power of the side: the built-in 128-px model takes 3 GB at 1024 and more
 # than 14 GB at 2048. Full-size models stay under the request's 2048 anyway.
 MAX_SIDE_FACTOR = 8
+
+
+def check_effect_count(method: str, effects: int) -> None:
+    if not effects and method != "copier":
+        raise CopierError(f"the {method} method needs at least one effect or processed image")
 
 
 def side_multiple(resolution: int) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from lib_copier.effects.image_io import read_image, to_rgb
+from lib_copier.effects.image_io import MAX_SIDE, read_image, to_rgb
 from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError
 from lib_copier.fields import check
@@ -282,6 +282,8 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             if img is None:
                 return []
             by_key = dict(zip(sliders, values, strict=True))
+            if max(img.size) > MAX_SIDE:  # the estimate says why Train would refuse it
+                return []
             img = to_rgb(img)
             return [effect.preview(img) for effect in make_effects(effect_specs(chosen, by_key))]
 
@@ -296,19 +298,21 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 list(settings.values()),
             )
 
-        def estimate_text(meth, pre, chosen, side, steps, batch, extra, img):
+        def estimate_text(meth, pre, chosen, side, steps, batch, extra, img, edit):
             if hooks.model_kind is None:
                 return ""
             asked, shape = {"steps": steps, "batch_size": batch}, img.size if img is not None else None
+            effect_count = len(chosen) + (edit is not None)  # your own edit is one more processed LoRA
             try:
                 device, sdxl, native = hooks.model_kind()
                 return describe_run(
-                    meth, pre, asked, len(chosen), 1 + len(extra or ()), device, int(side or 0), sdxl, native, shape
+                    meth, pre, asked, effect_count, 1 + len(extra or ()), device, int(side or 0), sdxl, native, shape
                 )
             except CopierError as exc:  # said as the user types, not only at Train
                 return f"Train would refuse this: {exc}."
 
-        estimate_inputs = [method, preset, selected, size, settings["steps"], settings["batch_size"], more, image]
+        counted = [settings["steps"], settings["batch_size"], more, image, edited]
+        estimate_inputs = [method, preset, selected, size, *counted]
         for component in estimate_inputs:  # not at build time: the WebUI may still be loading its model
             component.change(estimate_text, estimate_inputs, [estimated])
 
