@@ -56,15 +56,16 @@ def job(tmp_path, original, **kwargs) -> Job:
 
 @pytest.mark.parametrize(
     "name",
-    ["", " ", "../evil", "a/b", "a\\b", "-dash", "x" * 121, "semi;colon", "NUL", "con.v2", "Com1", "lpt9 .x", "aux"],
-)
+    ["", " ", "../evil", "a/b", "a\\b", "-dash", "x" * 121, "semi;colon", "NUL", "con.v2", "Com1", "lpt9 .x", "aux",
+     "_x", "a:b", "a<b>", "q?", "a*", 'a"b', "a|b", "tab\tname", "ink.safetensors", "ink.SafeTensors"],
+)  # fmt: skip
 def test_bad_output_names_are_refused_in_one_sentence(name):
     with pytest.raises(CopierError, match="output name"):
         check_name(name)
 
 
-def test_names_near_windows_device_names_are_fine():
-    for name in ("console", "null", "com10", "Con-copier", "aux (2)", "nul_effect.v2"):
+def test_names_near_windows_device_names_and_in_any_script_are_fine():
+    for name in ("console", "null", "com10", "Con-copier", "aux (2)", "nul_effect.v2", "キャラ", "café 猫", "Ölbild-2"):
         assert check_name(name) == name
 
 

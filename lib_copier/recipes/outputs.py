@@ -19,7 +19,7 @@ from lib_copier.names import WINDOWS_DEVICES
 
 SUFFIXES = (".safetensors", ".json", ".png")
 SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # the sidecar's "sd version" values in A1111
-_ALLOWED = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+\-()\[\]]*")
+_ALLOWED = re.compile(r"[^\W_][\w ._+\-()\[\]]*")  # letters and digits of any script: "キャラ", "café"
 
 
 def check_name(name: str, what: str = "the output name") -> str:
@@ -28,7 +28,9 @@ def check_name(name: str, what: str = "the output name") -> str:
         raise CopierError(f"{what} is empty")
     if "/" in name or "\\" in name or ".." in name:
         raise CopierError(f"{what} {shown(name)} must not contain path separators or '..'")
-    rule = "it may use ASCII letters, digits, spaces and . _ + - ( ) [ ] and must start with a letter or digit"
+    rule = "it may use letters, digits, spaces and . _ + - ( ) [ ] and must start with a letter or digit"
+    if name.lower().endswith(".safetensors"):
+        raise CopierError(f"{what} {shown(name)} ends in .safetensors, which is added to it: give {shown(name[:-12])}")
     if len(name) > 120:
         raise CopierError(f"{what} {shown(name)} is too long; it may be at most 120 characters")
     if not _ALLOWED.fullmatch(name):
