@@ -41,6 +41,7 @@ def _output(parser: argparse.ArgumentParser) -> None:
 
 
 # kohya's option for each input our commands take in place (`--models a b`, `resize --model a`, `extract --model_org`).
+MAX_RATIO = 1e4  # a merge's ratio, either sign
 _KOHYA_INPUTS = {"loras": "--models", "lora": "--model", "original": "--model_org", "tuned": "--model_tuned"}
 
 
@@ -69,7 +70,10 @@ def _inputs_given(args: argparse.Namespace, *names: str) -> None:
 def _inputs_with_ratios(parser: argparse.ArgumentParser) -> None:
     _input(parser, "loras", many=True)
     parser.add_argument(
-        "--ratios", nargs="+", type=number(float, -1e4, 1e4), help="one per LoRA (default 1 each); negative subtracts"
+        "--ratios",
+        nargs="+",
+        type=number(float, -MAX_RATIO, MAX_RATIO),
+        help="one per LoRA (default 1 each); negative subtracts",
     )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from lib_copier.errors import CopierError, shown
 from lib_copier.fields import from_json, quoted, setting
+from lib_copier.lora.cli import MAX_RATIO
 from lib_copier.lora.ops import DYNAMIC_METHODS, check_dynamic
 from lib_copier.lora.weights import KOHYA_CLAMP
 from lib_copier.recipes.outputs import check_name
@@ -167,6 +168,11 @@ def check_tool(
         argv += [str(lora_file(lora_dirs, name)) for name in request.loras]
         if request.ratios is not None and len(request.ratios) != len(request.loras):
             raise CopierError(f'{len(request.loras)} "loras" but {len(request.ratios)} "ratios"; give one per LoRA')
+        for i, ratio in enumerate(request.ratios or ()):  # said here: the command line's sentence names --ratios
+            if not abs(ratio) <= MAX_RATIO:
+                raise CopierError(
+                    f'"ratios" item {i + 1} is {ratio:g}; it must be between {-MAX_RATIO:g} and {MAX_RATIO:g}'
+                )
     if isinstance(request, Resize):
         argv.append(str(lora_file(lora_dirs, request.lora, "lora")))
         check_dynamic(request.dynamic_method, request.dynamic_param)
