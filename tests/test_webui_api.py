@@ -298,7 +298,7 @@ def test_a_body_that_is_not_json_is_one_400_sentence(api, route, raw, sentence):
 
 
 BAD_TOOLS = [
-    ("merge", {"loras": ["base"], "ratios": [1e300], "out": "x"}, '"ratios" item 1 is 1e+300; it must be between -10000'),
+    ("merge", {"loras": ["base"], "ratios": [1e300], "out": "x"}, '"ratios" item 1 is 1e+300; it must be between'),
     ("resize", {"lora": "absent", "rank": 2, "out": "x"}, "there is no LoRA named 'absent'"),
     ("resize", {"lora": "base", "rank": 0, "out": "x"}, '"rank" is 0; it must be between 1 and 1024'),
     ("resize", {"lora": "base", "rank": "8", "out": "x"}, '"rank" must be a whole number'),
