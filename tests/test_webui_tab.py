@@ -340,6 +340,9 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
         generate("a red apple", "", None, None, 7.0, 64)
     with pytest.raises(gr.Error, match='"width" is 32; it must be between 64'):
         generate("a red apple", "", 3, 20, 7.0, 32)
+    # The infotext records the size the WebUI drew (sides rounded to a multiple of 8), not the one asked for.
+    drawn = build_tab(Hooks(run=lambda request, state: [], generate=lambda request: Image.new("RGB", (96, 96))))
+    assert "Size: 96x96" in _tab_function(drawn, "generate_here")[0]("fox", "", 3, 2, 7.0, 100).info["parameters"]
 
     # The estimate says what Train would refuse while the user types it (Thorough warms up for 500 steps).
     tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: ("cpu", False, 512)))

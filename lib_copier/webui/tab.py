@@ -372,11 +372,9 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             except CopierError as exc:
                 raise gr.Error(str(exc)) from None  # shown by gradio, over the tab
             img = hooks.generate(request)
-            img.info["parameters"] = build_infotext(
-                Infotext(
-                    prompt, negative, {"Steps": int(steps), "CFG scale": cfg, "Seed": seed, "Size": f"{side}x{side}"}
-                )
-            )
+            size = f"{img.width}x{img.height}"  # as drawn: a WebUI rounds a side to a multiple of 8
+            params = {"Steps": int(steps), "CFG scale": cfg, "Seed": seed, "Size": size}
+            img.info["parameters"] = build_infotext(Infotext(prompt, negative, params))
             return img
 
         if hooks.generate:
