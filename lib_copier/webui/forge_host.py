@@ -49,6 +49,7 @@ class ForgeHost(A1111Host):
             raise CopierError("Forge has no Stable Diffusion model loaded; pick a checkpoint first")
 
     BACKEND = ForgeBackend
+    OFFLOAD_SWAPS = True  # whether --always-offload-from-vram keeps the model in CPU memory (reForge ignores it)
 
     def model_changed(self) -> bool:
         """Forge loads a checkpoint picked during the run at its next generation, which would draw the grids with it:
@@ -58,8 +59,6 @@ class ForgeHost(A1111Host):
         data = getattr(sd_models, "model_data", None)
         pending = data is not None and hasattr(data, "forge_loading_parameters") and hasattr(data, "forge_hash")
         return super().model_changed() or (pending and str(data.forge_loading_parameters) != data.forge_hash)
-
-    OFFLOAD_SWAPS = True  # whether --always-offload-from-vram keeps the model in CPU memory (reForge ignores it)
 
     @staticmethod
     def memory_management():
