@@ -30,12 +30,11 @@ from lib_copier.webui.tab import (
     LABELS,
     SETTING_GROUPS,
     Hooks,
-    build_request,
     build_tab,
     effect_descriptions,
-    effect_specs,
     txt2img_prompt,
 )
+from lib_copier.webui.tab_form import build_request, effect_specs
 from lib_copier.webui.utilities_tab import TOOLS, build_utilities, result_text, tool_body
 from tests.conftest import randomize_
 
@@ -329,6 +328,8 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     assert status == "<ul></ul>", status  # trained (the stand-in made no files), no error
     (request,) = asked
     assert request.size is None and request.grid_steps == 20 and request.overrides == {}
+    values[[c.elem_id for c in inputs].index("copier_lora_size")] = -64  # said with the box's label, before training
+    assert "&quot;Training size&quot; is -64; it must be between 64 and 2048" in start(*values)[-1] and len(asked) == 1
     image = Image.new("RGB", (64, 64))
     with pytest.raises(CopierError, match='"grid_steps" is 0'):  # a value typed, unlike an empty box, is checked
         check_request(build_request(image, "x", [], {}, None, "copier", "quick", {}, False, "", grid_steps=0))
@@ -336,9 +337,9 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     assert all(c.precision == 0 for c in inputs if c.elem_id in emptied)
 
     generate, inputs = _tab_function(tab, "generate_here")
-    with pytest.raises(gr.Error, match='"steps" is required'):
+    with pytest.raises(gr.Error, match='"Steps" is required'):  # the box's label
         generate("a red apple", "", None, None, 7.0, 64)
-    with pytest.raises(gr.Error, match='"width" is 32; it must be between 64'):
+    with pytest.raises(gr.Error, match='"Width and height" is 32; it must be between 64'):
         generate("a red apple", "", 3, 20, 7.0, 32)
     # The infotext records the size the WebUI drew (sides rounded to a multiple of 8), not the one asked for.
     drawn = build_tab(Hooks(run=lambda request, state: [], generate=lambda request: Image.new("RGB", (96, 96))))

@@ -17,8 +17,8 @@ from PIL import Image
 from lib_copier.effects.chain import split_specs
 from lib_copier.effects.image_io import read_image
 from lib_copier.errors import CopierError, shown
+from lib_copier.fields import Name, from_json, quoted, setting
 from lib_copier.fields import check as check_fields
-from lib_copier.fields import from_json, quoted, setting
 from lib_copier.models.generate import MAX_PROMPT, MAX_STEPS, Txt2Img
 from lib_copier.names import slug
 from lib_copier.recipes.job import method_config, output_names
@@ -113,10 +113,10 @@ class TrainRequest:
     save_on_interrupt: bool = setting(False, "an interrupted run keeps what it trained so far")
 
 
-def check_request(request: TrainRequest) -> TrainRequest:
-    """The request itself, or one sentence naming what is wrong: field types and limits, then the rules between
-    fields. Nothing here touches a model, a file or a lock."""
-    check_fields(request, quoted)
+def check_request(request: TrainRequest, name: Name = quoted) -> TrainRequest:
+    """The request itself, or one sentence naming what is wrong: field types and limits (each field called as `name`
+    says: the tab names its boxes), then the rules between fields. Nothing here touches a model, a file or a lock."""
+    check_fields(request, name)
     if (request.image is None) == (request.generate is None):
         raise CopierError('give either "image" or "generate", not both or neither')
     if request.method != "copier" and not request.effects:

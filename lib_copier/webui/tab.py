@@ -12,28 +12,27 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
-from pathlib import Path
 
 import gradio as gr
 from PIL import Image
 
-from lib_copier.effects.image_io import MAX_SIDE, read_image, to_rgb
+from lib_copier.effects.image_io import MAX_SIDE, to_rgb
 from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError
 from lib_copier.fields import check
 from lib_copier.models.generate import Txt2Img
-from lib_copier.names import slug
 from lib_copier.recipes.estimate import describe_run
 from lib_copier.recipes.job import RECIPE_PRESETS, method_config
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.processed import make_effects
-from lib_copier.recipes.request import DEFAULT_GRID_PROMPTS, DEFAULT_GRID_STEPS, TrainRequest
+from lib_copier.recipes.request import DEFAULT_GRID_PROMPTS, DEFAULT_GRID_STEPS, TrainRequest, check_request
 from lib_copier.seeds import RANDOM, fixed_seed
 from lib_copier.train.config import PRESETS, field_info
 from lib_copier.webui.gallery import describe_image
 from lib_copier.webui.gallery import take as gallery_take
-from lib_copier.webui.infotext import Infotext, build_infotext, image_infotext, with_lora
+from lib_copier.webui.infotext import Infotext, build_infotext, with_lora
 from lib_copier.webui.jobs import JobState
+from lib_copier.webui.tab_form import build_request, default_name, effect_specs, labelled
 from lib_copier.webui.utilities_tab import build_utilities
 
 
@@ -89,67 +88,6 @@ SETTING_GROUPS = {
 def effect_descriptions(chosen: list[str]) -> str:
     """One line per ticked effect (by label): what it does to the image."""
     return "\n".join(f"- **{e.label}**: {e.description}" for e in all_effects() if e.label in chosen)
-
-
-def effect_specs(selected: list[str], values: dict[str, float]) -> list[list[str]]:
-    """Ticked effects (by label) with their parameter values → one chain spec per effect."""
-    specs = []
-    for effect in all_effects():
-        if effect.label in selected:
-            given = [(p.name, values.get(f"{effect.name}.{p.name}")) for p in effect.params]
-            params = ",".join(f"{key}={value}" for key, value in given if value is not None)
-            specs.append([f"{effect.name}:{params}" if params else effect.name])
-    return specs
-
-
-def default_name(image: Image.Image | None) -> str:
-    """From the image's prompt; the effect is added by each result's own file name (`<name>-<effect>`)."""
-    info = image_infotext(image) if image is not None else None
-    return (slug(info.prompt, 24) if info and info.prompt else "") or "copier"
-
-
-def build_request(
-    image,
-    name,
-    selected,
-    values,
-    edited,
-    method,
-    preset,
-    settings,
-    save_on_interrupt,
-    grid_prompts,
-    size=0,
-    grid_steps=DEFAULT_GRID_STEPS,
-    more=(),
-):
-    if image is None:
-        raise CopierError("there is no original image: upload one, take one from a gallery, or generate one")
-    more_images = [read_image(_path(f), f"original {Path(_path(f)).name}") for f in more or ()]
-    edits = [("edited", to_rgb(edited, "your edit"))] if edited is not None else []
-    effects = make_effects(effect_specs(selected, values), edits)
-    caption = (image_infotext(image) or Infotext("")).prompt
-    defaults = method_config(method, preset, {})
-    overrides = {k: v for k, v in settings.items() if v is not None and v != getattr(defaults, k)}
-    return TrainRequest(
-        image=to_rgb(image, "the original"),
-        name=name.strip() or default_name(image),
-        effects=effects,
-        method=method,
-        preset=preset,
-        overrides=overrides,
-        caption=caption,
-        grid_prompts=[p for p in grid_prompts.splitlines() if p.strip()] or list(DEFAULT_GRID_PROMPTS),
-        save_on_interrupt=save_on_interrupt,
-        size=int(size) if size else None,  # 0, or an emptied number box (None): the model's native side
-        grid_steps=DEFAULT_GRID_STEPS if grid_steps is None else int(grid_steps),  # 0 is refused, not replaced
-        more_images=more_images,
-    )
-
-
-def _path(file) -> str:
-    """A gr.File item's path: a temp-file object on gradio 3, a path string on gradio 4."""
-    return getattr(file, "name", file)
 
 
 def results_html(results: list[dict]) -> str:
@@ -330,6 +268,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             try:
                 request = build_request(img, out_name, chosen, values, edit, meth, pre, chosen_settings, keep,
                                         grid_text, side, grid_step_count, extra)  # fmt: skip
+                check_request(request, labelled)
                 results = hooks.run(request, JobState("tab"))
             except CopierError as exc:
                 return [], "[]", gr.update(choices=[]), f"<p class='copier-lora-error'>{escape(str(exc))}</p>"
@@ -368,7 +307,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         def generate_here(prompt, negative, seed, steps, cfg, side):
             seed = fixed_seed(int(seed) if seed is not None and seed >= 0 else RANDOM)  # recorded in the infotext
             try:  # an emptied box reads None, which the check names
-                request = check(Txt2Img(prompt, negative, seed, steps, cfg, side, side))
+                request = check(Txt2Img(prompt, negative, seed, steps, cfg, side, side), labelled)
             except CopierError as exc:
                 raise gr.Error(str(exc)) from None  # shown by gradio, over the tab
             img = hooks.generate(request)
