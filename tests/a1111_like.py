@@ -164,6 +164,12 @@ class StandInUI:
         self.replaced = False
         self.noise_schedule = "Default"  # the WebUIs' setting "Noise schedule for sampling"
 
+    def list_loras(self) -> None:
+        """As the adapters have the WebUI do at the end of a job: its list of LoRA files read again."""
+        folder = self.lora_dir
+        files = folder.rglob("*.safetensors") if folder else []
+        self.listed = sorted(p.relative_to(folder).as_posix() for p in files)
+
     def model_changed(self):
         return self.replaced
 
@@ -229,4 +235,7 @@ class A1111Host(StandInUI):
     @contextmanager
     def prepared(self):
         self.prepared_jobs += 1
-        yield
+        try:
+            yield
+        finally:
+            self.list_loras()

@@ -506,5 +506,8 @@ class ForgeHost(StandInUI):
     def prepared(self):
         self.prepared_jobs += 1
         classic = self.sd_model.design == "classic"
-        with borrowed(self.sd_model, self.sd_model.memory.unload_model_clones if classic else None):
-            yield
+        try:
+            with borrowed(self.sd_model, self.sd_model.memory.unload_model_clones if classic else None):
+                yield
+        finally:
+            self.list_loras()

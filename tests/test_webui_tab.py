@@ -154,6 +154,8 @@ def test_the_from_buttons_take_the_image_selected_in_their_own_gallery_or_the_fi
     assert image.getpixel((0, 0)) == (0, 0, 255) and "seed 2," in text
     image, text = gallery_take(paths, info, json.dumps({"txt2img": 2, "img2img": -1}), "img2img")  # none selected
     assert image.getpixel((0, 0)) == (255, 0, 0) and "seed 1," in text
+    image, _ = gallery_take(paths, info, json.dumps({"txt2img": 0}), "txt2img")  # the grid, selected after generating
+    assert image.getpixel((0, 0)) == (255, 0, 0)
     with pytest.raises(gr.Error, match="the gallery is empty; generate an image first"):
         gallery_take([], "", json.dumps({"txt2img": -1, "img2img": -1}), "img2img")
 

@@ -115,6 +115,7 @@ def test_interrupt_from_the_webui_keeps_nothing_unless_asked(host, tmp_path):
         train_in_webui(request_for(host, save_on_interrupt=True), host, tmp_path / "b", JobState("b"))
     assert (tmp_path / "b" / "cat-copier.safetensors").is_file()
     assert not (tmp_path / "b" / STAGING).exists()
+    assert "b/cat-copier.safetensors" in host.listed and not [f for f in host.listed if STAGING in f]  # the WebUI's
 
     host.interrupt_when = lambda shown: any(text.startswith("strength grid") for text, _, _ in shown)
     with pytest.raises(Interrupted, match="interrupted while drawing the strength grids$"):
@@ -125,6 +126,8 @@ def test_interrupt_from_the_webui_keeps_nothing_unless_asked(host, tmp_path):
         train_in_webui(request_for(host, save_on_interrupt=True), host, tmp_path / "d", JobState("d"))
     assert {p.name for p in (tmp_path / "d").glob("*.safetensors")} == {"cat-copier.safetensors",
                                                                          "cat-grayscale.safetensors"}  # fmt: skip
+    assert {"d/cat-copier.safetensors", "d/cat-grayscale.safetensors"} <= set(host.listed)  # LoRA list, refreshed after
+    assert not [f for f in host.listed if STAGING in f]  # the kept files moved out of the folder the grids read
 
 
 def test_a_model_change_mid_run_aborts_with_one_sentence_and_keeps_nothing(host, tmp_path):

@@ -82,8 +82,8 @@ def describe_image(image: Image.Image | None) -> str:
 
 
 def selected_image(gallery, generation_info: str, index, load: Callable = open_item) -> Image.Image:
-    """The gallery's selected image (if none is selected, the first image after the grid of a batch), with its
-    infotext as PNG `parameters`.
+    """The gallery's selected image (if none is, or the batch's grid is, its first image), with its infotext as PNG
+    `parameters`.
 
     In the WebUI `load` is its own `image_from_url_text`, which also refuses files outside its output folders."""
     items = list(gallery or [])
@@ -100,7 +100,8 @@ def selected_image(gallery, generation_info: str, index, load: Callable = open_i
     except (TypeError, ValueError):
         index = -1
     first = info.get("index_of_first_image", 0)
-    index = index if 0 <= index < len(items) else (first if isinstance(first, int) and 0 <= first < len(items) else 0)
+    first = first if isinstance(first, int) and 0 <= first < len(items) else 0
+    index = index if first <= index < len(items) else first  # the batch's grid, shown selected after generating: not it
     image = load(items[index])
     image.load()
     texts = info.get("infotexts", [])

@@ -64,22 +64,28 @@ def train_in_webui(request: TrainRequest, host: WebUIHost, out_dir: Path, state:
     staging = out_dir / STAGING / state.id
     _drop_leftovers(staging)
     try:
-        with host.prepared():
-            results, grids = _train_and_draw(request, host, out_dir, staging, state)
+        with host.prepared():  # which refreshes the WebUI's LoRA list at its end: after the files have moved
+            try:
+                results, grids = _train_and_draw(request, host, out_dir, staging, state)
+            except BaseException as exc:
+                _keep_what_is_finished(request, staging, out_dir, exc)
+                raise
         return [_describe(r, grid, out_dir) for r, grid in zip(results, grids, strict=True)]
-    except BaseException as exc:
-        kept = []
-        if request.save_on_interrupt:  # what an interrupted run wrote is kept; the error that stopped it is the news
-            with contextlib.suppress(CopierError):
-                kept = [file.stem for file in _publish(staging, out_dir) if file.suffix == ".safetensors"]
-        if kept and isinstance(exc, CopierError):
-            kind = Interrupted if isinstance(exc, Interrupted) else CopierError
-            raise kind(f"{exc}; kept {', '.join(kept)}") from exc
-        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(OSError):
             staging.parent.rmdir()  # only when no other run's files are in it
+
+
+def _keep_what_is_finished(request: TrainRequest, staging: Path, out_dir: Path, exc: BaseException) -> None:
+    """With `save_on_interrupt`, what a stopped run wrote is kept, and the sentence that stopped it names it."""
+    kept = []
+    if request.save_on_interrupt:
+        with contextlib.suppress(CopierError):
+            kept = [file.stem for file in _publish(staging, out_dir) if file.suffix == ".safetensors"]
+    if kept and isinstance(exc, CopierError):
+        kind = Interrupted if isinstance(exc, Interrupted) else CopierError
+        raise kind(f"{exc}; kept {', '.join(kept)}") from exc
 
 
 def _train_and_draw(request: TrainRequest, host: WebUIHost, out_dir: Path, staging: Path, state: JobState):
