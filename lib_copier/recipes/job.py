@@ -154,6 +154,11 @@ def _stem(name: str, label: str, kind: str) -> str:
     return "-".join(part for part in (name, label, SUFFIX[kind]) if part)
 
 
+# Attention memory grows with the fourth power of the side: the built-in 128-px model takes 3 GB at 1024 and more
+# than 14 GB at 2048. Full-size models stay under the request's 2048 anyway.
+MAX_SIDE_FACTOR = 8
+
+
 def check_job(job: Job, backend: Backend) -> None:
     if job.method not in METHODS:
         raise CopierError(f"unknown method {job.method!r}; choose one of {', '.join(METHODS)}")
@@ -178,11 +183,6 @@ def check_job(job: Job, backend: Backend) -> None:
                 f"the original would train at {image.width}x{image.height}, more than {MAX_SIDE_FACTOR} times the side "
                 f"of this {backend.resolution}-px model; ask for a training size of at most {largest}"
             )
-
-
-# Attention memory grows with the fourth power of the side: the built-in 128-px model takes 3 GB at 1024 and more
-# than 14 GB at 2048. Full-size models stay under the request's 2048 anyway.
-MAX_SIDE_FACTOR = 8
 
 
 def check_effect_count(method: str, effects: int) -> None:

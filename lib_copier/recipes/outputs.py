@@ -28,9 +28,9 @@ def check_name(name: str, what: str = "the output name") -> str:
         raise CopierError(f"{what} is empty")
     if "/" in name or "\\" in name or ".." in name:
         raise CopierError(f"{what} {shown(name)} must not contain path separators or '..'")
-    rule = "it may use letters, digits, spaces and . _ + - ( ) [ ] and must start with a letter or digit"
     if name.lower().endswith(".safetensors"):
         raise CopierError(f"{what} {shown(name)} ends in .safetensors, which is added to it: give {shown(name[:-12])}")
+    rule = "it may use letters, digits, spaces and . _ + - ( ) [ ] and must start with a letter or digit"
     if len(name) > 120:
         raise CopierError(f"{what} {shown(name)} is too long; it may be at most 120 characters")
     if not _ALLOWED.fullmatch(name):
