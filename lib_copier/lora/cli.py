@@ -40,8 +40,8 @@ def _output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
-# kohya's option for each input our commands take in place (`--models a b`, `resize --model a`, `extract --model_org`).
 MAX_RATIO = 1e4  # a merge's ratio, either sign
+# kohya's option for each input our commands take in place (`--models a b`, `resize --model a`, `extract --model_org`).
 _KOHYA_INPUTS = {"loras": "--models", "lora": "--model", "original": "--model_org", "tuned": "--model_tuned"}
 
 
