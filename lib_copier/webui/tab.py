@@ -16,7 +16,7 @@ from html import escape
 import gradio as gr
 from PIL import Image
 
-from lib_copier.effects.image_io import MAX_SIDE, to_rgb
+from lib_copier.effects.image_io import to_rgb
 from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError
 from lib_copier.fields import check
@@ -220,9 +220,10 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             if img is None:
                 return []
             by_key = dict(zip(sliders, values, strict=True))
-            if max(img.size) > MAX_SIDE:  # the estimate says why Train would refuse it
+            try:
+                img = to_rgb(img)
+            except CopierError:  # too large: the estimate says why Train would refuse it
                 return []
-            img = to_rgb(img)
             return [effect.preview(img) for effect in make_effects(effect_specs(chosen, by_key))]
 
         def on_image(img, chosen, current_name):
