@@ -17,15 +17,34 @@ function copierLoraRefreshCards() {
     });
 }
 
+let copierLoraRunning = false; // a run this page started is queued or training
+
+function copierLoraShowTrain(show) {
+    const button = gradioApp().getElementById("copier_lora_train");
+    if (button) button.style.display = show ? "" : "none";
+}
+
 function copierLoraStart() {
+    // Like txt2img's Generate, Train is hidden while its run goes; a gallery button pressed meanwhile sends no task
+    // id, and the tab says a run is going instead of queueing a second one.
+    const args = Array.from(arguments);
+    if (copierLoraRunning) {
+        args[0] = "";
+        return args;
+    }
+    copierLoraRunning = true;
+    copierLoraShowTrain(false);
     const id = randomId();
     requestProgress(
         id,
         gradioApp().getElementById("copier_lora_status"),
         null,
-        copierLoraRefreshCards
+        function() {
+            copierLoraRunning = false;
+            copierLoraShowTrain(true);
+            copierLoraRefreshCards();
+        }
     );
-    const args = Array.from(arguments);
     args[0] = id;
     return args;
 }

@@ -321,10 +321,11 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     Generate says which value is missing, instead of a TypeError's "Error"."""
     asked = []
     tab = build_tab(Hooks(run=lambda request, state: asked.append(request) or [], generate=lambda request: None))
-    start, inputs = _tab_function(tab, "start")
+    start, inputs = _tab_function(tab, "train_unless_running")
     emptied = {"copier_lora_size", "copier_lora_grid_steps", "copier_lora_steps", "copier_lora_rank"}
     values = [None if c.elem_id in emptied else "" if c.value is None and isinstance(c, gr.Textbox) else c.value
               for c in inputs]  # fmt: skip
+    values[0] = "task(1)"  # the task id the page's JS gives a run
     values[[c.elem_id for c in inputs].index("copier_lora_image")] = Image.new("RGB", (64, 64), "red")
     *_, status = start(*values)
     assert status == "<ul></ul>", status  # trained (the stand-in made no files), no error
@@ -363,6 +364,29 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     assert _tab_function(tab, "estimate_text")[0]("copier", "quick", [], 0, 10, 1, [], None, None) == (
         "Train would refuse this: the loaded model does not sample as SD does."
     )
+
+
+def test_train_pressed_again_while_its_run_goes_says_so_at_once_instead_of_queueing_a_second_run():
+    """The page's JS hides Train while its run goes and sends no task id for a gallery button pressed meanwhile: the
+    tab then says a run is going, without waiting in the WebUI's queue behind it, and trains nothing."""
+    queued, trained = [], []
+
+    def wrap(fn):  # the WebUI's queue: entering it waits for the run in progress
+        return lambda *args: queued.append(args[0]) or fn(*args)
+
+    hooks = Hooks(run=lambda request, state: trained.append(request) or [], wrap=wrap)
+    train, inputs = _tab_function(build_tab(hooks), "train_unless_running")
+    values = ["" if c.value is None and isinstance(c, gr.Textbox) else c.value for c in inputs]
+    values[[c.elem_id for c in inputs].index("copier_lora_image")] = Image.new("RGB", (64, 64), "red")
+    *kept, status = train("", *values[1:])
+    assert "still running" in status and all(update == gr.update() for update in kept)
+    assert queued == [] and trained == []
+    assert train("task(7)", *values[1:])[-1] == "<ul></ul>" and queued == ["task(7)"] and len(trained) == 1
+    with gr.Blocks():  # the WebUI's txt2img gallery, its infotext and our button under it
+        galleries = {"txt2img": (gr.Gallery(), gr.Textbox(), gr.Button())}
+    gallery = build_tab(dataclasses.replace(hooks, galleries=galleries, gallery_trains=lambda: False))
+    loaded = _tab_function(gallery, "start_from_gallery")[0]("task(8)", *values[1:])
+    assert loaded[-1] == "" and queued == ["task(7)"]  # load only: no sentence, and no wait in the queue
 
 
 def test_the_estimate_counts_your_own_edit_and_says_what_train_would_refuse_of_the_size_and_image():

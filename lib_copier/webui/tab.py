@@ -61,6 +61,7 @@ def _on(event, fn, inputs, outputs, js: str | None = None):
 
 LABELS = {e.name: e.label for e in all_effects()}
 IMAGE_HEIGHT = 400  # pixels, of the image boxes
+RUNNING = "A training started on this page is still running: wait for its end, or press Interrupt."
 METHOD_HELP = (
     "copier: trains a copier of the image, then one effect LoRA on top of it (the seeds' method); "
     "extraction: a copier of each processed image too, and their difference; both: each kind; "
@@ -281,12 +282,19 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         train_inputs = [task_id, image, name, selected, edited, method, preset, grid_prompts, save_on_interrupt, size,
                         grid_steps, more, *slider_list, *settings.values()]  # fmt: skip
         train_outputs = [grids, results_json, pick, status]
-        _on(train.click, hooks.wrap(start), train_inputs, train_outputs, js="copierLoraStart")
+        queued = hooks.wrap(start)
+
+        def train_unless_running(task, *args):  # no task id: a run this page started still goes (copierLoraStart)
+            if not task:  # said at once, not after waiting for the WebUI's queue behind that run
+                return gr.update(), gr.update(), gr.update(), f"<p class='copier-lora-error'>{RUNNING}</p>"
+            return queued(task, *args)
+
+        _on(train.click, train_unless_running, train_inputs, train_outputs, js="copierLoraStart")
 
         def start_from_gallery(*args):
             if not hooks.gallery_trains():  # Settings → Copier LoRA: the button only loads the image
                 return gr.update(), gr.update(), gr.update(), ""
-            return start(*args)
+            return train_unless_running(*args)
 
         _on(interrupt.click, None, [], [], js="copierLoraInterrupt")
 
@@ -325,5 +333,5 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 build_utilities(hooks.run_tool, hooks.loras, hooks.checkpoints)
         for tab_name, (_, _, button) in hooks.galleries.items():
             taken = take(tab_name, button)  # its training only where the image was taken
-            _on(taken.success, hooks.wrap(start_from_gallery), train_inputs, train_outputs, js="copierLoraGalleryStart")
+            _on(taken.success, start_from_gallery, train_inputs, train_outputs, js="copierLoraGalleryStart")
     return tab

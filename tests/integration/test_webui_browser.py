@@ -53,11 +53,13 @@ def test_gallery_button_trains_and_shows_the_grids(page, tmp_path):
     page.screenshot(path=shots / "2-training.png")
     assert page.input_value("#copier_lora_size input") == "64"  # the small settings from ui-config are in place
     # The progress bar is drawn where the user looks: just above the status, under Train, not at the top of the tab.
-    where = ("#tab_copier_lora .progressDiv", "#copier_lora_status", "#copier_lora_train")
-    bar, status, train = (page.locator(selector).first.bounding_box() for selector in where)
-    assert train["y"] < bar["y"] <= status["y"] + 5, (bar, status, train)
+    where = ("#tab_copier_lora .progressDiv", "#copier_lora_status", "#copier_lora_interrupt")
+    bar, status, buttons = (page.locator(selector).first.bounding_box() for selector in where)
+    assert buttons["y"] < bar["y"] <= status["y"] + 5, (bar, status, buttons)
+    assert not page.is_visible("#copier_lora_train")  # hidden while its run goes, as txt2img's Generate is
 
     page.wait_for_selector("#copier_lora_results img", timeout=900_000)
+    page.wait_for_selector("#copier_lora_train", state="visible", timeout=60_000)
     page.wait_for_timeout(1000)
     page.screenshot(path=shots / "3-results.png", full_page=True)
     status = page.inner_text("#copier_lora_status")
