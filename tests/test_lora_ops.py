@@ -95,6 +95,17 @@ def test_resize_to_full_rank_is_lossless_and_keeps_alpha_over_rank():
     assert all(row.fro_retained == pytest.approx(1.0) for row in report)
 
 
+def test_resize_of_a_rank_past_a_side_of_the_layer_keeps_the_delta_in_factors_that_fit():
+    """A rank-10 LoRA on 6x20 and 20x6 layers asked for rank 8: it has only 6 directions there, so it becomes rank 6
+    exactly, with alpha/rank kept (a wide layer's file had a 6x6 up with an 8-row down; a tall one crashed)."""
+    modules = random_lora(4, {"lora_unet_wide": (6, 20), "lora_unet_tall": (20, 6)}, rank=10, alpha=5.0)
+    resized, report = resize(modules, rank=8)
+    for key, module in resized.items():
+        assert module.up.shape[1] == module.down.shape[0] == module.rank == 6 and module.scale == pytest.approx(0.5)
+        assert relative(module.delta(), modules[key].delta()) < 1e-5
+    assert [row.new_rank for row in report] == [6, 6]
+
+
 def spectrum_lora(values, out_dim=40, in_dim=30, alpha=None):
     gen = torch.Generator().manual_seed(5)
     u, _ = torch.linalg.qr(torch.randn(out_dim, len(values), generator=gen))

@@ -190,7 +190,7 @@ def resize(
             new_rank = min(dynamic_rank(s, dynamic, dynamic_value), limit)
         else:
             new_rank = limit
-        new_rank = min(new_rank, module.rank)
+        new_rank = min(new_rank, module.rank, len(s))  # past a side of the layer, the rest is zeros
         up = u[:, :new_rank] * s[:new_rank]
         down = vh[:new_rank]
         kept = float(s[:new_rank].pow(2).sum().sqrt() / s.pow(2).sum().sqrt()) if s[0] > 0 else 1.0

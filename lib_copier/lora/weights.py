@@ -117,5 +117,5 @@ def factored_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, to
     values as an SVD of the dense matrix without its zeros, at a fraction of the cost."""
     q1, r1 = torch.linalg.qr(up.float().flatten(1))
     q2, r2 = torch.linalg.qr(down.float().flatten(1).T)
-    u, s, vh = torch.linalg.svd(r1 @ r2.T)
+    u, s, vh = torch.linalg.svd(r1 @ r2.T, full_matrices=False)  # as many directions as values
     return q1 @ u, s, (q2 @ vh.T).T
