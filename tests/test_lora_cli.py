@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lib_copier.cli import main
@@ -224,3 +225,17 @@ def test_merged_files_say_the_ranks_they_hold_and_keep_fp32_by_default(files, tm
     assert main(["lora", "resize", str(paths[1]), "--new-rank", "8", *args, "--out", str(out)]) == 0
     resized = read_lora(out)
     assert len(resized.ranks) > 1 and resized.metadata["ss_network_dim"] == "Dynamic"
+
+
+@pytest.mark.parametrize("args_text", ["{not json", "null", "[1, 2]"])
+def test_resize_takes_a_lora_whose_network_args_another_tool_wrote_as_something_else(files, tmp_path, args_text):
+    """`ss_network_args` that is not a JSON object (broken, null, a list) is left out of the resized file; resize
+    crashed on it after its work, and wrote nothing."""
+    _, _, paths, _ = files
+    odd = tmp_path / "odd.safetensors"
+    with safe_open(str(paths[0]), framework="pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(odd), {**f.metadata(), "ss_network_args": args_text})
+    out = tmp_path / "resized.safetensors"
+    assert main(["lora", "resize", str(odd), "--new-rank", "2", "--out", str(out)]) == 0
+    resized = read_lora(out)
+    assert resized.metadata["ss_network_args"] == "{}" and resized.ranks == {2}

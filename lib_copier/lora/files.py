@@ -154,12 +154,21 @@ def _one(values: set) -> str:
     return str(values.pop()) if len(values) == 1 else "Dynamic"  # kohya's word for ranks that differ by module
 
 
+def _json_object(text: str | None) -> dict:
+    """A JSON object from metadata, or {} where another tool wrote something else there (what it meant is lost)."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def network_shape(modules: Mapping[str, LoRAWeights], metadata: Mapping[str, str]) -> dict[str, str]:
     """`ss_network_dim`, `ss_network_alpha` and the `conv_dim`/`conv_alpha` of `ss_network_args` as the modules
     are: a value where every module of the kind (kxk convs, the rest) has it, "Dynamic" where they differ."""
     kxk = {key for key, m in modules.items() if len(m.shape) == 4 and m.shape[2:] != (1, 1)}
     linear = [m for key, m in modules.items() if key not in kxk] or list(modules.values())
-    args = {k: v for k, v in json.loads(metadata.get("ss_network_args") or "{}").items() if k not in _CONV_ARGS}
+    args = {k: v for k, v in _json_object(metadata.get("ss_network_args")).items() if k not in _CONV_ARGS}
     if kxk:
         args["conv_dim"] = _one({modules[key].rank for key in kxk})
         args["conv_alpha"] = _one({float(modules[key].alpha) for key in kxk})
