@@ -95,6 +95,33 @@ def test_peft_and_diffusers_named_sdxl_files_are_read_as_kohya(tmp_path):
     }
 
 
+def test_peft_sd1_files_with_their_one_text_encoder_are_read_as_sd1_not_sdxl(tmp_path):
+    """diffusers names SD1's only text encoder `text_encoder.`, as SDXL's first: the UNet's depth-1 transformers, or
+    for a text-encoder-only file its metadata, say SD1 (such a file was read as an SDXL LoRA, renamed for SDXL)."""
+    t = torch.ones
+    text = {
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": t(2, 768),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": t(768, 2),
+    }
+    unet = {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": t(2, 768),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": t(320, 2),
+    }
+    save_file({**text, **unet}, str(tmp_path / "sd1.safetensors"))
+    save_file(text, str(tmp_path / "te.safetensors"), {"ss_base_model_version": "sd_v1"})
+    lora = read_lora(tmp_path / "sd1.safetensors")
+    assert lora.family == "sd1" and set(lora.modules) == {
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+    }
+    text_only = read_lora(tmp_path / "te.safetensors")
+    assert text_only.family == "sd1" and set(text_only.modules) == {
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    }
+    save_file(text, str(tmp_path / "sdxl-te.safetensors"))  # nothing else to go by: SDXL's first text encoder
+    assert read_lora(tmp_path / "sdxl-te.safetensors").family == "sdxl"
+
+
 def test_family_from_widths_when_there_is_no_metadata(tmp_path):
     t = torch.ones
     tensors = {

@@ -40,6 +40,7 @@ _DIFFUSERS_UNET = re.compile(
     r"lora_unet_(?:(down|up)_blocks_(\d+)|mid_block)_(attentions|resnets|downsamplers|upsamplers)_(\d+)_(.+)"
 )
 _DEEPER_THAN_ONE = re.compile(r"transformer_blocks_[1-9]")
+_LDM_UNET = ("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks")
 
 
 @dataclass
@@ -79,9 +80,16 @@ def _peft_name(name: str) -> str:
     return name
 
 
-def _is_sdxl(keys: list[str]) -> bool:
-    # SD1/SD2 transformers have depth 1; SDXL's have 2 or 10, and only SDXL has two text encoders.
-    return any(k.startswith(("lora_te1_", "lora_te2_")) or _DEEPER_THAN_ONE.search(k) for k in keys)
+def _is_sdxl(keys: list[str], metadata: Mapping[str, str]) -> bool:
+    # SD1/SD2 transformers have depth 1; SDXL's have 2 or 10, only SDXL has two text encoders, and kohya names SDXL's
+    # UNet layers (only) by their LDM paths.
+    if any(k.startswith(("lora_te2_", *_LDM_UNET)) or _DEEPER_THAN_ONE.search(k) for k in keys):
+        return True
+    if not any(k.startswith("lora_te1_") for k in keys):
+        return False
+    # lora_te1_ without lora_te2_: also diffusers' name of SD1's and SD2's one text encoder (`text_encoder.`), so the
+    # UNet's depth-1 transformers, or else the metadata, say which.
+    return not any(k.startswith("lora_unet_") for k in keys) and family_from_metadata(dict(metadata)) in (None, "sdxl")
 
 
 def _sdxl_ldm_key(key: str) -> str:
@@ -95,11 +103,11 @@ def _sdxl_ldm_key(key: str) -> str:
     return "lora_unet_" + path.replace(".", "_")
 
 
-def normalise(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def normalise(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, torch.Tensor]:
     """The same tensors under kohya keys (see the module docstring for the variants accepted)."""
     renamed = {_peft_name(name): tensor for name, tensor in tensors.items()}
     modules = sorted({name.split(".", 1)[0] for name in renamed})
-    if not _is_sdxl(modules):
+    if not _is_sdxl(modules, metadata):
         return {name.replace("lora_te1_", "lora_te_", 1): t for name, t in renamed.items()}
     result = {}
     for name, tensor in renamed.items():
@@ -110,8 +118,7 @@ def normalise(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def detect_family(modules: Mapping[str, LoRAWeights], metadata: Mapping[str, str]) -> str | None:
     """The model family a LoRA is for, from its keys, then its metadata, then its layer widths."""
-    keys = list(modules)
-    if _is_sdxl(keys) or any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks")) for k in keys):
+    if _is_sdxl(list(modules), metadata):
         return "sdxl"
     if family := family_from_metadata(dict(metadata)):
         return family
@@ -137,7 +144,7 @@ def read_lora(path: str | os.PathLike) -> LoRA:
     if any(name.startswith(_MODEL_PREFIXES) for name in tensors):
         raise CopierError(f"{path} is a model checkpoint, not a LoRA")
     try:
-        modules, types = split_modules(normalise(tensors))
+        modules, types = split_modules(normalise(tensors, metadata))
     except CopierError as exc:
         raise CopierError(f"{path} is not a LoRA: {exc}") from exc
     if not modules:
