@@ -130,6 +130,15 @@ def test_family_from_widths_when_there_is_no_metadata(tmp_path):
     }
     save_file(tensors, str(tmp_path / "sd2.safetensors"))
     assert read_lora(tmp_path / "sd2.safetensors").family == "sd2"
+    # A UNet-only SD1 LoRA without cross-attention key/value layers: its 1x1-conv transformer projections say SD1.
+    proj = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{proj}.lora_down.weight": t(4, 320, 1, 1), f"{proj}.lora_up.weight": t(320, 4, 1, 1)},
+              str(tmp_path / "sd1.safetensors"))  # fmt: skip
+    assert read_lora(tmp_path / "sd1.safetensors").family == "sd1"
+    save_file(
+        {f"{proj}.lora_down.weight": t(4, 320), f"{proj}.lora_up.weight": t(320, 4)}, str(tmp_path / "x.safetensors")
+    )
+    assert read_lora(tmp_path / "x.safetensors").family is None  # linear: SD2, or SD1's stored flat
 
 
 def test_bad_files_get_one_clear_sentence(tmp_path):

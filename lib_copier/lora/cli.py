@@ -172,7 +172,10 @@ def _merged_info(args, family: str | None, loras, rank, alpha, comment: str, con
     from lib_copier.lora.metadata import NetworkInfo
 
     if family is None:
-        raise CopierError("the model family of the LoRAs is unknown (no metadata, unusual layer widths)")
+        raise CopierError(
+            "the LoRAs do not say which model family they are for: no metadata names it, and none has a layer whose "
+            "shape tells (a text-encoder, cross-attention key/value or transformer projection layer)"
+        )
     v = any(lora.metadata.get("modelspec.prediction_type") == "v" for lora in loras)
     return NetworkInfo(family, rank, alpha, Path(args.out).stem, v, conv_rank, conv_rank, comment=comment)
 

@@ -128,6 +128,9 @@ def detect_family(modules: Mapping[str, LoRAWeights], metadata: Mapping[str, str
         if key.startswith("lora_te_") or key.endswith(("attn2_to_k", "attn2_to_v")):
             if width in (768, 1024):
                 return "sd1" if width == 768 else "sd2"
+    # SD1 projects into and out of its transformers with 1x1 convs, SD2 (and SDXL) with linear layers.
+    if any(key.endswith(("proj_in", "proj_out")) and module.down.dim() == 4 for key, module in modules.items()):
+        return "sd1"
     return None
 
 
