@@ -405,10 +405,21 @@ def test_images_fit_the_models_multiple_at_any_training_size():
     from lib_copier.recipes.job import fit_image
 
     tall = Image.new("RGB", (64, 128))
-    for image, size in ((tall, 64), (tall, 128), (Image.new("RGB", (96, 96)), 96), (Image.new("RGB", (1, 4096)), 64)):
+    for image, size in ((tall, 64), (tall, 128), (Image.new("RGB", (96, 96)), 96), (Image.new("RGB", (1, 60)), 512)):
         width, height = fit_image(image, size, 512).size
         assert width % 64 == 0 and height % 64 == 0 and width > 0, (image.size, size, width, height)
     assert fit_image(tall, 128, 128).size == (96, 192)  # the built-in 128-px model's multiple is 32
+
+
+@pytest.mark.parametrize(("size", "trained"), [((4096, 1), "32768x64"), ((8, 4096), "64x11584"), ((1, 40), "64x384")])
+def test_a_long_thin_original_is_refused_before_its_short_side_rounds_up_to_gigabytes(size, trained):
+    """A 4096x1 image at 512 trained at 32768x64, eight times the pixels asked for, and the WebUI was killed for
+    memory at step 0: an original whose fitted size has more than twice the training size's pixels is refused."""
+    from lib_copier.recipes.job import fit_image
+
+    side = 64 if size == (1, 40) else 512  # 1x40 at 64 would be 6 times 64x64: a larger training size takes it
+    with pytest.raises(CopierError, match=rf"is {size[0]}x{size[1]}, too long and thin: it would train at {trained}"):
+        fit_image(Image.new("RGB", size), side, 512)
 
 
 def test_a_true_or_false_setting_takes_only_true_or_false_words():

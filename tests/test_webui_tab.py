@@ -406,6 +406,8 @@ def test_the_estimate_counts_your_own_edit_and_says_what_train_would_refuse_of_t
     wide = Image.new("RGB", (5000, 100))
     text = estimate_text("addift", "quick", ["Invert"], 0, 100, 1, [], wide, None)
     assert text == "Train would refuse this: the original is 5000x100 px; the largest side allowed is 4096 px."
+    thin = estimate_text("addift", "quick", ["Invert"], 0, 100, 1, [], Image.new("RGB", (4096, 1)), None)
+    assert thin.startswith("Train would refuse this: the original is 4096x1, too long and thin")
     preview, _ = _tab_function(tab, "preview")
     assert preview(wide, ["Invert"], *[None] * (len(_tab_function(tab, "preview")[1]) - 2)) == []
 

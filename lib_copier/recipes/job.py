@@ -201,13 +201,23 @@ def training_side(size: int | None, model_resolution: int) -> int:
     return max(multiple, round((size or model_resolution) / multiple) * multiple)
 
 
+MAX_AREA_GROWTH = 2  # times the training size's pixels: 64x128 at 64 is still taken; 4096x1 at 512 (32768x64) is not
+
+
 def fitted_size(width: int, height: int, resolution: int, model_resolution: int) -> tuple[int, int]:
     """About `resolution`² pixels with sides that are multiples of the `side_multiple` of the model whose native side
     is `model_resolution`, keeping the aspect."""
     multiple = side_multiple(model_resolution)
     scale = (resolution * resolution / (width * height)) ** 0.5
     w = max(multiple, round(width * scale / multiple) * multiple)
-    return w, max(multiple, round(height * scale / multiple) * multiple)
+    h = max(multiple, round(height * scale / multiple) * multiple)
+    if w * h > MAX_AREA_GROWTH * resolution * resolution:  # a long, thin image's short side rounded up a long way
+        raise CopierError(
+            f"the original is {width}x{height}, too long and thin: it would train at {w}x{h}, "
+            f"{w * h / resolution**2:.0f} times the pixels of the {resolution}x{resolution} training size; crop it, "
+            "or ask for a larger training size"
+        )
+    return w, h
 
 
 def fit_image(image: Image.Image, resolution: int, model_resolution: int) -> Image.Image:
