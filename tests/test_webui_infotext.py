@@ -1,12 +1,14 @@
 """Reading and writing A1111 generation parameters, and the prompt sent to txt2img."""
 
 import io
+from pathlib import Path
 
 import pytest
 from PIL import Image, PngImagePlugin
 
 from lib_copier.webui.infotext import Infotext, build_infotext, image_infotext, parse_infotext, with_lora
 
+DATA = Path(__file__).parent / "data"
 WEBUI_TEXT = (
     "a cat, (masterpiece:1.2),\nsitting on a chair\n"
     "Negative prompt: blurry, lowres\nugly\n"
@@ -53,6 +55,19 @@ def test_the_png_parameters_chunk_is_read_and_other_images_have_none():
     info = image_infotext(Image.open(io.BytesIO(buffer.getvalue())))
     assert info is not None and info.seed == 3141592
     assert image_infotext(Image.new("RGB", (8, 8))) is None
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "webp"])
+def test_the_exif_user_comment_of_the_webuis_jpeg_and_webp_files_is_read(suffix):
+    """A1111 and Forge save JPEG and WebP images with their parameters in EXIF UserComment (UTF-16, as these files,
+    written by A1111's own code, have them); the tab read only PNGs' and showed "no generation parameters"."""
+    image = Image.open(DATA / f"infotext.{suffix}")
+    params = {"Steps": "20", "Sampler": "Euler", "Seed": "42", "Size": "16x16"}
+    for seen in (image, image.convert("RGB")):  # as the file, and as gradio hands it over
+        assert image_infotext(seen) == Infotext("a red fox, (snow:1.2) 雪 🦊", "blurry", params)
+    broken = Image.new("RGB", (8, 8))
+    broken.info["exif"] = b"Exif\0\0not a tiff header"
+    assert image_infotext(broken) is None
 
 
 def test_the_lora_tag_is_added_once():

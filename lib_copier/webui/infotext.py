@@ -108,9 +108,29 @@ def build_infotext(info: Infotext) -> str:
 
 
 def image_infotext(image: Image.Image) -> Infotext | None:
-    """The generation parameters the WebUI stored in a PNG (its `parameters` chunk), or None."""
+    """The generation parameters the WebUI stored in the image, or None: a PNG's `parameters` chunk, or the EXIF
+    UserComment of the JPEG, WebP and AVIF files it writes."""
     text = image.info.get("parameters")
-    return parse_infotext(text) if isinstance(text, str) and text.strip() else None
+    if not isinstance(text, str) or not text.strip():
+        text = _exif_comment(image)
+    return parse_infotext(text) if text and text.strip() else None
+
+
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+_CHARSETS = {b"UNICODE\0": "utf-16-be", b"ASCII\0\0\0": "ascii", b"JIS\0\0\0\0\0": "shift_jis"}  # EXIF 2.3
+
+
+def _exif_comment(image: Image.Image) -> str | None:
+    """The EXIF UserComment, which starts with its character set (the WebUIs write UNICODE, big-endian UTF-16)."""
+    try:
+        raw = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    except Exception:  # EXIF that Pillow cannot parse: as if there were none
+        return None
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, bytes) or raw[:8] not in _CHARSETS:
+        return None
+    return raw[8:].decode(_CHARSETS[raw[:8]], errors="replace").rstrip("\0")
 
 
 def with_lora(prompt: str, name: str, weight: float = 1.0) -> str:
