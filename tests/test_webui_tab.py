@@ -389,6 +389,26 @@ def test_train_pressed_again_while_its_run_goes_says_so_at_once_instead_of_queue
     assert loaded[-1] == "" and queued == ["task(7)"]  # load only: no sentence, and no wait in the queue
 
 
+def test_a_new_image_renames_the_output_unless_the_user_typed_the_name():
+    """The Output name filled from the first image's prompt stayed for every image after it, so their LoRAs were
+    named after the first; a name the user typed stays."""
+    on_image, _ = _tab_function(build_tab(Hooks(run=lambda request, state: [])), "on_image")
+    fox, cat = (
+        _with_info(Image.new("RGB", (64, 64)), f"a {animal} in snow\nSteps: 20, Seed: 1, Size: 64x64")
+        for animal in ("fox", "cat")
+    )
+    _, name, filled = on_image(fox, "", "")
+    assert name == filled == "a-fox-in-snow"
+    assert on_image(cat, name, filled)[1:] == ("a-cat-in-snow", "a-cat-in-snow")
+    assert on_image(cat, "my-style", filled)[1:] == ("my-style", filled)  # typed: kept
+    assert on_image(None, name, filled)[1] == "copier"  # cleared: the plain default, not the old image's name
+
+
+def _with_info(image, text):
+    image.info["parameters"] = text
+    return image
+
+
 def test_the_estimate_counts_your_own_edit_and_says_what_train_would_refuse_of_the_size_and_image():
     """With an edit uploaded the estimate counted one LoRA too few (0 steps with no effect ticked); a training size
     Train refuses, or an original over 4096 px, got an ordinary estimate (and the previews a red "Error")."""

@@ -227,10 +227,14 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 return []
             return [effect.preview(img) for effect in make_effects(effect_specs(chosen, by_key))]
 
-        def on_image(img, chosen, current_name):
-            return describe_image(img), current_name or default_name(img)
+        filled_name = gr.State("")  # the name the tab itself put in the box: a new image replaces it, not a typed one
 
-        image.change(on_image, [image, selected, name], [info, name])
+        def on_image(img, current_name, filled):
+            if current_name and current_name != filled:
+                return describe_image(img), current_name, filled
+            return describe_image(img), default_name(img), default_name(img)
+
+        image.change(on_image, [image, name, filled_name], [info, name, filled_name])
         for choice in (method, preset):  # Advanced shows what the method and preset mean for the trainer
             choice.change(
                 lambda meth, pre: [gr.update(value=getattr(method_config(meth, pre, {}), key)) for key in settings],
