@@ -181,6 +181,27 @@ def test_interrupt_stops_a_job_and_keeps_nothing(api, tmp_path):
     assert not list(tmp_path.glob("*.safetensors"))
 
 
+def test_base64_is_taken_as_encoders_write_it_wrapped_spaced_url_safe_or_unpadded():
+    """`base64` and Python's encodebytes wrap lines (A1111's own API takes that); URL-safe and unpadded base64 are
+    common too: all were refused as "not valid base64"."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (65, 64), (250, 251, 255)).save(buffer, format="PNG")  # bytes that need '-' '_' and padding
+    raw = buffer.getvalue()
+    plain = base64.b64encode(raw).decode()
+    assert "=" in plain and "+" in plain and "/" in plain
+    forms = [
+        base64.encodebytes(raw).decode(),
+        base64.encodebytes(raw).decode().replace("\n", "\r\n"),
+        f"  {plain}\n",
+        base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        "DATA:image/png;base64," + plain,
+    ]
+    for text in forms:
+        assert decode_image(text).size == (65, 64)
+    with pytest.raises(CopierError, match="not valid base64"):
+        decode_image(plain[:-5] + "!" + plain[-4:])
+
+
 def test_images_and_requests_are_checked():
     with pytest.raises(CopierError, match="base64"):
         decode_image("not base64!")

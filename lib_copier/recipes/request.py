@@ -31,14 +31,19 @@ DEFAULT_GRID_PROMPTS = GRID_PROMPTS[:2]
 DEFAULT_GRID_STEPS = 20
 MAX_IMAGE_BYTES = 64 * 2**20  # of base64 text: a 4096-px PNG fits several times over
 MAX_MORE_IMAGES = 15
+_URL_SAFE = str.maketrans("-_", "+/")
 
 
 def decode_image(data: str, what: str = '"image"') -> Image.Image:
     """A base64 image (a `data:image/...;base64,` prefix allowed) → RGB, or one sentence saying what is wrong."""
     if len(data) > MAX_IMAGE_BYTES:
         raise CopierError(f"{what} is {len(data) // 2**20} MB of base64; the most allowed is 64 MB")
+    if data[:5].lower() == "data:":
+        data = data.partition(",")[2]
+    # As `base64` and encoders wrap it (lines, spaces), or URL-safe and unpadded; any other character is refused.
+    data = "".join(data.split()).translate(_URL_SAFE)
     try:
-        raw = base64.b64decode(data.partition(",")[2] if data.startswith("data:") else data, validate=True)
+        raw = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise CopierError(f"{what} is not valid base64") from exc
     return read_image(io.BytesIO(raw), what)
