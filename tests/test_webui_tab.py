@@ -391,7 +391,7 @@ def test_train_pressed_again_while_its_run_goes_says_so_at_once_instead_of_queue
 
 def test_a_new_image_renames_the_output_unless_the_user_typed_the_name():
     """The Output name filled from the first image's prompt stayed for every image after it, so their LoRAs were
-    named after the first; a name the user typed stays."""
+    named after the first; a name the user typed stays. A prompt too long to train on is named as the tab shows it."""
     on_image, _ = _tab_function(build_tab(Hooks(run=lambda request, state: [])), "on_image")
     fox, cat = (
         _with_info(Image.new("RGB", (64, 64)), f"a {animal} in snow\nSteps: 20, Seed: 1, Size: 64x64")
@@ -402,6 +402,12 @@ def test_a_new_image_renames_the_output_unless_the_user_typed_the_name():
     assert on_image(cat, name, filled)[1:] == ("a-cat-in-snow", "a-cat-in-snow")
     assert on_image(cat, "my-style", filled)[1:] == ("my-style", filled)  # typed: kept
     assert on_image(None, name, filled)[1] == "copier"  # cleared: the plain default, not the old image's name
+    train, inputs = _tab_function(build_tab(Hooks(run=lambda request, state: [])), "train_unless_running")
+    values = ["" if c.value is None and isinstance(c, gr.Textbox) else c.value for c in inputs]
+    values[[c.elem_id for c in inputs].index("copier_lora_image")] = _with_info(
+        Image.new("RGB", (64, 64)), "fox " * 3000
+    )
+    assert "&quot;Prompt in the image&#x27;s parameters&quot; has 11999 characters" in train("task(1)", *values[1:])[-1]
 
 
 def _with_info(image, text):

@@ -20,6 +20,7 @@ from lib_copier.webui.infotext import Infotext, image_infotext
 # Sentences name these boxes by their label, not by the API's field ('"Training size" is -64; …').
 FIELD_LABELS = {"size": "Training size", "grid_steps": "Grid sampling steps", "steps": "Steps", "cfg": "CFG scale"}
 FIELD_LABELS |= dict.fromkeys(("width", "height"), "Width and height")
+FIELD_LABELS["caption"] = "Prompt in the image's parameters"  # the training caption, which the tab has no box for
 
 
 def labelled(field: str) -> str:
