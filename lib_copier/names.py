@@ -12,11 +12,14 @@ _WEIGHTS = re.compile(r":\s*[-+]?(\d+\.?\d*|\.\d+)\s*(?=[)\]])")  # (masterpiece
 
 
 def slug(text: str, limit: int = 40) -> str:
-    """`text`'s words in ASCII lower case joined by "-", at most `limit` characters: a prompt's <…> tags and
+    """`text`'s words in ASCII lower case joined by "-", as many as fit in `limit` characters: a prompt's <…> tags and
     attention weights left out, accents dropped ("Café" → "cafe"); "image" when nothing is left."""
     text = _WEIGHTS.sub(" ", _TAGS.sub(" ", text))
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    name = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-")
+    name = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    if len(name) > limit:  # at the last whole word that fits, unless the first word alone is longer
+        cut = name[: limit + 1]
+        name = cut[: cut.rindex("-")] if "-" in cut else name[:limit]
     if name.upper() in WINDOWS_DEVICES:
         name += "-image"
     return name or "image"

@@ -78,6 +78,8 @@ def test_names_near_windows_device_names_and_in_any_script_are_fine():
         ("猫の絵", "image"),
         ("CON", "con-image"),
         ("a cat " * 20, "a-cat-a-cat-a-cat-a-cat-a-cat-a"),
+        ("a blue lighthouse at dusk by the harbour", "a-blue-lighthouse-at-dusk-by-the"),  # whole words
+        ("pneumonoultramicroscopicsilicovolcanoconiosis", "pneumonoultramicroscopicsilicovo"),
     ],
 )
 def test_a_name_made_from_a_prompt_keeps_its_words_and_is_a_valid_output_name(prompt, name):
