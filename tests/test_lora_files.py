@@ -150,9 +150,15 @@ def test_bad_files_get_one_clear_sentence(tmp_path):
     save_file({"model.diffusion_model.out.2.weight": torch.ones(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(CopierError, match="model.safetensors is a model checkpoint, not a LoRA$"):
         read_lora(tmp_path / "model.safetensors")
+    bundle = {"bundle_emb.mytoken.string_to_param.*": torch.ones(2, 768)}  # kohya's LoRA with an embedding
+    bundle |= {f"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_{p}.weight": torch.ones(2, 2) for p in ("down", "up")}
+    save_file(bundle, str(tmp_path / "bundle.safetensors"))
+    with pytest.raises(CopierError, match=r"bundles textual-inversion embeddings \(mytoken\) with its LoRA; the LoRA"):
+        read_lora(tmp_path / "bundle.safetensors")
     path = write_lora(tmp_path / "a.safetensors", modules(count=1), {})
     before = path.read_bytes()
     with pytest.raises(CopierError, match="already exists"):
         write_lora(path, modules(count=1, seed=3), {})
     assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "junk.safetensors", "model.safetensors"]
+    names = ["a.safetensors", "bundle.safetensors", "junk.safetensors", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names

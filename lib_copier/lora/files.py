@@ -146,6 +146,11 @@ def read_lora(path: str | os.PathLike) -> LoRA:
         raise CopierError(f"{path} is not a readable .safetensors file ({exc})") from exc
     if any(name.startswith(_MODEL_PREFIXES) for name in tensors):
         raise CopierError(f"{path} is a model checkpoint, not a LoRA")
+    if bundled := sorted({name.split(".")[1] for name in tensors if name.startswith("bundle_emb.")}):
+        raise CopierError(
+            f"{path} bundles textual-inversion embeddings ({', '.join(bundled)}) with its LoRA; the LoRA tools would "
+            "leave them out of the files they write, so they do not take it"
+        )
     try:
         modules, types = split_modules(normalise(tensors, metadata))
     except CopierError as exc:
