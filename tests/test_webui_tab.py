@@ -376,8 +376,7 @@ def test_train_pressed_again_while_its_run_goes_says_so_at_once_instead_of_queue
 
     hooks = Hooks(run=lambda request, state: trained.append(request) or [], wrap=wrap)
     train, inputs = _tab_function(build_tab(hooks), "train_unless_running")
-    values = ["" if c.value is None and isinstance(c, gr.Textbox) else c.value for c in inputs]
-    values[[c.elem_id for c in inputs].index("copier_lora_image")] = Image.new("RGB", (64, 64), "red")
+    values = _train_values(inputs, Image.new("RGB", (64, 64), "red"))
     *kept, status = train("", *values[1:])
     assert "still running" in status and all(update == gr.update() for update in kept)
     assert queued == [] and trained == []
@@ -403,11 +402,15 @@ def test_a_new_image_renames_the_output_unless_the_user_typed_the_name():
     assert on_image(cat, "my-style", filled)[1:] == ("my-style", filled)  # typed: kept
     assert on_image(None, name, filled)[1] == "copier"  # cleared: the plain default, not the old image's name
     train, inputs = _tab_function(build_tab(Hooks(run=lambda request, state: [])), "train_unless_running")
-    values = ["" if c.value is None and isinstance(c, gr.Textbox) else c.value for c in inputs]
-    values[[c.elem_id for c in inputs].index("copier_lora_image")] = _with_info(
-        Image.new("RGB", (64, 64)), "fox " * 3000
-    )
+    values = _train_values(inputs, _with_info(Image.new("RGB", (64, 64)), "fox " * 3000))
     assert "&quot;Prompt in the image&#x27;s parameters&quot; has 11999 characters" in train("task(1)", *values[1:])[-1]
+
+
+def _train_values(inputs, image):
+    """Train's inputs as an untouched form has them (an empty textbox reads ""), with `image` uploaded."""
+    values = ["" if c.value is None and isinstance(c, gr.Textbox) else c.value for c in inputs]
+    values[[c.elem_id for c in inputs].index("copier_lora_image")] = image
+    return values
 
 
 def _with_info(image, text):

@@ -109,7 +109,7 @@ def build_infotext(info: Infotext) -> str:
 
 def image_infotext(image: Image.Image) -> Infotext | None:
     """The generation parameters the WebUI stored in the image, or None: a PNG's `parameters` chunk, or the EXIF
-    UserComment of the JPEG, WebP and AVIF files it writes."""
+    UserComment of the JPEG and WebP files it writes."""
     text = image.info.get("parameters")
     if not isinstance(text, str) or not text.strip():
         text = _exif_comment(image)
