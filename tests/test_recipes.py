@@ -386,6 +386,9 @@ def test_copier_cli_refuses_bad_settings_and_outputs_before_loading_the_model(tm
         assert main([*common, *args]) == 2, args
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (args, err)
+    # A method that needs an effect, given none: said before the model loads and draws the original.
+    assert main(["copier", "--generate", "a red circle", "--method", "both", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "error: the both method needs at least one effect or processed image"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cropped.png", "o.png", "same.png", "scaled.png"]
 
 

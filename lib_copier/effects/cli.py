@@ -28,7 +28,10 @@ def run_list(args: argparse.Namespace) -> int:
     for effect in all_effects():
         print(f"{effect.name:14} {effect.description}")
         for p in effect.params:
-            span = "true/false" if p.kind == "bool" else f"{p.min:g}..{p.max:g}"
+            if p.kind == "bool":
+                span = "true/false"
+            else:  # whole numbers in full: a seed's range is 0..2147483647, not 0..2.14748e+09
+                span = f"{int(p.min)}..{int(p.max)}" if p.kind == "int" else f"{p.min:g}..{p.max:g}"
             print(f"    {p.name}={p.default} ({p.kind} {span}) {p.help}")
     return 0
 

@@ -171,7 +171,7 @@ def run_copier(args: argparse.Namespace) -> int:
     from lib_copier.effects.image_io import load_image
     from lib_copier.fields import check, check_field
     from lib_copier.models.generate import Txt2Img
-    from lib_copier.recipes.job import Job, fit_image, method_config, output_names
+    from lib_copier.recipes.job import Job, check_effect_count, fit_image, method_config, output_names
     from lib_copier.recipes.processed import check_pairs
     from lib_copier.recipes.request import TrainRequest
     from lib_copier.seeds import fixed_seed
@@ -185,6 +185,7 @@ def run_copier(args: argparse.Namespace) -> int:
     if args.size is not None:
         check_field(TrainRequest, "size", args.size, lambda name: f"--{name}")
     effects = _effects(args.effect, args.processed_image)
+    check_effect_count(args.method, len(effects))  # before the model loads and the original is drawn
     generating = args.generate is not None  # "" draws the empty prompt
     name = args.name or slug(args.generate if generating else Path(args.image[0]).stem, 30)
     output_names(name, args.method, [effect.label for effect in effects], what="--name")  # before the model loads
