@@ -123,6 +123,7 @@ def _bar_callbacks(bar_holder: dict):
     def counted(done, total):
         bar = bar_holder["bar"]
         bar.total, bar.unit = total, "image" if bar.desc == "strength grids" else "module"
+        bar.set_postfix_str("", refresh=False)  # a stage that trained first showed its last loss and lr here
         bar.update(done - bar.n)
 
     def notice(text):
