@@ -197,6 +197,14 @@ def test_a_pair_method_writes_one_lora_per_effect_over_all_originals_and_no_copi
     assert all(torch.equal(before[k], v) for k, v in backend.weights())
 
 
+def test_a_loras_metadata_records_the_size_it_trained_at(backend, original, tmp_path):
+    """A wide original's file said (96, 96): the longer side, squared, where kohya records (width, height)."""
+    wide = original.resize((96, 64))
+    (result,) = run_job(backend, job(tmp_path, wide, method="copier", effects=[], overrides={"steps": 1, "rank": 2}))
+    metadata = read_lora(result.written.lora).metadata
+    assert (metadata["ss_resolution"], metadata["modelspec.resolution"]) == ("(96, 64)", "96x64")
+
+
 def test_the_pair_methods_train_at_their_own_defaults_under_the_overrides():
     slider = method_config("slider", "quick", {"steps": 7})
     assert (slider.rank, slider.lr, slider.steps) == (PAIR_DEFAULTS["slider"]["rank"], PAIR_DEFAULTS["slider"]["lr"], 7)

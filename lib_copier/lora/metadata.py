@@ -42,7 +42,7 @@ class NetworkInfo:
     v_prediction: bool = False
     conv_rank: int | None = None
     conv_alpha: float | None = None
-    resolution: int | None = None
+    resolution: tuple[int, int] | None = None  # the trained (width, height); the family's side squared if None
     comment: str = ""
     description: str = ""
     training: dict[str, object] = field(default_factory=dict)
@@ -58,7 +58,8 @@ def build_metadata(info: NetworkInfo, now: float | None = None) -> dict[str, str
     args = {}
     if info.conv_rank is not None:
         args = {"conv_dim": str(info.conv_rank), "conv_alpha": str(info.conv_alpha or info.conv_rank)}
-    resolution = info.resolution or (768 if v else _RESOLUTION[info.family])
+    side = 768 if v else _RESOLUTION[info.family]
+    width, height = info.resolution or (side, side)
     metadata = {
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": str(info.rank),
@@ -68,13 +69,13 @@ def build_metadata(info: NetworkInfo, now: float | None = None) -> dict[str, str
         "ss_v2": str(info.family == "sd2"),
         "ss_output_name": info.title,
         "ss_training_comment": info.comment,
-        "ss_resolution": str((resolution, resolution)),
+        "ss_resolution": str((width, height)),
         **{f"ss_{name}": str(value) for name, value in info.training.items()},
         "modelspec.sai_model_spec": SPEC_VERSION,
         "modelspec.architecture": f"{_ARCHITECTURE[(info.family, v)]}/lora",
         "modelspec.implementation": IMPLEMENTATION_SGM if info.family == "sdxl" else IMPLEMENTATION_DIFFUSERS,
         "modelspec.title": info.title,
-        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.prediction_type": "v" if v else "epsilon",
     }

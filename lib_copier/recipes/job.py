@@ -372,14 +372,13 @@ def _finish(
 def _info(backend: Backend, job: Job, item: _Pending, name: str) -> NetworkInfo:
     config = item.config
     first = next(iter(item.weights.values()))
-    size = job.originals[0].size
     return NetworkInfo(
         family=backend.family,
         rank=max(w.rank for w in item.weights.values()),
         alpha=float(first.alpha),
         title=name,
         v_prediction=backend.prediction == "v",
-        resolution=max(size),
+        resolution=job.originals[0].size,
         comment=item.description,
         description=item.description,
         training={
