@@ -10,6 +10,7 @@ from pathlib import Path
 from lib_copier.arguments import number, positive
 from lib_copier.errors import CopierError, shown
 from lib_copier.models.cli import add_model_arguments, load
+from lib_copier.models.generate import MAX_STEPS
 from lib_copier.names import slug
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.prompts import grid_prompts, prompt_pool
@@ -59,6 +60,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="output name (default: from the image or prompt)")
     p.add_argument("--out", default="models/Lora", help="output folder (default: models/Lora)")
     p.add_argument("--grid-prompt", action="append", default=[], help="a prompt for the strength grid's rows")
+    p.add_argument(
+        "--grid-steps",
+        type=number(int, 0, MAX_STEPS),
+        default=20,
+        metavar="N",
+        help="sampling steps of each strength-grid image, drawn at the training size (default 20; 0: no grids)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a trainer setting")
     for name in ("steps", "rank", "alpha", "lr"):
         p.add_argument(f"--{name}", type=field_info()[name]["type"], help=field_info()[name]["help"])
@@ -172,7 +180,7 @@ def run_copier(args: argparse.Namespace) -> int:
     from lib_copier.effects.image_io import load_image
     from lib_copier.fields import check, check_field
     from lib_copier.models.generate import Txt2Img
-    from lib_copier.recipes.job import Job, check_effect_count, fit_image, method_config, output_names
+    from lib_copier.recipes.job import Job, check_effect_count, fit_image, method_config, output_names, training_side
     from lib_copier.recipes.processed import check_pairs
     from lib_copier.recipes.request import TrainRequest
     from lib_copier.seeds import fixed_seed
@@ -198,7 +206,7 @@ def run_copier(args: argparse.Namespace) -> int:
         given = [backend.generate(request)]
         print(f"the original: {request.prompt!r}, seed {request.seed}")
         check_pairs(effects, given)
-    side = args.size or backend.resolution
+    side = training_side(args.size, backend.resolution)  # the grids' too
     originals = [fit_image(image, side, backend.resolution) for image in given]
     job = Job(
         originals=originals,
@@ -210,7 +218,9 @@ def run_copier(args: argparse.Namespace) -> int:
         overrides=overrides,
         caption=args.caption,
         prompt_pool=prompt_pool(args.model is None, args.prompt_pool),
-        grid_prompts=args.grid_prompt or grid_prompts(args.model is None),
+        grid_prompts=(args.grid_prompt or grid_prompts(args.model is None)) if args.grid_steps else [],
+        grid_steps=args.grid_steps,
+        grid_side=side,
         base_model=Path(args.model).name if args.model else "built-in",
     )
     start = time.perf_counter()

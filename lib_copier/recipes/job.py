@@ -83,6 +83,7 @@ class Job:
     grid_prompts: list[str] = field(default_factory=list)
     grid_seed: int = 0
     grid_steps: int = 20
+    grid_side: int | None = None  # the grids' side (a training size); the model's native side if None
     base_model: str = ""
     keep_copier: bool = True  # also write the copier LoRA A itself
     publish_dir: Path | None = None  # where out_dir's files go once the caller is done: their names must be free there
@@ -346,7 +347,12 @@ def _finish(
             render = network_render(backend, network, unchanged)
             drawn = _offset(progress, i, len(pending))
             grid = strength_grid(
-                render, job.grid_prompts, backend.resolution, seed=job.grid_seed, steps=job.grid_steps, progress=drawn
+                render,
+                job.grid_prompts,
+                job.grid_side or backend.resolution,
+                seed=job.grid_seed,
+                steps=job.grid_steps,
+                progress=drawn,
             )
         prepared.append((item, name, grid))
     results, done = [], []
