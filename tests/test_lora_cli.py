@@ -101,6 +101,42 @@ def test_merge_into_checkpoint_and_extract_back(files, tmp_path):
         assert torch.allclose(extracted.modules[key].delta(), module.delta(), atol=1e-4), key
 
 
+def test_extract_compares_only_the_layers_a_lora_covers(files, tmp_path, capsys):
+    """Official SD1.5 carries EMA weights, the noise schedule and position ids that a fine-tune saved by another tool
+    lacks: such a pair was refused as having "different layers or shapes"."""
+    _, base, (a, _), table = files
+    source = TensorSource(base)
+    state = {k: source.get(k) for k in source.keys}
+    apply_to_state_dict(state, [(read_lora(a).modules, 1.0)], table)
+    tuned = tmp_path / "tuned.safetensors"
+    save_file(state, tuned)
+    original = tmp_path / "official.safetensors"
+    extra = {"model_ema.decay": torch.tensor(0.9999), "alphas_cumprod": torch.linspace(1, 0, 1000)}
+    save_file({k: source.get(k) for k in source.keys} | extra, original)
+    out = tmp_path / "x.safetensors"
+    assert (
+        main(["lora", "extract", str(original), str(tuned), "--dim", "4", "--precision", "fp32", "--out", str(out)])
+        == 0
+    )
+    for key, module in read_lora(a).modules.items():
+        assert torch.allclose(read_lora(out).modules[key].delta(), module.delta(), atol=1e-4), key
+    same = tmp_path / "copy.safetensors"
+    save_file({k: source.get(k) for k in source.keys}, same)
+    target = next(iter(table.values())).param_name
+    other = tmp_path / "other.safetensors"
+    save_file({k: v[:, :-1].contiguous() if k == target else v for k, v in state.items()}, other)
+    for tuned, message in [
+        (same, "the same weights in every layer a LoRA covers: nothing to extract"),
+        (other, f"differ in a layer a LoRA covers: {target} is"),
+    ]:
+        assert (
+            main(["lora", "extract", str(original), str(tuned), "--dim", "4", "--out", str(tmp_path / "o.safetensors")])
+            == 2
+        )
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_a_half_precision_checkpoint_merged_in_fp32_keeps_the_delta_at_fp32_precision(files, tmp_path):
     """kohya merges in fp32; rounding each changed weight to the checkpoint's fp16 first would put an error of about
     3e-3 of the delta into every one of them."""
@@ -169,7 +205,7 @@ def test_a_half_precision_checkpoint_merged_in_fp32_keeps_the_delta_at_fp32_prec
         (["info", "{tmp}"], "is a folder, not a file"),
         (["merge", "{a}", "--out", "{tmp}", "--overwrite"], "is a folder; name a file to write"),
         (["merge", "{a}", "--out", "{a}/o.safetensors"], "is a file, not a folder"),
-        (["extract", "{base}", "{base}", "--dim", "4", "--out", "{tmp}/o.safetensors"], "nothing to extract"),
+        (["extract", "{base}", "{base}", "--dim", "4", "--out", "{tmp}/o.safetensors"], "are the same file"),
         (
             ["extract", "{base}", "{base}", "--dim", "4", "--device", "foo", "--out", "{tmp}/o.safetensors"],
             "unknown device 'foo'",

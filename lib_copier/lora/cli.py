@@ -316,12 +316,22 @@ def run_extract(args: argparse.Namespace) -> int:
     _inputs_given(args, "original", "tuned")
     _check_out(args)
     device = pick_device(args.device)
+    if args.original.resolve() == args.tuned.resolve():
+        raise CopierError(f"ORIGINAL and TUNED are the same file, {args.original}: there is no difference to extract")
     original, tuned = TensorSource(args.original), TensorSource(args.tuned)
-    shapes = original.shapes()
-    if shapes != tuned.shapes():
-        raise CopierError(f"{args.original.name} and {args.tuned.name} have different layers or shapes")
+    shapes, tuned_shapes = original.shapes(), tuned.shapes()
     family = model_family(shapes)
+    if (tuned_family := model_family(tuned_shapes)) != family:
+        raise CopierError(f"{args.original.name} is an {family} checkpoint and {args.tuned.name} an {tuned_family} one")
     targets = lora_targets(shapes, family, conv=args.conv_rank is not None)
+    # Only the layers a LoRA covers must match: EMA weights, schedule buffers and position ids vary between tools.
+    for name in dict.fromkeys(t.param_name for t in targets):
+        if tuned_shapes.get(name) != shapes[name]:
+            found = "lacks it" if name not in tuned_shapes else f"has {tuple(tuned_shapes[name])}"
+            raise CopierError(
+                f"{args.original.name} and {args.tuned.name} differ in a layer a LoRA covers: {name} is "
+                f"{tuple(shapes[name])} in the first, and the second {found}"
+            )
     modules, text, kept = extract(
         lambda name: original.get(name).to(device),
         lambda name: tuned.get(name).to(device),
