@@ -137,6 +137,20 @@ def test_extract_compares_only_the_layers_a_lora_covers(files, tmp_path, capsys)
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_a_checkpoint_merged_in_half_precision_keeps_its_noise_schedule_in_fp32(files, tmp_path):
+    """The WebUIs sample with the file's `alphas_cumprod`: rounded to fp16 it would shift every sampler's sigmas."""
+    _, base, (a, _), _ = files
+    source = TensorSource(base)
+    schedule = {"alphas_cumprod": torch.linspace(0.9991, 0.0047, 1000), "model_ema.decay": torch.tensor(0.9999)}
+    official = tmp_path / "official.safetensors"
+    save_file({k: source.get(k) for k in source.keys} | schedule, official)
+    out = tmp_path / "merged.safetensors"
+    assert main(["lora", "merge", str(a), "--model", str(official), "--precision", "fp16", "--out", str(out)]) == 0
+    merged = TensorSource(out)
+    assert all(torch.equal(merged.get(k), v) for k, v in schedule.items())
+    assert {merged.get(k).dtype for k in source.keys if source.get(k).is_floating_point()} == {torch.float16}
+
+
 def test_a_half_precision_checkpoint_merged_in_fp32_keeps_the_delta_at_fp32_precision(files, tmp_path):
     """kohya merges in fp32; rounding each changed weight to the checkpoint's fp16 first would put an error of about
     3e-3 of the delta into every one of them."""

@@ -248,21 +248,30 @@ def _merge_into_checkpoint(args, pairs, family: str | None) -> int:
     from lib_copier.models.checkpoint import TensorSource
 
     source = TensorSource(args.model)
-    state = {name: source.get(name) for name in sorted(source.keys)}
+    shapes = source.shapes()  # the family and the layers from the keys, before any weight is read
     try:
-        model = model_family(state)
+        model = model_family(shapes)
     except CopierError as exc:
         raise CopierError(f"{args.model}: {exc}") from None
     if family is not None and family != model:
         raise CopierError(f"the LoRAs are for {family} but {args.model} is an {model} checkpoint")
-    table = by_key(lora_targets({k: tuple(v.shape) for k, v in state.items()}, model, conv=True))
+    table = by_key(lora_targets(shapes, model, conv=True))
     dtype = PRECISIONS[args.precision]
+    state = {name: source.get(name) for name in shapes}
     count = apply_to_state_dict(state, pairs, table, _tqdm("merging"), dtype)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    for name, tensor in state.items():  # in place, one at a time: the file's and the written precision's copies
+        if tensor.is_floating_point() and not _schedule(name):  # never add up to two models
+            state[name] = tensor.to(dtype)
     metadata = dict(sorted(source.metadata.items()))
     atomic_write(args.out, lambda tmp: save_file(state, str(tmp), metadata=metadata), args.overwrite)
     _say(args, f"wrote {args.out} ({count} LoRA modules merged into {args.model.name})")
     return 0
+
+
+def _schedule(name: str) -> bool:
+    """A noise-schedule buffer (`alphas_cumprod`, `betas`, …, top-level names) or the EMA's counters: the WebUIs
+    sample with them as the file holds them, so they keep their precision."""
+    return "." not in name or name in ("model_ema.decay", "model_ema.num_updates")
 
 
 def run_svd_merge(args: argparse.Namespace) -> int:

@@ -46,22 +46,29 @@ def apply_to_state_dict(
     """W += ratio * alpha/rank * up @ down for every module of every (LoRA, ratio); returns the modules applied.
 
     Each weight is updated in float32 and rounded once, to `dtype` (default: its own), so several LoRAs do not
-    round several times, and an fp16 checkpoint saved in fp32 keeps the LoRA's delta at fp32 precision.
+    round several times, and an fp16 checkpoint saved in fp32 keeps the LoRA's delta at fp32 precision. One weight
+    is worked on at a time: the float32 copies never add up to a second model.
     """
-    changes: dict[str, torch.Tensor] = {}
     unknown = [key for modules, _ in loras for key in modules if key not in table]
     if unknown:
         raise CopierError(f"LoRA module {unknown[0]} matches no layer of the checkpoint (model families differ?)")
-    every = [(key, module, ratio) for modules, ratio in loras for key, module in modules.items()]
-    for key, module, ratio in _counted(every, progress):
-        target = table[key]
-        if target.param_name not in changes:
-            changes[target.param_name] = state[target.param_name].float().clone()
-        weight = changes[target.param_name]
-        weight[target.rows] += ratio * _check_fits(key, module.delta(), target.shape)
-    for name, weight in changes.items():
+    by_weight: dict[str, list[tuple[str, LoRAWeights, float]]] = {}
+    for modules, ratio in loras:
+        for key, module in modules.items():
+            by_weight.setdefault(table[key].param_name, []).append((key, module, ratio))
+    count = sum(len(parts) for parts in by_weight.values())
+    done = 0
+    report = progress or (lambda done, total: None)
+    report(0, count)
+    for name, parts in by_weight.items():
+        weight = state[name].float().clone()
+        for key, module, ratio in parts:
+            target = table[key]
+            weight[target.rows] += ratio * _check_fits(key, module.delta(), target.shape)
+            done += 1
+            report(done, count)
         state[name] = weight.to(dtype or state[name].dtype)
-    return len(every)
+    return count
 
 
 def merge_exact(loras: list[tuple[Mapping[str, LoRAWeights], float]]) -> dict[str, LoRAWeights]:
