@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
+import re
 import struct
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from lib_copier.models.sd_model import StableDiffusion
 CONFIG_KEY = "copier.model_config"
 INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"  # its input channels: 4 latent ones, or more
 _ORDINARY = "Copier LoRA needs an ordinary SD1, SD2 or SDXL checkpoint"
+_LORA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 # A key only that family's checkpoints have, checked in this order.
 FAMILY_MARKERS = (
@@ -83,44 +87,85 @@ class _Safetensors:
         return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
+def _torch_state(path: Path) -> dict:
+    """The state dict of a weights-only torch file: zip (memory-mapped) or the legacy format torch wrote before 1.6."""
+    with open(path, "rb") as f:
+        start = f.read(1)
+    zipped = zipfile.is_zipfile(path)
+    if not zipped and start != b"\x80":  # a legacy torch file is a pickle, which begins with PROTO
+        raise CopierError(f"checkpoint {path} is neither a torch checkpoint nor a .safetensors file")
+    try:
+        # str: torch 2.1 (A1111 1.10's) maps only a file named by a string
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as exc:
+        raise CopierError(
+            f"checkpoint {path} is a pickle that holds more than plain tensors, so it is not loaded for safety; "
+            "convert it to .safetensors first"
+        ) from exc
+    except Exception as exc:  # a damaged file: torch raises what its reader met
+        raise CopierError(f"checkpoint {path} is not a readable torch checkpoint ({exc.__class__.__name__})") from exc
+    state = data.get("state_dict", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict):
+        raise CopierError(f"checkpoint {path} holds no state dict")
+    return state
+
+
+# SD1 files saved with transformers before 4.x name the text encoder's parts without `text_model.`; A1111 renames them.
+_OLD_SD1_TEXT, _OLD_SD1_PARTS = "cond_stage_model.transformer.", ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def _current_names(keys: set[str]) -> dict[str, str]:
+    """{the name a current SD1 file uses: the name in this one} for an old SD1 text encoder's keys."""
+    renamed = {}
+    for key in keys:
+        rest = key.removeprefix(_OLD_SD1_TEXT)
+        if rest != key and rest.startswith(_OLD_SD1_PARTS):
+            renamed[f"{_OLD_SD1_TEXT}text_model.{rest}"] = key
+    return renamed
+
+
 class TensorSource:
     """Keys, metadata and lazily read tensors of a `.safetensors` file or a weights-only `.ckpt`."""
 
     def __init__(self, path: Path):
+        if path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir()):
+            raise CopierError(
+                f"checkpoint {path} is a diffusers folder; Copier LoRA reads single-file checkpoints (the .safetensors "
+                "the WebUIs load): convert it first, with diffusers' scripts/convert_diffusers_to_original_"
+                "stable_diffusion.py (or …_sdxl.py)"
+            )
         self.path = check_file(path, "checkpoint")
-        if path.suffix == ".safetensors":
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
             file = _Safetensors(path)
-            self.keys = set(file.entries)
-            self.metadata = file.metadata
-            self.get = file.get
-            self._shape = lambda name: tuple(file.entries[name][1])
-        elif path.suffix in (".ckpt", ".pt", ".pth"):
-            try:
-                # str: torch 2.1 (A1111 1.10's) maps only a file named by a string
-                data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
-                raise CopierError(
-                    f"checkpoint {path} is a pickle that holds more than plain tensors, so it is not loaded for "
-                    "safety; convert it to .safetensors first"
-                ) from exc
-            state = data.get("state_dict", data) if isinstance(data, dict) else None
-            if not isinstance(state, dict):
-                raise CopierError(f"checkpoint {path} holds no state dict")
-            self.keys = {k for k, v in state.items() if isinstance(v, torch.Tensor)}
-            self.metadata = {}
-            self.get = state.__getitem__
-            self._shape = lambda name: tuple(state[name].shape)
+            self.metadata, self._read = file.metadata, file.get
+            shapes = {name: tuple(entry[1]) for name, entry in file.entries.items()}
+        elif suffix in (".ckpt", ".pt", ".pth"):
+            state = _torch_state(path)
+            self.metadata, self._read = {}, state.__getitem__
+            shapes = {name: tuple(v.shape) for name, v in state.items() if isinstance(v, torch.Tensor)}
         else:
             raise CopierError(f"checkpoint {path} has an unknown extension; expected .safetensors or .ckpt")
+        self._renamed = renamed = _current_names(shapes)  # a name as current files have it → the name in this file
+        names = (set(shapes) - set(renamed.values())) | set(renamed)
+        self._shapes = {name: shapes[renamed.get(name, name)] for name in sorted(names)}
+        self.keys = set(self._shapes)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._read(self._renamed.get(name, name))
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, without reading the tensors."""
-        return {name: self._shape(name) for name in sorted(self.keys)}
+        return dict(self._shapes)
 
 
 def detect_config(source: TensorSource) -> ModelConfig:
     if CONFIG_KEY in source.metadata:
         return ModelConfig.from_json(source.metadata[CONFIG_KEY])
+    if any(k.startswith(_LORA_PREFIXES) or ".lora_" in k for k in source.keys):
+        raise CopierError(f"{source.path} is a LoRA, not a checkpoint")
+    if any(k.startswith(("encoder.", "decoder.", "quant_conv.")) for k in source.keys):
+        raise CopierError(f"{source.path} is a VAE alone, not a checkpoint")
     if not any(k.startswith("model.diffusion_model.") for k in source.keys):
         raise CopierError(
             f"checkpoint {source.path} is not a Stable Diffusion checkpoint in the LDM layout: "
@@ -129,6 +174,11 @@ def detect_config(source: TensorSource) -> ModelConfig:
     for marker, config in FAMILY_MARKERS:
         if marker in source.keys:
             return config
+    if any(k.startswith("conditioner.embedders.0.model.") for k in source.keys):
+        raise CopierError(
+            f"checkpoint {source.path} has one OpenCLIP text encoder in SGM's layout: it is the SDXL refiner (or an "
+            f"SD2 model saved by SGM, like SD-Turbo), which Copier LoRA does not train; {_ORDINARY}"
+        )
     raise CopierError(
         f"checkpoint {source.path} has a UNet but no text encoder we know: expected one of "
         + ", ".join(m for m, _ in FAMILY_MARKERS)
@@ -158,6 +208,16 @@ def _stored_prediction(metadata: dict[str, str]) -> str | None:
     return None
 
 
+def _yaml_prediction(path: Path) -> str | None:
+    """From the model config beside the checkpoint (`name.yaml`), which A1111 uses before its own test: LDM's
+    `parameterization: "v"`, or eps where it names none; None without such a file."""
+    config = path.with_suffix(".yaml")
+    if not config.is_file():
+        return None
+    found = re.search(r"^\s*parameterization:\s*[\"']?(\w+)", config.read_text(errors="replace"), re.MULTILINE)
+    return "v" if found and found.group(1) == "v" else "eps"
+
+
 @torch.no_grad()
 def _looks_like_v_prediction(model: StableDiffusion) -> bool:
     """SD2 files do not say whether they predict v; A1111's test: at t=999, a v model's output is far below x."""
@@ -165,6 +225,24 @@ def _looks_like_v_prediction(model: StableDiffusion) -> bool:
     x = torch.full((1, model.latent_channels, 8, 8), 0.5, dtype=param.dtype)
     ctx = torch.full((1, 77, model.config.unet.context_dim), 0.5, dtype=param.dtype)
     return (model.unet(x, torch.tensor([999]), ctx).float() - x.float()).mean().item() < -1
+
+
+_PARTS = {"model.diffusion_model.": "UNet", "first_stage_model.": "VAE", "cond_stage_model.": "text encoder"}
+
+
+def _check_complete(source: TensorSource, family: str, missing: list[str]) -> None:
+    """One sentence for weights the model needs that the file lacks, naming a part it lacks entirely."""
+    if not missing:
+        return
+    for prefix, part in _PARTS.items():
+        if any(k.startswith(prefix) for k in missing) and not any(k.startswith(prefix) for k in source.keys):
+            raise CopierError(
+                f"checkpoint {source.path} holds no {part} (no {prefix}… weights): the command line needs a "
+                "checkpoint with its whole model in it"
+            )
+    raise CopierError(
+        f"checkpoint {source.path} looks like {family} but lacks {len(missing)} weights, e.g. {', '.join(missing[:3])}"
+    )
 
 
 def load_checkpoint(
@@ -180,16 +258,15 @@ def load_checkpoint(
         model = StableDiffusion(config)
     expected = model.state_dict()
     check_plain_unet(source.shapes(), config.family, f"the UNet of checkpoint {source.path}")
-    missing = [k for k in expected if k not in source.keys]
-    if missing:
-        raise CopierError(
-            f"checkpoint {source.path} looks like {config.family} but lacks {len(missing)} weights, "
-            f"e.g. {', '.join(missing[:3])}"
-        )
+    unread = tuple(model.unread_parameters())
+    _check_complete(source, config.family, [k for k in expected if k not in source.keys and not k.startswith(unread)])
     if dtype is None:
         dtype = source.get(next(k for k in expected if k.startswith("model.diffusion_model."))).dtype
     state = {}
     for key, meta in expected.items():
+        if key not in source.keys:  # one no output reads (a conversion from diffusers leaves them out)
+            state[key] = torch.zeros(meta.shape, device=device, dtype=dtype)
+            continue
         tensor = source.get(key)
         if tensor.shape != meta.shape:
             raise CopierError(
@@ -200,7 +277,7 @@ def load_checkpoint(
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     if config.family == "sd2" and CONFIG_KEY not in source.metadata:
-        stored = prediction or _stored_prediction(source.metadata)
+        stored = prediction or _stored_prediction(source.metadata) or _yaml_prediction(source.path)
         is_v = stored == "v" if stored else _looks_like_v_prediction(model)
         model.config = SD2_V if is_v else SD2
     elif prediction:

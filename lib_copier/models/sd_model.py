@@ -95,6 +95,18 @@ class StableDiffusion(nn.Module):
     def text_embedders(self) -> list[nn.Module]:
         return [self.cond_stage_model] if hasattr(self, "cond_stage_model") else list(self.conditioner.embedders)
 
+    def unread_parameters(self) -> list[str]:
+        """Names (or prefixes) of the text encoders' parameters no output reads (`OpenCLIPEmbedder.unread`), which
+        a checkpoint may lack."""
+        pooled = self.config.unet.adm_in_channels is not None  # SDXL's UNet reads the pooled text embedding
+        paths = {id(module): name for name, module in self.named_modules()}
+        return [
+            f"{paths[id(embedder)]}.{name}"
+            for embedder in self.text_embedders
+            if isinstance(embedder, OpenCLIPEmbedder)
+            for name in embedder.unread(pooled)
+        ]
+
     @property
     def latent_channels(self) -> int:
         return self.config.unet.in_channels

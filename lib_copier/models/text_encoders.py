@@ -140,3 +140,14 @@ class OpenCLIPEmbedder(PromptEmbedder):
     def encode_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         output = self.model(ids)
         return _pick(output, self.layer, self.final_norm, self.model.ln_final), output.pooled
+
+    def unread(self, pooled: bool) -> list[str]:
+        """Names (or prefixes) of the parameters no output depends on: `logit_scale`, CLIP's training temperature,
+        and where the pooled output goes unused, the projection and, at the penultimate layer, the last block.
+        Conversions from diffusers leave them out (its SD2 text encoder has one layer less)."""
+        names = ["model.logit_scale"]
+        if not pooled:
+            names.append("model.text_projection")
+            if self.layer == "penultimate":
+                names.append(f"model.transformer.resblocks.{self.model.config.layers - 1}.")
+        return names
