@@ -183,6 +183,11 @@ def test_a_half_precision_checkpoint_merged_in_fp32_keeps_the_delta_at_fp32_prec
         (["resize", "{a}", "--new-rank", "2", "--out", "{b}"], "already exists"),
         (["merge", "{a}", "{sd2}", "--out", "{tmp}/o.safetensors"], "different model families"),
         (["merge", "{a}", "{b}", "--ratios", "1", "--out", "{tmp}/o.safetensors"], "one ratio per LoRA"),
+        (
+            ["merge", "{a}", "{a}", "--ratios", "1", "-1", "--out", "{tmp}/o.safetensors"],
+            "l0.safetensors x 1, l0.safetensors x -1 cancel out in every layer: the merge would change nothing",
+        ),
+        (["svd-merge", "{a}", "--ratios", "0", "--new-rank", "2", "--out", "{tmp}/o.safetensors"], "cancel out"),
         (["svd-merge", "{a}", "{wide}", "--new-rank", "2", "--out", "{tmp}/o.safetensors"], "different shapes"),
         # numbers are refused while the arguments are parsed, by the option's name; NaN and infinities included
         (["merge", "{a}", "--ratios", "nan", "--out", "{tmp}/o.safetensors"], "--ratios: 'nan' is not a finite"),

@@ -5,7 +5,7 @@ import torch
 
 from lib_copier.errors import CopierError
 from lib_copier.lora.naming import Target
-from lib_copier.lora.ops import apply_to_state_dict, dynamic_rank, extract, merge_exact, merge_svd, resize
+from lib_copier.lora.ops import apply_to_state_dict, cancels, dynamic_rank, extract, merge_exact, merge_svd, resize
 from lib_copier.lora.weights import KOHYA_CLAMP, LoRAWeights
 
 
@@ -202,3 +202,12 @@ def test_randomized_extraction_of_a_large_module_comes_within_a_hair_of_the_opti
         error = relative(modules["lora_unet_ff"].delta(), delta)
         assert error < optimum * 1.01, randomized
         assert abs(kept["lora_unet_ff"] ** 2 + error**2 - 1) < 1e-3  # kept is what the error leaves
+
+
+def test_a_merge_that_cancels_is_told_from_one_that_changes_something():
+    a, b = random_lora(0, SHAPES), random_lora(1, SHAPES)
+    for module in a.values():
+        assert module.norm() == pytest.approx(float(module.delta().double().norm()), rel=1e-6)
+    assert cancels([(a, 0.5), (a, -0.5)]) and cancels([(a, 0.0)])
+    assert not cancels([(a, 1.0), (a, -1.0), (b, 1.0)])
+    assert not cancels([(a, 1.0), (a, -1.0 + 1e-4)])  # a ten-thousandth of a is still a change

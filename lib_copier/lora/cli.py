@@ -153,6 +153,7 @@ def _check_out(args: argparse.Namespace) -> Path:
 def _merge_inputs(args: argparse.Namespace):
     """The LoRAs with their ratios and common family, after checking the output can be written."""
     from lib_copier.lora.files import read_lora
+    from lib_copier.lora.ops import cancels
 
     _inputs_given(args, "loras")
     _check_out(args)
@@ -165,7 +166,10 @@ def _merge_inputs(args: argparse.Namespace):
         named = ", ".join(f"{path.name} ({lora.family})" for path, lora in zip(args.loras, loras, strict=True))
         raise CopierError(f"the LoRAs are for different model families: {named}")
     family = families.pop() if families else None
-    return loras, ratios, family, [(lora.modules, ratio) for lora, ratio in zip(loras, ratios, strict=True)]
+    pairs = [(lora.modules, ratio) for lora, ratio in zip(loras, ratios, strict=True)]
+    if cancels(pairs):
+        raise CopierError(f"{_recipe(args, ratios)} cancel out in every layer: the merge would change nothing")
+    return loras, ratios, family, pairs
 
 
 def _merged_info(args, family: str | None, loras, rank, alpha, comment: str, conv_rank=None):

@@ -71,6 +71,16 @@ def apply_to_state_dict(
     return count
 
 
+def cancels(loras: list[tuple[Mapping[str, LoRAWeights], float]], tolerance: float = 1e-6) -> bool:
+    """Whether the weighted sum changes no layer: in every module it is below `tolerance` of its parts' norms (the
+    same LoRA at +1 and -1, or every ratio 0)."""
+    for key, merged in merge_exact(loras).items():
+        parts = sum(abs(ratio) * modules[key].norm() for modules, ratio in loras if key in modules)
+        if merged.norm() > tolerance * parts:
+            return False
+    return True
+
+
 def merge_exact(loras: list[tuple[Mapping[str, LoRAWeights], float]]) -> dict[str, LoRAWeights]:
     """One LoRA whose delta is exactly sum(ratio * delta): the ranks are concatenated, alpha = the new rank."""
     grouped: dict[str, list[tuple[LoRAWeights, float]]] = {}

@@ -31,6 +31,11 @@ class LoRAWeights:
         """The shape of the weight this module changes."""
         return (self.up.shape[0], *self.down.shape[1:])
 
+    def norm(self) -> float:
+        """The Frobenius norm of `delta`, from the factors' Gram matrices in float64 (no dense matrix)."""
+        up, down = self.up.double().flatten(1), self.down.double().flatten(1)
+        return abs(self.scale) * float(((up.T @ up) * (down @ down.T)).sum().clamp(min=0).sqrt())
+
     def delta(self, device=None) -> torch.Tensor:
         """scale * up @ down in float32, shaped like the target weight."""
         up = self.up.to(device=device, dtype=torch.float32).flatten(1)
