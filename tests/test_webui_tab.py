@@ -60,6 +60,9 @@ def test_the_tab_builds():
     # The image boxes keep their height whatever the upload's shape (a tall portrait pushed the form screens down).
     images = [b for b in tab.blocks.values() if isinstance(b, gr.Image)]
     assert len(images) == 2 and all(b.height == IMAGE_HEIGHT for b in images)
+    # Train and Utilities are two tabs of one bar: a component made between them had split them into two bars.
+    tabs = [b for b in tab.blocks.values() if type(b).__name__ in ("Tab", "TabItem")]
+    assert [t.label for t in tabs] == ["Train", "Utilities"] and tabs[0].parent is tabs[1].parent
 
 
 def test_the_effects_are_ticked_by_label_and_described():
