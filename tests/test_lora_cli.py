@@ -1,6 +1,7 @@
 """`python -m lib_copier lora …`: each action end to end on tiny files, and one-line errors with exit code 2."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -102,8 +103,8 @@ def test_merge_into_checkpoint_and_extract_back(files, tmp_path):
 
 
 def test_extract_compares_only_the_layers_a_lora_covers(files, tmp_path, capsys):
-    """Official SD1.5 carries EMA weights, the noise schedule and position ids that a fine-tune saved by another tool
-    lacks: such a pair was refused as having "different layers or shapes"."""
+    """Official SD1.5 carries EMA weights and the noise schedule, which a fine-tune saved by another tool lacks: such
+    a pair was refused as having "different layers or shapes"."""
     _, base, (a, _), table = files
     source = TensorSource(base)
     state = {k: source.get(k) for k in source.keys}
@@ -120,6 +121,8 @@ def test_extract_compares_only_the_layers_a_lora_covers(files, tmp_path, capsys)
     )
     for key, module in read_lora(a).modules.items():
         assert torch.allclose(read_lora(out).modules[key].delta(), module.delta(), atol=1e-4), key
+    # Without a conv rank the ResNet layers are left out, as kohya's default does, and the log says so.
+    assert re.search(r"\n\d+ ResNet and sampler layers left out, as kohya does", "\n" + capsys.readouterr().out)
     same = tmp_path / "copy.safetensors"
     save_file({k: source.get(k) for k in source.keys}, same)
     target = next(iter(table.values())).param_name

@@ -2,6 +2,8 @@
 formulas (A1111's `extensions-builtin/Lora`: `network_hada.py`, `network_lokr.py`, `lyco_helpers.py`), written out
 here independently of the code under test."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -106,9 +108,9 @@ def test_each_lycoris_module_reads_as_a_lora_with_the_same_delta(key, shape, par
     assert sum(types.values()) == 1
 
 
-def _write(path, cases):
+def _write(path, cases, metadata=SD1):
     tensors = {f"{key}.{name}": t.contiguous() for key, _, parts, _ in cases for name, t in parts.items()}
-    save_file(tensors, str(path), metadata=SD1)
+    save_file(tensors, str(path), metadata=metadata)
     return {key: formula(parts, shape) for key, shape, parts, formula in cases}
 
 
@@ -116,7 +118,11 @@ def _write(path, cases):
 def test_a_lycoris_file_round_trips_through_the_tools_as_a_plain_lora(kind, tmp_path, capsys):
     cases = [c for c in CASES if c[3].__name__ == "_" + kind.lower()]
     source = tmp_path / f"{kind}.safetensors"
-    expected = _write(source, cases)
+    lycoris = {
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_args": json.dumps({"algo": kind.lower(), "conv_dim": "4"}),
+    }
+    expected = _write(source, cases, SD1 | lycoris)
     assert main(["lora", "info", str(source)]) == 0
     assert f"types     {kind} {len(cases)}" in capsys.readouterr().out
     resized, merged = tmp_path / "resized.safetensors", tmp_path / "merged.safetensors"
@@ -126,6 +132,9 @@ def test_a_lycoris_file_round_trips_through_the_tools_as_a_plain_lora(kind, tmp_
     for path in (resized, merged):
         lora = read_lora(path)
         assert set(lora.types) == {"LoRA"}
+        # A plain LoRA says so: a resized LoHa kept "lycoris.kohya" and its algo.
+        assert lora.metadata["ss_network_module"] == "networks.lora"
+        assert "algo" not in json.loads(lora.metadata["ss_network_args"])
         for key, delta in expected.items():
             assert torch.allclose(lora.modules[key].delta(), delta, atol=1e-4 * float(delta.abs().max())), key
 

@@ -35,7 +35,7 @@ from lib_copier.webui.tab import (
     txt2img_prompt,
 )
 from lib_copier.webui.tab_form import build_request, effect_specs
-from lib_copier.webui.utilities_tab import TOOLS, build_utilities, result_text, tool_body
+from lib_copier.webui.utilities_tab import FIELDS, TOOLS, build_utilities, result_text, tool_body
 from tests.conftest import randomize_
 
 INFO = "a red fox in snow\nNegative prompt: blurry\nSteps: 20, Sampler: Euler, Seed: 42, Size: 64x64"
@@ -178,32 +178,65 @@ def test_the_utilities_form_becomes_the_api_body(tmp_path):
     )
     with pytest.raises(CopierError, match="ratios"):
         tool_body("svd-merge", ["a"], "", None, None, "one", 8, 0, True, "none", 0, "fp32", "x")
-    # Emptied number boxes (None) are left out, and the tool's check names what is missing.
-    emptied = tool_body("resize", ["a"], "", None, None, "", None, None, True, "sv_fro", None, "fp32", "small")
-    assert emptied == {"out": "small", "precision": "fp32", "lora": "a", "dynamic_method": "sv_fro"}
-    with pytest.raises(CopierError, match='the resize request needs "rank"'):
+    # An emptied parameter box (None) is left out, and the tool's check names what is missing.
+    emptied = tool_body("resize", ["a"], "", None, None, "", 4, None, True, "sv_fro", None, "fp32", "small")
+    assert emptied == {"out": "small", "precision": "fp32", "lora": "a", "rank": 4, "dynamic_method": "sv_fro"}
+    (tmp_path / "a.safetensors").touch()  # the check finds the file, then the parameter missing
+    with pytest.raises(CopierError, match="a dynamic resize needs both a method and its parameter"):
         check_tool("resize", emptied, [tmp_path])
+    # What the form lacks is said in its own words, not the API's ('the extract request needs "original"').
+    for form, message in [
+        (("resize", [], "", None, None, "", 4), "pick a LoRA$"),
+        (("merge", None, "", None, None, "", 4), "pick a LoRA or more"),
+        (("extract", [], "", "base", None, "", 4), "pick the Original and the Tuned checkpoint"),
+        (("svd-merge", ["a"], "", None, None, "", None), "give a Rank"),
+        # A decimal comma: "0,5 0,5" read as four ratios for two LoRAs.
+        (("merge", ["a", "b"], "", None, None, "0,5 0,5", 8), "2 LoRA.s. but 4 ratios in '0,5 0,5': a comma sep"),
+    ]:
+        with pytest.raises(CopierError, match=message):
+            tool_body(*form, 0, True, "none", 0.9, "fp32", "x")
 
 
 def test_the_utilities_form_shows_what_the_chosen_tool_reads_and_says_what_it_does():
+    listed = [["a"]]
     with gr.Blocks() as blocks:
-        build_utilities(lambda tool, body: {}, lambda: ["a"], lambda: ["model"])
-    choose = next(f for f in blocks.fns.values() if f.name == "choose")
+        build_utilities(lambda tool, body: {"log": f"wrote {body['out']}"}, lambda: listed[-1], lambda: ["model"])
+    fns = {f.name: f for f in blocks.fns.values()}
+    choose = fns["choose"]
     shown_at_start = {c.label for c in choose.outputs[1:] if c.visible}
+    conv = {
+        "svd-merge": "Conv rank of 3x3 convs (0: the Rank)",
+        "extract": "Conv rank (0: no ResNet layers, as kohya's default)",
+    }
     for tool in TOOLS:
-        text, *updates = choose.fn(tool)
+        text, *updates = choose.fn(tool, "none")
         shown = {c.label for c, update in zip(choose.outputs[1:], updates, strict=True) if update["visible"]}
         assert text.startswith(f"**{tool}**: ") and "Output name" not in " ".join(shown)
         if tool == "merge":
             assert shown == shown_at_start == {"LoRAs (resize: the first)", "Ratios, one per LoRA (negative subtracts)",
                                                "Merge into this checkpoint (optional)"}  # fmt: skip
         if tool == "resize":
-            assert shown == {"LoRAs (resize: the first)", "Rank", "Conv rank (0: none)", "Dynamic resize",
-                             "Dynamic parameter"}  # fmt: skip
+            assert shown == {"LoRAs (resize: the first)", "Rank", conv["svd-merge"], "Dynamic resize"}
+            with_method = choose.fn(tool, "sv_fro")[1:]
+            assert with_method[FIELDS.index("dynamic_param")]["visible"]
         clamp = "kohya's clamp (off: the best approximation of the rank)"
         if tool == "extract":
-            assert shown == {"Original checkpoint", "Tuned checkpoint", "Rank", "Conv rank (0: none)", clamp}
+            assert shown == {"Original checkpoint", "Tuned checkpoint", "Rank", clamp, conv["svd-merge"]}
+        # The conv rank's 0 says what it does for the tool: the Rank, or (extract) no ResNet layers, as in kohya.
+        assert updates[FIELDS.index("conv_rank")]["label"] == conv.get(tool, conv["svd-merge"])
         assert (clamp in shown) == (tool in ("svd-merge", "extract"))
+    # A dynamic method offers a parameter valid for it (sv_ratio's is at least 1; 0.9 was refused).
+    method_chosen = fns["method_chosen"].fn
+    assert method_chosen("resize", "sv_ratio") == gr.update(visible=True, value=4.0)
+    assert method_chosen("resize", "sv_fro")["value"] == 0.9 and not method_chosen("resize", "none")["visible"]
+    # Run says at once that it is working, then what it wrote, with the new file in the lists.
+    run = fns["run"].fn
+    values = ["merge", ["a"], "", None, None, "", 8, 0, True, "none", 0.9, "fp32", "b"]
+    first = next(run(*values))
+    listed.append(["a", "b"])
+    *_, last = run(*values)
+    assert first[0].startswith("Working… (after the generation or training") and last[0] == "wrote b"
+    assert last[1]["choices"] == ["a", "b"] and last[2]["choices"] == ["", "model"]
 
 
 def test_the_utilities_result_says_once_what_the_tool_wrote_or_why_not(tmp_path):

@@ -247,16 +247,13 @@ def _merge_into_checkpoint(args, pairs, family: str | None) -> int:
 
     from lib_copier.atomic import atomic_write
     from lib_copier.lora.files import PRECISIONS
-    from lib_copier.lora.naming import by_key, lora_targets, model_family
+    from lib_copier.lora.naming import by_key, lora_targets
     from lib_copier.lora.ops import apply_to_state_dict
     from lib_copier.models.checkpoint import TensorSource
 
     source = TensorSource(args.model)
     shapes = source.shapes()  # the family and the layers from the keys, before any weight is read
-    try:
-        model = model_family(shapes)
-    except CopierError as exc:
-        raise CopierError(f"{args.model}: {exc}") from None
+    model = _family(source)
     if family is not None and family != model:
         raise CopierError(f"the LoRAs are for {family} but {args.model} is an {model} checkpoint")
     table = by_key(lora_targets(shapes, model, conv=True))
@@ -270,6 +267,16 @@ def _merge_into_checkpoint(args, pairs, family: str | None) -> int:
     atomic_write(args.out, lambda tmp: save_file(state, str(tmp), metadata=metadata), args.overwrite)
     _say(args, f"wrote {args.out} ({count} LoRA modules merged into {args.model.name})")
     return 0
+
+
+def _family(source) -> str:
+    """A checkpoint's model family from its keys, or a sentence that names the file."""
+    from lib_copier.lora.naming import model_family
+
+    try:
+        return model_family(source.keys)
+    except CopierError as exc:
+        raise CopierError(f"{source.path.name}: {exc}") from None
 
 
 def _schedule(name: str) -> bool:
@@ -290,6 +297,7 @@ def run_svd_merge(args: argparse.Namespace) -> int:
 
 def run_resize(args: argparse.Namespace) -> int:
     from lib_copier.lora.files import read_lora, write_lora
+    from lib_copier.lora.metadata import NETWORK_MODULE
     from lib_copier.lora.ops import check_dynamic, resize
 
     _inputs_given(args, "lora")
@@ -307,6 +315,9 @@ def run_resize(args: argparse.Namespace) -> int:
     _say(args, f"mean Frobenius norm kept {mean:.2%}; ranks {min(ranks)}..{max(ranks)}")
     old = max(lora.ranks)
     metadata = dict(lora.metadata)
+    if metadata.get("ss_network_module", NETWORK_MODULE) != NETWORK_MODULE:  # a LyCORIS file, written as plain LoRA
+        metadata["ss_network_module"] = NETWORK_MODULE
+        metadata.pop("ss_network_args", None)  # its algo and the like; network_shape writes the conv ones
     comment = metadata.get("ss_training_comment", "")
     if args.dynamic_method:
         metadata["ss_training_comment"] = (
@@ -321,7 +332,7 @@ def run_resize(args: argparse.Namespace) -> int:
 
 def run_extract(args: argparse.Namespace) -> int:
     from lib_copier.lora.metadata import NetworkInfo
-    from lib_copier.lora.naming import lora_targets, model_family
+    from lib_copier.lora.naming import lora_targets
     from lib_copier.lora.ops import extract
     from lib_copier.models.checkpoint import TensorSource
     from lib_copier.models.loading import pick_device
@@ -333,10 +344,12 @@ def run_extract(args: argparse.Namespace) -> int:
         raise CopierError(f"ORIGINAL and TUNED are the same file, {args.original}: there is no difference to extract")
     original, tuned = TensorSource(args.original), TensorSource(args.tuned)
     shapes, tuned_shapes = original.shapes(), tuned.shapes()
-    family = model_family(shapes)
-    if (tuned_family := model_family(tuned_shapes)) != family:
+    family, tuned_family = (_family(source) for source in (original, tuned))
+    if tuned_family != family:
         raise CopierError(f"{args.original.name} is an {family} checkpoint and {args.tuned.name} an {tuned_family} one")
     targets = lora_targets(shapes, family, conv=args.conv_rank is not None)
+    if args.conv_rank is None and (left := len(lora_targets(shapes, family, conv=True)) - len(targets)):
+        _say(args, f"{left} ResNet and sampler layers left out, as kohya does: a conv rank (--conv-dim) takes them in")
     # Only the layers a LoRA covers must match: EMA weights, schedule buffers and position ids vary between tools.
     for name in dict.fromkeys(t.param_name for t in targets):
         if tuned_shapes.get(name) != shapes[name]:

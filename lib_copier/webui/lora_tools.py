@@ -32,7 +32,8 @@ _OUT = "name of the file to write, without .safetensors"
 _LORAS = 'LoRA names: paths below the LoRA folder, without .safetensors ("ink", "styles/ink")'
 _RATIOS = "one per LoRA (default 1 each); a negative ratio subtracts"
 _RANK = "rank of linear layers and 1x1 convolutions"
-_CONV = "rank of 3x3 convolutions (none: they are left as they are, or out)"
+_CONV = "rank of 3x3 convolutions (none: the rank)"
+_EXTRACT_CONV = "rank of 3x3 convolutions; none leaves the ResNet and sampler layers out, as kohya's default"
 
 
 def _precision():
@@ -83,7 +84,7 @@ class Extract:
     tuned: str = setting(help="the fine-tuned checkpoint, by name")
     out: str = setting(help=_OUT)
     rank: int = setting(help=_RANK, lo=1, hi=1024)
-    conv_rank: int | None = setting(None, _CONV, 1, 1024)
+    conv_rank: int | None = setting(None, _EXTRACT_CONV, 1, 1024)
     clamp_quantile: float = _clamp()
     precision: str = _precision()
 

@@ -336,7 +336,8 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 [image])  # fmt: skip
         if hooks.run_tool:
             with gr.Tab("Utilities"):
-                build_utilities(hooks.run_tool, hooks.loras, hooks.checkpoints)
+                ran = build_utilities(hooks.run_tool, hooks.loras, hooks.checkpoints)
+            _on(ran.then, None, [], [], js="copierLoraRefreshCards")  # what it wrote, on txt2img's Lora cards
         for tab_name, (_, _, button) in hooks.galleries.items():
             taken = take(tab_name, button)  # its training only where the image was taken
             _on(taken.success, start_from_gallery, train_inputs, train_outputs, js="copierLoraGalleryStart")

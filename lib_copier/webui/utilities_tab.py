@@ -11,11 +11,18 @@ from lib_copier.lora.ops import DYNAMIC_METHODS
 from lib_copier.webui.lora_tools import DEFAULT_PRECISION, PRECISIONS
 
 
-def _numbers(text: str) -> list[float] | None:
+def _numbers(text: str, count: int) -> list[float] | None:
+    """The ratios typed for `count` LoRAs, apart by spaces or commas."""
     try:
-        return [float(x) for x in text.replace(",", " ").split()] or None
+        numbers = [float(x) for x in text.replace(",", " ").split()] or None
     except ValueError as exc:
         raise CopierError(f"ratios must be numbers, not {shown(text)}") from exc
+    if numbers and len(numbers) != count and "," in text:
+        raise CopierError(
+            f"{count} LoRA(s) but {len(numbers)} ratios in {shown(text)}: a comma separates two ratios, so write a "
+            "decimal with a point (0.5)"
+        )
+    return numbers
 
 
 def tool_body(
@@ -24,16 +31,22 @@ def tool_body(
 ):  # fmt: skip
     """The form's values → the body of the tool's request (the same as the HTTP API's)."""
     body: dict = {"out": out, "precision": precision}
+    if tool != "extract" and not loras:
+        raise CopierError("pick a LoRA" + (" or more" if tool != "resize" else ""))
+    if tool == "extract" and not (original and tuned):
+        raise CopierError("pick the Original and the Tuned checkpoint")
+    if tool != "merge" and rank is None:  # an emptied number box
+        raise CopierError("give a Rank")
     if tool in ("merge", "svd-merge"):
-        body["loras"] = list(loras or [])
-        body["ratios"] = _numbers(ratios or "")
+        body["loras"] = list(loras)
+        body["ratios"] = _numbers(ratios or "", len(loras))
         if tool == "merge" and checkpoint:
             body["checkpoint"] = checkpoint
     if tool == "resize":
         body["lora"] = (loras or [None])[0]
     if tool == "extract":
         body["original"], body["tuned"] = original, tuned
-    if tool != "merge":  # an emptied number box reads None: left out, so the check says that it is required
+    if tool != "merge":
         body["rank"] = rank
         body["conv_rank"] = conv_rank or None
     if tool in ("svd-merge", "extract") and clamp is False:
@@ -73,18 +86,29 @@ TOOLS = {
 FIELDS = (
     "lora_files", "ratios", "checkpoint", "original", "tuned", "rank", "conv_rank", "clamp", "dynamic", "dynamic_param"
 )  # fmt: skip
+# What a conv rank of 0 does: the merges and resize bring 3x3 convs to the Rank; extract, like kohya's, leaves the
+# ResNet layers (3x3 convs among them) and the samplers out.
+CONV_LABELS = {"extract": "Conv rank (0: no ResNet layers, as kohya's default)"}
+CONV_LABEL = "Conv rank of 3x3 convs (0: the Rank)"
+# Each dynamic method's parameter as the form first offers it: sv_ratio's is a ratio of singular values (at least 1),
+# the others a share (at most 1).
+DYNAMIC_PARAMS = {"sv_ratio": 4.0, "sv_fro": 0.9, "sv_cumulative": 0.9}
+WORKING = "Working… (after the generation or training the WebUI is busy with, if there is one)"
 
 
-def shown_fields(tool: str) -> tuple[str, dict[str, bool]]:
-    """The tool's description, and which of `FIELDS` the form shows for it."""
+def shown_fields(tool: str, dynamic: str = "none") -> tuple[str, dict[str, bool]]:
+    """The tool's description, and which of `FIELDS` the form shows for it (the dynamic parameter with a method)."""
     text, used = TOOLS[tool]
-    return f"**{tool}**: {text}.", {name: name in used for name in FIELDS}
+    shown = {name: name in used for name in FIELDS}
+    shown["dynamic_param"] &= dynamic != "none"
+    return f"**{tool}**: {text}.", shown
 
 
 def build_utilities(
     run_tool: Callable[[str, dict], dict], loras: Callable[[], list[str]], checkpoints: Callable[[], list[str]]
-) -> None:
-    """Inside an open gr.Tab: the form, run through `run_tool(tool, body)`."""
+):
+    """Inside an open gr.Tab: the form, run through `run_tool(tool, body)`. Returns the Run button's event, which
+    ends once the lists show what it wrote."""
     text, visible = shown_fields("merge")
     tool = gr.Radio(list(TOOLS), value="merge", label="Tool")
     about = gr.Markdown(text)
@@ -102,7 +126,7 @@ def build_utilities(
         tuned = gr.Dropdown(checkpoints(), label="Tuned checkpoint", visible=visible["tuned"])
     with gr.Row():
         rank = gr.Number(8, label="Rank", precision=0, visible=visible["rank"])
-        conv_rank = gr.Number(0, label="Conv rank (0: none)", precision=0, visible=visible["conv_rank"])
+        conv_rank = gr.Number(0, label=CONV_LABEL, precision=0, visible=visible["conv_rank"])
         clamp = gr.Checkbox(
             True, label="kohya's clamp (off: the best approximation of the rank)", visible=visible["clamp"]
         )
@@ -110,7 +134,7 @@ def build_utilities(
             ["none", *DYNAMIC_METHODS], value="none", label="Dynamic resize",
             visible=visible["dynamic"],
         )  # fmt: skip
-        dynamic_param = gr.Number(0.9, label="Dynamic parameter", visible=visible["dynamic_param"])
+        dynamic_param = gr.Number(DYNAMIC_PARAMS["sv_fro"], label="Dynamic parameter", visible=False)
     with gr.Row():
         out = gr.Textbox(label="Output name (written as <name>.safetensors)")
         precision = gr.Dropdown(list(PRECISIONS), value=DEFAULT_PRECISION, label="Save precision (fp16: half the file)")
@@ -119,16 +143,29 @@ def build_utilities(
 
     fields = [lora_files, ratios, checkpoint, original, tuned, rank, conv_rank, clamp, dynamic, dynamic_param]
 
-    def choose(chosen: str):
-        text, shown = shown_fields(chosen)
-        return [text, *(gr.update(visible=shown[name]) for name in FIELDS)]
+    def choose(chosen: str, method: str):
+        text, shown = shown_fields(chosen, method)
+        updates = {name: gr.update(visible=shown[name]) for name in FIELDS}
+        updates["conv_rank"] = gr.update(visible=shown["conv_rank"], label=CONV_LABELS.get(chosen, CONV_LABEL))
+        return [text, *updates.values()]
 
-    tool.change(choose, [tool], [about, *fields])
+    tool.change(choose, [tool, dynamic], [about, *fields])
+
+    def method_chosen(chosen: str, method: str):
+        return gr.update(visible=shown_fields(chosen, method)[1]["dynamic_param"], value=DYNAMIC_PARAMS.get(method))
+
+    dynamic.change(method_chosen, [tool, dynamic], [dynamic_param])
+    lists = [lora_files, checkpoint, original, tuned]
+
+    def listed():
+        names = checkpoints()
+        return [gr.update(choices=loras()), gr.update(choices=[""] + names), *(gr.update(choices=names),) * 2]
+
+    def run(*values):  # said at once: a run waits for the WebUI's current generation or training
+        yield [WORKING, *(gr.update() for _ in lists)]
+        yield [result_text(run_tool, *values), *listed()]
+
     form = [tool, lora_files, checkpoint, original, tuned, ratios, rank, conv_rank, clamp, dynamic, dynamic_param]
     form += [precision, out]
-    go.click(lambda *values: result_text(run_tool, *values), form, [log])
-    refresh.click(
-        lambda: (gr.update(choices=loras()), gr.update(choices=[""] + checkpoints()),
-                 gr.update(choices=checkpoints()), gr.update(choices=checkpoints())),
-        [], [lora_files, checkpoint, original, tuned],
-    )  # fmt: skip
+    refresh.click(listed, [], lists)
+    return go.click(run, form, [log, *lists])
