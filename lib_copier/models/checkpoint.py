@@ -14,7 +14,7 @@ import pickle
 import re
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -114,7 +114,7 @@ def _torch_state(path: Path) -> dict:
 _OLD_SD1_TEXT, _OLD_SD1_PARTS = "cond_stage_model.transformer.", ("embeddings.", "encoder.", "final_layer_norm.")
 
 
-def _current_names(keys: set[str]) -> dict[str, str]:
+def _current_names(keys: Iterable[str]) -> dict[str, str]:
     """{the name a current SD1 file uses: the name in this one} for an old SD1 text encoder's keys."""
     renamed = {}
     for key in keys:
@@ -237,8 +237,8 @@ def _check_complete(source: TensorSource, family: str, missing: list[str]) -> No
     for prefix, part in _PARTS.items():
         if any(k.startswith(prefix) for k in missing) and not any(k.startswith(prefix) for k in source.keys):
             raise CopierError(
-                f"checkpoint {source.path} holds no {part} (no {prefix}… weights): the command line needs a "
-                "checkpoint with its whole model in it"
+                f"checkpoint {source.path} holds no {part} (no {prefix}… weights): Copier LoRA needs a checkpoint "
+                "that holds the whole model"
             )
     raise CopierError(
         f"checkpoint {source.path} looks like {family} but lacks {len(missing)} weights, e.g. {', '.join(missing[:3])}"

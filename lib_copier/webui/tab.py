@@ -214,8 +214,8 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 send = gr.Button("Send to txt2img", elem_id="copier_lora_send_txt2img")
             paste_text = gr.Textbox(visible=False, elem_id="copier_lora_paste")
             task_id = gr.Textbox(visible=False)
-            # The name the tab itself put in the box: a new image replaces it, not a typed one. In the tab: a
-            # component between two tabs splits them into two tab bars.
+            # The name the tab itself put in the box: a new image replaces it, not a typed one. Made inside the tab:
+            # a component made between two tabs splits them into two tab bars.
             filled_name = gr.State("")
 
         slider_list = list(sliders.values())
@@ -229,7 +229,6 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             except CopierError:  # too large: the estimate says why Train would refuse it
                 return []
             return [effect.preview(img) for effect in make_effects(effect_specs(chosen, by_key))]
-
 
         def on_image(img, current_name, filled):
             if current_name and current_name != filled:

@@ -43,7 +43,7 @@ def tool_body(
         if tool == "merge" and checkpoint:
             body["checkpoint"] = checkpoint
     if tool == "resize":
-        body["lora"] = (loras or [None])[0]
+        body["lora"] = loras[0]
     if tool == "extract":
         body["original"], body["tuned"] = original, tuned
     if tool != "merge":
