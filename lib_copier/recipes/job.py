@@ -346,13 +346,9 @@ def _finish(
             network = LoRANetwork.from_weights(item.weights).to(backend.device)
             render = network_render(backend, network, unchanged)
             drawn = _offset(progress, i, len(pending))
+            side = job.grid_side or backend.resolution
             grid = strength_grid(
-                render,
-                job.grid_prompts,
-                job.grid_side or backend.resolution,
-                seed=job.grid_seed,
-                steps=job.grid_steps,
-                progress=drawn,
+                render, job.grid_prompts, side, seed=job.grid_seed, steps=job.grid_steps, progress=drawn
             )
         prepared.append((item, name, grid))
     results, done = [], []
