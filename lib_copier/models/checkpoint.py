@@ -22,13 +22,13 @@ from safetensors.torch import save_file
 
 from lib_copier.atomic import atomic_write
 from lib_copier.errors import CopierError, check_file
+from lib_copier.models.clip_text import UNWRAPPED
 from lib_copier.models.configs import SD1, SD2, SD2_V, SDXL, ModelConfig
 from lib_copier.models.sd_model import StableDiffusion
 
 CONFIG_KEY = "copier.model_config"
 INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"  # its input channels: 4 latent ones, or more
 _ORDINARY = "Copier LoRA needs an ordinary SD1, SD2 or SDXL checkpoint"
-_LORA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 # A key only that family's checkpoints have, checked in this order.
 FAMILY_MARKERS = (
@@ -111,7 +111,7 @@ def _torch_state(path: Path) -> dict:
 
 
 # SD1 files saved with transformers before 4.x name the text encoder's parts without `text_model.`; A1111 renames them.
-_OLD_SD1_TEXT, _OLD_SD1_PARTS = "cond_stage_model.transformer.", ("embeddings.", "encoder.", "final_layer_norm.")
+_OLD_SD1_TEXT = "cond_stage_model.transformer."
 
 
 def _current_names(keys: Iterable[str]) -> dict[str, str]:
@@ -119,7 +119,7 @@ def _current_names(keys: Iterable[str]) -> dict[str, str]:
     renamed = {}
     for key in keys:
         rest = key.removeprefix(_OLD_SD1_TEXT)
-        if rest != key and rest.startswith(_OLD_SD1_PARTS):
+        if rest != key and rest.startswith(UNWRAPPED):
             renamed[f"{_OLD_SD1_TEXT}text_model.{rest}"] = key
     return renamed
 
@@ -162,7 +162,7 @@ class TensorSource:
 def detect_config(source: TensorSource) -> ModelConfig:
     if CONFIG_KEY in source.metadata:
         return ModelConfig.from_json(source.metadata[CONFIG_KEY])
-    if any(k.startswith(_LORA_PREFIXES) or ".lora_" in k for k in source.keys):
+    if any(k.startswith("lora_") or ".lora_" in k for k in source.keys):  # kohya's, LyCORIS's, PEFT's keys
         raise CopierError(f"{source.path} is a LoRA, not a checkpoint")
     if any(k.startswith(("encoder.", "decoder.", "quant_conv.")) for k in source.keys):
         raise CopierError(f"{source.path} is a VAE alone, not a checkpoint")

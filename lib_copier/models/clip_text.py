@@ -150,8 +150,8 @@ class CLIPTextTransformer(nn.Module):
         return TextEncoderOutput(tuple(states), last, eos_pool(last, input_ids))
 
 
-# Top-level names in the layout transformers 5 saves, which dropped the `text_model.` level.
-_UNWRAPPED = ("embeddings.", "encoder.", "final_layer_norm.")
+# Top-level names in the layouts without the `text_model.` level: transformers 5's, and old SD1 checkpoints'.
+UNWRAPPED = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
 def _accept_stored_layouts(module, state_dict, prefix, *args) -> None:
@@ -161,7 +161,7 @@ def _accept_stored_layouts(module, state_dict, prefix, *args) -> None:
         name = key[len(prefix) :]
         if name.endswith("embeddings.position_ids"):
             del state_dict[key]
-        elif name.startswith(_UNWRAPPED):
+        elif name.startswith(UNWRAPPED):
             state_dict[prefix + "text_model." + name] = state_dict.pop(key)
 
 
