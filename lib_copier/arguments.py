@@ -4,7 +4,9 @@ arguments are parsed, with the option's name, before any work starts. Every laye
 from __future__ import annotations
 
 import argparse
-import math
+
+from lib_copier.errors import shown
+from lib_copier.fields import finite_number
 
 
 def number(kind: type = float, lo: float | None = None, hi: float | None = None, above: bool = False):
@@ -16,8 +18,9 @@ def number(kind: type = float, lo: float | None = None, hi: float | None = None,
         except ValueError:
             what = "a whole number" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if not finite_number(value):  # NaN or an infinity, or a whole number too large to compute with
+            what = "too large" if kind is int else "not a finite number"
+            raise argparse.ArgumentTypeError(f"{shown(text)} is {what}")
         if lo is not None and (value <= lo if above else value < lo) or hi is not None and value > hi:
             raise argparse.ArgumentTypeError(f"{text} is not {_range(lo, hi, above)}")
         return value

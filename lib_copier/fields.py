@@ -80,11 +80,27 @@ _WORDS = {
 _ITEMS = {int: "whole numbers", float: "numbers", bool: "true/false values", str: "strings"}
 
 
+def finite_number(value) -> bool:
+    """Whether `value` is a number a setting can take: an int or a float, finite (NaN, the infinities and an int too
+    large for a float are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def to_float(value):
+    """A number a setting can take as a float; any other value as it is, for `check` to name."""
+    return float(value) if finite_number(value) else value
+
+
 def _is(value, kind) -> bool:
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:  # NaN and the infinities are not numbers a setting can take
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is float:
+        return finite_number(value)
     return isinstance(value, kind)
 
 
@@ -113,7 +129,7 @@ def _check_limits(label: str, value, meta: Mapping) -> None:
     if (lo is not None and size < lo) or (hi is not None and size > hi):
         what = {list: " items", str: " characters"}.get(type(value), "")
         must = "have" if what else "be"
-        raise CopierError(f"{label} {'has' if what else 'is'} {size}{what}; it must {must} {_range(lo, hi)}")
+        raise CopierError(f"{label} {'has' if what else 'is'} {shown(size)}{what}; it must {must} {_range(lo, hi)}")
     longest = meta.get("item_max")
     for i, item in enumerate(value if longest is not None else ()):
         if len(item) > longest:
@@ -168,7 +184,7 @@ def from_json(cls, body, name: Name = quoted, what: str = "the request"):
             values[key] = from_json(kind, raw, lambda inner, outer=key: name(f"{outer}.{inner}"), name(key))
         else:
             _check_type(name(key), raw, hint)
-            values[key] = float(raw) if kind is float and raw is not None else raw
+            values[key] = to_float(raw) if kind is float else raw
     required = [k for k, f in fields.items() if f.default is f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in values]
     if missing:

@@ -195,6 +195,7 @@ def test_a_half_precision_checkpoint_merged_in_fp32_keeps_the_delta_at_fp32_prec
         # numbers are refused while the arguments are parsed, by the option's name; NaN and infinities included
         (["merge", "{a}", "--ratios", "nan", "--out", "{tmp}/o.safetensors"], "--ratios: 'nan' is not a finite"),
         (["merge", "{a}", "--ratios", "inf", "--out", "{tmp}/o.safetensors"], "--ratios: 'inf' is not a finite"),
+        (["resize", "{a}", "--new-rank", "9" * 400, "--out", "{tmp}/o.safetensors"], "(400 characters) is too large"),
         (
             ["svd-merge", "{a}", "--new-rank", "2", "--new-conv-rank", "-1", "--out", "{tmp}/o.safetensors"],
             "--new-conv-rank/--new_conv_rank: -1 is not at least 1",

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from lib_copier.errors import CopierError, shown
+from lib_copier.fields import finite_number
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Param:
             if not isinstance(value, bool):
                 raise CopierError(f"{effect}: {self.name} must be true or false, not {shown(value)}")
             return value
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if not finite_number(value):
             raise CopierError(f"{effect}: {self.name} must be a number, not {shown(value)}")
         if self.kind == "int" and value != int(value):
             raise CopierError(f"{effect}: {self.name} must be a whole number, not {value}")

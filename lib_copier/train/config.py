@@ -11,7 +11,7 @@ import importlib.util
 from dataclasses import dataclass
 
 from lib_copier.errors import CopierError, shown
-from lib_copier.fields import check, setting
+from lib_copier.fields import check, setting, to_float
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion")
 # The optional optimisers: name → (module, class, the package pip installs it from).
@@ -115,7 +115,5 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
         raise CopierError(f"unknown trainer setting {shown(unknown[0])}")
     values = {**PRESETS[preset], **overrides}
     floats = {n for n, meta in field_info().items() if meta["type"] is float}
-    values = {
-        k: float(v) if k in floats and isinstance(v, int) and not isinstance(v, bool) else v for k, v in values.items()
-    }
+    values = {k: to_float(v) if k in floats else v for k, v in values.items()}
     return validate(TrainConfig(**values))
