@@ -21,10 +21,11 @@ from lib_copier.models.sd_model import build_model
 from lib_copier.names import slug
 from lib_copier.recipes.estimate import estimate, recipe_steps
 from lib_copier.recipes.grid import column_label
-from lib_copier.recipes.job import PAIR_DEFAULTS, Job, fit_image, method_config, run_job
+from lib_copier.recipes.job import PAIR_DEFAULTS, Job, method_config, run_job
 from lib_copier.recipes.methods import extraction, merge_processed
 from lib_copier.recipes.outputs import check_name, free_name, sidecar, write_result
 from lib_copier.recipes.processed import Effect
+from lib_copier.recipes.sizes import fit_image
 from lib_copier.train.config import make_config
 from lib_copier.train.trainer import Callbacks, Cancelled
 from tests.conftest import randomize_
@@ -420,7 +421,7 @@ def test_an_unforeseen_os_error_is_one_line(tmp_path, monkeypatch, capsys):
 def test_images_fit_the_models_multiple_at_any_training_size():
     """A 512-px model needs sides in multiples of 64 even when it trains at 96 or 64 px: a 64x128 image at size 64
     came out 32x96, and the job failed after it had started."""
-    from lib_copier.recipes.job import fit_image
+    from lib_copier.recipes.sizes import fit_image
 
     tall = Image.new("RGB", (64, 128))
     for image, size in ((tall, 64), (tall, 128), (Image.new("RGB", (96, 96)), 96), (Image.new("RGB", (1, 60)), 512)):
@@ -433,7 +434,7 @@ def test_images_fit_the_models_multiple_at_any_training_size():
 def test_a_long_thin_original_is_refused_before_its_short_side_rounds_up_to_gigabytes(size, trained):
     """A 4096x1 image at 512 trained at 32768x64, eight times the pixels asked for, and the WebUI was killed for
     memory at step 0: an original whose fitted size has more than twice the training size's pixels is refused."""
-    from lib_copier.recipes.job import fit_image
+    from lib_copier.recipes.sizes import fit_image
 
     side = 64 if size == (1, 40) else 512  # 1x40 at 64 would be 6 times 64x64: a larger training size takes it
     with pytest.raises(CopierError, match=rf"is {size[0]}x{size[1]}, too long and thin: it would train at {trained}"):

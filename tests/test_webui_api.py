@@ -43,7 +43,7 @@ def api(tmp_path):
     host = A1111Host(randomize_(build_model(TINY)), lora_dir=tmp_path)
     app, runner = FastAPI(), JobRunner(threading.Lock())
     add_routes(app, runner, lambda request, state: train_in_webui(request, host, tmp_path, state), lambda: [tmp_path],
-               auth="user:secret")  # fmt: skip
+               auth="user:secret", model_side=lambda: host.backend().resolution)  # fmt: skip
     client = TestClient(app)
     client.auth = ("user", "secret")
     return client, runner, host
@@ -242,6 +242,7 @@ def _png(side: int) -> str:
 
 GENERATE = {"generate": {"prompt": "a cat"}, "effects": ["grayscale"]}
 FLAT = png_base64(Image.new("RGB", (64, 64), "red"))  # outline finds no edge in it
+THIN = {"image": png_base64(Image.new("RGB", (2000, 8), "red"))}
 BAD_TRAIN = [
     ({**GENERATE, "name": 123}, '"name" must be text'),
     ({**GENERATE, "overrides": [1, 2]}, '"overrides" must be an object'),
@@ -281,6 +282,9 @@ BAD_TRAIN = [
         {**GENERATE, "grid_prompts": ["a", "x" * 10001]},
         '"grid_prompts" item 2 has 10001 characters; it must have at most',
     ),
+    # too long and thin to train at the asked size: refused before a job is queued, as the tab's estimate says
+    ({**THIN, "effects": ["grayscale"], "size": 64}, "the original is 2000x8, too long and thin: it would train at"),
+    ({**GENERATE, "more_images": [THIN["image"]], "size": 64}, '"more_images"[0] is 2000x8, too long and thin'),
     ({"image": _png(15000)}, "refused as a possible decompression bomb"),
     ({"image": _png(6000)}, "6000x6000 px"),
     ({"image": "data:image/png;base64,@@@"}, "not valid base64"),

@@ -307,18 +307,15 @@ def test_the_estimate_counts_the_recipe_and_warns_a_cpu_user_before_hours_of_tra
     assert "hours" not in estimate(1000, "cuda", 512) and "1000 training steps" in estimate(1000, "cuda", 512)
     # Fast: a quarter of Quick's steps, each of four timesteps, which a CPU computes in about four times as long.
     assert recipe_steps("both", 1, "fast", {}) == 3 * 125
-    form = {"steps": 125, "batch_size": 4.0}  # as the tab's Advanced shows Fast (gradio's numbers may be floats)
-    fast = describe_run("both", "fast", form, 1, 1, "cpu", 512, False, 512)
-    assert fast == describe_run("both", "quick", {"steps": 500, "batch_size": 1}, 1, 1, "cpu", 512, False, 512).replace(
-        "1500", "375"
-    )
+    fast = describe_run("both", "fast", {}, 1, 1, "cpu", 512, False, 512)
+    assert fast == describe_run("both", "quick", {}, 1, 1, "cpu", 512, False, 512).replace("1500", "375")
     assert fast.startswith("375 training steps in all") and "roughly 9.6 hours" in fast
-    halved = describe_run("copier", "quick", {"steps": 500, "batch_size": 2}, 1, 1, "cpu", 64, False, 512)
+    halved = describe_run("copier", "quick", {"batch_size": 2}, 1, 1, "cpu", 64, False, 512)
     assert halved.endswith("roughly 80 min.") and estimate(1000, "cpu", 64).endswith("roughly 40 min.")
 
 
 def test_the_estimate_says_what_size_the_original_trains_at_and_how_to_keep_a_small_one_small():
-    run = ("copier", "quick", {"steps": 10, "batch_size": 1}, 1, 1, "cpu")
+    run = ("copier", "quick", {"steps": 10}, 1, 1, "cpu")
     # A 64 px image (e.g. drawn small to save time) trains at the model's 512 unless told: said, with the way out.
     small = describe_run(*run, 0, False, 512, (64, 64))
     assert small.startswith("The 64x64 original trains at 512x512, scaled up 8.0x; a training size of 64 keeps")
@@ -350,6 +347,19 @@ def _tab_function(tab, name):
     """The tab's event function `name`, and the components it reads (gradio 4's Blocks)."""
     fn = next(f for f in tab.fns.values() if getattr(f.fn, "__name__", None) == name)
     return fn.fn, fn.inputs
+
+
+def _estimator(tab):
+    """The tab's estimate as (method, preset, effects, size, more, image, edit), Advanced's boxes at what the method
+    and preset set them to unless given by name."""
+    fn, inputs = _tab_function(tab, "estimate_text")
+    keys = [c.elem_id.removeprefix("copier_lora_") for c in inputs[7:]]
+
+    def estimate_text(meth, pre, *form, **settings):
+        config = method_config(meth, pre, {})
+        return fn(meth, pre, *form, *[settings.get(key, getattr(config, key)) for key in keys])
+
+    return estimate_text
 
 
 def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_missing():
@@ -386,18 +396,20 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
 
     # The estimate says what Train would refuse while the user types it (Thorough warms up for 500 steps).
     tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: ("cpu", False, 512)))
-    estimate_text, _ = _tab_function(tab, "estimate_text")
-    assert estimate_text("copier", "thorough", ["Grayscale"], 64, 3000, 1, [], None, None).startswith("7000 training")
-    small = estimate_text("copier", "thorough", ["Grayscale"], None, 3000, 1, [], Image.new("RGB", (64, 64)), None)
+    estimate_text = _estimator(tab)
+    assert estimate_text("copier", "thorough", ["Grayscale"], 64, [], None, None, steps=3000).startswith(
+        "7000 training"
+    )
+    small = estimate_text("copier", "thorough", ["Grayscale"], None, [], Image.new("RGB", (64, 64)), None, steps=3000)
     assert small.startswith("The 64x64 original trains at 512x512, scaled up 8.0x")
-    refused = estimate_text("copier", "thorough", ["Grayscale"], None, 100, 1, [], None, None)
+    refused = estimate_text("copier", "thorough", ["Grayscale"], None, [], None, None, steps=100)
     assert refused == "Train would refuse this: warmup_steps (500) must be at most steps (100), " + (
         "or the learning rate never reaches its setting."
     )
     # A model Train would refuse (here, a flow-matching one in Forge) is said as soon as the form changes.
     flux = CopierError("the loaded model does not sample as SD does")
     tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: (_ for _ in ()).throw(flux)))
-    assert _tab_function(tab, "estimate_text")[0]("copier", "quick", [], 0, 10, 1, [], None, None) == (
+    assert _estimator(tab)("copier", "quick", [], 0, [], None, None, steps=10) == (
         "Train would refuse this: the loaded model does not sample as SD does."
     )
 
@@ -458,20 +470,20 @@ def test_the_estimate_counts_your_own_edit_and_says_what_train_would_refuse_of_t
     """With an edit uploaded the estimate counted one LoRA too few (0 steps with no effect ticked); a training size
     Train refuses, or an original over 4096 px, got an ordinary estimate (and the previews a red "Error")."""
     tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: ("cpu", False, 512)))
-    estimate_text, _ = _tab_function(tab, "estimate_text")
+    estimate_text = _estimator(tab)
     edit, image = Image.new("RGB", (64, 64), "blue"), Image.new("RGB", (64, 64))
-    assert estimate_text("addift", "quick", [], 64, 100, 1, [], image, None) == (
+    assert estimate_text("addift", "quick", [], 64, [], image, None, steps=100) == (
         "Train would refuse this: the addift method needs at least one effect or processed image."
     )
-    assert estimate_text("addift", "quick", [], 64, 100, 1, [], image, edit).startswith("100 training steps")
-    assert estimate_text("addift", "quick", ["Invert"], 64, 100, 1, [], image, edit).startswith("200 training steps")
+    assert estimate_text("addift", "quick", [], 64, [], image, edit, steps=100).startswith("100 training steps")
+    assert estimate_text("addift", "quick", ["Invert"], 64, [], image, edit, steps=100).startswith("200 training steps")
     for side in (-64, 10, 5000):
-        text = estimate_text("addift", "quick", ["Invert"], side, 100, 1, [], image, None)
+        text = estimate_text("addift", "quick", ["Invert"], side, [], image, None, steps=100)
         assert text == f"Train would refuse this: the training size is {side}; it must be between 64 and 2048."
     wide = Image.new("RGB", (5000, 100))
-    text = estimate_text("addift", "quick", ["Invert"], 0, 100, 1, [], wide, None)
+    text = estimate_text("addift", "quick", ["Invert"], 0, [], wide, None, steps=100)
     assert text == "Train would refuse this: the original is 5000x100 px; the largest side allowed is 4096 px."
-    thin = estimate_text("addift", "quick", ["Invert"], 0, 100, 1, [], Image.new("RGB", (4096, 1)), None)
+    thin = estimate_text("addift", "quick", ["Invert"], 0, [], Image.new("RGB", (4096, 1)), None, steps=100)
     assert thin.startswith("Train would refuse this: the original is 4096x1, too long and thin")
     preview, _ = _tab_function(tab, "preview")
     assert preview(wide, ["Invert"], *[None] * (len(_tab_function(tab, "preview")[1]) - 2)) == []
@@ -487,3 +499,48 @@ def test_the_previews_say_when_an_effect_changes_nothing_in_the_image():
     grey = Image.new("RGB", (64, 64), (90, 90, 90))
     grey.paste((250, 250, 250), (16, 16, 48, 48))  # edges, and nothing to grey
     assert [label for _, label in preview(grey, chosen, *values)] == ["outline", "grayscale: no change"]
+
+
+def test_the_estimate_says_what_train_would_refuse_of_every_setting_and_of_the_more_originals(tmp_path):
+    """It checked only the steps, batch size, training size and main original: a rank of -1, an lr of 0, a warmup
+    longer than the run, or a "More originals" file Train refuses got an ordinary estimate, and Train then refused."""
+    tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: ("cpu", False, 512)))
+    estimate_text = _estimator(tab)
+    form = ("copier", "quick", ["Invert"], 64, [], Image.new("RGB", (64, 64)), None)
+    refused = "Train would refuse this: "
+    assert estimate_text(*form, rank=-1) == refused + "setting rank is -1; it must be between 1 and 1024."
+    assert estimate_text(*form, lr=0.0) == refused + "setting lr is 0; it must be above 0, or the LoRA learns nothing."
+    assert estimate_text(*form, steps=1, warmup_steps=5).startswith(refused + "warmup_steps (5) must be at most steps")
+    files = {"thin.png": (2000, 8), "huge.png": (4097, 64), "ok.png": (96, 64)}
+    for file, size in files.items():
+        Image.new("RGB", size).save(tmp_path / file)
+    (tmp_path / "notimage.png").write_bytes(b"not a png")
+    more = ("copier", "quick", ["Invert"], 64)
+
+    def with_more(*names):
+        return estimate_text(*more, [str(tmp_path / name) for name in names], Image.new("RGB", (64, 64)), None)
+
+    assert with_more("ok.png").startswith("2000 training steps in all")  # a copier and an invert LoRA per original
+    assert with_more("ok.png", "notimage.png") == refused + "original notimage.png is not an image PIL can read " + (
+        "(PNG, JPEG, WebP ...)."
+    )
+    assert with_more("huge.png") == refused + "original huge.png is 4097x64 px; the largest side allowed is 4096 px."
+    assert with_more("thin.png").startswith(refused + "original thin.png is 2000x8, too long and thin")
+    # Train says the same of them, before any training
+    runs = []
+    tab = build_tab(
+        Hooks(run=lambda request, state: runs.append(request) or [], model_kind=lambda: ("cpu", False, 512))
+    )
+    start, inputs = _tab_function(tab, "train_unless_running")
+    values = {c: c.value for c in inputs}
+    values[inputs[0]], values[inputs[1]] = "task(1)", Image.new("RGB", (64, 64), "red")  # the task id, the original
+    values[next(c for c in inputs if c.elem_id == "copier_lora_more_originals")] = [str(tmp_path / "notimage.png")]
+    status = start(*values.values())[-1]
+    assert "original notimage.png is not an image PIL can read" in status and not runs
+
+
+def test_the_estimate_reads_the_form_again_after_each_change_which_gradio_3_drops_while_one_runs():
+    tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: ("cpu", False, 512)))
+    fns = tab.fns.values() if isinstance(tab.fns, dict) else tab.fns
+    estimates = [f for f in fns if getattr(f.fn, "__name__", None) == "estimate_text"]
+    assert len(estimates) == 2 * len(estimates[0].inputs)  # each box's change runs it, and then once more

@@ -96,8 +96,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from lib_copier.evaluate.report import Layout, headline
     from lib_copier.evaluate.run import evaluate
     from lib_copier.evaluate.workers import ModelSpec, Workers, default_workers
-    from lib_copier.recipes.job import fit_image
     from lib_copier.recipes.outputs import check_name
+    from lib_copier.recipes.sizes import fit_image
 
     settings = settings_from(args)
     layout = Layout(Path(args.out), check_name(args.name) if args.name else None)

@@ -9,10 +9,13 @@ made.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from lib_copier.effects.image_io import check_size
 from lib_copier.fields import check_field
-from lib_copier.recipes.job import RECIPE_PRESETS, check_effect_count, fitted_size, method_config, training_side
+from lib_copier.recipes.job import RECIPE_PRESETS, check_effect_count, method_config
 from lib_copier.recipes.request import TrainRequest
+from lib_copier.recipes.sizes import check_fits, fitted_size, training_side
 from lib_copier.train.config import PAIR_LOSSES
 
 CPU_SECONDS_AT = (2.07, 7.98e-5)  # seconds per step = a + b * side², SD1.5 on 2 CPU cores
@@ -80,7 +83,7 @@ def size_note(size: tuple[int, int], asked: int | None, model_side: int) -> str:
 def describe_run(
     method: str,
     preset: str,
-    asked: dict,
+    overrides: dict,
     effects: int,
     originals: int,
     device: str,
@@ -88,20 +91,21 @@ def describe_run(
     sdxl: bool,
     model_side: int,
     image_size: tuple[int, int] | None = None,
+    more_sizes: Sequence[tuple[str, tuple[int, int]]] = (),
 ) -> str:
-    """`estimate` for a run as a form describes it: `asked` holds the form's values of trainer settings (steps,
-    batch_size), which override the method and preset where they differ from them; `side` is the form's training
-    size (0: the model's native `model_side`). With the original's size, the size it trains at where that differs
-    (`size_note`). What Train would refuse of these is its sentence (CopierError)."""
+    """`estimate` for a run as a form describes it: `overrides` are the trainer settings the form sets over the
+    method and preset; `side` is the form's training size (0: the model's native `model_side`). With the original's
+    size, the size it trains at where that differs (`size_note`). What Train would refuse of these, the further
+    originals' (name, size) included, is its sentence (CopierError)."""
     if side:
         check_field(TrainRequest, "size", side, lambda _: "the training size")
     if image_size:
         check_size(image_size, "the original")
     check_effect_count(method, effects)
-    defaults = method_config(method, preset, {})
-    overrides = {k: int(v) for k, v in asked.items() if v is not None and v != getattr(defaults, k)}
-    steps = recipe_steps(method, effects, preset, overrides, originals)
+    steps = recipe_steps(method, effects, preset, overrides, originals)  # which checks every setting
+    check_fits(more_sizes, side or None, model_side)
     trained = training_side(side or None, model_side)
-    text = estimate(steps, device, trained, sdxl, method, overrides.get("batch_size", defaults.batch_size))
+    batch = overrides.get("batch_size", method_config(method, preset, {}).batch_size)
+    text = estimate(steps, device, trained, sdxl, method, batch)
     note = size_note(image_size, side or None, model_side) if image_size else ""
     return f"{note} {text}" if note else text

@@ -34,6 +34,7 @@ from lib_copier.recipes.methods import (
 from lib_copier.recipes.outputs import Written, check_name, free_name, sidecar, write_result
 from lib_copier.recipes.processed import Effect
 from lib_copier.recipes.prompts import without_extra_networks
+from lib_copier.recipes.sizes import side_multiple
 from lib_copier.train.config import PAIR_LOSSES, TrainConfig, make_config
 from lib_copier.train.trainer import Callbacks, Cancelled, TrainResult, train_pair
 
@@ -189,43 +190,6 @@ def check_job(job: Job, backend: Backend) -> None:
 def check_effect_count(method: str, effects: int) -> None:
     if not effects and method != "copier":
         raise CopierError(f"the {method} method needs at least one effect or processed image")
-
-
-def side_multiple(resolution: int) -> int:
-    """What image sides must be a multiple of: 64 for full-size models, 32 for the small 128-pixel ones."""
-    return 64 if resolution >= 512 else 32
-
-
-def training_side(size: int | None, model_resolution: int) -> int:
-    """The side an original trains at (about side² pixels): the asked size, or the model's own, on its multiple."""
-    multiple = side_multiple(model_resolution)
-    return max(multiple, round((size or model_resolution) / multiple) * multiple)
-
-
-MAX_AREA_GROWTH = 2  # times the training size's pixels: 64x128 at 64 is still taken; 4096x1 at 512 (32768x64) is not
-
-
-def fitted_size(width: int, height: int, resolution: int, model_resolution: int) -> tuple[int, int]:
-    """About `resolution`² pixels with sides that are multiples of the `side_multiple` of the model whose native side
-    is `model_resolution`, keeping the aspect."""
-    multiple = side_multiple(model_resolution)
-    scale = (resolution * resolution / (width * height)) ** 0.5
-    w = max(multiple, round(width * scale / multiple) * multiple)
-    h = max(multiple, round(height * scale / multiple) * multiple)
-    if w * h > MAX_AREA_GROWTH * resolution * resolution:  # a long, thin image's short side rounded up a long way
-        raise CopierError(
-            f"the original is {width}x{height}, too long and thin: it would train at {w}x{h}, "
-            f"{w * h / resolution**2:.0f} times the pixels of the {resolution}x{resolution} training size; crop it, "
-            "or ask for a larger training size"
-        )
-    return w, h
-
-
-def fit_image(image: Image.Image, resolution: int, model_resolution: int) -> Image.Image:
-    """The image scaled to `fitted_size`."""
-    w, h = fitted_size(image.width, image.height, resolution, model_resolution)
-    image = image.convert("RGB")
-    return image if image.size == (w, h) else image.resize((w, h), Image.Resampling.LANCZOS)
 
 
 def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stage: Stage | None = None) -> list[Result]:

@@ -44,6 +44,17 @@ def run_api_job(request, state):
         shared.state.end()
 
 
+def model_kind() -> tuple[str, bool, int]:
+    """The loaded model's device type, whether it is SDXL, and its native side; a model Train refuses is its
+    sentence (CopierError)."""
+    from modules import devices
+
+    from lib_copier.webui.host import current_host
+
+    backend = current_host().backend()  # names only: nothing is loaded or moved
+    return devices.device.type, backend.family == "sdxl", backend.resolution
+
+
 def checkpoint_file(name: str) -> Path:
     from modules import sd_models
 
@@ -105,6 +116,7 @@ def on_app_started(demo, app) -> None:
         checkpoint_file,
         checkpoint_dir,
         getattr(shared.cmd_opts, "api_auth", None),
+        model_side=lambda: model_kind()[2],
     )
 
 
@@ -135,17 +147,13 @@ def make_temp_dir() -> None:
 
 def on_ui_tabs():
     import gradio as gr
-    from modules import call_queue, devices, infotext_utils, shared
+    from modules import call_queue, infotext_utils, shared
 
     from lib_copier.webui import gallery
     from lib_copier.webui.host import current_host
     from lib_copier.webui.jobs import in_own_thread
     from lib_copier.webui.lora_tools import check_tool, lora_names, run_checked
     from lib_copier.webui.tab import Hooks, build_tab
-
-    def model_kind() -> tuple[str, bool, int]:
-        backend = current_host().backend()  # names only: nothing is loaded or moved
-        return devices.device.type, backend.family == "sdxl", backend.resolution
 
     def tool(name: str, body: dict) -> dict:  # checked before it waits for the WebUI's queue
         checked = check_tool(name, body, lora_dirs(), checkpoint_file, checkpoint_dir())

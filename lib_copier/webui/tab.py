@@ -32,7 +32,7 @@ from lib_copier.webui.gallery import describe_image
 from lib_copier.webui.gallery import take as gallery_take
 from lib_copier.webui.infotext import Infotext, build_infotext, with_lora
 from lib_copier.webui.jobs import JobState
-from lib_copier.webui.tab_form import build_request, default_name, effect_specs, labelled
+from lib_copier.webui.tab_form import build_request, default_name, effect_specs, form_overrides, labelled, more_sizes
 from lib_copier.webui.utilities_tab import build_utilities
 
 
@@ -243,23 +243,27 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 list(settings.values()),
             )
 
-        def estimate_text(meth, pre, chosen, side, steps, batch, extra, img, edit):
+        def estimate_text(meth, pre, chosen, side, extra, img, edit, *values):
             if hooks.model_kind is None:
                 return ""
-            asked, shape = {"steps": steps, "batch_size": batch}, img.size if img is not None else None
             effect_count = len(chosen) + (edit is not None)  # your own edit is one more processed LoRA
             try:
+                overrides = form_overrides(meth, pre, dict(zip(settings, values, strict=True)))
                 device, sdxl, native = hooks.model_kind()
+                shape, more = img.size if img is not None else None, more_sizes(extra)
                 return describe_run(
-                    meth, pre, asked, effect_count, 1 + len(extra or ()), device, int(side or 0), sdxl, native, shape
+                    meth, pre, overrides, effect_count, 1 + len(more), device, int(side or 0), sdxl, native, shape, more
                 )
             except CopierError as exc:  # said as the user types, not only at Train
                 return f"Train would refuse this: {exc}."
 
-        counted = [settings["steps"], settings["batch_size"], more, image, edited]
-        estimate_inputs = [method, preset, selected, size, *counted]
+        estimate_inputs = [method, preset, selected, size, more, image, edited, *settings.values()]
         for component in estimate_inputs:  # not at build time: the WebUI may still be loading its model
-            component.change(estimate_text, estimate_inputs, [estimated])
+            # Gradio 3 drops a change made while the estimate of the one before is still running (a digit typed
+            # quickly): the second call reads the boxes once more, so the estimate ends on what they hold.
+            component.change(estimate_text, estimate_inputs, [estimated], queue=False).then(
+                estimate_text, estimate_inputs, [estimated], queue=False
+            )
 
         for trigger in (image.change, selected.change, *(slider.change for slider in slider_list)):
             trigger(preview, [image, selected, *slider_list], [previews])

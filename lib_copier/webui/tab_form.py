@@ -3,6 +3,7 @@ names its sentences give its boxes."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from PIL import Image
@@ -61,19 +62,17 @@ def build_request(
 ):
     if image is None:
         raise CopierError("there is no original image: upload one, take one from a gallery, or generate one")
-    more_images = [read_image(_path(f), f"original {Path(_path(f)).name}") for f in more or ()]
+    more_images = [read_image(_path(f), _more_label(f)) for f in more or ()]
     edits = [("edited", to_rgb(edited, "your edit"))] if edited is not None else []
     effects = make_effects(effect_specs(selected, values), edits)
     caption = (image_infotext(image) or Infotext("")).prompt
-    defaults = method_config(method, preset, {})
-    overrides = {k: v for k, v in settings.items() if v is not None and v != getattr(defaults, k)}
     return TrainRequest(
         image=to_rgb(image, "the original"),
         name=name.strip() or default_name(image),
         effects=effects,
         method=method,
         preset=preset,
-        overrides=overrides,
+        overrides=form_overrides(method, preset, settings),
         caption=caption,
         grid_prompts=[p for p in grid_prompts.splitlines() if p.strip()] or list(DEFAULT_GRID_PROMPTS),
         save_on_interrupt=save_on_interrupt,
@@ -86,3 +85,24 @@ def build_request(
 def _path(file) -> str:
     """A gr.File item's path: a temp-file object on gradio 3, a path string on gradio 4."""
     return getattr(file, "name", file)
+
+
+def _more_label(file) -> str:
+    return f"original {Path(_path(file)).name}"
+
+
+def form_overrides(method: str, preset: str, settings: dict) -> dict:
+    """Advanced's values where they differ from what the method and preset set (an emptied box keeps theirs)."""
+    defaults = method_config(method, preset, {})
+    return {k: v for k, v in settings.items() if v is not None and v != getattr(defaults, k)}
+
+
+def more_sizes(more) -> list[tuple[str, tuple[int, int]]]:
+    """Each of "More originals" by its name in the tab's sentences, with its size; each file is read (and refused as
+    Train refuses it) once, not at each change of the form."""
+    return [(_more_label(f), _image_size(_path(f))) for f in more or ()]
+
+
+@functools.lru_cache(maxsize=64)
+def _image_size(path: str) -> tuple[int, int]:  # gradio gives each upload a path of its own
+    return read_image(path, _more_label(path)).size

@@ -24,9 +24,10 @@ from lib_copier.backends.webui import Host
 from lib_copier.errors import CopierError, Interrupted
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.grid import Render, strength_grid
-from lib_copier.recipes.job import Job, Result, fit_image, run_job, training_side
+from lib_copier.recipes.job import Job, Result, run_job
 from lib_copier.recipes.prompts import prompt_pool
 from lib_copier.recipes.request import TrainRequest, check_request
+from lib_copier.recipes.sizes import fit_image, training_side
 from lib_copier.train.trainer import Callbacks, Progress
 from lib_copier.webui.infotext import with_lora
 from lib_copier.webui.jobs import JobState
@@ -95,8 +96,11 @@ def _train_and_draw(request: TrainRequest, host: WebUIHost, out_dir: Path, stagi
     if image is None:
         state.on_stage("generating the original")
         image = host.txt2img(request.generate)
+    more = [(f"image {i} of the more originals", original) for i, original in enumerate(request.more_images, 1)]
     job = Job(
-        originals=[fit_image(original, side, backend.resolution) for original in (image, *request.more_images)],
+        originals=[
+            fit_image(original, side, backend.resolution, what) for what, original in [("the original", image), *more]
+        ],
         effects=request.effects,
         name=request.name,
         out_dir=staging,
