@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, Interrupted
 
 # Packages that contribute commands, imported lazily so `--help` of one does not load the others' heavy deps.
 COMMAND_MODULES = (
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         result = args.func(args)
+    except Interrupted as exc:  # stopped by the user between two steps: the sentence says where, and what was kept
+        print(exc, file=sys.stderr)
+        return 130
     except CopierError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
 from lib_copier.arguments import number, positive
-from lib_copier.errors import CopierError, shown
+from lib_copier.errors import CopierError, Interrupted, shown
 from lib_copier.models.cli import add_model_arguments, load
 from lib_copier.models.generate import MAX_STEPS
 from lib_copier.names import slug
@@ -140,6 +144,27 @@ def _bar_callbacks(bar_holder: dict):
     return Callbacks(progress=progress, counted=counted, notice=notice)
 
 
+@contextlib.contextmanager
+def _first_ctrl_c_stops_between_steps():
+    """The first Ctrl-C stops a training between two steps (what it trained is kept with `save_on_cancel`); a second
+    one stops at once. Yields the callback saying whether the run was told to stop."""
+    asked = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
+        yield asked.is_set
+        return
+
+    def first(signum, frame):
+        asked.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nstopping after this step (Ctrl-C again stops at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield asked.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_job_with_progress(backend, job):
     from tqdm import tqdm
 
@@ -152,8 +177,14 @@ def run_job_with_progress(backend, job):
             holder["bar"].close()
         holder["bar"] = tqdm(desc=text, unit="step", leave=True)
 
+    callbacks = _bar_callbacks(holder)
     try:
-        return run_job(backend, job, _bar_callbacks(holder), stage)
+        with _first_ctrl_c_stops_between_steps() as callbacks.cancelled:
+            return run_job(backend, job, callbacks, stage)
+    except Interrupted as exc:
+        if job.config().save_on_cancel:
+            raise Interrupted(f"{exc}; what it trained is in {job.out_dir}") from exc
+        raise
     finally:
         if "bar" in holder:
             holder["bar"].close()

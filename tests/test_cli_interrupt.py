@@ -1,0 +1,57 @@
+"""Ctrl-C in the command line: the first stops the training between two steps, so that `save_on_cancel` keeps what
+was trained, as the README says; a second one stops at once."""
+
+import os
+import signal
+
+import pytest
+from PIL import Image
+
+from lib_copier.cli import main
+from lib_copier.lora.files import read_lora
+from lib_copier.recipes import cli as recipes_cli
+
+
+def test_the_first_ctrl_c_asks_the_run_to_stop_and_the_second_stops_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with recipes_cli._first_ctrl_c_stops_between_steps() as asked:
+        assert not asked()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert asked()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_ctrl_c_during_training_keeps_what_was_trained_only_with_save_on_cancel(tmp_path, monkeypatch, capsys, keep):
+    image = Image.new("RGB", (64, 64), "red")
+    image.paste((0, 0, 255), (16, 16, 48, 48))
+    image.save(tmp_path / "a.png")
+    callbacks = recipes_cli._bar_callbacks
+
+    def pressing_ctrl_c_at_step_3(holder):
+        made = callbacks(holder)
+        progress = made.progress
+
+        def at_step(p):
+            progress(p)
+            if p.step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        made.progress = at_step
+        return made
+
+    monkeypatch.setattr(recipes_cli, "_bar_callbacks", pressing_ctrl_c_at_step_3)
+    out = tmp_path / "out"
+    args = ["copier", "--image", str(tmp_path / "a.png"), "--effect", "grayscale", "--method", "copier"]
+    args += ["--steps", "50", "--grid-steps", "0", "--out", str(out)]
+    assert main(args + (["--set", "save_on_cancel=true"] if keep else [])) == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    if keep:
+        assert said == f"training was interrupted at step 3; what it trained is in {out}"
+        assert read_lora(out / "a-copier.safetensors").modules  # the copier, interrupted at step 3
+        assert sorted(p.name for p in out.iterdir()) == ["a-copier.json", "a-copier.safetensors"]
+    else:
+        assert said == "training was interrupted at step 3"
+        assert not out.exists() or not any(out.iterdir())
