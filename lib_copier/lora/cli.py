@@ -79,10 +79,9 @@ def _inputs_with_ratios(parser: argparse.ArgumentParser) -> None:
 
 def _rank_options(parser: argparse.ArgumentParser, name: str, conv_name: str, help_text: str) -> None:
     """`--new-rank` also answers to kohya's `--new_rank`; the conv option is the rank of kxk convolutions."""
-    parser.add_argument(
-        f"--{name}", f"--{name.replace('-', '_')}", dest="rank", type=positive(), required=True, help=help_text
-    )
-    parser.add_argument(f"--{conv_name}", f"--{conv_name.replace('-', '_')}", dest="conv_rank", type=positive())
+    names, conv_names = ({f"--{n}": None, f"--{n.replace('-', '_')}": None} for n in (name, conv_name))  # no twins
+    parser.add_argument(*names, dest="rank", type=positive(), required=True, help=help_text)
+    parser.add_argument(*conv_names, dest="conv_rank", type=positive())
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -338,10 +337,15 @@ def run_extract(args: argparse.Namespace) -> int:
     from lib_copier.models.loading import pick_device
 
     _inputs_given(args, "original", "tuned")
-    _check_out(args)
+    out = _check_out(args).resolve()
     device = pick_device(args.device)
     if args.original.resolve() == args.tuned.resolve():
-        raise CopierError(f"ORIGINAL and TUNED are the same file, {args.original}: there is no difference to extract")
+        raise CopierError(
+            f"the original and the tuned checkpoint are the same file, {args.original}: there is no difference to "
+            "extract"
+        )
+    if out in (args.original.resolve(), args.tuned.resolve()):
+        raise CopierError(f"--out {args.out} is one of the checkpoints, which the LoRA would replace; choose another")
     original, tuned = TensorSource(args.original), TensorSource(args.tuned)
     shapes, tuned_shapes = original.shapes(), tuned.shapes()
     family, tuned_family = (_family(source) for source in (original, tuned))
