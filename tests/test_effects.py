@@ -310,6 +310,10 @@ def test_specs_chain_with_plus_as_copier_takes_them_and_a_parameter_given_twice_
         "outline",
         "grayscale",
     ]
+    for spec in ("grayscale+", "+outline", "grayscale++invert"):  # was "unknown effect 'grayscale+'", or ''
+        with pytest.raises(CopierError, match="has a '\\+' without an effect on each side; chain effects as"):
+            Chain.parse([spec])
+    assert Chain.parse(["exposure:stops=+1+grayscale"]).steps[0].params["stops"] == 1.0  # a sign, not a chain
     with pytest.raises(CopierError, match="gives levels twice"):
         Chain.parse(["posterize:levels=4,levels=5"])
     with pytest.raises(CopierError, match="takes a whole number, not 'x'"):

@@ -116,7 +116,9 @@ def test_queued_jobs_say_their_place_and_an_interrupted_one_says_so_at_once():
         assert runner.describe(first.id)["queue_position"] == 0
         assert runner.describe(second.id)["queue_position"] == 1
         runner.interrupt(first.id)
-        assert runner.describe(first.id)["status"] == "interrupted"  # before the lock is free
+        said = runner.describe(first.id)
+        assert said["status"] == "interrupted"  # before the lock is free
+        assert said["error"] == "interrupted while it waited for its turn: nothing was trained"  # not empty
         assert runner.describe(second.id)["queue_position"] == 0
     assert runner.wait(second.id, timeout=10).status == "done"
     assert runner.wait(first.id, timeout=10).status == "interrupted" and first.results == []

@@ -16,7 +16,10 @@ FORMAT = "copier-effects/1"
 
 def split_specs(text: str) -> list[str]:
     """`posterize:levels=4+outline` -> its specs, one per effect; a `+` before a number is a sign (`stops=+1`)."""
-    return re.split(r"\+(?=\s*[A-Za-z])", text)
+    specs = re.split(r"\+(?!\s*[\d.])", text)
+    if len(specs) > 1 and not all(spec.strip() for spec in specs):
+        raise CopierError(f"{shown(text)} has a '+' without an effect on each side; chain effects as grayscale+outline")
+    return specs
 
 
 @dataclass(frozen=True)

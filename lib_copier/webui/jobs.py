@@ -103,6 +103,7 @@ class JobRunner:
             state.interrupted.set()
             if state.status == "queued":  # it never starts: say so now, not when it reaches the lock
                 state.status, state.finished = "interrupted", time.time()
+                state.error = "interrupted while it waited for its turn: nothing was trained"
         return state
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobState:
