@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from lib_copier.errors import CopierError, Interrupted
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except CopierError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # what reads the output stopped reading (`| head`): nothing more to print
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as exc:  # what no check foresaw (a disk that fills, a folder another process removes): one line
         print(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
         return 2

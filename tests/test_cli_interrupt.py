@@ -55,3 +55,15 @@ def test_ctrl_c_during_training_keeps_what_was_trained_only_with_save_on_cancel(
     else:
         assert said == "training was interrupted at step 3"
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """`python -m lib_copier lora info x | head` printed "error: Broken pipe" once head had its lines."""
+    import subprocess
+    import sys
+
+    script = "import sys; from lib_copier.cli import main; sys.exit(main(['effects', 'list']))"
+    run = subprocess.run(
+        f"{sys.executable} -c \"{script}\" | head -1", shell=True, capture_output=True, text=True, timeout=120
+    )
+    assert run.stdout.count("\n") == 1 and run.stderr == ""

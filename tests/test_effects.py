@@ -212,6 +212,9 @@ def test_chain_round_trips_through_json_and_applies_in_order():
         Chain.from_json(json.dumps({"format": "copier-effects/1", "steps": [{"effect": "nope"}]}))
     with pytest.raises(CopierError, match="not valid JSON"):
         Chain.from_json("{")
+    for shaped_wrong in ([{"effect": "outline"}], {"format": "copier-effects/1", "steps": [["outline"]]}):
+        with pytest.raises(CopierError, match='must be JSON shaped as {"format": "copier-effects/1", "steps": '):
+            Chain.from_json(json.dumps(shaped_wrong))  # not Python's "'list' object has no attribute 'get'"
 
 
 def save(image, path, **kw):

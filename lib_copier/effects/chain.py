@@ -62,8 +62,11 @@ class Chain:
             if data.get("format") != FORMAT:
                 raise CopierError(f'an effect chain must say "format": "{FORMAT}"')
             return cls(tuple(Step(s["effect"], dict(s.get("params", {}))) for s in data["steps"])).resolved()
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise CopierError(f"the effect chain is not valid JSON of the expected shape ({exc})") from exc
+        except json.JSONDecodeError as exc:
+            raise CopierError(f"the effect chain is not valid JSON ({exc})") from exc
+        except (KeyError, TypeError, AttributeError) as exc:  # Python's words ('list' object has no …) say little
+            shape = f'{{"format": "{FORMAT}", "steps": [{{"effect": "outline", "params": {{"thickness": 3}}}}, …]}}'
+            raise CopierError(f"the effect chain must be JSON shaped as {shape}") from exc
 
     @classmethod
     def parse(cls, specs: list[str]) -> Chain:
