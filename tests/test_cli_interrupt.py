@@ -64,6 +64,6 @@ def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
 
     script = "import sys; from lib_copier.cli import main; sys.exit(main(['effects', 'list']))"
     run = subprocess.run(
-        f"{sys.executable} -c \"{script}\" | head -1", shell=True, capture_output=True, text=True, timeout=120
+        f'{sys.executable} -c "{script}" | head -1', shell=True, capture_output=True, text=True, timeout=120
     )
     assert run.stdout.count("\n") == 1 and run.stderr == ""

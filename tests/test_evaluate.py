@@ -99,3 +99,56 @@ def test_a_bad_effect_or_count_is_one_sentence_before_anything_runs(tmp_path, ca
     assert main(["evaluate", "--out", str(tmp_path), "--seeds", "0"]) == 2
     assert "--seeds: 0 is not at least 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_bad_model_output_image_or_worker_count_is_one_sentence_before_any_worker_starts(
+    tmp_path, monkeypatch, capsys
+):
+    """Said in this process: a worker that cannot load the model broke the pool with a traceback, and --out was
+    only tried once the report was done."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from lib_copier.cli import main
+    from lib_copier.evaluate import workers
+
+    monkeypatch.setattr(workers, "Workers", lambda *a, **k: pytest.fail("a worker started"))
+    gray, lora, file = tmp_path / "gray.png", tmp_path / "lora.safetensors", tmp_path / "file"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(gray)
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(lora))
+    file.write_text("")
+    out = tmp_path / "eval"
+    cases = [
+        (["--model", str(tmp_path / "missing.safetensors")], "missing.safetensors does not exist"),
+        (["--model", str(gray)], "gray.png has an unknown extension"),
+        (["--model", str(lora)], "lora.safetensors is a LoRA, not a checkpoint"),
+        (["--out", str(file)], f"cannot write in {file}: {file} is a file, not a folder"),
+        (["--out", str(file / "eval")], "is a file, not a folder"),
+        (["--image", str(gray), "--effect", "grayscale"], "grayscale leaves the original unchanged"),
+        (["--workers", "0"], "--workers: 0 is not from 1 to 64"),
+        (["--workers", "-3"], "--workers: -3 is not from 1 to 64"),
+        (["--workers", "65"], "--workers: 65 is not from 1 to 64"),
+    ]
+    for args, message in cases:
+        assert main(["evaluate", "--quick", "--out", str(out), *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, (args, err)
+    assert not out.exists()
+
+
+def test_a_worker_that_cannot_load_the_model_gives_its_sentence_to_its_tasks(monkeypatch):
+    """A refusal that escapes a pool's initializer breaks the pool: the parent saw BrokenProcessPool, not why."""
+    from lib_copier.errors import CopierError
+    from lib_copier.evaluate import workers
+    from lib_copier.models import loading
+
+    def refuse(*args):
+        raise CopierError("checkpoint x.safetensors is truncated")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    monkeypatch.setattr(workers.torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(workers, "_failure", None)
+    workers._init_worker(workers.ModelSpec(), 1)
+    with pytest.raises(CopierError, match="x.safetensors is truncated"):
+        workers.backend()

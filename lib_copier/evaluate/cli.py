@@ -12,6 +12,7 @@ from lib_copier.arguments import number, positive
 from lib_copier.errors import CopierError
 from lib_copier.models.cli import add_model_arguments
 
+MAX_WORKERS = 64
 SETTINGS = ("originals", "prompts", "seeds", "steps", "lr", "prompt_pool", "sample_steps", "grid_rows")
 
 
@@ -62,7 +63,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a small evaluation (a few minutes on 2 CPU cores)")
     p.add_argument("--notes", help="a Markdown file whose text goes into the report under the result")
     p.add_argument(
-        "--workers", type=int, help="processes drawing and training in parallel (default: 2 on a CPU, 1 on a GPU)"
+        "--workers",
+        type=number(int, 1, MAX_WORKERS),
+        help=f"processes drawing and training in parallel, each with its own copy of the model, 1 to {MAX_WORKERS} "
+        "(default: 2 on a CPU, 1 on a GPU)",
     )
     p.add_argument("--threads", type=number(int, 0), default=0, help="torch threads per worker (default 1 on a CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
@@ -70,18 +74,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_evaluate)
 
 
-def settings_from(args: argparse.Namespace):
+def settings_from(args: argparse.Namespace, originals: list = ()):
+    """The evaluation's settings, each effect checked against the `originals` given (none: generated later)."""
     from lib_copier.effects.chain import split_specs
     from lib_copier.evaluate.run import QUICK, SEED_EFFECTS, Settings
     from lib_copier.recipes.cli import parse_overrides
-    from lib_copier.recipes.processed import make_effects
+    from lib_copier.recipes.processed import check_pairs, make_effects
 
     values = dict(QUICK) if args.quick else {}
     values.update({k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
     effects = []
     for spec in args.effect or ["seeds"]:
         effects += list(SEED_EFFECTS) if spec == "seeds" else [spec]
-    make_effects([split_specs(spec) for spec in effects])  # a bad effect stops here, before any model is loaded
+    made = make_effects([split_specs(spec) for spec in effects])  # a bad effect stops here, before any model loads
+    if originals:
+        check_pairs(made, list(originals))  # and one that leaves the originals given unchanged
     return Settings(
         effects=list(dict.fromkeys(effects)),
         overrides=parse_overrides(args.set),
@@ -92,28 +99,31 @@ def settings_from(args: argparse.Namespace):
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from lib_copier.atomic import check_folder
     from lib_copier.effects.image_io import load_image
     from lib_copier.evaluate.report import Layout, headline
     from lib_copier.evaluate.run import evaluate
-    from lib_copier.evaluate.workers import ModelSpec, Workers, default_workers
+    from lib_copier.evaluate.workers import ModelSpec, Workers, check_model, default_workers
     from lib_copier.recipes.outputs import check_name
     from lib_copier.recipes.sizes import fit_image
 
-    settings = settings_from(args)
-    layout = Layout(Path(args.out), check_name(args.name) if args.name else None)
+    given = [load_image(path) for path in args.image]
+    settings = settings_from(args, given)
+    layout = Layout(check_folder(args.out), check_name(args.name) if args.name else None)
     if layout.existing() and not args.overwrite:
         raise CopierError(f"{layout.existing()[0]} already exists; choose another --out or --name, or --overwrite")
     notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else ""
+    spec = ModelSpec(args.model, args.device, args.dtype, args.prediction)
+    check_model(spec)  # here: a worker that cannot load the model breaks the pool before it can say why
     start = time.perf_counter()
 
     def stage(text: str) -> None:
         print(f"[{time.perf_counter() - start:6.0f} s] {text}", flush=True)
 
-    spec = ModelSpec(args.model, args.device, args.dtype, args.prediction)
     count = args.workers or default_workers(args.device)
     with Workers(spec, count, args.threads) as workers:
         side = workers.resolution()  # the model's native side, which the originals are trained at
-        images = [fit_image(load_image(path), side, side) for path in args.image]
+        images = [fit_image(image, side, side) for image in given]
         results = evaluate(
             workers, settings, layout, args.model is None, _command(), images, notes, args.overwrite, stage=stage
         )

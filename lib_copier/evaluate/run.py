@@ -19,7 +19,7 @@ from lib_copier.evaluate.train import METHODS, train_methods
 from lib_copier.evaluate.workers import Workers, backend
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.job import method_config
-from lib_copier.recipes.processed import make_effects
+from lib_copier.recipes.processed import check_pairs, make_effects
 from lib_copier.recipes.prompts import GRID_PROMPTS, grid_prompts, prompt_pool
 from lib_copier.train.config import PAIR_LOSSES, make_config
 
@@ -101,6 +101,7 @@ def evaluate(
     else:
         stage(f"generating {len(captions)} originals")
         originals = workers.map(generate_original, captions)
+        check_pairs(effects, originals)  # another --model may draw them in gray, say: before any training
     control_captions = list(BUILTIN_CONTROLS if builtin else OTHER_CONTROLS)
     controls = workers.map(generate_original, control_captions)
     held_out = grid_prompts(True, settings.prompts) if builtin else GRID_PROMPTS[: settings.prompts]

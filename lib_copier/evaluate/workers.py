@@ -16,13 +16,16 @@ import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from lib_copier.backends.standalone import StandaloneBackend
+from lib_copier.errors import CopierError
 from lib_copier.lora.weights import LoRAWeights
 
 _backend: StandaloneBackend | None = None
+_failure: CopierError | None = None  # why this worker could not load the model: its tasks raise it
 
 Packed = dict[str, tuple]
 
@@ -41,7 +44,21 @@ def default_workers(device: str = "auto") -> int:
     return 1 if pick_device(device).type != "cpu" else max(1, min(2, os.cpu_count() or 1))
 
 
+def check_model(spec: ModelSpec) -> None:
+    """The refusals of loading that read no weights (a missing file, an image or a LoRA given as the model, an
+    inpainting UNet, a device this machine lacks), in this process before any worker starts."""
+    from lib_copier.models.checkpoint import TensorSource, check_plain_unet, detect_config
+    from lib_copier.models.loading import pick_device
+
+    pick_device(spec.device)
+    if spec.path is not None:
+        source = TensorSource(Path(spec.path))
+        check_plain_unet(source.shapes(), detect_config(source).family, f"the UNet of checkpoint {source.path}")
+
+
 def backend() -> StandaloneBackend:
+    if _failure is not None:
+        raise _failure
     if _backend is None:
         raise RuntimeError("no model loaded in this process; tasks must run through Workers")
     return _backend
@@ -54,6 +71,16 @@ def _init(spec: ModelSpec, threads: int) -> None:
     if threads or spec.device == "cpu" or not torch.cuda.is_available():
         torch.set_num_threads(threads or 1)
     _backend = StandaloneBackend(load_model(spec.path, spec.device, spec.dtype, spec.prediction))
+
+
+def _init_worker(spec: ModelSpec, threads: int) -> None:
+    """A pool's initializer: its refusal is kept for the tasks to raise, since one that escapes an initializer breaks
+    the pool, and the parent then sees BrokenProcessPool instead of the sentence."""
+    global _failure
+    try:
+        _init(spec, threads)
+    except CopierError as exc:
+        _failure = exc
 
 
 def _resolution(_) -> int:
@@ -70,7 +97,10 @@ class Workers:
             self._pool = None
         else:
             self._pool = ProcessPoolExecutor(
-                count, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(spec, threads)
+                count,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(spec, threads),
             )
 
     def map(self, fn: Callable, items: Iterable, progress: Callable[[int, int], None] | None = None) -> list:

@@ -30,7 +30,9 @@ def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--svd", default="lowrank", choices=("lowrank", "exact", "both"), help="extract's SVD (both: each in turn)"
     )
-    p.add_argument("--workdir", type=Path, help="where the checkpoints go (default: a temporary folder)")
+    p.add_argument(
+        "--workdir", type=Path, help="the folder the checkpoints go in, made if missing (default: a temporary folder)"
+    )
     p.set_defaults(func=bench_lora)
 
 
@@ -71,11 +73,14 @@ def _relative_error(a, b) -> float:
 def bench_lora(args: argparse.Namespace) -> int:
     import torch
 
+    from lib_copier.atomic import check_folder
     from lib_copier.lora.naming import lora_targets
     from lib_copier.lora.ops import merge_exact, merge_svd, resize
     from lib_copier.lora.weights import KOHYA_CLAMP
     from lib_copier.models.sd_model import build_model
 
+    if args.workdir is not None:
+        check_folder(args.workdir)  # before the minute of merging that comes before extract writes there
     shapes = {k: tuple(v.shape) for k, v in build_model("sd1", device="meta").state_dict().items()}
     targets = lora_targets(shapes, "sd1", conv=True)
     a, b = _random_lora(targets, args.rank, 1), _random_lora(targets, args.rank, 2)
@@ -118,6 +123,8 @@ def _bench_extract(args, shapes, lora) -> dict[str, float]:
     from lib_copier.lora.ops import apply_to_state_dict
     from lib_copier.models.sd_model import build_model
 
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
         folder = Path(folder)
         state = {k: v.half().contiguous() for k, v in build_model("sd1", seed=0).state_dict().items()}

@@ -23,9 +23,14 @@ FIDELITY_SEEDS = (1, 2, 3)
 
 def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
     p = benchmarks.add_parser("train", help="steps/s, seconds per recipe and peak memory of LoRA training")
-    p.add_argument("--model", help="checkpoint to train on (default: the built-in model)")
-    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="a full-size model with random weights instead")
-    p.add_argument("--resolution", type=positive(), help="image side (default: the model's native one)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model", help="checkpoint to train on (default: the built-in model)")
+    model.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="a full-size model with random weights instead")
+    p.add_argument(
+        "--resolution",
+        type=positive(),
+        help="image side: a multiple of 64, or of 32 on the small built-in model (default: the model's native one)",
+    )
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick", help="trainer preset (default quick)")
     p.add_argument("--steps", type=positive(), help="steps per LoRA (default: the preset's; quick 500)")
     p.add_argument("--rank", type=positive(), help="LoRA rank, and alpha with it (default: the preset's)")
@@ -44,6 +49,32 @@ def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", type=Path, help="profile 20 more copier steps; write the per-op table to this file")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.set_defaults(func=bench_train)
+
+
+def _config(args):
+    """The config of the model the options name, read without its weights (a missing or unreadable --model is refused
+    here); None when the built-in model's weights are missing, which loading says."""
+    from lib_copier.models.builtin.config import WEIGHTS
+    from lib_copier.models.checkpoint import TensorSource, detect_config
+    from lib_copier.models.configs import FAMILIES
+
+    if args.family is not None:
+        return FAMILIES[args.family]
+    if args.model is None and not WEIGHTS.exists():
+        return None
+    return detect_config(TensorSource(Path(args.model) if args.model else WEIGHTS))
+
+
+def _check_resolution(side: int | None, config) -> None:
+    from lib_copier.errors import CopierError
+    from lib_copier.recipes.sizes import side_multiple, training_side
+
+    multiple = side_multiple(config.resolution)
+    if side is not None and side % multiple:
+        raise CopierError(
+            f"--resolution {side} is not a multiple of {multiple}, as this model's image sides must be "
+            f"(the nearest is {training_side(side, config.resolution)})"
+        )
 
 
 def _model(args):
@@ -81,11 +112,18 @@ def _stages(text: str) -> list[str]:
 def bench_train(args: argparse.Namespace) -> int:
     import torch
 
+    from lib_copier.atomic import check_target
     from lib_copier.backends.standalone import StandaloneBackend
     from lib_copier.models.bench import _peak_rss_mb
     from lib_copier.recipes.cli import parse_overrides
 
     stages = _stages(args.stages)
+    for path in (args.profile, args.json):
+        if path is not None:
+            check_target(path, overwrite=True)  # a folder, or one that cannot be written in: before the work
+    model_config = _config(args)
+    if model_config is not None:
+        _check_resolution(args.resolution, model_config)
     overrides = {} if args.steps is None else {"steps": args.steps}
     if args.rank is not None:
         overrides.update(rank=args.rank, alpha=float(args.rank))
