@@ -457,5 +457,9 @@ def test_the_same_effect_twice_gets_a_numbered_label_that_reads_as_one():
     from lib_copier.recipes.processed import make_effects
 
     image = Image.new("RGB", (8, 8))
-    effects = make_effects([["grayscale"], ["grayscale"]], [("edited128", image), ("edited128", image)])
+    chains = [["grayscale"], ["grayscale:amount=0.5"]]
+    effects = make_effects(chains, [("edited128", image), ("edited128", Image.new("RGB", (8, 8), "red"))])
     assert [e.label for e in effects] == ["grayscale", "grayscale-2", "edited128", "edited128-2"]
+    # the same effect with the same parameters would train the same LoRA twice (grayscale's amount is 1 by default)
+    with pytest.raises(CopierError, match="the effect grayscale:amount=1 is given twice, with the same parameters"):
+        make_effects([["grayscale"], ["grayscale:amount=1"]])

@@ -86,11 +86,12 @@ def settings_from(args: argparse.Namespace, originals: list = ()):
     effects = []
     for spec in args.effect or ["seeds"]:
         effects += list(SEED_EFFECTS) if spec == "seeds" else [spec]
+    effects = list(dict.fromkeys(effects))  # "seeds" and one of them by name: evaluated once
     made = make_effects([split_specs(spec) for spec in effects])  # a bad effect stops here, before any model loads
     if originals:
         check_pairs(made, list(originals))  # and one that leaves the originals given unchanged
     return Settings(
-        effects=list(dict.fromkeys(effects)),
+        effects=effects,
         overrides=parse_overrides(args.set),
         processed_overrides=parse_overrides(args.processed_set),
         pair_overrides=parse_overrides(args.pair_set),

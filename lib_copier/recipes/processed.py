@@ -87,6 +87,8 @@ def make_effects(chains: list[list[str]], edited: list[tuple[str, Image.Image]] 
     effects = []
     for specs in chains:
         chain = Chain.parse(specs)
+        if any(effect.chain == chain for effect in effects):  # its LoRA would be trained twice, to the same end
+            raise CopierError(f"the effect {'+'.join(specs)} is given twice, with the same parameters")
         effects.append(Effect("-".join(slug(s.effect, 20) for s in chain.steps), chain=chain))
     effects += [Effect(slug(label, 30), image=image) for label, image in edited]
     seen: dict[str, int] = {}
