@@ -229,6 +229,11 @@ def test_a_half_precision_checkpoint_merged_in_fp32_keeps_the_delta_at_fp32_prec
         (["merge", "{a}", "--out", "{tmp}", "--overwrite"], "is a folder; name a file to write"),
         (["merge", "{a}", "--out", "{a}/o.safetensors"], "is a file, not a folder"),
         (["extract", "{base}", "{base}", "--dim", "4", "--out", "{tmp}/o.safetensors"], "are the same file"),
+        (["extract", "{base}", "{a}", "--dim", "4", "--out", "{tmp}/o.safetensors"], "l0.safetensors is a LoRA, not a"),
+        (
+            ["merge", "{a}", "--model", "{b}", "--out", "{tmp}/o.safetensors"],
+            "l1.safetensors is a LoRA, not a checkpoint",
+        ),
         (["extract", "{base}", "{a}", "--out", "{tmp}/o.safetensors"], "arguments are required: --dim (python"),
         (
             ["extract", "{base}", "{a}", "--dim", "4", "--out", "{base}", "--overwrite"],

@@ -271,7 +271,9 @@ def _merge_into_checkpoint(args, pairs, family: str | None) -> int:
 def _family(source) -> str:
     """A checkpoint's model family from its keys, or a sentence that names the file."""
     from lib_copier.lora.naming import model_family
+    from lib_copier.models.checkpoint import check_ldm_checkpoint
 
+    check_ldm_checkpoint(source)  # a LoRA or a VAE given for a checkpoint is said so
     try:
         return model_family(source.keys)
     except CopierError as exc:

@@ -159,9 +159,8 @@ class TensorSource:
         return dict(self._shapes)
 
 
-def detect_config(source: TensorSource) -> ModelConfig:
-    if CONFIG_KEY in source.metadata:
-        return ModelConfig.from_json(source.metadata[CONFIG_KEY])
+def check_ldm_checkpoint(source: TensorSource) -> None:
+    """A LoRA, a VAE alone, or anything else without an LDM UNet, refused saying which."""
     if any(k.startswith("lora_") or ".lora_" in k for k in source.keys):  # kohya's, LyCORIS's, PEFT's keys
         raise CopierError(f"{source.path} is a LoRA, not a checkpoint")
     if any(k.startswith(("encoder.", "decoder.", "quant_conv.")) for k in source.keys):
@@ -171,6 +170,12 @@ def detect_config(source: TensorSource) -> ModelConfig:
             f"checkpoint {source.path} is not a Stable Diffusion checkpoint in the LDM layout: "
             "it has no keys under model.diffusion_model."
         )
+
+
+def detect_config(source: TensorSource) -> ModelConfig:
+    if CONFIG_KEY in source.metadata:
+        return ModelConfig.from_json(source.metadata[CONFIG_KEY])
+    check_ldm_checkpoint(source)
     for marker, config in FAMILY_MARKERS:
         if marker in source.keys:
             return config
