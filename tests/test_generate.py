@@ -1,5 +1,7 @@
 """Text to image with the tiny model: reproducible, prompt- and seed-sensitive, and the CLI writes a PNG."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +77,10 @@ def test_cli_writes_a_png_and_never_overwrites(tmp_path, monkeypatch, capsys):
     assert main(["generate", "--prompt", "x", "--steps", "1", "--out", str(out)]) == 0
     assert main(["generate", "--prompt", "x", "--steps", "1", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+    # a seed drawn at random is said (a name given by --out does not hold it), on stderr: stdout is the file alone
+    assert main(["generate", "--prompt", "x", "--steps", "1", "--seed", "-1", "--out", str(tmp_path / "r.png")]) == 0
+    said = capsys.readouterr()
+    assert said.out.strip() == str(tmp_path / "r.png") and re.fullmatch(r"seed \d+", said.err.strip().splitlines()[-1])
     assert main(["generate", "--prompt", "x", "--steps", "1", "--width", "30"]) == 2
     assert main(["generate", "--prompt", "x", "--steps", "1", "--width", "96", "--height", "100"]) == 2
     err = capsys.readouterr().err

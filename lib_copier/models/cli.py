@@ -72,7 +72,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from lib_copier.models.generate import Txt2Img, check_size, generate
     from lib_copier.seeds import fixed_seed
 
-    args.seed = fixed_seed(args.seed)  # drawn here, so that the file's name says which it was
+    drawn, args.seed = args.seed == -1, fixed_seed(args.seed)  # drawn here, so that it can be said
     request = Txt2Img(
         args.prompt, args.negative, args.seed, args.steps, args.cfg, args.width, args.height, args.sampler
     )
@@ -94,4 +94,6 @@ def run_generate(args: argparse.Namespace) -> int:
         image = generate(model, request, progress=lambda i, n: bar.update(1))
     atomic_write(out, lambda tmp: image.save(tmp, fmt))
     print(out)
+    if drawn:  # the file's name says it only when it is made here
+        print(f"seed {args.seed}", file=sys.stderr)
     return 0
