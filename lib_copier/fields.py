@@ -112,6 +112,8 @@ def _check_type(label: str, value, hint) -> None:
         return
     origin = typing.get_origin(kind) or kind
     if origin in _WORDS and not _is(value, origin):
+        if origin is float and _is(value, int):  # a whole number too large for a float
+            raise CopierError(f"{label} is {shown(value)}, too large a number")
         raise CopierError(f"{label} must be {_WORDS[origin]}, not {shown(value)}")
     if origin is list:
         (item,) = typing.get_args(kind) or (object,)

@@ -52,7 +52,7 @@ def _duration(seconds: float) -> str:
 def estimate(steps: int, device: str, side: int, sdxl: bool = False, method: str = "copier", batch: int = 1) -> str:
     """One or two sentences: the steps, and on a CPU the rough time (with the small size's time when it is long) of
     steps of `batch` timesteps each."""
-    text = f"{steps} training steps in all."
+    text = f"{steps} training step{'' if steps == 1 else 's'} in all."
     if device != "cpu":
         return text + " The progress bar shows the time left once training has started."
 
