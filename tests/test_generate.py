@@ -131,6 +131,9 @@ def test_cli_refuses_bad_numbers_and_outputs_in_one_line_before_loading_the_mode
         (["--out", str(tmp_path / "x.txt")], "must end in an image format's extension"),
         (["--out", str(tmp_path / "folder.png")], "is a folder"),
         (["--steps", "0"], "--steps is 0"),
+        # the sides the model takes come from its file's header: said before its weights load (a 2 GB SD1.5: 13 s)
+        (["--width", "100"], "width 100 must be a positive multiple of 32 for this model"),
+        (["--model", str(tmp_path / "folder.png")], "is a folder"),
     ]
     for args, message in cases:
         assert main(["generate", "--prompt", "x", *args]) == 2, args

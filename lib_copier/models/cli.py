@@ -70,6 +70,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from lib_copier.atomic import atomic_write, check_target
     from lib_copier.fields import check
     from lib_copier.models.generate import Txt2Img, check_size, generate
+    from lib_copier.models.loading import read_config
     from lib_copier.seeds import fixed_seed
 
     drawn, args.seed = args.seed == -1, fixed_seed(args.seed)  # drawn here, so that it can be said
@@ -84,12 +85,13 @@ def run_generate(args: argparse.Namespace) -> int:
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt not in Image.SAVE:
         raise CopierError(f"--out {out} must end in an image format's extension, such as .png")
-    model = load(args)
-    native = model.config.resolution
+    config = read_config(args.model)  # from the file's header: its family's sizes, said before it loads
+    native = config.resolution
     try:
-        check_size(model, request.height or native, request.width or native)  # before the sampling bar shows
+        check_size(config, request.height or native, request.width or native)
     except ValueError as exc:
         raise CopierError(str(exc)) from exc
+    model = load(args)
     with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
         image = generate(model, request, progress=lambda i, n: bar.update(1))
     atomic_write(out, lambda tmp: image.save(tmp, fmt))

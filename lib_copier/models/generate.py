@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from lib_copier.fields import setting
+from lib_copier.models.configs import ModelConfig
 from lib_copier.models.sampling import SAMPLERS, Progress, sample
 from lib_copier.models.sd_model import Conditioning, StableDiffusion
 from lib_copier.seeds import fixed_seed
@@ -27,9 +28,10 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
 
 
-def check_size(model: StableDiffusion, height: int, width: int) -> None:
-    # The UNet halves the latent once per level after the first; sizes must survive that without rounding.
-    multiple = model.downscale * 2 ** (len(model.config.unet.channel_mult) - 1)
+def check_size(config: ModelConfig, height: int, width: int) -> None:
+    # The VAE halves the image once per level after its first, and the UNet the latent: sizes must survive that
+    # without rounding.
+    multiple = 2 ** (len(config.vae.ch_mult) - 1) * 2 ** (len(config.unet.channel_mult) - 1)
     for name, value in (("height", height), ("width", width)):
         if value <= 0 or value % multiple:
             raise ValueError(f"{name} {value} must be a positive multiple of {multiple} for this model")
@@ -70,7 +72,7 @@ def generate_latents(
         raise ValueError("the requests of one batch must share size, steps, cfg and sampler")
     width = first.width or model.config.resolution
     height = first.height or model.config.resolution
-    check_size(model, height, width)
+    check_size(model.config, height, width)
     cfg = first.cfg
     param = next(model.unet.parameters())
     texts = [r.prompt for r in requests] + [r.negative for r in requests]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 from lib_copier.errors import CopierError
 from lib_copier.models.builtin.config import WEIGHTS
-from lib_copier.models.checkpoint import load_checkpoint
+from lib_copier.models.checkpoint import TensorSource, detect_config, load_checkpoint
+from lib_copier.models.configs import ModelConfig
 from lib_copier.models.sd_model import StableDiffusion
 
 
@@ -35,17 +37,26 @@ def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def _weights(path: str | os.PathLike | None) -> str | os.PathLike:
+    """The file of the checkpoint at `path`, or of the built-in model when `path` is None."""
+    if path is None and not WEIGHTS.exists():
+        raise CopierError(
+            f"the built-in model's weights are missing ({WEIGHTS}); reinstall, or rebuild them with "
+            "python -m lib_copier.models.builtin.train"
+        )
+    return WEIGHTS if path is None else path
+
+
+def read_config(path: str | os.PathLike | None = None) -> ModelConfig:
+    """The config of the checkpoint at `path` (None: the built-in model) from its header, without its weights:
+    what loading it would refuse for its file or its keys is said here, at once."""
+    return detect_config(TensorSource(Path(_weights(path))))
+
+
 def load_model(
     path: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto", prediction: str | None = None
 ) -> StableDiffusion:
     """The checkpoint at `path`, or the built-in model when `path` is None."""
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
-    if path is None:
-        if not WEIGHTS.exists():
-            raise CopierError(
-                f"the built-in model's weights are missing ({WEIGHTS}); reinstall, or rebuild them with "
-                "python -m lib_copier.models.builtin.train"
-            )
-        path = WEIGHTS
-    return load_checkpoint(path, dtype=dt, device=dev, prediction=prediction)
+    return load_checkpoint(_weights(path), dtype=dt, device=dev, prediction=prediction)

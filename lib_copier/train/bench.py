@@ -53,16 +53,11 @@ def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
 
 def _config(args):
     """The config of the model the options name, read without its weights (a missing or unreadable --model is refused
-    here); None when the built-in model's weights are missing, which loading says."""
-    from lib_copier.models.builtin.config import WEIGHTS
-    from lib_copier.models.checkpoint import TensorSource, detect_config
+    here)."""
     from lib_copier.models.configs import FAMILIES
+    from lib_copier.models.loading import read_config
 
-    if args.family is not None:
-        return FAMILIES[args.family]
-    if args.model is None and not WEIGHTS.exists():
-        return None
-    return detect_config(TensorSource(Path(args.model) if args.model else WEIGHTS))
+    return FAMILIES[args.family] if args.family is not None else read_config(args.model)
 
 
 def _check_resolution(side: int | None, config) -> None:
@@ -121,9 +116,7 @@ def bench_train(args: argparse.Namespace) -> int:
     for path in (args.profile, args.json):
         if path is not None:
             check_target(path, overwrite=True)  # a folder, or one that cannot be written in: before the work
-    model_config = _config(args)
-    if model_config is not None:
-        _check_resolution(args.resolution, model_config)
+    _check_resolution(args.resolution, _config(args))
     overrides = {} if args.steps is None else {"steps": args.steps}
     if args.rank is not None:
         overrides.update(rank=args.rank, alpha=float(args.rank))
