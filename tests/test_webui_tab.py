@@ -201,7 +201,7 @@ def test_the_utilities_form_shows_what_the_chosen_tool_reads_and_says_what_it_do
     listed = [["a"]]
     with gr.Blocks() as blocks:
         build_utilities(lambda tool, body: {"log": f"wrote {body['out']}"}, lambda: listed[-1], lambda: ["model"])
-    fns = {f.name: f for f in blocks.fns.values()}
+    fns = {getattr(f.fn, "__name__", None): f for f in _fns(blocks)}
     choose = fns["choose"]
     shown_at_start = {c.label for c in choose.outputs[1:] if c.visible}
     conv = {
@@ -343,9 +343,14 @@ def test_more_originals_come_from_the_file_box(tmp_path):
         build_request(image, "", [], {}, None, "copier", "quick", {}, False, "", more=[str(tmp_path / "broken.png")])
 
 
+def _fns(tab) -> list:
+    """The Blocks' event functions: a dict on gradio 4, a list on gradio 3.41 (A1111's)."""
+    return list(tab.fns.values()) if isinstance(tab.fns, dict) else list(tab.fns)
+
+
 def _tab_function(tab, name):
-    """The tab's event function `name`, and the components it reads (gradio 4's Blocks)."""
-    fn = next(f for f in tab.fns.values() if getattr(f.fn, "__name__", None) == name)
+    """The tab's event function `name`, and the components it reads."""
+    fn = next(f for f in _fns(tab) if getattr(f.fn, "__name__", None) == name)
     return fn.fn, fn.inputs
 
 
@@ -541,6 +546,5 @@ def test_the_estimate_says_what_train_would_refuse_of_every_setting_and_of_the_m
 
 def test_the_estimate_reads_the_form_again_after_each_change_which_gradio_3_drops_while_one_runs():
     tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: ("cpu", False, 512)))
-    fns = tab.fns.values() if isinstance(tab.fns, dict) else tab.fns
-    estimates = [f for f in fns if getattr(f.fn, "__name__", None) == "estimate_text"]
+    estimates = [f for f in _fns(tab) if getattr(f.fn, "__name__", None) == "estimate_text"]
     assert len(estimates) == 2 * len(estimates[0].inputs)  # each box's change runs it, and then once more

@@ -34,7 +34,19 @@ def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     if name == "auto":
         # Half precision is slow or unsupported for several ops on CPU.
         return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    if device.type == "cpu" and dtype == torch.float16 and not cpu_computes_fp16():
+        raise CopierError(f"this torch ({torch.__version__}) cannot compute fp16 on a CPU; use --dtype bf16 or fp32")
+    return dtype
+
+
+def cpu_computes_fp16() -> bool:
+    """Whether this torch has the CPU fp16 kernels a model needs (LayerNorm's came in torch 2.2)."""
+    try:
+        torch.nn.functional.layer_norm(torch.zeros(1, 2, dtype=torch.float16), (2,))
+    except RuntimeError:
+        return False
+    return True
 
 
 def _weights(path: str | os.PathLike | None) -> str | os.PathLike:
