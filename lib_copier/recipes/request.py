@@ -25,6 +25,7 @@ from lib_copier.recipes.job import method_config, output_names
 from lib_copier.recipes.kinds import DEFAULT_METHOD, METHODS
 from lib_copier.recipes.processed import Effect, check_pairs, make_effects
 from lib_copier.recipes.prompts import GRID_PROMPTS
+from lib_copier.recipes.sizes import check_fits
 from lib_copier.train.config import PRESETS
 
 DEFAULT_GRID_PROMPTS = GRID_PROMPTS[:2]
@@ -134,6 +135,14 @@ def check_request(request: TrainRequest, name: Name = quoted) -> TrainRequest:
     if request.image is not None:
         check_pairs(request.effects, [request.image, *request.more_images])
     return request
+
+
+def check_originals_fit(request: TrainRequest, model_side: int, name: Name = quoted) -> None:
+    """Each original given can train at the request's size on a model of native side `model_side` (`check_fits`);
+    a generated one is drawn at a size that does."""
+    given = [("the original", request.image)] if request.image is not None else []
+    given += [(f"{name('more_images')}[{i}]", image) for i, image in enumerate(request.more_images)]
+    check_fits([(what, image.size) for what, image in given], request.size, model_side)
 
 
 def request_from_json(body, default_name: str = "copier") -> TrainRequest:

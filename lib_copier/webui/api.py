@@ -15,8 +15,7 @@ from typing import Any
 from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError
 from lib_copier.fields import json_schema
-from lib_copier.recipes.request import TrainRequest, request_from_json
-from lib_copier.recipes.sizes import check_fits
+from lib_copier.recipes.request import TrainRequest, check_originals_fit, request_from_json
 from lib_copier.webui.jobs import JobRunner, JobState
 from lib_copier.webui.lora_tools import REQUESTS, TOOLS, check_tool, run_checked
 
@@ -73,10 +72,8 @@ def add_routes(
     def train(body: Any = Depends(json_body)):  # noqa: B008 (FastAPI's idiom); checked by request_from_json
         try:
             request = request_from_json(body)
-            if model_side is not None:  # a generated original has no size yet: it is drawn at one that fits
-                given = [("the original", request.image)] if request.image is not None else []
-                given += [(f'"more_images"[{i}]', image) for i, image in enumerate(request.more_images)]
-                check_fits([(what, image.size) for what, image in given], request.size, model_side())
+            if model_side is not None:
+                check_originals_fit(request, model_side())
         except CopierError as exc:
             raise bad(exc) from exc
         state = runner.submit(lambda state: run(request, state))
