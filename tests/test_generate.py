@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from lib_copier.cli import main
+from lib_copier.infotext import image_infotext
 from lib_copier.models.configs import TINY
 from lib_copier.models.generate import Txt2Img, generate, generate_batch
 from lib_copier.models.loading import cpu_computes_fp16
@@ -80,6 +81,8 @@ def test_cli_writes_a_png_and_never_overwrites(tmp_path, monkeypatch, capsys):
     assert main(["generate", "--prompt", "x", "--steps", "1", "--seed", "-1", "--out", str(tmp_path / "r.png")]) == 0
     said = capsys.readouterr()
     assert said.out.strip() == str(tmp_path / "r.png") and re.fullmatch(r"seed \d+", said.err.strip().splitlines()[-1])
+    seed = int(said.err.split()[-1])
+    assert image_infotext(Image.open(tmp_path / "r.png")).seed == seed  # and the file holds it, as the WebUIs' do
     assert main(["generate", "--prompt", "x", "--steps", "1", "--width", "30"]) == 2
     assert main(["generate", "--prompt", "x", "--steps", "1", "--width", "96", "--height", "100"]) == 2
     err = capsys.readouterr().err
@@ -107,6 +110,22 @@ def test_cli_writes_a_png_and_never_overwrites(tmp_path, monkeypatch, capsys):
         assert "cannot compute fp16 on a CPU; use --dtype bf16 or fp32" in capsys.readouterr().err
     assert main([*small, "bf16"]) == 0
     assert "slower" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
+def test_the_image_holds_its_generation_parameters_where_the_webuis_read_them(tmp_path, suffix):
+    # A1111's PNG Info (and the Copier tab's upload) read a PNG's `parameters` chunk, or a JPEG's or WebP's EXIF
+    # UserComment; a prompt that is not Latin-1, has commas and lines, comes back whole.
+    out = tmp_path / f"drawn{suffix}"
+    prompt, negative = "a cat, über “quoted”\non two lines 猫", "blurry, lowres"
+    args = ["--prompt", prompt, "--negative", negative, "--steps", "2", "--seed", "77", "--cfg", "5.5"]
+    assert main(["generate", *args, "--width", "64", "--height", "96", "--sampler", "ddim", "--out", str(out)]) == 0
+    info = image_infotext(Image.open(out))
+    assert (info.prompt, info.negative) == (prompt, negative)
+    assert (info.seed, info.steps, info.cfg, info.size) == (77, 2, 5.5, (64, 96))
+    assert (info.params["Sampler"], info.params["Model"]) == ("DDIM", "built-in")
+    if suffix != ".png":  # typed as EXIF wants a UserComment (UNDEFINED), which piexif, A1111's reader, requires
+        assert b"\x92\x86\x00\x07" in Image.open(out).info["exif"]  # tag 0x9286, type 7, big-endian
 
 
 def test_the_default_model_is_the_built_in_one_and_draws_the_prompt():

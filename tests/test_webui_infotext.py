@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
-from lib_copier.webui.infotext import Infotext, build_infotext, image_infotext, parse_infotext, with_lora
+from lib_copier.infotext import Infotext, build_infotext, image_infotext, parse_infotext, with_lora
 
 DATA = Path(__file__).parent / "data"
 WEBUI_TEXT = (

@@ -53,6 +53,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_generate)
 
 
+def infotext(request, size: tuple[int, int], model: str | None) -> str:
+    """The request as A1111 words its generation parameters."""
+    from lib_copier.infotext import Infotext, build_infotext
+
+    params = {
+        "Steps": request.steps,
+        "Sampler": {"euler": "Euler", "ddim": "DDIM"}[request.sampler],
+        "CFG scale": f"{request.cfg:g}",
+        "Seed": request.seed,
+        "Size": f"{size[0]}x{size[1]}",
+        "Model": Path(model).stem if model else "built-in",
+    }
+    return build_infotext(Infotext(request.prompt, request.negative, params))
+
+
 def free_path(directory: Path, stem: str, suffix: str) -> Path:
     """`directory/stem.suffix`, or the first `stem-N.suffix` that does not exist yet."""
     candidate = directory / f"{stem}{suffix}"
@@ -69,6 +84,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from lib_copier.atomic import atomic_write, check_target
     from lib_copier.fields import check
+    from lib_copier.infotext import save_options
     from lib_copier.models.generate import Txt2Img, check_size, generate
     from lib_copier.models.loading import read_config
     from lib_copier.seeds import fixed_seed
@@ -94,7 +110,8 @@ def run_generate(args: argparse.Namespace) -> int:
     model = load(args)
     with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
         image = generate(model, request, progress=lambda i, n: bar.update(1))
-    atomic_write(out, lambda tmp: image.save(tmp, fmt))
+    options = save_options(fmt, infotext(request, image.size, args.model))  # the WebUIs' PNG Info reads it
+    atomic_write(out, lambda tmp: image.save(tmp, fmt, **options))
     print(out)
     if drawn:  # the file's name says it only when it is made here
         print(f"seed {args.seed}", file=sys.stderr)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from PIL import Image
 
 from lib_copier.errors import CopierError
-from lib_copier.webui.infotext import image_infotext, parse_infotext
+from lib_copier.infotext import image_infotext, parse_infotext
 
 LAST_BUTTON = {"txt2img_upscale": "txt2img", "img2img_send_to_extras": "img2img"}
 galleries: dict[str, list] = {}  # tab → [gallery, generation info, button], filled as the WebUI builds its UI

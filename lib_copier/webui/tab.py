@@ -20,6 +20,7 @@ from lib_copier.effects.image_io import to_rgb
 from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError
 from lib_copier.fields import check
+from lib_copier.infotext import Infotext, build_infotext, with_lora
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.estimate import describe_run
 from lib_copier.recipes.job import RECIPE_PRESETS, method_config
@@ -30,7 +31,6 @@ from lib_copier.seeds import RANDOM, fixed_seed
 from lib_copier.train.config import PRESETS, field_info
 from lib_copier.webui.gallery import describe_image
 from lib_copier.webui.gallery import take as gallery_take
-from lib_copier.webui.infotext import Infotext, build_infotext, with_lora
 from lib_copier.webui.jobs import JobState
 from lib_copier.webui.tab_form import build_request, default_name, effect_specs, form_overrides, labelled, more_sizes
 from lib_copier.webui.utilities_tab import build_utilities

@@ -12,11 +12,11 @@ from lib_copier.effects.image_io import read_image, to_rgb
 from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError
 from lib_copier.fields import quoted
+from lib_copier.infotext import Infotext, image_infotext
 from lib_copier.names import slug
 from lib_copier.recipes.job import method_config
 from lib_copier.recipes.processed import make_effects
 from lib_copier.recipes.request import DEFAULT_GRID_PROMPTS, DEFAULT_GRID_STEPS, TrainRequest
-from lib_copier.webui.infotext import Infotext, image_infotext
 
 # Sentences name these boxes by their label, not by the API's field ('"Training size" is -64; …').
 FIELD_LABELS = {"size": "Training size", "grid_steps": "Grid sampling steps", "steps": "Steps", "cfg": "CFG scale"}

@@ -22,6 +22,7 @@ from lib_copier.atomic import atomic_write
 from lib_copier.backends import Backend
 from lib_copier.backends.webui import Host
 from lib_copier.errors import CopierError, Interrupted
+from lib_copier.infotext import with_lora
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.grid import Render, strength_grid
 from lib_copier.recipes.job import Job, Result, run_job
@@ -29,7 +30,6 @@ from lib_copier.recipes.prompts import prompt_pool
 from lib_copier.recipes.request import TrainRequest, check_request
 from lib_copier.recipes.sizes import fit_image, training_side
 from lib_copier.train.trainer import Callbacks, Progress
-from lib_copier.webui.infotext import with_lora
 from lib_copier.webui.jobs import JobState
 
 

@@ -7,16 +7,18 @@ The format, as the WebUI writes it into a PNG's `parameters` text chunk:
     Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 512x768, Model hash: 1a2b3c4d, Lora hashes: "x: 5e6f"
 
 The last line holds `key: value` pairs; a value with commas is a JSON string in double quotes. This module is plain
-Python (no WebUI import), so the tab, the HTTP API and the tests all read infotexts the same way.
+Python (no WebUI import), so the tab, the HTTP API and the tests all read infotexts the same way, and `generate` writes
+them as the WebUIs do.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 _KEY = re.compile(r"\s*([A-Za-z][\w \-/]*):\s*")
 _NEGATIVE = "Negative prompt:"
@@ -138,3 +140,27 @@ def with_lora(prompt: str, name: str, weight: float = 1.0) -> str:
     kept = _LORA.sub(lambda m: "" if m[1] == name else m[0], prompt).strip()
     tag = f"<lora:{name}:{weight:g}>"
     return f"{kept} {tag}" if kept else tag
+
+
+def save_options(fmt: str, text: str) -> dict:
+    """`Image.save` keyword arguments that store an infotext where the WebUIs write it and read it back: a PNG's
+    `parameters` chunk, or the EXIF UserComment of a JPEG or WebP. Other formats carry none."""
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", text)  # Pillow writes an iTXt chunk when the text is not Latin-1
+        return {"pnginfo": info}
+    if fmt in ("JPEG", "WEBP"):
+        return {"exif": _exif_with_comment(text)}
+    return {}
+
+
+def _exif_with_comment(text: str) -> bytes:
+    """EXIF holding only a UserComment, typed UNDEFINED as the standard (and piexif, which A1111 reads it with) wants;
+    Pillow's own writer types it BYTE. Big-endian TIFF: the first IFD points to the Exif IFD, which points to the
+    comment after it."""
+    comment = b"UNICODE\0" + text.encode("utf-16-be")
+    entry = ">HHHIII"  # a one-entry IFD: count, tag, type, value count, value or offset, next IFD (none)
+    exif_ifd = 8 + struct.calcsize(entry)
+    first = struct.pack(entry, 1, _EXIF_IFD, 4, 1, exif_ifd, 0)  # type 4: LONG
+    exif = struct.pack(entry, 1, _USER_COMMENT, 7, len(comment), exif_ifd + struct.calcsize(entry), 0)  # 7: UNDEFINED
+    return b"Exif\0\0MM\0*" + struct.pack(">I", 8) + first + exif + comment
