@@ -10,6 +10,8 @@ from PIL import Image
 from lib_copier.cli import main
 from lib_copier.lora.files import read_lora
 from lib_copier.recipes import cli as recipes_cli
+from lib_copier.recipes import job as job_module
+from lib_copier.recipes.grid import strength_grid
 
 
 def test_the_first_ctrl_c_asks_the_run_to_stop_and_the_second_stops_at_once():
@@ -54,6 +56,39 @@ def test_ctrl_c_during_training_keeps_what_was_trained_only_with_save_on_cancel(
         assert sorted(p.name for p in out.iterdir()) == ["a-copier.json", "a-copier.safetensors"]
     else:
         assert said == "training was interrupted at step 3"
+        assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_ctrl_c_while_the_grids_are_drawn_stops_them(tmp_path, monkeypatch, capsys, keep):
+    # Every LoRA is finished by then: save_on_cancel keeps them all, without grids; without it nothing is written.
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
+    drawn = []
+
+    def grid_pressing_ctrl_c_after_its_first_image(render, prompts, side, **kwargs):
+        progress = kwargs.pop("progress")
+
+        def after_each(done, total):
+            drawn.append(done)
+            if done == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            progress(done, total)
+
+        return strength_grid(render, prompts, side, progress=after_each, **kwargs)
+
+    monkeypatch.setattr(job_module, "strength_grid", grid_pressing_ctrl_c_after_its_first_image)
+    out = tmp_path / "out"
+    args = ["copier", "--image", str(tmp_path / "a.png"), "--effect", "grayscale", "--method", "copier"]
+    args += ["--steps", "2", "--grid-steps", "1", "--out", str(out)]
+    assert main(args + (["--set", "save_on_cancel=true"] if keep else [])) == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert drawn == [1]  # the next image was not drawn
+    if keep:
+        assert said == f"interrupted while drawing the strength grids; what it trained is in {out}"
+        names = ["a-copier.json", "a-copier.safetensors", "a-grayscale.json", "a-grayscale.safetensors"]
+        assert sorted(p.name for p in out.iterdir()) == names
+    else:
+        assert said == "interrupted while drawing the strength grids"
         assert not out.exists() or not any(out.iterdir())
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from lib_copier.atomic import check_folder
 from lib_copier.backends import Backend
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, Interrupted
 from lib_copier.lora.metadata import NetworkInfo
 from lib_copier.lora.network import LoRANetwork
 from lib_copier.lora.ops import Progress
@@ -250,7 +250,24 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
     stage("merging and resizing")
     finished = _merged(job, config, trained, callbacks.counted)
     stage("strength grids")
-    return _finish(backend, job, pending + finished, grids=True, progress=callbacks.counted)
+    try:
+        return _finish(backend, job, pending + finished, grids=True, progress=_stoppable(callbacks))
+    except Interrupted:
+        if config.save_on_cancel:  # every LoRA is finished: kept, without grids
+            _finish(backend, job, pending + finished, grids=False)
+        raise
+
+
+def _stoppable(callbacks: Callbacks) -> Progress:
+    """The grids' progress, which also stops them between two images when the run is asked to stop."""
+
+    def progress(done: int, total: int) -> None:
+        if callbacks.counted:
+            callbacks.counted(done, total)
+        if callbacks.cancelled and callbacks.cancelled():
+            raise Interrupted("interrupted while drawing the strength grids")
+
+    return progress
 
 
 def _as_run(run: TrainResult, *configs: TrainConfig) -> tuple[TrainConfig, ...]:
