@@ -331,6 +331,7 @@ def test_the_train_benchmark_reports_speed_and_memory(tmp_path, capsys):
     assert "timesteps/s" in out
     config = json.loads(figures.read_text())["config"]
     assert config["batch_size"] == 2 and config["gradient_checkpointing"] is True
+    assert config["mixed_precision"] == "no" and "mixed precision no" in out  # the CPU computes in fp32 (bf16 is set)
     assert "aten::" in profile.read_text()
     fast = ["bench", "train", "--model", str(model), "--preset", "fast", "--steps", "1", "--stages", "copier"]
     assert main([*fast, "--no-fidelity", "--json", str(figures)]) == 0

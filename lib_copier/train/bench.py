@@ -134,6 +134,7 @@ def bench_train(args: argparse.Namespace) -> int:
         torch.cuda.synchronize()
         loaded = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+    precision = config.mixed_precision if cuda else "no"  # what it computes in: a CPU trains in fp32
     figures = {
         "model": f"{backend.family} ({'random weights' if args.family else args.model or 'built-in'})",
         "device": torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads",
@@ -142,15 +143,13 @@ def bench_train(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "config": {
             "preset": args.preset,
-            **{
-                k: getattr(config, k)
-                for k in ("steps", "rank", "alpha", "lr", "batch_size", "mixed_precision", "gradient_checkpointing")
-            },
+            **{k: getattr(config, k) for k in ("steps", "rank", "alpha", "lr", "batch_size", "gradient_checkpointing")},
+            "mixed_precision": precision,
         },
     }
     print(
         f"model: {figures['model']}, {side}x{side}, {figures['device']}, {figures['dtype']}, rank {config.rank}, "
-        f"{config.steps} steps, batch {config.batch_size}, mixed precision {config.mixed_precision if cuda else 'no'}"
+        f"{config.steps} steps, batch {config.batch_size}, mixed precision {precision}"
     )
     figures["stages"], copier = _run_stages(backend, image, config, stages)
     figures["recipe_seconds"] = sum(s["seconds"] for s in figures["stages"].values())
