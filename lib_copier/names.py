@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 import unicodedata
 
-# Names Windows gives to devices, whatever follows a dot: "nul.safetensors" cannot be a file there.
-WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"{port}{n}" for port in ("COM", "LPT") for n in range(10))}
+# Names Windows gives to devices, whatever follows a dot: "nul.safetensors" cannot be a file there. The ports go
+# from 0 to 9, and ¹ ² ³ (superscripts) count as digits there too.
+WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789¹²³")}
 _TAGS = re.compile(r"<[^<>]*>")  # <lora:name:0.8>, <hypernet:…>: not what the image shows
 _WEIGHTS = re.compile(r":\s*[-+]?(\d+\.?\d*|\.\d+)\s*(?=[)\]])")  # (masterpiece:1.2): the weight, not the word
 

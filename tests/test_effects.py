@@ -321,6 +321,12 @@ def test_specs_chain_with_plus_as_copier_takes_them_and_a_parameter_given_twice_
         Chain.parse(["posterize:levels=4,levels=5"])
     with pytest.raises(CopierError, match="takes a whole number, not 'x'"):
         Chain.parse(["posterize:levels=x"])
+    # Spaces around the words, as people type them, are not part of them (it said " grayscale  has no parameter …")
+    assert Chain.parse([" outline : thickness = 3 , darkness= 0.5 + grayscale "]) == Chain.parse(
+        ["outline:thickness=3,darkness=0.5+grayscale"]
+    )
+    with pytest.raises(CopierError, match="^grayscale has no parameter amout; it takes amount$"):
+        Chain.parse([" grayscale : amout = 1"])
 
 
 def test_cli_apply_refuses_bad_input_in_one_line_before_any_work(tmp_path, capsys):

@@ -80,10 +80,11 @@ class Chain:
             params = {}
             for item in filter(None, (part.strip() for part in rest.split(","))):
                 key, eq, value = item.partition("=")
+                key = key.strip()  # "outline : thickness = 3" reads as "outline:thickness=3"
                 if not eq:
                     raise CopierError(f"{shown(spec)}: write parameters as name=value, not {shown(item)}")
                 if key not in known:
-                    raise CopierError(f"{name} has no parameter {key}; it takes {', '.join(known) or 'none'}")
+                    raise CopierError(f"{effect.name} has no parameter {key}; it takes {', '.join(known) or 'none'}")
                 if key in params:
                     raise CopierError(f"{shown(spec)} gives {key} twice")
                 params[key] = known[key].parse(value)
