@@ -233,7 +233,9 @@ def test_a_cancelled_job_writes_nothing_unless_asked(backend, original, tmp_path
     names = sorted(p.name for p in tmp_path.iterdir())
     # The finished copier and the interrupted processed LoRA (2 of its 3 steps), without grids.
     assert names == ["cat-copier.json", "cat-copier.safetensors", "cat-grayscale.json", "cat-grayscale.safetensors"]
-    assert read_lora(tmp_path / "cat-grayscale.safetensors").metadata["ss_max_train_steps"] == "2"
+    kept = read_lora(tmp_path / "cat-grayscale.safetensors").metadata
+    assert kept["ss_max_train_steps"] == "2"
+    assert json.loads(kept["ss_copier_effects"])["steps"][0]["effect"] == "grayscale"  # as a finished one records it
     steps.clear()
     both = job(tmp_path / "both", original, method="both", overrides={"steps": 3, "rank": 4, "save_on_cancel": True})
     cancel_late = Callbacks(progress=lambda p: steps.append(p.step), cancelled=lambda: len(steps) >= 7)

@@ -244,7 +244,8 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
             kind, label = current
             note = f"{kind} LoRA {label}, interrupted at step {partial.steps}".replace("  ", " ")
             finished = _merged(job, config, trained, callbacks.counted)
-            pending.append(_pending(kind, label, _cpu(partial.network.to_weights()), [partial], note))
+            weights = _cpu(partial.network.to_weights())
+            pending.append(_pending(kind, label, weights, [partial], note, _chain_json(job, label)))
             _finish(backend, job, pending + finished, grids=False)
         raise
     stage("merging and resizing")
@@ -281,7 +282,6 @@ def _as_run(run: TrainResult, *configs: TrainConfig) -> tuple[TrainConfig, ...]:
 def _merged(job: Job, config: TrainConfig, trained: dict, progress: Progress | None) -> list[_Pending]:
     """One result per effect and kind: the LoRAs of several originals merged, processed ones resized."""
     ranks = RECIPE_PRESETS[job.preset]
-    chains = {e.label: e.chain.to_json() if e.chain else "" for e in job.effects}
     out = []
     for (label, kind), items in trained.items():
         if kind == "processed":
@@ -292,8 +292,14 @@ def _merged(job: Job, config: TrainConfig, trained: dict, progress: Progress | N
         else:  # a pair method's LoRA keeps its trained rank
             weights = merge_processed([w for w, _ in items], config.rank, progress)
         runs = [run for _, run in items]
-        out.append(_pending(kind, label, weights, runs, f"{kind} LoRA: {label}", chains[label]))
+        out.append(_pending(kind, label, weights, runs, f"{kind} LoRA: {label}", _chain_json(job, label)))
     return out
+
+
+def _chain_json(job: Job, label: str) -> str:
+    """The effect chain that made the processed image of effect `label`, for the LoRA's metadata ("" for the copier
+    and for an image the user edited)."""
+    return next((e.chain.to_json() for e in job.effects if e.label == label and e.chain), "")
 
 
 def _offset(progress: Progress | None, index: int, count: int) -> Progress | None:
