@@ -6,7 +6,9 @@ class CopierError(Exception):
 
 
 class Interrupted(CopierError):
-    """The user stopped the run; the sentence says where."""
+    """The user stopped the run; the sentence says where. `kept`: the results it kept (with save_on_cancel)."""
+
+    kept: list | tuple = ()  # set per exception, never changed in place
 
 
 def check_file(path, what: str):

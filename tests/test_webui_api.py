@@ -285,6 +285,10 @@ BAD_TRAIN = [
     # too long and thin to train at the asked size: refused before a job is queued, as the tab's estimate says
     ({**THIN, "effects": ["grayscale"], "size": 64}, "the original is 2000x8, too long and thin: it would train at"),
     ({**GENERATE, "more_images": [THIN["image"]], "size": 64}, '"more_images"[0] is 2000x8, too long and thin'),
+    (  # was a 200, then the original was drawn and the job failed
+        {"generate": {"prompt": "a cat", "width": 2048, "height": 64}, "effects": ["grayscale"], "size": 64},
+        'the original "generate" asks for is 2048x64, too long and thin',
+    ),
     ({"image": _png(15000)}, "refused as a possible decompression bomb"),
     ({"image": _png(6000)}, "6000x6000 px"),
     ({"image": "data:image/png;base64,@@@"}, "not valid base64"),

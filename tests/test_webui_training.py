@@ -111,9 +111,18 @@ def test_interrupt_from_the_webui_keeps_nothing_unless_asked(host, tmp_path):
         train_in_webui(request_for(host), host, tmp_path / "a", JobState("a"))
     assert not (tmp_path / "a").exists() or not list((tmp_path / "a").iterdir())
 
+    state = JobState("b")
     with pytest.raises(Interrupted, match="interrupted at step .*; kept cat-copier$"):  # the sentence names it
-        train_in_webui(request_for(host, save_on_interrupt=True), host, tmp_path / "b", JobState("b"))
+        train_in_webui(request_for(host, save_on_interrupt=True), host, tmp_path / "b", state)
     assert (tmp_path / "b" / "cat-copier.safetensors").is_file()
+    # and the job's results describe it, as a finished run's (the API's "results" was empty)
+    [kept] = state.results
+    assert (kept["name"], kept["lora"], kept["grid"]) == (
+        "cat-copier",
+        str(tmp_path / "b/cat-copier.safetensors"),
+        None,
+    )
+    assert kept["steps"] == int(read_lora(kept["lora"]).metadata["ss_max_train_steps"])
     assert not (tmp_path / "b" / STAGING).exists()
     assert "b/cat-copier.safetensors" in host.listed and not [f for f in host.listed if STAGING in f]  # the WebUI's
 
@@ -122,12 +131,24 @@ def test_interrupt_from_the_webui_keeps_nothing_unless_asked(host, tmp_path):
         train_in_webui(request_for(host), host, tmp_path / "c", JobState("c"))
     assert host.lora_files and list((tmp_path / "c").iterdir()) == []  # trained and drawn from, then dropped
     host.shown.clear()
+    state = JobState("d")
     with pytest.raises(Interrupted, match="strength grids; kept cat-copier, cat-grayscale$"):
-        train_in_webui(request_for(host, save_on_interrupt=True), host, tmp_path / "d", JobState("d"))
+        train_in_webui(request_for(host, save_on_interrupt=True), host, tmp_path / "d", state)
+    assert [r["name"] for r in state.results] == ["cat-copier", "cat-grayscale"]
+    assert [r["grid"] for r in state.results] == [None, None]  # interrupted at the first grid's first image
     assert {p.name for p in (tmp_path / "d").glob("*.safetensors")} == {"cat-copier.safetensors",
                                                                          "cat-grayscale.safetensors"}  # fmt: skip
     assert {"d/cat-copier.safetensors", "d/cat-grayscale.safetensors"} <= set(host.listed)  # LoRA list, refreshed after
     assert not [f for f in host.listed if STAGING in f]  # the kept files moved out of the folder the grids read
+
+
+def test_an_interrupt_while_the_original_is_generated_stops_before_training(host, tmp_path):
+    # The WebUI's sampler stops early on an interrupt and returns a half-drawn image: it is not trained on.
+    host.interrupt_when = lambda shown: True
+    request = request_for(host, image=None, generate=Txt2Img("a cat", seed=1, steps=2, width=64, height=64))
+    with pytest.raises(Interrupted, match="^interrupted while generating the original: nothing was trained$"):
+        train_in_webui(request, host, tmp_path, JobState("j"))
+    assert not list(tmp_path.glob("*.safetensors"))
 
 
 def test_a_model_change_mid_run_aborts_with_one_sentence_and_keeps_nothing(host, tmp_path):

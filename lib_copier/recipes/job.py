@@ -246,16 +246,16 @@ def run_job(backend: Backend, job: Job, callbacks: Callbacks | None = None, stag
             finished = _merged(job, config, trained, callbacks.counted)
             weights = _cpu(partial.network.to_weights())
             pending.append(_pending(kind, label, weights, [partial], note, _chain_json(job, label)))
-            _finish(backend, job, pending + finished, grids=False)
+            cancelled.kept = _finish(backend, job, pending + finished, grids=False)
         raise
     stage("merging and resizing")
     finished = _merged(job, config, trained, callbacks.counted)
     stage("strength grids")
     try:
         return _finish(backend, job, pending + finished, grids=True, progress=_stoppable(callbacks))
-    except Interrupted:
+    except Interrupted as interrupted:
         if config.save_on_cancel:  # every LoRA is finished: kept, without grids
-            _finish(backend, job, pending + finished, grids=False)
+            interrupted.kept = _finish(backend, job, pending + finished, grids=False)
         raise
 
 

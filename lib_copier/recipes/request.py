@@ -138,11 +138,14 @@ def check_request(request: TrainRequest, name: Name = quoted) -> TrainRequest:
 
 
 def check_originals_fit(request: TrainRequest, model_side: int, name: Name = quoted) -> None:
-    """Each original given can train at the request's size on a model of native side `model_side` (`check_fits`);
-    a generated one is drawn at a size that does."""
-    given = [("the original", request.image)] if request.image is not None else []
-    given += [(f"{name('more_images')}[{i}]", image) for i, image in enumerate(request.more_images)]
-    check_fits([(what, image.size) for what, image in given], request.size, model_side)
+    """Each original, given or to be generated, can train at the request's size on a model of native side
+    `model_side` (`check_fits`): said before the job waits for its turn and draws the original."""
+    given = [("the original", request.image.size)] if request.image is not None else []
+    if request.generate is not None:
+        width, height = request.generate.width, request.generate.height
+        given.append((f"the original {name('generate')} asks for", (width or model_side, height or model_side)))
+    given += [(f"{name('more_images')}[{i}]", image.size) for i, image in enumerate(request.more_images)]
+    check_fits(given, request.size, model_side)
 
 
 def request_from_json(body, default_name: str = "copier") -> TrainRequest:

@@ -127,7 +127,7 @@ class JobRunner:
                 state.log_failure(exc)
             finally:
                 release_freed_memory()
-                state.finished = time.time()
+                state.finished, state.eta = time.time(), None
 
     def _forget_old(self) -> None:
         ended = [s.id for s in self.jobs.values() if s.finished is not None]

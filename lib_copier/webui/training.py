@@ -67,23 +67,28 @@ def train_in_webui(request: TrainRequest, host: WebUIHost, out_dir: Path, state:
     try:
         with host.prepared():  # which refreshes the WebUI's LoRA list at its end: after the files have moved
             try:
-                results, grids = _train_and_draw(request, host, out_dir, staging, state)
+                results = _train_and_draw(request, host, out_dir, staging, state)
             except BaseException as exc:
-                _keep_what_is_finished(request, staging, out_dir, exc)
+                _keep_what_is_finished(request, staging, out_dir, exc, state)
                 raise
-        return [_describe(r, grid, out_dir) for r, grid in zip(results, grids, strict=True)]
+        return [_describe(r, out_dir) for r in results]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(OSError):
             staging.parent.rmdir()  # only when no other run's files are in it
 
 
-def _keep_what_is_finished(request: TrainRequest, staging: Path, out_dir: Path, exc: BaseException) -> None:
-    """With `save_on_interrupt`, what a stopped run wrote is kept, and the sentence that stopped it names it."""
+def _keep_what_is_finished(
+    request: TrainRequest, staging: Path, out_dir: Path, exc: BaseException, state: JobState
+) -> None:
+    """With `save_on_interrupt`, what a stopped run wrote is kept: the sentence that stopped it names it, and the
+    job's results describe it."""
     kept = []
     if request.save_on_interrupt:
         with contextlib.suppress(CopierError):
             kept = [file.stem for file in _publish(staging, out_dir) if file.suffix == ".safetensors"]
+    if kept and isinstance(exc, Interrupted):
+        state.results = [_describe(r, out_dir) for r in exc.kept]
     if kept and isinstance(exc, CopierError):
         kind = Interrupted if isinstance(exc, Interrupted) else CopierError
         raise kind(f"{exc}; kept {', '.join(kept)}") from exc
@@ -96,6 +101,8 @@ def _train_and_draw(request: TrainRequest, host: WebUIHost, out_dir: Path, stagi
     if image is None:
         state.on_stage("generating the original")
         image = host.txt2img(request.generate)
+        if state.interrupted.is_set() or host.interrupted():  # the WebUI's sampler stops early: a half-drawn image
+            raise Interrupted("interrupted while generating the original: nothing was trained")
     more = [(f"image {i} of the more originals", original) for i, original in enumerate(request.more_images, 1)]
     job = Job(
         originals=[
@@ -117,9 +124,13 @@ def _train_and_draw(request: TrainRequest, host: WebUIHost, out_dir: Path, stagi
     callbacks.preview_request = Txt2Img(preview_prompt, steps=request.grid_steps, width=side, height=side)
     staging.mkdir(parents=True, exist_ok=True)
     results = run_job(backend, job, callbacks, _stage(host, state))
-    grids = _host_grids(host, request, results, side, state)
+    try:
+        _host_grids(host, request, results, side, state)
+    except Interrupted as exc:
+        exc.kept = results  # every LoRA is finished; the grids drawn so far are beside them
+        raise
     _publish(staging, out_dir)
-    return results, grids
+    return results
 
 
 def _drop_leftovers(staging: Path) -> None:
@@ -181,9 +192,8 @@ def _stage(host: WebUIHost, state: JobState):
     return stage
 
 
-def _host_grids(host: WebUIHost, request: TrainRequest, results: list[Result], side: int, state: JobState):
+def _host_grids(host: WebUIHost, request: TrainRequest, results: list[Result], side: int, state: JobState) -> None:
     unchanged: dict[Txt2Img, Image.Image] = {}
-    grids = []
     for result in results:
         name = result.written.name
         state.on_stage(f"strength grid: {name}")
@@ -203,10 +213,7 @@ def _host_grids(host: WebUIHost, request: TrainRequest, results: list[Result], s
             progress=progress,
         )
         # Beside the LoRA, where the Lora page takes its card's preview from.
-        grids.append(
-            atomic_write(result.written.lora.with_suffix(".png"), lambda tmp, grid=grid: grid.save(tmp, format="PNG"))
-        )
-    return grids
+        atomic_write(result.written.lora.with_suffix(".png"), lambda tmp, grid=grid: grid.save(tmp, format="PNG"))
 
 
 def _tag_render(host: WebUIHost, name: str, unchanged: dict) -> Render:
@@ -221,14 +228,16 @@ def _tag_render(host: WebUIHost, name: str, unchanged: dict) -> Render:
     return render
 
 
-def _describe(result: Result, grid: Path, out_dir: Path) -> dict:
+def _describe(result: Result, out_dir: Path) -> dict:
+    """A published result; `grid` is None for a LoRA kept from an interrupted run without its grid."""
+    grid = out_dir / f"{result.written.name}.png"
     return {
         "kind": result.kind,
         "effect": result.effect,
         "name": result.written.name,
         "lora": str(out_dir / result.written.lora.name),
         "sidecar": str(out_dir / result.written.sidecar.name),
-        "grid": str(out_dir / grid.name),
+        "grid": str(grid) if grid.is_file() else None,
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
         "final_loss": result.final_loss,
