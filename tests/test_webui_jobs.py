@@ -45,7 +45,7 @@ def test_a_job_reports_progress_and_results_under_the_lock():
     state = runner.wait(runner.submit(fake_training(5, seen, lock)).id, timeout=10)
     report = state.as_dict()
     assert report["status"] == "done" and report["stage"] == "copier"
-    assert (report["step"], report["total"], report["eta"]) == (5, 5, 0.0)
+    assert (report["step"], report["total"], report["eta"]) == (5, 5, None)  # an ended job has no time left
     assert report["results"][0]["name"] == "cat-copier" and report["error"] == ""
     assert seen == [True] * 5 and not lock.held
 
@@ -152,3 +152,19 @@ def test_the_tab_trains_in_a_thread_of_its_own_that_has_ended_when_it_returns():
 
     with pytest.raises(CopierError, match="the original is 8x8 px"):
         in_own_thread(fails)
+
+
+def test_the_tab_knows_when_an_api_job_waits_or_runs(monkeypatch):
+    # The 🧬 button then says a run is going instead of queueing one more behind it.
+    from lib_copier.webui import extension
+
+    runner, release = JobRunner(threading.Lock()), threading.Event()
+    monkeypatch.setattr(extension, "_runner", runner)
+    assert not extension.busy()
+    first = runner.submit(lambda state: release.wait() and [])
+    second = runner.submit(lambda state: [])
+    assert extension.busy()  # one running, one queued
+    release.set()
+    for state in (first, second):
+        assert runner.wait(state.id, timeout=10).status == "done"
+    assert not extension.busy()

@@ -439,6 +439,14 @@ def test_train_pressed_again_while_its_run_goes_says_so_at_once_instead_of_queue
     gallery = build_tab(dataclasses.replace(hooks, galleries=galleries, gallery_trains=lambda: False))
     loaded = _tab_function(gallery, "start_from_gallery")[0]("task(8)", *values[1:])
     assert loaded[-1] == "" and queued == ["task(7)"]  # load only: no sentence, and no wait in the queue
+    # Another run (an API job, another page's) goes: the button loads the image and says so, without queueing one
+    # more behind it; Train, pressed on purpose, still queues.
+    gallery = build_tab(dataclasses.replace(hooks, galleries=galleries, busy=lambda: True))
+    *kept, status = _tab_function(gallery, "start_from_gallery")[0]("task(9)", *values[1:])
+    assert "Another Copier LoRA run is going" in status and all(update == gr.update() for update in kept)
+    assert queued == ["task(7)"]
+    assert _tab_function(gallery, "train_unless_running")[0]("task(10)", *values[1:])[-1] == "<ul></ul>"
+    assert queued == ["task(7)", "task(10)"]
 
 
 def test_a_new_image_renames_the_output_unless_the_user_typed_the_name():

@@ -25,12 +25,26 @@ def runner() -> JobRunner:
     return _runner
 
 
+_running = 0  # runs in train_in_webui now: the tab's and the API's
+
+
 def run(request, state):
     """Train on the loaded model into the LoRA folder (the caller holds the queue lock)."""
     from lib_copier.webui.host import current_host
     from lib_copier.webui.training import train_in_webui
 
-    return train_in_webui(request, current_host(), Path(lora_dir()), state)
+    global _running
+    _running += 1
+    try:
+        return train_in_webui(request, current_host(), Path(lora_dir()), state)
+    finally:
+        _running -= 1
+
+
+def busy() -> bool:
+    """A run is going, or an API job waits for its turn."""
+    jobs = list(_runner.jobs.values()) if _runner is not None else []
+    return _running > 0 or any(s.status in ("queued", "running") for s in jobs)
 
 
 def run_api_job(request, state):
@@ -169,6 +183,7 @@ def on_ui_tabs():
         wrap=lambda fn: call_queue.wrap_gradio_gpu_call(fn, extra_outputs=[[], "[]", gr.update()]),
         galleries=gallery.complete(),
         gallery_trains=lambda: bool(getattr(shared.opts, "copier_lora_gallery_trains", True)),
+        busy=busy,
         model_kind=model_kind,
     )
     make_temp_dir()

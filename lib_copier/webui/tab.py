@@ -42,6 +42,7 @@ class Hooks:
     wrap: Callable[[Callable], Callable] = lambda fn: fn  # the host's queue lock and progress (wrap_gradio_gpu_call)
     galleries: dict = field(default_factory=dict)  # tab name → (gallery, generation info, button), from gallery.py
     gallery_trains: Callable[[], bool] = lambda: True
+    busy: Callable[[], bool] = lambda: False  # a Copier LoRA run is going or queued: an API job, another page's run
     generate: Callable[[Txt2Img], Image.Image] | None = None  # the host's txt2img, for "Generate here"
     run_tool: Callable[[str, dict], dict] | None = None  # (tool, body) → lora_tools check_tool, then run_checked
     loras: Callable[[], list[str]] = list
@@ -62,6 +63,10 @@ def _on(event, fn, inputs, outputs, js: str | None = None):
 LABELS = {e.name: e.label for e in all_effects()}
 IMAGE_HEIGHT = 400  # pixels, of the image boxes
 RUNNING = "A training started on this page is still running: wait for its end, or press Interrupt."
+BUSY = (
+    "Another Copier LoRA run is going (from the HTTP API or another page): the image is loaded; press Train to run "
+    "after it."
+)
 METHOD_HELP = (
     "copier: trains a copier of the image, then one effect LoRA on top of it (the seeds' method); "
     "extraction: a copier of each processed image too, and their difference; both: each kind; "
@@ -303,6 +308,8 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         def start_from_gallery(*args):
             if not hooks.gallery_trains():  # Settings → Copier LoRA: the button only loads the image
                 return gr.update(), gr.update(), gr.update(), ""
+            if args[0] and hooks.busy():  # one click should not queue a run behind another for who knows how long
+                return gr.update(), gr.update(), gr.update(), f"<p class='copier-lora-error'>{BUSY}</p>"
             return train_unless_running(*args)
 
         _on(interrupt.click, None, [], [], js="copierLoraInterrupt")
