@@ -184,3 +184,23 @@ def test_a_nan_from_the_vae_is_one_sentence():
         bias.data.fill_(float("nan"))
         with pytest.raises(CopierError, match="--no-half-vae"):
             host.encode_images(image)
+
+
+def test_the_lora_list_is_reread_outside_the_exception_of_a_run_that_stopped(monkeypatch):
+    # A1111 reports an unreadable LoRA file with the exception being handled: in the run's exception handling, its
+    # console showed the stopped run's traceback as if the run had crashed.
+    import sys
+    import types
+
+    from lib_copier.errors import Interrupted
+    from lib_copier.webui.host import refresh_loras
+
+    handled = []
+    networks = types.ModuleType("networks")
+    networks.list_available_networks = lambda: handled.append(sys.exc_info()[1])
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    try:
+        raise Interrupted("training was interrupted at step 4")
+    except Interrupted:
+        refresh_loras()
+    assert handled == [None]

@@ -18,6 +18,7 @@ from PIL import Image
 from lib_copier.backends import StepProgress
 from lib_copier.errors import CopierError
 from lib_copier.models.generate import Txt2Img
+from lib_copier.webui.jobs import in_own_thread
 from lib_copier.webui.medvram import kept_on_device
 
 SAMPLERS = {"euler": "Euler", "ddim": "DDIM"}
@@ -222,4 +223,6 @@ def refresh_loras() -> None:
     cache = getattr(networks, "load_lora_state_dict", None)
     if hasattr(cache, "cache_clear"):
         cache.cache_clear()
-    networks.list_available_networks()
+    # In a thread of its own, outside the exception of a run that stopped: the WebUI's report of an unreadable LoRA
+    # file in the folder printed that exception's traceback too, as if the run had crashed.
+    in_own_thread(networks.list_available_networks)
