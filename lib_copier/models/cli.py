@@ -56,10 +56,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def infotext(request, size: tuple[int, int], model: str | None) -> str:
     """The request as A1111 words its generation parameters."""
     from lib_copier.infotext import Infotext, build_infotext
+    from lib_copier.models.sampling import WEBUI_NAMES
 
     params = {
         "Steps": request.steps,
-        "Sampler": {"euler": "Euler", "ddim": "DDIM"}[request.sampler],
+        "Sampler": WEBUI_NAMES[request.sampler],
         "CFG scale": f"{request.cfg:g}",
         "Seed": request.seed,
         "Size": f"{size[0]}x{size[1]}",

@@ -14,6 +14,7 @@ import torch
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]
 SAMPLERS = ("euler", "ddim")
+WEBUI_NAMES = {"euler": "Euler", "ddim": "DDIM"}  # what A1111 and Forge call them
 
 
 def scaled_linear_alphas_cumprod(

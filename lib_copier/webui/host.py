@@ -18,10 +18,9 @@ from PIL import Image
 from lib_copier.backends import StepProgress
 from lib_copier.errors import CopierError
 from lib_copier.models.generate import Txt2Img
+from lib_copier.models.sampling import WEBUI_NAMES
 from lib_copier.webui.jobs import in_own_thread
 from lib_copier.webui.medvram import kept_on_device
-
-SAMPLERS = {"euler": "Euler", "ddim": "DDIM"}
 
 
 def current_host():
@@ -120,7 +119,7 @@ class A1111Host:
             cfg_scale=request.cfg,
             width=request.width or 512,
             height=request.height or 512,
-            sampler_name=SAMPLERS.get(request.sampler, request.sampler),
+            sampler_name=WEBUI_NAMES.get(request.sampler, request.sampler),
             do_not_save_grid=True,
             do_not_save_samples=True,
             do_not_reload_embeddings=True,
