@@ -45,11 +45,7 @@ def test_ctrl_c_during_training_keeps_what_was_trained_only_with_save_on_cancel(
         return made
 
     monkeypatch.setattr(recipes_cli, "_bar_callbacks", pressing_ctrl_c_at_step_3)
-    out = tmp_path / "out"
-    args = ["copier", "--image", str(tmp_path / "a.png"), "--effect", "grayscale", "--method", "copier"]
-    args += ["--steps", "50", "--grid-steps", "0", "--out", str(out)]
-    assert main(args + (["--set", "save_on_cancel=true"] if keep else [])) == 130
-    said = capsys.readouterr().err.strip().splitlines()[-1]
+    out, said = _interrupted_copier(tmp_path, capsys, keep, "--steps", "50", "--grid-steps", "0")
     if keep:
         assert said == f"training was interrupted at step 3; what it trained is in {out}"
         assert read_lora(out / "a-copier.safetensors").modules  # the copier, interrupted at step 3
@@ -77,11 +73,7 @@ def test_ctrl_c_while_the_grids_are_drawn_stops_them(tmp_path, monkeypatch, caps
         return strength_grid(render, prompts, side, progress=after_each, **kwargs)
 
     monkeypatch.setattr(job_module, "strength_grid", grid_pressing_ctrl_c_after_its_first_image)
-    out = tmp_path / "out"
-    args = ["copier", "--image", str(tmp_path / "a.png"), "--effect", "grayscale", "--method", "copier"]
-    args += ["--steps", "2", "--grid-steps", "1", "--out", str(out)]
-    assert main(args + (["--set", "save_on_cancel=true"] if keep else [])) == 130
-    said = capsys.readouterr().err.strip().splitlines()[-1]
+    out, said = _interrupted_copier(tmp_path, capsys, keep, "--steps", "2", "--grid-steps", "1")
     assert drawn == [1]  # the next image was not drawn
     if keep:
         assert said == f"interrupted while drawing the strength grids; what it trained is in {out}"
@@ -90,6 +82,15 @@ def test_ctrl_c_while_the_grids_are_drawn_stops_them(tmp_path, monkeypatch, caps
     else:
         assert said == "interrupted while drawing the strength grids"
         assert not out.exists() or not any(out.iterdir())
+
+
+def _interrupted_copier(tmp_path, capsys, keep: bool, *options: str):
+    """`copier` on tmp_path/a.png, which a Ctrl-C stops (exit code 130): its output folder and last sentence."""
+    out = tmp_path / "out"
+    args = ["copier", "--image", str(tmp_path / "a.png"), "--effect", "grayscale", "--method", "copier", *options]
+    args += ["--out", str(out), *(["--set", "save_on_cancel=true"] if keep else [])]
+    assert main(args) == 130
+    return out, capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
