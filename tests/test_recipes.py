@@ -58,7 +58,7 @@ def job(tmp_path, original, **kwargs) -> Job:
 @pytest.mark.parametrize(
     "name",
     ["", " ", "../evil", "a/b", "a\\b", "-dash", "x" * 121, "semi;colon", "NUL", "con.v2", "Com1", "lpt9 .x", "aux",
-     "COM¹", "lpt³.txt",
+     "COM¹", "lpt³.txt", "ink ",
      "_x", "a:b", "a<b>", "q?", "a*", 'a"b', "a|b", "tab\tname", "ink.safetensors", "ink.SafeTensors"],
 )  # fmt: skip
 def test_bad_output_names_are_refused_in_one_sentence(name):

@@ -166,7 +166,7 @@ def test_the_from_buttons_take_the_image_selected_in_their_own_gallery_or_the_fi
 def test_the_utilities_form_becomes_the_api_body(tmp_path):
     assert tool_body("merge", ["a", "b"], "", None, None, "1, -0.5", 8, 0, True, "none", 0.9, "fp32", "ab") == {
         "out": "ab", "precision": "fp32", "loras": ["a", "b"], "ratios": [1.0, -0.5]}  # fmt: skip
-    assert tool_body("resize", ["a"], "", None, None, "", 4, 0, True, "sv_fro", 0.9, "fp32", "small") == {
+    assert tool_body("resize", ["a"], "", None, None, "", 4, 0, True, "sv_fro", 0.9, "fp32", " small ") == {
         "out": "small", "precision": "fp32", "lora": "a", "rank": 4, "dynamic_method": "sv_fro",
         "dynamic_param": 0.9}  # fmt: skip
     assert tool_body("extract", [], "", "base", "tuned", "", 16, 8, True, "none", 0, "fp32", "x")["conv_rank"] == 8
@@ -199,9 +199,11 @@ def test_the_utilities_form_becomes_the_api_body(tmp_path):
 
 def test_the_utilities_form_shows_what_the_chosen_tool_reads_and_says_what_it_does():
     listed = [["a"]]
-    with gr.Blocks() as blocks:
-        build_utilities(lambda tool, body: {"log": f"wrote {body['out']}"}, lambda: listed[-1], lambda: ["model"])
+    with gr.Blocks() as blocks, gr.Tab("Utilities") as tab:
+        build_utilities(tab, lambda tool, body: {"log": f"wrote {body['out']}"}, lambda: listed[-1], lambda: ["model"])
     fns = {getattr(f.fn, "__name__", None): f for f in _fns(blocks)}
+    # The lists are read again when the tab is opened (a LoRA trained since the page loaded was missing), or refreshed
+    assert _triggers(blocks, "listed") == {(tab._id, "select"), (_labelled(blocks, "Refresh lists")._id, "click")}
     choose = fns["choose"]
     shown_at_start = {c.label for c in choose.outputs[1:] if c.visible}
     conv = {
@@ -346,6 +348,24 @@ def test_more_originals_come_from_the_file_box(tmp_path):
 def _fns(tab) -> list:
     """The Blocks' event functions: a dict on gradio 4, a list on gradio 3.41 (A1111's)."""
     return list(tab.fns.values()) if isinstance(tab.fns, dict) else list(tab.fns)
+
+
+def _triggers(blocks, name) -> set[tuple[int, str]]:
+    """(component id, event) of each event that runs the function `name`, on gradio 4 and on gradio 3.41."""
+    found = set()
+    for i, f in enumerate(_fns(blocks)):
+        if getattr(f.fn, "__name__", None) == name:
+            if hasattr(f, "targets"):
+                found |= {tuple(target) for target in f.targets}
+            else:
+                found |= {(target, blocks.dependencies[i]["trigger"]) for target in blocks.dependencies[i]["targets"]}
+    return found
+
+
+def _labelled(blocks, label):
+    return next(
+        b for b in blocks.blocks.values() if getattr(b, "label", None) == label or getattr(b, "value", None) == label
+    )
 
 
 def _tab_function(tab, name):

@@ -28,6 +28,8 @@ def check_name(name: str, what: str = "the output name") -> str:
         raise CopierError(f"{what} is empty")
     if "/" in name or "\\" in name or ".." in name:
         raise CopierError(f"{what} {shown(name)} must not contain path separators or '..'")
+    if name != name.rstrip():  # "ink " wrote "ink .safetensors", which <lora:ink:1> does not find
+        raise CopierError(f"{what} {shown(name)} ends in a space; a file name here may not")
     if name.lower().endswith(".safetensors"):
         raise CopierError(f"{what} {shown(name)} ends in .safetensors, which is added to it: give {shown(name[:-12])}")
     rule = "it may use letters, digits, spaces and . _ + - ( ) [ ] and must start with a letter or digit"

@@ -345,8 +345,8 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             _on(gen_button.click, generate_here, [gen_prompt, gen_negative, gen_seed, gen_steps, gen_cfg, gen_size],
                 [image])  # fmt: skip
         if hooks.run_tool:
-            with gr.Tab("Utilities"):
-                ran = build_utilities(hooks.run_tool, hooks.loras, hooks.checkpoints)
+            with gr.Tab("Utilities") as utilities:
+                ran = build_utilities(utilities, hooks.run_tool, hooks.loras, hooks.checkpoints)
             _on(ran.then, None, [], [], js="copierLoraRefreshCards")  # what it wrote, on txt2img's Lora cards
         for tab_name, (_, _, button) in hooks.galleries.items():
             taken = take(tab_name, button)  # its training only where the image was taken

@@ -30,7 +30,7 @@ def tool_body(
     out,
 ):  # fmt: skip
     """The form's values → the body of the tool's request (the same as the HTTP API's)."""
-    body: dict = {"out": out, "precision": precision}
+    body: dict = {"out": out.strip() if isinstance(out, str) else out, "precision": precision}  # as Train's name
     if tool != "extract" and not loras:
         raise CopierError("pick a LoRA" + (" or more" if tool != "resize" else ""))
     if tool == "extract" and not (original and tuned):
@@ -105,10 +105,10 @@ def shown_fields(tool: str, dynamic: str = "none") -> tuple[str, dict[str, bool]
 
 
 def build_utilities(
-    run_tool: Callable[[str, dict], dict], loras: Callable[[], list[str]], checkpoints: Callable[[], list[str]]
+    tab, run_tool: Callable[[str, dict], dict], loras: Callable[[], list[str]], checkpoints: Callable[[], list[str]]
 ):
-    """Inside an open gr.Tab: the form, run through `run_tool(tool, body)`. Returns the Run button's event, which
-    ends once the lists show what it wrote."""
+    """Inside the open gr.Tab `tab`: the form, run through `run_tool(tool, body)`; its lists are read again each time
+    the tab is opened. Returns the Run button's event, which ends once the lists show what it wrote."""
     text, visible = shown_fields("merge")
     tool = gr.Radio(list(TOOLS), value="merge", label="Tool")
     about = gr.Markdown(text)
@@ -168,4 +168,5 @@ def build_utilities(
     form = [tool, lora_files, checkpoint, original, tuned, ratios, rank, conv_rank, clamp, dynamic, dynamic_param]
     form += [precision, out]
     refresh.click(listed, [], lists)
+    tab.select(listed, [], lists)  # the lists were the WebUI's start's: LoRAs trained since were missing
     return go.click(run, form, [log, *lists])
