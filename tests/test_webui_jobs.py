@@ -51,12 +51,13 @@ def test_a_job_reports_progress_and_results_under_the_lock():
 
 
 def test_an_interrupted_job_stops_between_steps():
-    lock = RecordingLock()
-    runner = JobRunner(lock)
+    lock, stopped = RecordingLock(), []
+    runner = JobRunner(lock, stop_host=lambda: stopped.append("the WebUI's work"))
     with lock:  # another WebUI task holds the queue: the job waits, then is interrupted before it starts
         state = runner.submit(fake_training(1000))
         runner.interrupt(state.id)
     assert runner.wait(state.id, timeout=10).status == "interrupted" and state.step == 0
+    assert stopped == []  # what held the queue was not the job's to stop
     gate = threading.Event()
 
     def slow(state):
@@ -67,9 +68,15 @@ def test_an_interrupted_job_stops_between_steps():
         return []
 
     running = runner.submit(slow)
+    for _ in range(500):
+        if running.step == 1:
+            break
+        threading.Event().wait(0.01)
     runner.interrupt(running.id)
     gate.set()
     assert runner.wait(running.id, timeout=10).status == "interrupted" and running.results == []
+    # A running job holds the WebUI's queue: what the WebUI draws then (the job's original, a grid image) stops too
+    assert stopped == ["the WebUI's work"]
 
 
 def test_an_interrupted_job_says_where_it_stopped_and_what_it_kept():

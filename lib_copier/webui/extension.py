@@ -19,9 +19,10 @@ _runner: JobRunner | None = None
 def runner() -> JobRunner:
     global _runner
     if _runner is None:
-        from modules import call_queue
+        from modules import call_queue, shared
 
-        _runner = JobRunner(call_queue.queue_lock)
+        # An interrupt also stops the original or grid image the job's txt2img is drawing (a full one was drawn first)
+        _runner = JobRunner(call_queue.queue_lock, stop_host=lambda: shared.state.interrupt())
     return _runner
 
 

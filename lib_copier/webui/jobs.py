@@ -67,8 +67,9 @@ Work = Callable[[JobState], list[dict]]
 
 
 class JobRunner:
-    def __init__(self, lock: AbstractContextManager, keep: int = 50):
-        self.lock, self.keep = lock, keep
+    def __init__(self, lock: AbstractContextManager, keep: int = 50, stop_host: Callable[[], None] = lambda: None):
+        """`stop_host` interrupts the WebUI's own work, so that an image the job is drawing stops too."""
+        self.lock, self.keep, self.stop_host = lock, keep, stop_host
         self.jobs: dict[str, JobState] = {}
         self.threads: dict[str, threading.Thread] = {}
         self._status = threading.Lock()  # a job's status moves out of "queued" once, by interrupt or by start
@@ -104,6 +105,8 @@ class JobRunner:
             if state.status == "queued":  # it never starts: say so now, not when it reaches the lock
                 state.status, state.finished = "interrupted", time.time()
                 state.error = "interrupted while it waited for its turn: nothing was trained"
+            elif state.status == "running":  # it holds the lock: the WebUI's work now is the job's (its txt2img)
+                self.stop_host()
         return state
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobState:
