@@ -57,6 +57,9 @@ def run_api_job(request, state):
         return run(request, state)
     finally:
         shared.state.end()
+        total = getattr(shared, "total_tqdm", None)
+        if total is not None:  # as the WebUI's own API ends a job: an interrupted draw left its total on the console
+            total.clear()
 
 
 def model_kind() -> tuple[str, bool, int]:
