@@ -146,8 +146,8 @@ def _bar_callbacks(bar_holder: dict):
 
 @contextlib.contextmanager
 def _first_ctrl_c_stops_between_steps():
-    """The first Ctrl-C stops a training between two steps (what it trained is kept with `save_on_cancel`); a second
-    one stops at once. Yields the callback saying whether the run was told to stop."""
+    """The first Ctrl-C stops a training between two steps, or the grids between two images (what it trained is kept
+    with `save_on_cancel`); a second one stops at once. Yields the callback saying whether the run was told to stop."""
     asked = threading.Event()
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
         yield asked.is_set
@@ -156,7 +156,7 @@ def _first_ctrl_c_stops_between_steps():
     def first(signum, frame):
         asked.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nstopping after this step (Ctrl-C again stops at once)", file=sys.stderr)
+        print("\nstopping after this step or grid image (Ctrl-C again stops at once)", file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, first)
     try:
