@@ -293,6 +293,11 @@ def test_cli_apply_writes_output_preview_and_chain(tmp_path, capsys):
     again = tmp_path / "again.png"
     assert main(["effects", "apply", str(source), str(again), "--chain", str(chain_file)]) == 0
     assert arr(Image.open(again)).tobytes() == arr(Image.open(out)).tobytes()
+    from_png = tmp_path / "from-png.webp"  # the PNG apply wrote is its own recipe
+    assert main(["effects", "apply", str(source), str(from_png), "--chain", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["effects", "apply", str(source), str(tmp_path / "x.png"), "--chain", str(from_png)]) == 2
+    assert "records no effect chain (effects apply writes one into the PNGs" in capsys.readouterr().err
     assert main(["effects", "apply", str(source), str(tmp_path / "x.png"), "--effect", "outline:thick=3"]) == 2
     assert "no parameter thick" in capsys.readouterr().err
     assert main(["effects", "list"]) == 0
@@ -358,3 +363,23 @@ def test_a_plus_before_a_number_is_its_sign_not_a_new_effect():
         ("posterize", None),
         ("outline", None),
     ]
+
+
+def test_cli_apply_takes_the_effect_chain_of_a_processed_lora(tmp_path, capsys):
+    """A processed LoRA records the chain that made its processed image: the same effect applies to another image."""
+    import torch
+    from safetensors.torch import save_file
+
+    chain = Chain.parse(["posterize:levels=3+outline:thickness=2"])
+    tensors = {"lora_unet_x.lora_down.weight": torch.zeros(1, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 1)}
+    processed = tmp_path / "cat-posterize.safetensors"
+    save_file(tensors, processed, metadata={"ss_copier_effects": chain.to_json()})
+    copier = tmp_path / "cat-copier.safetensors"
+    save_file(tensors, copier, metadata={"ss_copier_effects": ""})
+    source = save(picture(), tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    assert main(["effects", "apply", str(source), str(out), "--chain", str(processed)]) == 0
+    assert arr(Image.open(out)).tobytes() == arr(chain.apply(Image.open(source))).tobytes()
+    assert main(["effects", "apply", str(source), str(tmp_path / "o2.png"), "--chain", str(copier)]) == 2
+    assert "records no effect chain: only the processed LoRAs" in capsys.readouterr().err
+    assert not (tmp_path / "o2.png").exists()

@@ -17,7 +17,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("input", type=Path)
     p.add_argument("output", type=Path)
     p.add_argument("--effect", action="append", default=[], metavar="NAME[:k=v,…]", help="repeat to chain effects")
-    p.add_argument("--chain", type=Path, help="a chain JSON file (as written into the output PNG)")
+    p.add_argument(
+        "--chain",
+        type=Path,
+        help="the effects of a chain JSON file, of a PNG this command wrote, or of a processed LoRA Copier LoRA wrote",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT and its preview if they exist")
     p.set_defaults(func=run_apply)
 
@@ -52,20 +56,59 @@ def run_apply(args: argparse.Namespace) -> int:
     preview = args.output.with_name(f"{args.output.stem}_preview.png")
     for path in (args.output, preview):
         check_target(path, args.overwrite, "choose another output or pass --overwrite")
-    if args.chain:
-        check_file(args.chain, "chain file")
-    try:
-        chain = Chain.from_json(args.chain.read_text("utf-8")) if args.chain else Chain.parse(args.effect)
-    except UnicodeDecodeError:
-        raise CopierError(f"chain file {args.chain} is not text; it must be an effect chain's JSON") from None
+    chain = read_chain(args.chain) if args.chain else Chain.parse(args.effect)
     original = load_image(args.input)
     processed = chain.apply(original)
     options = {"quality": 95} if fmt != "PNG" else {}
     if fmt == "PNG":  # the chain travels with the image, so it records how it was made
         info = PngImagePlugin.PngInfo()
-        info.add_text("copier_effects", chain.to_json())
+        info.add_text(CHAIN_KEY, chain.to_json())
         options["pnginfo"] = info
     atomic_write(args.output, lambda tmp: processed.save(tmp, fmt, **options), args.overwrite)
     atomic_write(preview, lambda tmp: side_by_side(original, processed).save(tmp, "PNG"), args.overwrite)
     print(f"wrote {args.output} and {preview}")
     return 0
+
+
+CHAIN_KEY = "copier_effects"  # the PNG text chunk; a LoRA's metadata has it as ss_copier_effects
+
+
+def read_chain(path: Path):
+    """The effect chain in a chain JSON file, in a PNG `apply` wrote, or in a processed LoRA's metadata: the same
+    effect can then be applied to another image."""
+    from PIL import Image, UnidentifiedImageError
+
+    from lib_copier.effects.chain import Chain
+
+    check_file(path, "chain file")
+    if path.suffix.lower() == ".safetensors":
+        return Chain.from_json(_lora_chain(path))
+    try:
+        with Image.open(path) as image:
+            text = image.info.get(CHAIN_KEY)
+        if not text:
+            raise CopierError(f"{path} records no effect chain (effects apply writes one into the PNGs it makes)")
+        return Chain.from_json(text)
+    except UnidentifiedImageError:
+        pass
+    try:
+        return Chain.from_json(path.read_text("utf-8"))
+    except UnicodeDecodeError:
+        raise CopierError(f"chain file {path} is not text; it must be an effect chain's JSON") from None
+
+
+def _lora_chain(path: Path) -> str:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise CopierError(f"{path} is not a readable .safetensors file ({exc})") from exc
+    text = metadata.get(f"ss_{CHAIN_KEY}")
+    if not text:
+        raise CopierError(
+            f"{path} records no effect chain: only the processed LoRAs Copier LoRA trains from an effect do "
+            "(not a copier LoRA, nor one trained from your own edit)"
+        )
+    return text
