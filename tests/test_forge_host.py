@@ -3,6 +3,7 @@
 weight is touched."""
 
 import sys
+import threading
 import types
 
 import pytest
@@ -160,6 +161,53 @@ def test_the_checkpoint_picked_in_forge_is_loaded_before_the_job(forge):
     forge.sd_models.forge_model_reload = nothing_to_load
     with pytest.raises(CopierError, match=r"Forge could not load a checkpoint \(You do not have any model!"):
         ForgeHost()
+
+
+def test_the_estimate_and_the_api_load_forges_pick_only_while_nothing_else_runs(forge, monkeypatch):
+    """The tab's estimate and POST /train read the model's kind. Forge loads a pick when its host is made, which
+    unloads the model: that must not happen under a training or txt2img holding the WebUI's queue lock."""
+    from lib_copier.webui.extension import model_kind
+
+    call_queue = types.ModuleType("modules.call_queue")
+    call_queue.queue_lock = threading.Lock()  # A1111's and Forge's FIFOLock take acquire(blocking=False) too
+    devices = types.ModuleType("modules.devices")
+    devices.device = torch.device("cpu")
+    for name, module in (("call_queue", call_queue), ("devices", devices)):
+        monkeypatch.setitem(sys.modules, f"modules.{name}", module)
+        setattr(sys.modules["modules"], name, module)
+    placeholder, picked = object(), forge.model
+    forge.shared.sd_model = placeholder  # just after startup: Forge loads the pick at its first generation
+    reloads = []
+
+    def reload():
+        reloads.append(call_queue.queue_lock.locked())
+        forge.shared.sd_model = picked
+        return picked, True
+
+    forge.sd_models.forge_model_reload = reload
+    running = threading.Event()
+    done = threading.Event()
+
+    def a_run():  # holds the queue as a job or txt2img does
+        with call_queue.queue_lock:
+            running.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=a_run)
+    thread.start()
+    running.wait(10)
+    try:
+        assert model_kind() is None  # no model yet, and none loaded under the run
+        assert reloads == []
+        forge.shared.sd_model = picked
+        assert model_kind() == ("cpu", False, 512)  # the model loaded, read as it is
+        assert reloads == []
+    finally:
+        done.set()
+        thread.join()
+    forge.shared.sd_model = placeholder
+    assert model_kind() == ("cpu", False, 512)  # nothing runs: the pick is loaded, under the lock
+    assert reloads == [True] and not call_queue.queue_lock.locked()
 
 
 SWAPS = [("LOW_VRAM", False), ("NO_VRAM", False), ("NORMAL_VRAM", True)]  # reForge ignores the offload flag

@@ -403,3 +403,17 @@ def test_a_data_url_without_a_comma_is_one_sentence(api):
     client, _, host = api
     reply = client.post(f"{PREFIX}/train", json={**body(host), "image": "data:image/png;base64"})
     assert reply.status_code == 400 and '"image" is not an image' in reply.json()["detail"], reply.text
+
+
+def test_originals_are_fitted_when_the_job_starts_where_the_webui_has_no_model_loaded_yet(tmp_path):
+    """Forge loads its checkpoint at the first generation: until then POST /train cannot tell the model's side, and
+    the job says what it would have (it loads the model first)."""
+    host = A1111Host(randomize_(build_model(TINY)), lora_dir=tmp_path)
+    app, runner = FastAPI(), JobRunner(threading.Lock())
+    add_routes(app, runner, lambda request, state: train_in_webui(request, host, tmp_path, state), lambda: [tmp_path],
+               model_side=lambda: None)  # fmt: skip
+    reply = TestClient(app).post("/copier-lora/v1/train", json={**THIN, "effects": ["grayscale"], "size": 64})
+    assert reply.status_code == 200
+    state = runner.wait(reply.json()["id"], timeout=300)
+    assert state.status == "failed" and "the original is 2000x8, too long and thin" in state.error
+    assert list(tmp_path.iterdir()) == []

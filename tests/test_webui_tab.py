@@ -437,6 +437,11 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     assert _estimator(tab)("copier", "quick", [], 0, [], None, None, steps=10) == (
         "Train would refuse this: the loaded model does not sample as SD does."
     )
+    # Forge before its first generation, while a run holds it: nothing to read yet, and nothing refused.
+    tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: None))
+    assert _estimator(tab)("copier", "quick", [], 0, [], None, None, steps=10) == (
+        "The estimate follows once the WebUI has loaded the checkpoint."
+    )
 
 
 def test_train_pressed_again_while_its_run_goes_says_so_at_once_instead_of_queueing_a_second_run():

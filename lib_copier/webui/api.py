@@ -42,11 +42,11 @@ def add_routes(
     checkpoint: Callable[[str], Path] | None = None,
     checkpoint_dir: Callable[[], Path] | None = None,
     auth: str | None = None,
-    model_side: Callable[[], int] | None = None,
+    model_side: Callable[[], int | None] | None = None,
 ) -> None:
     """Register the routes on the WebUI's FastAPI `app`. `run(request, state)` trains on the loaded model,
     `checkpoint(name)` is the file of one of the WebUI's checkpoints, `model_side()` the loaded model's native side
-    (what the originals are fitted to)."""
+    (what the originals are fitted to; None while no model is loaded)."""
     from fastapi import Depends, HTTPException
     from fastapi.security import HTTPBasic
 
@@ -72,8 +72,9 @@ def add_routes(
     def train(body: Any = Depends(json_body)):  # noqa: B008 (FastAPI's idiom); checked by request_from_json
         try:
             request = request_from_json(body)
-            if model_side is not None:
-                check_originals_fit(request, model_side())
+            side = model_side() if model_side is not None else None
+            if side is not None:  # None: the model is still to be loaded, and the job checks them then
+                check_originals_fit(request, side)
         except CopierError as exc:
             raise bad(exc) from exc
         state = runner.submit(lambda state: run(request, state))

@@ -62,14 +62,29 @@ def run_api_job(request, state):
             total.clear()
 
 
-def model_kind() -> tuple[str, bool, int]:
+def model_kind() -> tuple[str, bool, int] | None:
     """The loaded model's device type, whether it is SDXL, and its native side; a model Train refuses is its
-    sentence (CopierError)."""
-    from modules import devices
+    sentence (CopierError). None while Forge has no checkpoint loaded and a run holds the WebUI: it may be loading
+    one, and a run will load the one picked."""
+    from modules import call_queue, devices
 
+    from lib_copier.webui.forge_host import NotLoadedYet
     from lib_copier.webui.host import current_host
 
-    backend = current_host().backend()  # names only: nothing is loaded or moved
+    # Forge loads the checkpoint picked in its dropdown when the host is made: only while nothing else runs, under
+    # the queue lock as its own generations load it; while a run holds the lock, the model loaded is read as it is.
+    lock = call_queue.queue_lock
+    try:
+        if lock.acquire(blocking=False):
+            try:
+                host = current_host()
+            finally:
+                lock.release()
+        else:
+            host = current_host(load=False)
+    except NotLoadedYet:
+        return None
+    backend = host.backend()  # names only: nothing is loaded or moved
     return devices.device.type, backend.family == "sdxl", backend.resolution
 
 
@@ -134,7 +149,7 @@ def on_app_started(demo, app) -> None:
         checkpoint_file,
         checkpoint_dir,
         getattr(shared.cmd_opts, "api_auth", None),
-        model_side=lambda: model_kind()[2],
+        model_side=lambda: (kind := model_kind()) and kind[2],
     )
 
 

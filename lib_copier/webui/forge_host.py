@@ -31,15 +31,23 @@ def swap_flags(memory_management) -> list[str]:
     return ["--" + flag.replace("_", "-") for flag in named]
 
 
+class NotLoadedYet(CopierError):
+    """Forge has loaded no checkpoint yet, and may not now: a run holds its queue (and may be loading one)."""
+
+
 class ForgeHost(A1111Host):
-    def __init__(self):
-        from modules import sd_models
+    def __init__(self, load: bool = True):
+        from modules import sd_models, shared
 
         # Forge loads the checkpoint picked in its dropdown only at the next generation: until then the model is
         # none (just after startup) or the one picked before. Load it now (the caller holds the queue lock, as a
         # generation does), so the job trains the model the user picked and its grids are drawn with that one.
+        # Without the lock, what is loaded is read as it is: a load would unload the model under a running job.
         reload = getattr(sd_models, "forge_model_reload", None)
-        if reload is not None:
+        if not load:
+            if not is_forge_model(shared.sd_model):
+                raise NotLoadedYet("Forge has not loaded a checkpoint yet")
+        elif reload is not None:
             try:
                 reload()
             except ValueError as exc:  # "You do not have any model!": no checkpoint to load

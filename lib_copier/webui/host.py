@@ -23,10 +23,11 @@ from lib_copier.webui.jobs import in_own_thread
 from lib_copier.webui.medvram import kept_on_device
 
 
-def current_host():
+def current_host(load: bool = True):
     """The host adapter for the WebUI this runs in, told by what it exposes: Forge's memory manager (`backend`), or
     the older design's (`ldm_patched`: Forge Classic's, or reForge's newer one), or Forge's model objects; else
-    A1111."""
+    A1111. `load`: Forge loads the checkpoint picked in its dropdown first, which only a caller holding the WebUI's
+    queue lock may ask for."""
     from modules import shared
 
     from lib_copier.backends.forge import is_forge_model
@@ -34,15 +35,16 @@ def current_host():
     if "backend.memory_management" in sys.modules:
         from lib_copier.webui.forge_host import ForgeHost
 
-        return ForgeHost()
+        return ForgeHost(load)
     if "ldm_patched.modules.model_management" in sys.modules:
         from lib_copier.webui.ldm_patched_host import ClassicHost, ReForgeHost, is_reforge
 
-        return ReForgeHost() if is_reforge(sys.modules["ldm_patched.modules.model_management"]) else ClassicHost()
+        host = ReForgeHost if is_reforge(sys.modules["ldm_patched.modules.model_management"]) else ClassicHost
+        return host(load)
     if is_forge_model(shared.sd_model):
         from lib_copier.webui.forge_host import ForgeHost
 
-        return ForgeHost()
+        return ForgeHost(load)
     return A1111Host()
 
 

@@ -48,8 +48,9 @@ class Hooks:
     loras: Callable[[], list[str]] = list
     checkpoints: Callable[[], list[str]] = list
     open_gallery_item: Callable | None = None  # the host's own reader of gallery items (it checks the folder)
-    # (torch device type, whether the model is SDXL, its native side); raises CopierError for a model Train refuses
-    model_kind: Callable[[], tuple[str, bool, int]] | None = None
+    # (torch device type, whether the model is SDXL, its native side), None while no model is loaded yet; raises
+    # CopierError for a model Train refuses
+    model_kind: Callable[[], tuple[str, bool, int] | None] | None = None
 
 
 def _on(event, fn, inputs, outputs, js: str | None = None):
@@ -254,7 +255,10 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             effect_count = len(chosen) + (edit is not None)  # your own edit is one more processed LoRA
             try:
                 overrides = form_overrides(meth, pre, dict(zip(settings, values, strict=True)))
-                device, sdxl, native = hooks.model_kind()
+                kind = hooks.model_kind()
+                if kind is None:
+                    return "The estimate follows once the WebUI has loaded the checkpoint."
+                device, sdxl, native = kind
                 shape, more = img.size if img is not None else None, more_sizes(extra)
                 return describe_run(
                     meth, pre, overrides, effect_count, 1 + len(more), device, int(side or 0), sdxl, native, shape, more
