@@ -108,6 +108,21 @@ def test_a_checkpoint_picked_in_forge_during_a_run_is_a_model_change_before_forg
     assert host.model_changed()
 
 
+@pytest.mark.parametrize("design", ["a1111", "classic", "reforge", "forge"])
+def test_a_checkpoint_picked_during_a_run_is_a_model_change_before_the_webui_loads_it(monkeypatch, design):
+    """The dropdown sets the checkpoint setting at once; A1111 (and the ldm_patched Forges) load it at the next
+    txt2img, the run's own grid, into the same model object where the architecture is the same."""
+    process = _process(monkeypatch, "forge" if design == "a1111" else design)
+    if design == "a1111":
+        monkeypatch.delitem(sys.modules, "backend.memory_management")
+        process.shared.sd_model = types.SimpleNamespace()
+    process.shared.opts = types.SimpleNamespace(sd_model_checkpoint="random-sd15.safetensors [abc]")
+    host = current_host()
+    assert not host.model_changed()
+    process.shared.opts.sd_model_checkpoint = "other.safetensors [def]"
+    assert host.model_changed()
+
+
 def test_forge_classic_is_told_by_its_memory_manager(classic, monkeypatch):
     assert type(current_host()) is ClassicHost
     classic.shared.sd_model = None

@@ -83,6 +83,7 @@ class A1111Host:
             raise CopierError("the WebUI has no model loaded; pick a checkpoint first")
         self.sd_model = shared.sd_model
         self.checkpoint = getattr(getattr(self.sd_model, "sd_checkpoint_info", None), "title", "")
+        self.picked = _picked_checkpoint()
 
     def backend(self):
         from lib_copier.backends.webui import WebUIBackend
@@ -166,9 +167,11 @@ class A1111Host:
         shared.state.assign_current_image(image)
 
     def model_changed(self) -> bool:
+        """A checkpoint picked during the run is a change before the WebUI loads it: the next txt2img (a grid's)
+        loads it first, into the same model object where its architecture is the same."""
         from modules import shared
 
-        return shared.sd_model is not self.sd_model
+        return shared.sd_model is not self.sd_model or _picked_checkpoint() != self.picked
 
     @contextmanager
     def prepared(self) -> Iterator[None]:
@@ -189,6 +192,13 @@ class A1111Host:
             if unet_override:
                 sd_unet.apply_unet()
             refresh_loras()
+
+
+def _picked_checkpoint() -> str | None:
+    """The checkpoint setting, which the dropdown (or the API's options) sets at once and the WebUI loads later."""
+    from modules import shared
+
+    return getattr(getattr(shared, "opts", None), "sd_model_checkpoint", None)
 
 
 def undo_lora_merges(sd_model) -> None:
