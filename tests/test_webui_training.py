@@ -238,3 +238,17 @@ def test_a_run_out_of_gpu_memory_starts_over_with_checkpointing_says_so_and_keep
     assert capsys.readouterr().err.count(said) == 1
     assert any(text.startswith(f"copier ({said}") for text, _, _ in host.shown)
     assert all(torch.equal(before[n], p) for n, p in host.backend().weights())
+
+
+def test_a_name_a_lora_has_in_a_subfolder_or_another_listed_folder_is_not_used_again(tmp_path):
+    """`<lora:cat-copier:1>` loads whichever file of that name the WebUI listed: one in a subfolder of the LoRA folder
+    or in models/LyCORIS would have drawn the new LoRA's grids and taken its Send to txt2img."""
+    lora_dir, lycoris = tmp_path / "Lora", tmp_path / "LyCORIS"
+    (lora_dir / "styles").mkdir(parents=True)
+    lycoris.mkdir()
+    (lora_dir / "styles" / "cat-copier.safetensors").write_bytes(b"old")
+    (lycoris / "cat-grayscale.safetensors").write_bytes(b"old")
+    host = A1111Host(randomize_(build_model(TINY)), lora_dir=lora_dir)
+    results = train_in_webui(request_for(host), host, lora_dir, JobState("j"), [lora_dir, lycoris])
+    assert [r["name"] for r in results] == ["cat-copier-2", "cat-grayscale-2"]
+    assert any("<lora:cat-copier-2:1.5>" in p for p in host.prompts)

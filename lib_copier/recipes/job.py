@@ -88,6 +88,7 @@ class Job:
     base_model: str = ""
     keep_copier: bool = True  # also write the copier LoRA A itself
     publish_dir: Path | None = None  # where out_dir's files go once the caller is done: their names must be free there
+    taken: frozenset[str] = frozenset()  # names in use elsewhere (a WebUI's other LoRA folders): a tag would load those
 
     @property
     def training_caption(self) -> str:
@@ -326,7 +327,7 @@ def _finish(
     prepared, unchanged = [], {}
     for i, item in enumerate(pending):
         stem = _stem(job.name, item.effect, item.kind)
-        name = free_name([job.out_dir, *filter(None, [job.publish_dir])], stem, names)
+        name = free_name([job.out_dir, *filter(None, [job.publish_dir])], stem, names | job.taken)
         names.add(name)
         grid = None
         if grids and job.grid_prompts:

@@ -37,7 +37,7 @@ def run(request, state):
     global _running
     _running += 1
     try:
-        return train_in_webui(request, current_host(), Path(lora_dir()), state)
+        return train_in_webui(request, current_host(), Path(lora_dir()), state, lora_dirs())
     finally:
         _running -= 1
 

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -57,17 +58,20 @@ class WebUIHost(Host, Protocol):
 STAGING = "copier-lora-unfinished"  # in the LoRA folder, where the WebUI finds the LoRAs to draw their grids
 
 
-def train_in_webui(request: TrainRequest, host: WebUIHost, out_dir: Path, state: JobState) -> list[dict]:
+def train_in_webui(
+    request: TrainRequest, host: WebUIHost, out_dir: Path, state: JobState, listed: Sequence[Path] = ()
+) -> list[dict]:
     """Train, write the results into a folder of their own inside the LoRA folder, draw their grids through the
     host, and only then move them into the LoRA folder: a run that fails leaves nothing (unless the request keeps
-    an interrupted run's LoRAs, which its sentence then names)."""
+    an interrupted run's LoRAs, which its sentence then names). `listed`: the other folders the WebUI's Lora cards
+    list; no name is used that a file there (or in a subfolder) has, as `<lora:name>` would load that one."""
     check_request(request)
     staging = out_dir / STAGING / state.id
     _drop_leftovers(staging)
     try:
         with host.prepared():  # which refreshes the WebUI's LoRA list at its end: after the files have moved
             try:
-                results = _train_and_draw(request, host, out_dir, staging, state)
+                results = _train_and_draw(request, host, out_dir, staging, state, _names_in([out_dir, *listed]))
             except BaseException as exc:
                 _keep_what_is_finished(request, staging, out_dir, exc, state)
                 raise
@@ -94,7 +98,16 @@ def _keep_what_is_finished(
         raise kind(f"{exc}; kept {', '.join(kept)}") from exc
 
 
-def _train_and_draw(request: TrainRequest, host: WebUIHost, out_dir: Path, staging: Path, state: JobState):
+def _names_in(folders: Sequence[Path]) -> frozenset[str]:
+    """The names the WebUI's `<lora:…>` tags know: each LoRA file's, in whichever folder or subfolder it is."""
+    from lib_copier.webui.lora_tools import lora_names  # which imports STAGING from here
+
+    return frozenset(name.rsplit("/", 1)[-1] for name in lora_names(folders))
+
+
+def _train_and_draw(
+    request: TrainRequest, host: WebUIHost, out_dir: Path, staging: Path, state: JobState, taken: frozenset[str]
+):
     backend = host.backend()
     side = training_side(request.size, backend.resolution)  # the grids' too
     image = request.image
@@ -112,6 +125,7 @@ def _train_and_draw(request: TrainRequest, host: WebUIHost, out_dir: Path, stagi
         name=request.name,
         out_dir=staging,
         publish_dir=out_dir,
+        taken=taken,
         method=request.method,
         preset=request.preset,
         overrides={**request.overrides, "save_on_cancel": request.save_on_interrupt},
