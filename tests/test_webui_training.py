@@ -252,3 +252,34 @@ def test_a_name_a_lora_has_in_a_subfolder_or_another_listed_folder_is_not_used_a
     results = train_in_webui(request_for(host), host, lora_dir, JobState("j"), [lora_dir, lycoris])
     assert [r["name"] for r in results] == ["cat-copier-2", "cat-grayscale-2"]
     assert any("<lora:cat-copier-2:1.5>" in p for p in host.prompts)
+
+
+def test_what_a_dead_webui_left_is_removed_and_a_running_ones_run_is_left_alone(tmp_path):
+    """Runs are named by their WebUI's process: a tab run killed with its WebUI (the tab's runs share an id) is not
+    published by the next, and a run of another WebUI sharing the LoRA folder is not deleted under it."""
+    import os
+    import subprocess
+    import sys
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, other_webui = int(ended.stdout), os.getppid()  # a process that has ended; one that is running
+    staging = tmp_path / STAGING
+    for folder in (f"{os.getpid()}-tab", f"{dead_pid}-tab", "older-layout", f"{other_webui}-job7"):
+        (staging / folder).mkdir(parents=True)
+        (staging / folder / "dog-copier.safetensors").write_bytes(b"half a file")
+    host = A1111Host(randomize_(build_model(TINY)), lora_dir=tmp_path)
+    results = train_in_webui(request_for(host), host, tmp_path, JobState("tab"))
+    assert [r["name"] for r in results] == ["cat-copier", "cat-grayscale"]
+    assert not (tmp_path / "dog-copier.safetensors").exists()
+    assert [p.name for p in staging.iterdir()] == [f"{other_webui}-job7"]
+    assert (staging / f"{other_webui}-job7" / "dog-copier.safetensors").is_file()
+
+
+def test_after_an_interrupted_run_the_webuis_lora_list_has_none_of_its_files(tmp_path):
+    """The list is read again at the end of a run: with the unfinished files still there, the next run's
+    `<lora:cat-copier:w>` resolved to the deleted file and its grids were drawn without the LoRA."""
+    host = A1111Host(randomize_(build_model(TINY)), lora_dir=tmp_path)
+    host.interrupt_when = lambda shown: any(text.startswith("strength grid") for text, _, _ in shown)
+    with pytest.raises(Interrupted):
+        train_in_webui(request_for(host), host, tmp_path, JobState("j1"))
+    assert host.listed == [] and list(tmp_path.iterdir()) == []

@@ -66,20 +66,22 @@ def train_in_webui(
     an interrupted run's LoRAs, which its sentence then names). `listed`: the other folders the WebUI's Lora cards
     list; no name is used that a file there (or in a subfolder) has, as `<lora:name>` would load that one."""
     check_request(request)
-    staging = out_dir / STAGING / state.id
+    staging = out_dir / STAGING / f"{os.getpid()}-{state.id}"
     _drop_leftovers(staging)
     try:
-        with host.prepared():  # which refreshes the WebUI's LoRA list at its end: after the files have moved
+        # prepared() refreshes the WebUI's LoRA list at its end: after the files have moved and the folder is gone,
+        # or a `<lora:…>` tag of the next run would find this run's deleted file.
+        with host.prepared():
             try:
                 results = _train_and_draw(request, host, out_dir, staging, state, _names_in([out_dir, *listed]))
             except BaseException as exc:
                 _keep_what_is_finished(request, staging, out_dir, exc, state)
                 raise
+            finally:
+                _remove(staging)
         return [_describe(r, out_dir) for r in results]
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            staging.parent.rmdir()  # only when no other run's files are in it
+        _remove(staging)
 
 
 def _keep_what_is_finished(
@@ -147,12 +149,38 @@ def _train_and_draw(
     return results
 
 
+def _remove(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        staging.parent.rmdir()  # only when no other run's files are in it
+
+
 def _drop_leftovers(staging: Path) -> None:
-    """Runs are one at a time, so another run's folder here is from a WebUI that died mid-run (killed, out of
-    memory): its files never finished, and would show in the Lora list."""
+    """A run's folder is named by its WebUI's process id. Runs are one at a time in a process, so a folder of this
+    one's (this run's own included: the tab's runs share an id) or of a process no longer running is from a run
+    that died with its WebUI (killed, out of memory): its files never finished, and would show in the Lora list.
+    Another WebUI sharing the LoRA folder may be running one of its own."""
     for folder in staging.parent.glob("*"):
-        if folder != staging and folder.is_dir():
+        pid = folder.name.partition("-")[0]
+        if folder.is_dir() and (not pid.isdigit() or int(pid) == os.getpid() or not _running(int(pid))):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    if os.name == "nt":  # where os.kill would end the process
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if handle:
+            ctypes.windll.kernel32.CloseHandle(handle)
+        return bool(handle)
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process, or a pid this cannot check: left alone
+    return True
 
 
 def _publish(staging: Path, out_dir: Path) -> list[Path]:
