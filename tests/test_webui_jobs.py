@@ -1,6 +1,7 @@
 """Background jobs for the HTTP API: progress, results, interrupt, failures, and the host's lock held throughout."""
 
 import threading
+import time
 
 import pytest
 
@@ -175,3 +176,27 @@ def test_the_tab_knows_when_an_api_job_waits_or_runs(monkeypatch):
     for state in (first, second):
         assert runner.wait(state.id, timeout=10).status == "done"
     assert not extension.busy()
+
+
+def test_reload_ui_ends_the_queued_jobs_and_stops_the_running_one(monkeypatch):
+    """A queued job stayed "queued" after Reload UI, forever: counted ahead of new jobs, and the 🧬 button said a
+    run was going until the WebUI restarted."""
+    from lib_copier.webui import extension
+
+    stopped = []
+    runner = JobRunner(threading.Lock(), stop_host=lambda: stopped.append(True))
+    monkeypatch.setattr(extension, "_runner", runner)
+    started = threading.Event()
+
+    def training(state):
+        started.set()
+        while not state.interrupted.is_set():
+            time.sleep(0.01)
+        raise Interrupted("interrupted at step 1/100")
+
+    running, queued = runner.submit(training), runner.submit(fake_training(1))
+    started.wait(10)
+    extension.on_before_reload()
+    assert runner.describe(queued.id)["status"] == "interrupted" and stopped == [True]
+    assert runner.wait(running.id, timeout=10).status == "interrupted"
+    assert runner.wait(queued.id, timeout=10).results == [] and not extension.busy()

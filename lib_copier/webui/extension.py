@@ -217,5 +217,4 @@ def on_after_component(component, **kwargs) -> None:
 
 def on_before_reload() -> None:
     if _runner is not None:
-        for state in _runner.jobs.values():
-            state.interrupted.set()
+        _runner.interrupt_all()

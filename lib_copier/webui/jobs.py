@@ -109,6 +109,13 @@ class JobRunner:
                 self.stop_host()
         return state
 
+    def interrupt_all(self) -> None:
+        """Every job that has not ended (the UI reloads): a queued one ends at once, as its own interrupt ends it, or
+        it stayed "queued" with a place in the queue and kept the WebUI busy for the 🧬 button."""
+        for job_id, state in list(self.jobs.items()):
+            if state.finished is None:
+                self.interrupt(job_id)
+
     def wait(self, job_id: str, timeout: float | None = None) -> JobState:
         self.threads[job_id].join(timeout)
         return self.get(job_id)
