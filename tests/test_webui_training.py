@@ -283,3 +283,25 @@ def test_after_an_interrupted_run_the_webuis_lora_list_has_none_of_its_files(tmp
     with pytest.raises(Interrupted):
         train_in_webui(request_for(host), host, tmp_path, JobState("j1"))
     assert host.listed == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_while_the_grids_are_drawn_says_what_keep_what_is_finished_kept(tmp_path, capsys):
+    """Out of memory in a grid's txt2img: the LoRAs were moved into the folder, but the job read "failed" with no
+    word of them and empty results."""
+
+    class FailsInGrid(A1111Host):
+        def txt2img(self, request, progress=None):
+            if "<lora:cat-grayscale" in request.prompt:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().txt2img(request, progress)
+
+    host, state = FailsInGrid(randomize_(build_model(TINY)), lora_dir=tmp_path), JobState("j")
+    with pytest.raises(CopierError) as raised:
+        train_in_webui(request_for(host, save_on_interrupt=True), host, tmp_path, state)
+    assert str(raised.value) == (
+        "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB; kept cat-copier, cat-grayscale"
+    )
+    assert "Traceback" in capsys.readouterr().err  # an unexpected error still shows where it came from
+    assert [r["name"] for r in state.results] == ["cat-copier", "cat-grayscale"]
+    assert state.results[0]["grid"] is not None and state.results[1]["grid"] is None
+    assert (tmp_path / "cat-grayscale.safetensors").is_file()

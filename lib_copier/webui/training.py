@@ -13,6 +13,7 @@ import dataclasses
 import os
 import shutil
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -87,17 +88,20 @@ def train_in_webui(
 def _keep_what_is_finished(
     request: TrainRequest, staging: Path, out_dir: Path, exc: BaseException, state: JobState
 ) -> None:
-    """With `save_on_interrupt`, what a stopped run wrote is kept: the sentence that stopped it names it, and the
-    job's results describe it."""
+    """With `save_on_interrupt`, what a stopped run wrote is kept: the sentence that stopped it (an interrupt, or a
+    failure while its grids were drawn) names it, and the job's results describe it."""
     kept = []
     if request.save_on_interrupt:
         with contextlib.suppress(CopierError):
             kept = [file.stem for file in _publish(staging, out_dir) if file.suffix == ".safetensors"]
-    if kept and isinstance(exc, Interrupted):
-        state.results = [_describe(r, out_dir) for r in exc.kept]
-    if kept and isinstance(exc, CopierError):
-        kind = Interrupted if isinstance(exc, Interrupted) else CopierError
-        raise kind(f"{exc}; kept {', '.join(kept)}") from exc
+    if not kept or not isinstance(exc, Exception):
+        return
+    state.results = [_describe(r, out_dir) for r in getattr(exc, "kept", ())]
+    if not isinstance(exc, CopierError):  # an unexpected error (out of memory): its traceback, then what was kept
+        traceback.print_exception(exc, file=sys.stderr)
+    kind = Interrupted if isinstance(exc, Interrupted) else CopierError
+    said = str(exc) if isinstance(exc, CopierError) else f"{type(exc).__name__}: {exc}"
+    raise kind(f"{said}; kept {', '.join(kept)}") from exc
 
 
 def _names_in(folders: Sequence[Path]) -> frozenset[str]:
@@ -142,7 +146,7 @@ def _train_and_draw(
     results = run_job(backend, job, callbacks, _stage(host, state))
     try:
         _host_grids(host, request, results, side, state)
-    except Interrupted as exc:
+    except Exception as exc:
         exc.kept = results  # every LoRA is finished; the grids drawn so far are beside them
         raise
     _publish(staging, out_dir)
