@@ -466,10 +466,12 @@ def test_train_pressed_again_while_its_run_goes_says_so_at_once_instead_of_queue
     assert loaded[-1] == "" and queued == ["task(7)"]  # load only: no sentence, and no wait in the queue
     # Another run (an API job, another page's) goes: the button loads the image and says so, without queueing one
     # more behind it; Train, pressed on purpose, still queues.
-    gallery = build_tab(dataclasses.replace(hooks, galleries=galleries, busy=lambda: True))
+    # The page's progress bar polls the task id it sent: it is ended, or the bar waited for it 40 s, Train hidden.
+    ended = []
+    gallery = build_tab(dataclasses.replace(hooks, galleries=galleries, busy=lambda: True, end_task=ended.append))
     *kept, status = _tab_function(gallery, "start_from_gallery")[0]("task(9)", *values[1:])
     assert "Another Copier LoRA run is going" in status and all(update == gr.update() for update in kept)
-    assert queued == ["task(7)"]
+    assert queued == ["task(7)"] and ended == ["task(9)"]
     assert _tab_function(gallery, "train_unless_running")[0]("task(10)", *values[1:])[-1] == "<ul></ul>"
     assert queued == ["task(7)", "task(10)"]
 

@@ -180,7 +180,7 @@ def make_temp_dir() -> None:
 
 def on_ui_tabs():
     import gradio as gr
-    from modules import call_queue, infotext_utils, shared
+    from modules import call_queue, infotext_utils, progress, shared
 
     from lib_copier.webui import gallery
     from lib_copier.webui.host import current_host
@@ -203,6 +203,7 @@ def on_ui_tabs():
         galleries=gallery.complete(),
         gallery_trains=lambda: bool(getattr(shared.opts, "copier_lora_gallery_trains", True)),
         busy=busy,
+        end_task=progress.finish_task,
         model_kind=model_kind,
     )
     make_temp_dir()

@@ -43,6 +43,9 @@ class Hooks:
     galleries: dict = field(default_factory=dict)  # tab name → (gallery, generation info, button), from gallery.py
     gallery_trains: Callable[[], bool] = lambda: True
     busy: Callable[[], bool] = lambda: False  # a Copier LoRA run is going or queued: an API job, another page's run
+    # Marks a task id the page's progress bar polls as ended, where its run never entered the queue: the bar (and
+    # Train, hidden meanwhile) waited for it until the WebUI's 40-second inactivity timeout.
+    end_task: Callable[[str], None] = lambda task: None
     generate: Callable[[Txt2Img], Image.Image] | None = None  # the host's txt2img, for "Generate here"
     run_tool: Callable[[str, dict], dict] | None = None  # (tool, body) → lora_tools check_tool, then run_checked
     loras: Callable[[], list[str]] = list
@@ -313,6 +316,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             if not hooks.gallery_trains():  # Settings → Copier LoRA: the button only loads the image
                 return gr.update(), gr.update(), gr.update(), ""
             if args[0] and hooks.busy():  # one click should not queue a run behind another for who knows how long
+                hooks.end_task(args[0])
                 return gr.update(), gr.update(), gr.update(), f"<p class='copier-lora-error'>{BUSY}</p>"
             return train_unless_running(*args)
 
