@@ -18,6 +18,8 @@ function copierLoraRefreshCards() {
 }
 
 let copierLoraRunning = false; // a run this page started is queued or training
+let copierLoraTask = ""; // its task id
+let copierLoraActive = false; // it holds the WebUI, as the progress bar's last answer said (else it is queued)
 
 function copierLoraShowTrain(show) {
     const button = gradioApp().getElementById("copier_lora_train");
@@ -33,8 +35,10 @@ function copierLoraStart() {
         return args;
     }
     copierLoraRunning = true;
+    copierLoraActive = false;
     copierLoraShowTrain(false);
     const id = randomId();
+    copierLoraTask = id;
     requestProgress(
         id,
         gradioApp().getElementById("copier_lora_status"),
@@ -43,6 +47,9 @@ function copierLoraStart() {
             copierLoraRunning = false;
             copierLoraShowTrain(true);
             copierLoraRefreshCards();
+        },
+        function(progress) {
+            copierLoraActive = progress.active;
         }
     );
     args[0] = id;
@@ -79,8 +86,11 @@ function copierLoraSend(text) {
 }
 
 function copierLoraInterrupt() {
-    // The WebUI's Interrupt sets the flag the trainer checks between steps.
+    // A run of this page's that still waits in the WebUI's queue is withdrawn, and nothing else stops (the WebUI's
+    // Interrupt would stop whatever holds the WebUI, and the run would start after it). A run that goes stops
+    // through the WebUI's Interrupt, which sets the flag the trainer checks between steps.
+    if (copierLoraRunning && !copierLoraActive) return [copierLoraTask];
     const button = gradioApp().getElementById("txt2img_interrupt");
     if (button) button.click();
-    return [];
+    return [""];
 }

@@ -583,3 +583,19 @@ def test_the_estimate_reads_the_form_again_after_each_change_which_gradio_3_drop
     tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: ("cpu", False, 512)))
     estimates = [f for f in _fns(tab) if getattr(f.fn, "__name__", None) == "estimate_text"]
     assert len(estimates) == 2 * len(estimates[0].inputs)  # each box's change runs it, and then once more
+
+
+def test_interrupt_pressed_while_the_tabs_run_waits_in_the_queue_withdraws_that_run_only():
+    """The page's JS sends the task id of its run still in the queue (else it presses the WebUI's Interrupt and
+    sends none): the WebUI's Interrupt stopped whatever held the WebUI, and the run then started anyway."""
+    trained = []
+    tab = build_tab(Hooks(run=lambda request, state: trained.append(request) or []))
+    interrupt, inputs = _tab_function(tab, "interrupt_waiting")
+    assert len(inputs) == 1 and inputs[0] is _tab_function(tab, "train_unless_running")[1][0]  # the task id
+    assert interrupt("") == gr.update()  # a run that goes: the WebUI's own Interrupt stops it
+    assert "Interrupted while it waited for its turn" in interrupt("task(4)")
+    train, train_inputs = _tab_function(tab, "train_unless_running")
+    values = _train_values(train_inputs, Image.new("RGB", (64, 64), "red"))
+    *_, status = train("task(4)", *values[1:])  # its turn comes: it ends there
+    assert "nothing was trained" in status and trained == []
+    assert train("task(5)", *values[1:])[-1] == "<ul></ul>" and len(trained) == 1  # the next run trains

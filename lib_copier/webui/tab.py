@@ -67,6 +67,7 @@ def _on(event, fn, inputs, outputs, js: str | None = None):
 LABELS = {e.name: e.label for e in all_effects()}
 IMAGE_HEIGHT = 400  # pixels, of the image boxes
 RUNNING = "A training started on this page is still running: wait for its end, or press Interrupt."
+WITHDRAWN = "Interrupted while it waited for its turn: nothing was trained."
 BUSY = (
     "Another Copier LoRA run is going (from the HTTP API or another page): the image is loaded; press Train to run "
     "after it."
@@ -285,7 +286,12 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             [described, *groups.values()],
         )
 
-        def start(_task, img, out_name, chosen, edit, meth, pre, grid_text, keep, side, grid_step_count, extra, *rest):
+        withdrawn: set[str] = set()  # task ids of this tab's runs interrupted while they waited in the WebUI's queue
+
+        def start(task, img, out_name, chosen, edit, meth, pre, grid_text, keep, side, grid_step_count, extra, *rest):
+            if task in withdrawn:
+                withdrawn.discard(task)
+                return [], "[]", gr.update(choices=[]), f"<p class='copier-lora-error'>{WITHDRAWN}</p>"
             values = dict(zip(sliders, rest[: len(sliders)], strict=True))
             chosen_settings = dict(zip(settings, rest[len(sliders) :], strict=True))
             try:
@@ -320,7 +326,13 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 return gr.update(), gr.update(), gr.update(), f"<p class='copier-lora-error'>{BUSY}</p>"
             return train_unless_running(*args)
 
-        _on(interrupt.click, None, [], [], js="copierLoraInterrupt")
+        def interrupt_waiting(task):  # the page's run still waits in the queue (copierLoraInterrupt): only it stops
+            if not task:
+                return gr.update()
+            withdrawn.add(task)
+            return f"<p class='copier-lora-error'>{WITHDRAWN}</p>"
+
+        _on(interrupt.click, interrupt_waiting, [task_id], [status], js="copierLoraInterrupt")
 
         def sent_prompt(prompt, results, chosen):
             return txt2img_prompt(prompt, json.loads(results or "[]"), chosen)
