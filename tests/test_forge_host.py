@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, Interrupted
 from lib_copier.models.configs import TINY
 from lib_copier.models.sd_model import build_model
 from lib_copier.webui.forge_host import ForgeHost
@@ -362,6 +362,14 @@ def test_the_grids_are_drawn_with_the_webuis_automatic_schedule_and_no_autocorre
     sys.modules["modules"].scripts = scripts
     current_host().txt2img(Txt2Img("a cat", seed=1, width=64, height=64))
     assert drawn == [("Euler", "Automatic")]
+    # No image: the WebUI's Interrupt came before the sampler's first step (a job ended "failed" on it), or not.
+    process.processing.process_images = lambda p: types.SimpleNamespace(images=[])
+    process.shared.state.interrupted = True
+    with pytest.raises(Interrupted, match="^interrupted before the image was drawn$"):
+        current_host().txt2img(Txt2Img("a cat", seed=1, width=64, height=64))
+    process.shared.state.interrupted = False
+    with pytest.raises(CopierError, match="^the WebUI's txt2img returned no image$"):
+        current_host().txt2img(Txt2Img("a cat", seed=1, width=64, height=64))
 
 
 @pytest.mark.parametrize("design", ["forge", "classic", "reforge"])

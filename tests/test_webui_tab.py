@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, Interrupted
 from lib_copier.lora.files import read_lora, write_lora
 from lib_copier.lora.metadata import NetworkInfo, build_metadata
 from lib_copier.lora.naming import lora_targets
@@ -411,13 +411,20 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     assert all(c.precision == 0 for c in inputs if c.elem_id in emptied)
 
     generate, inputs = _tab_function(tab, "generate_here")
-    with pytest.raises(gr.Error, match='"Steps" is required'):  # the box's label
-        generate("a red apple", "", None, None, 7.0, 64)
-    with pytest.raises(gr.Error, match='"Width and height" is 32; it must be between 64'):
-        generate("a red apple", "", 3, 20, 7.0, 32)
+    kept, said = generate("a red apple", "", None, None, 7.0, 64)
+    assert kept == gr.update() and "&quot;Steps&quot; is required" in said  # the box's label, under the button
+    assert "&quot;Width and height&quot; is 32; it must be between 64" in generate("a red apple", "", 3, 20, 7.0, 32)[1]
     # The infotext records the size the WebUI drew (sides rounded to a multiple of 8), not the one asked for.
     drawn = build_tab(Hooks(run=lambda request, state: [], generate=lambda request: Image.new("RGB", (96, 96))))
-    assert "Size: 96x96" in _tab_function(drawn, "generate_here")[0]("fox", "", 3, 2, 7.0, 100).info["parameters"]
+    img, said = _tab_function(drawn, "generate_here")[0]("fox", "", 3, 2, 7.0, 100)
+    assert "Size: 96x96" in img.info["parameters"] and said == ""
+
+    def interrupted(request):  # the WebUI's Interrupt before the sampler's first step: no image
+        raise Interrupted("interrupted before the image was drawn")
+
+    stopped = build_tab(Hooks(run=lambda request, state: [], generate=interrupted))
+    kept, said = _tab_function(stopped, "generate_here")[0]("fox", "", 3, 2, 7.0, 64)
+    assert kept == gr.update() and said == "<p class='copier-lora-error'>interrupted before the image was drawn</p>"
 
     # The estimate says what Train would refuse while the user types it (Thorough warms up for 500 steps).
     tab = build_tab(Hooks(run=lambda request, state: [], model_kind=lambda: ("cpu", False, 512)))

@@ -149,6 +149,11 @@ def test_an_interrupt_while_the_original_is_generated_stops_before_training(host
     with pytest.raises(Interrupted, match="^interrupted while generating the original: nothing was trained$"):
         train_in_webui(request, host, tmp_path, JobState("j"))
     assert not list(tmp_path.glob("*.safetensors"))
+    # Interrupted before the sampler's first step, the WebUI returns no image at all: the job was "failed" then.
+    host.interrupt_when = lambda shown: False
+    host.txt2img = lambda request, progress=None: (_ for _ in ()).throw(Interrupted("before the image was drawn"))
+    with pytest.raises(Interrupted, match="^interrupted while generating the original: nothing was trained$"):
+        train_in_webui(request, host, tmp_path, JobState("k"))
 
 
 def test_a_model_change_mid_run_aborts_with_one_sentence_and_keeps_nothing(host, tmp_path):

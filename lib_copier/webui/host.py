@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from lib_copier.backends import StepProgress
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, Interrupted
 from lib_copier.models.generate import Txt2Img
 from lib_copier.models.sampling import WEBUI_NAMES
 from lib_copier.webui.jobs import in_own_thread
@@ -138,7 +138,9 @@ class A1111Host:
         finally:
             shared.state.job_count, shared.state.job_no, shared.state.textinfo = saved
         if not processed.images:
-            raise CopierError("the WebUI's txt2img returned no image (was it interrupted?)")
+            if self.interrupted():  # before the sampler's first step
+                raise Interrupted("interrupted before the image was drawn")
+            raise CopierError("the WebUI's txt2img returned no image")
         return processed.images[0]
 
     def zero_terminal_snr(self) -> bool:

@@ -142,6 +142,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                             gen_cfg = gr.Number(7.0, label="CFG scale")
                             gen_size = gr.Number(512, label="Width and height", precision=0)
                         gen_button = gr.Button("Generate", elem_id="copier_lora_generate")
+                        gen_said = gr.HTML("", elem_id="copier_lora_generate_status")
                     edited = gr.Image(
                         label="Or your own edit of it (a processed image)", type="pil", image_mode=None,
                         height=IMAGE_HEIGHT, elem_id="copier_lora_edited",
@@ -353,17 +354,17 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             seed = fixed_seed(int(seed) if seed is not None and seed >= 0 else RANDOM)  # recorded in the infotext
             try:  # an emptied box reads None, which the check names
                 request = check(Txt2Img(prompt, negative, seed, steps, cfg, side, side), labelled)
-            except CopierError as exc:
-                raise gr.Error(str(exc)) from None  # shown by gradio, over the tab
-            img = hooks.generate(request)
+                img = hooks.generate(request)
+            except CopierError as exc:  # under the button (a gr.Error prints a traceback per toast in gradio 4)
+                return gr.update(), f"<p class='copier-lora-error'>{escape(str(exc))}</p>"
             size = f"{img.width}x{img.height}"  # as drawn: a WebUI rounds a side to a multiple of 8
             params = {"Steps": int(steps), "CFG scale": cfg, "Seed": seed, "Size": size}
             img.info["parameters"] = build_infotext(Infotext(prompt, negative, params))
-            return img
+            return img, ""
 
         if hooks.generate:
             _on(gen_button.click, generate_here, [gen_prompt, gen_negative, gen_seed, gen_steps, gen_cfg, gen_size],
-                [image])  # fmt: skip
+                [image, gen_said])  # fmt: skip
         if hooks.run_tool:
             with gr.Tab("Utilities") as utilities:
                 ran = build_utilities(utilities, hooks.run_tool, hooks.loras, hooks.checkpoints)

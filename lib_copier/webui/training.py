@@ -119,8 +119,11 @@ def _train_and_draw(
     image = request.image
     if image is None:
         state.on_stage("generating the original")
-        image = host.txt2img(request.generate)
-        if state.interrupted.is_set() or host.interrupted():  # the WebUI's sampler stops early: a half-drawn image
+        try:
+            image = host.txt2img(request.generate)
+        except Interrupted:  # before its first step: no image
+            image = None
+        if image is None or state.interrupted.is_set() or host.interrupted():  # or stopped early: a half-drawn one
             raise Interrupted("interrupted while generating the original: nothing was trained")
     more = [(f"image {i} of the more originals", original) for i, original in enumerate(request.more_images, 1)]
     job = Job(
@@ -250,14 +253,17 @@ def _host_grids(host: WebUIHost, request: TrainRequest, results: list[Result], s
             if state.interrupted.is_set() or host.interrupted():
                 raise Interrupted("interrupted while drawing the strength grids")
 
-        grid = strength_grid(
-            _tag_render(host, name, unchanged),
-            request.grid_prompts,
-            side,
-            seed=request.grid_seed,
-            steps=request.grid_steps,
-            progress=progress,
-        )
+        try:
+            grid = strength_grid(
+                _tag_render(host, name, unchanged),
+                request.grid_prompts,
+                side,
+                seed=request.grid_seed,
+                steps=request.grid_steps,
+                progress=progress,
+            )
+        except Interrupted as exc:  # by progress, after an image, or by the host's txt2img, before one
+            raise Interrupted("interrupted while drawing the strength grids") from exc
         # Beside the LoRA, where the Lora page takes its card's preview from.
         atomic_write(result.written.lora.with_suffix(".png"), lambda tmp, grid=grid: grid.save(tmp, format="PNG"))
 
