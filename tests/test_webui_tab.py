@@ -378,11 +378,12 @@ def _estimator(tab):
     """The tab's estimate as (method, preset, effects, size, more, image, edit), Advanced's boxes at what the method
     and preset set them to unless given by name."""
     fn, inputs = _tab_function(tab, "estimate_text")
-    keys = [c.elem_id.removeprefix("copier_lora_") for c in inputs[7:]]
+    assert inputs[7].elem_id == "copier_lora_grid_steps"
+    keys = [c.elem_id.removeprefix("copier_lora_") for c in inputs[8:]]
 
-    def estimate_text(meth, pre, *form, **settings):
+    def estimate_text(meth, pre, *form, grid_steps=20, **settings):
         config = method_config(meth, pre, {})
-        return fn(meth, pre, *form, *[settings.get(key, getattr(config, key)) for key in keys])
+        return fn(meth, pre, *form, grid_steps, *[settings.get(key, getattr(config, key)) for key in keys])
 
     return estimate_text
 
@@ -434,6 +435,9 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     )
     small = estimate_text("copier", "thorough", ["Grayscale"], None, [], Image.new("RGB", (64, 64)), None, steps=3000)
     assert small.startswith("The 64x64 original trains at 512x512, scaled up 8.0x")
+    grids = estimate_text("copier", "quick", ["Grayscale"], None, [], None, None, grid_steps=0)
+    assert grids == 'Train would refuse this: "Grid sampling steps" is 0; it must be between 1 and 150.'
+    assert estimate_text("copier", "quick", ["Grayscale"], None, [], None, None, grid_steps=None).startswith("1000 training steps")
     refused = estimate_text("copier", "thorough", ["Grayscale"], None, [], None, None, steps=100)
     assert refused == "Train would refuse this: warmup_steps (500) must be at most steps (100), " + (
         "or the learning rate never reaches its setting."

@@ -19,7 +19,7 @@ from PIL import Image
 from lib_copier.effects.image_io import to_rgb
 from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError
-from lib_copier.fields import check
+from lib_copier.fields import check, check_field
 from lib_copier.infotext import Infotext, build_infotext, with_lora
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.estimate import describe_run
@@ -254,11 +254,13 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 list(settings.values()),
             )
 
-        def estimate_text(meth, pre, chosen, side, extra, img, edit, *values):
+        def estimate_text(meth, pre, chosen, side, extra, img, edit, grid_step_count, *values):
             if hooks.model_kind is None:
                 return ""
             effect_count = len(chosen) + (edit is not None)  # your own edit is one more processed LoRA
             try:
+                if grid_step_count is not None:  # an emptied box: the default, as at Train
+                    check_field(TrainRequest, "grid_steps", int(grid_step_count), labelled)
                 overrides = form_overrides(meth, pre, dict(zip(settings, values, strict=True)))
                 kind = hooks.model_kind()
                 if kind is None:
@@ -271,7 +273,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             except CopierError as exc:  # said as the user types, not only at Train
                 return f"Train would refuse this: {exc}."
 
-        estimate_inputs = [method, preset, selected, size, more, image, edited, *settings.values()]
+        estimate_inputs = [method, preset, selected, size, more, image, edited, grid_steps, *settings.values()]
         for component in estimate_inputs:  # not at build time: the WebUI may still be loading its model
             # Gradio 3 drops a change made while the estimate of the one before is still running (a digit typed
             # quickly): the second call reads the boxes once more, so the estimate ends on what they hold.
