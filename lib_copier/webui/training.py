@@ -185,7 +185,7 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except OSError:
         return True  # another user's process, or a pid this cannot check: left alone
     return True
 
