@@ -414,6 +414,7 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     generate, inputs = _tab_function(tab, "generate_here")
     kept, said = generate("a red apple", "", None, None, 7.0, 64)
     assert kept == gr.update() and "&quot;Steps&quot; is required" in said  # the box's label, under the button
+    assert "&quot;Width and height&quot; is required" in generate("a red apple", "", 3, 20, 7.0, None)[1]  # not 512
     assert "&quot;Width and height&quot; is 32; it must be between 64" in generate("a red apple", "", 3, 20, 7.0, 32)[1]
     # The infotext records the size the WebUI drew (sides rounded to a multiple of 8), not the one asked for.
     drawn = build_tab(Hooks(run=lambda request, state: [], generate=lambda request: Image.new("RGB", (96, 96))))
@@ -600,14 +601,15 @@ def test_the_estimate_reads_the_form_again_after_each_change_which_gradio_3_drop
 def test_interrupt_pressed_while_the_tabs_run_waits_in_the_queue_withdraws_that_run_only():
     """The page's JS sends the task id of its run still in the queue (else it presses the WebUI's Interrupt and
     sends none): the WebUI's Interrupt stopped whatever held the WebUI, and the run then started anyway."""
-    trained = []
-    tab = build_tab(Hooks(run=lambda request, state: trained.append(request) or []))
+    trained, ended = [], []
+    tab = build_tab(Hooks(run=lambda request, state: trained.append(request) or [], end_task=ended.append))
     interrupt, inputs = _tab_function(tab, "interrupt_waiting")
     assert len(inputs) == 1 and inputs[0] is _tab_function(tab, "train_unless_running")[1][0]  # the task id
-    assert interrupt("") == gr.update()  # a run that goes: the WebUI's own Interrupt stops it
-    assert "Interrupted while it waited for its turn" in interrupt("task(4)")
+    assert interrupt("") == gr.update() and ended == []  # a run that goes: the WebUI's own Interrupt stops it
+    assert "Interrupted while it waited for its turn: nothing was trained" in interrupt("task(4)")
+    assert ended == ["task(4)"]  # its progress bar ends now, and Train is back, not at its turn
     train, train_inputs = _tab_function(tab, "train_unless_running")
     values = _train_values(train_inputs, Image.new("RGB", (64, 64), "red"))
-    *_, status = train("task(4)", *values[1:])  # its turn comes: it ends there
-    assert "nothing was trained" in status and trained == []
+    assert train("task(4)", *values[1:]) == (gr.update(),) * 4  # its turn comes: it ends there, changing nothing
+    assert trained == []
     assert train("task(5)", *values[1:])[-1] == "<ul></ul>" and len(trained) == 1  # the next run trains

@@ -292,9 +292,9 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         withdrawn: set[str] = set()  # task ids of this tab's runs interrupted while they waited in the WebUI's queue
 
         def start(task, img, out_name, chosen, edit, meth, pre, grid_text, keep, side, grid_step_count, extra, *rest):
-            if task in withdrawn:
+            if task in withdrawn:  # its turn: it ends here, changing nothing (a run started since may be showing)
                 withdrawn.discard(task)
-                return [], "[]", gr.update(choices=[]), f"<p class='copier-lora-error'>{WITHDRAWN}</p>"
+                return gr.update(), gr.update(), gr.update(), gr.update()
             values = dict(zip(sliders, rest[: len(sliders)], strict=True))
             chosen_settings = dict(zip(settings, rest[len(sliders) :], strict=True))
             try:
@@ -333,6 +333,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             if not task:
                 return gr.update()
             withdrawn.add(task)
+            hooks.end_task(task)  # the page's bar ends and Train is back, not at the turn of the withdrawn run
             return f"<p class='copier-lora-error'>{WITHDRAWN}</p>"
 
         _on(interrupt.click, interrupt_waiting, [task_id], [status], js="copierLoraInterrupt")
@@ -355,6 +356,8 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         def generate_here(prompt, negative, seed, steps, cfg, side):
             seed = fixed_seed(int(seed) if seed is not None and seed >= 0 else RANDOM)  # recorded in the infotext
             try:  # an emptied box reads None, which the check names
+                if side is None:  # which Txt2Img would read as the model's own side
+                    raise CopierError(f"{labelled('width')} is required")
                 request = check(Txt2Img(prompt, negative, seed, steps, cfg, side, side), labelled)
                 img = hooks.generate(request)
             except CopierError as exc:  # under the button (a gr.Error prints a traceback per toast in gradio 4)
