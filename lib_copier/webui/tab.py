@@ -56,11 +56,17 @@ class Hooks:
     model_kind: Callable[[], tuple[str, bool, int] | None] | None = None
 
 
-def _on(event, fn, inputs, outputs, js: str | None = None):
-    """`component.click(...)` etc. with JS, on gradio 3 and 4."""
+def _on(event, fn, inputs, outputs, js: str | None = None, waits: bool = False):
+    """`component.click(...)` etc. with JS, on gradio 3 and 4. `waits`: the call waits for the WebUI's queue lock,
+    which orders the runs; gradio 4 would also run one call of the event at a time (gradio 3's WebUIs allow 64), so
+    a run pressed after one still waiting (withdrawn, or another page's) waited in gradio's queue, unknown to the
+    WebUI's progress bar, which gave up on it after 40 s and showed Train again."""
+    parameters = inspect.signature(event).parameters
     kwargs = {}
     if js:
-        kwargs["js" if "js" in inspect.signature(event).parameters else "_js"] = js
+        kwargs["js" if "js" in parameters else "_js"] = js
+    if waits and "concurrency_limit" in parameters:
+        kwargs["concurrency_limit"] = None
     return event(fn=fn, inputs=inputs, outputs=outputs, **kwargs)
 
 
@@ -292,9 +298,9 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         withdrawn: set[str] = set()  # task ids of this tab's runs interrupted while they waited in the WebUI's queue
 
         def start(task, img, out_name, chosen, edit, meth, pre, grid_text, keep, side, grid_step_count, extra, *rest):
-            if task in withdrawn:  # its turn: it ends here, changing nothing (a run started since may be showing)
+            if task in withdrawn:  # its turn: it ends here (the WebUI adds its time taken to the status text)
                 withdrawn.discard(task)
-                return gr.update(), gr.update(), gr.update(), gr.update()
+                return gr.update(), gr.update(), gr.update(), f"<p class='copier-lora-error'>{WITHDRAWN}</p>"
             values = dict(zip(sliders, rest[: len(sliders)], strict=True))
             chosen_settings = dict(zip(settings, rest[len(sliders) :], strict=True))
             try:
@@ -319,7 +325,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 return gr.update(), gr.update(), gr.update(), f"<p class='copier-lora-error'>{RUNNING}</p>"
             return queued(task, *args)
 
-        _on(train.click, train_unless_running, train_inputs, train_outputs, js="copierLoraStart")
+        _on(train.click, train_unless_running, train_inputs, train_outputs, js="copierLoraStart", waits=True)
 
         def start_from_gallery(*args):
             if not hooks.gallery_trains():  # Settings → Copier LoRA: the button only loads the image
@@ -376,5 +382,5 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             _on(ran.then, None, [], [], js="copierLoraRefreshCards")  # what it wrote, on txt2img's Lora cards
         for tab_name, (_, _, button) in hooks.galleries.items():
             taken = take(tab_name, button)  # its training only where the image was taken
-            _on(taken.success, start_from_gallery, train_inputs, train_outputs, js="copierLoraGalleryStart")
+            _on(taken.success, start_from_gallery, train_inputs, train_outputs, js="copierLoraGalleryStart", waits=True)
     return tab
