@@ -617,3 +617,17 @@ def test_interrupt_pressed_while_the_tabs_run_waits_in_the_queue_withdraws_that_
     (call,) = [f for f in _fns(tab) if getattr(f.fn, "__name__", None) == "train_unless_running"]
     assert getattr(call, "concurrency_limit", "gradio 3") in (None, "gradio 3")  # gradio 4's default is one
     assert train("task(5)", *values[1:])[-1] == "<ul></ul>" and len(trained) == 1  # the next run trains
+
+
+def test_the_training_events_are_unlimited_by_gradio_also_through_a_webuis_wrapped_event_listeners():
+    """Forge wraps every event listener in a (*args, **kwargs) function: concurrency_limit, told from the listener's
+    signature, was never passed there, and a Train pressed behind a withdrawn run waited in gradio's own queue."""
+    from lib_copier.webui.tab import GRADIO_4, _on
+
+    with gr.Blocks() as blocks:
+        button = gr.Button()
+        event = button.click
+        _on(lambda *args, **kwargs: event(*args, **kwargs), lambda: None, [], [], js="copierLoraStart", waits=True)
+    (call,) = _fns(blocks)
+    if GRADIO_4:
+        assert call.concurrency_limit is None and call.js == "copierLoraStart"

@@ -7,7 +7,6 @@ through `_on` (gradio 3's `_js`, gradio 4's `js`). The host's pieces (queue lock
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,13 +60,16 @@ def _on(event, fn, inputs, outputs, js: str | None = None, waits: bool = False):
     which orders the runs; gradio 4 would also run one call of the event at a time (gradio 3's WebUIs allow 64), so
     a run pressed after one still waiting (withdrawn, or another page's) waited in gradio's queue, unknown to the
     WebUI's progress bar, which gave up on it after 40 s and showed Train again."""
-    parameters = inspect.signature(event).parameters
     kwargs = {}
     if js:
-        kwargs["js" if "js" in parameters else "_js"] = js
-    if waits and "concurrency_limit" in parameters:
+        kwargs["js" if GRADIO_4 else "_js"] = js
+    if waits and GRADIO_4:
         kwargs["concurrency_limit"] = None
     return event(fn=fn, inputs=inputs, outputs=outputs, **kwargs)
+
+
+# Told by the version, not by the event's signature: Forge wraps every event listener in a (*args, **kwargs) one.
+GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
 
 
 LABELS = {e.name: e.label for e in all_effects()}
