@@ -76,6 +76,13 @@ LABELS = {e.name: e.label for e in all_effects()}
 IMAGE_HEIGHT = 400  # pixels, of the image boxes
 RUNNING = "A training started on this page is still running: wait for its end, or press Interrupt."
 WITHDRAWN = "Interrupted while it waited for its turn: nothing was trained."
+
+
+def said(sentence: str) -> str:
+    """A sentence the tab shows in place of a result: a refusal, an interrupt, a run that cannot start now."""
+    return f"<p class='copier-lora-error'>{escape(sentence)}</p>"
+
+
 BUSY = (
     "Another Copier LoRA run is going (from the HTTP API or another page): the image is loaded; press Train to run "
     "after it."
@@ -302,7 +309,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         def start(task, img, out_name, chosen, edit, meth, pre, grid_text, keep, side, grid_step_count, extra, *rest):
             if task in withdrawn:  # its turn: it ends here (the WebUI adds its time taken to the status text)
                 withdrawn.discard(task)
-                return gr.update(), gr.update(), gr.update(), f"<p class='copier-lora-error'>{WITHDRAWN}</p>"
+                return gr.update(), gr.update(), gr.update(), said(WITHDRAWN)
             values = dict(zip(sliders, rest[: len(sliders)], strict=True))
             chosen_settings = dict(zip(settings, rest[len(sliders) :], strict=True))
             try:
@@ -311,7 +318,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 check_request(request, labelled)
                 results = hooks.run(request, JobState("tab"))
             except CopierError as exc:
-                return [], "[]", gr.update(choices=[]), f"<p class='copier-lora-error'>{escape(str(exc))}</p>"
+                return [], "[]", gr.update(choices=[]), said(str(exc))
             names = [r["name"] for r in results]
             grid_images = [(Image.open(r["grid"]), r["name"]) for r in results]
             pick_update = gr.update(choices=names, value=names[-1] if names else None)
@@ -324,7 +331,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
 
         def train_unless_running(task, *args):  # no task id: a run this page started still goes (copierLoraStart)
             if not task:  # said at once, not after waiting for the WebUI's queue behind that run
-                return gr.update(), gr.update(), gr.update(), f"<p class='copier-lora-error'>{RUNNING}</p>"
+                return gr.update(), gr.update(), gr.update(), said(RUNNING)
             return queued(task, *args)
 
         _on(train.click, train_unless_running, train_inputs, train_outputs, js="copierLoraStart", waits=True)
@@ -334,7 +341,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 return gr.update(), gr.update(), gr.update(), ""
             if args[0] and hooks.busy():  # one click should not queue a run behind another for who knows how long
                 hooks.end_task(args[0])
-                return gr.update(), gr.update(), gr.update(), f"<p class='copier-lora-error'>{BUSY}</p>"
+                return gr.update(), gr.update(), gr.update(), said(BUSY)
             return train_unless_running(*args)
 
         def interrupt_waiting(task):  # the page's run still waits in the queue (copierLoraInterrupt): only it stops
@@ -342,7 +349,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 return gr.update()
             withdrawn.add(task)
             hooks.end_task(task)  # the page's bar ends and Train is back, not at the turn of the withdrawn run
-            return f"<p class='copier-lora-error'>{WITHDRAWN}</p>"
+            return said(WITHDRAWN)
 
         _on(interrupt.click, interrupt_waiting, [task_id], [status], js="copierLoraInterrupt")
 
@@ -369,7 +376,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 request = check(Txt2Img(prompt, negative, seed, steps, cfg, side, side), labelled)
                 img = hooks.generate(request)
             except CopierError as exc:  # under the button (a gr.Error prints a traceback per toast in gradio 4)
-                return gr.update(), f"<p class='copier-lora-error'>{escape(str(exc))}</p>"
+                return gr.update(), said(str(exc))
             size = f"{img.width}x{img.height}"  # as drawn: a WebUI rounds a side to a multiple of 8
             params = {"Steps": int(steps), "CFG scale": cfg, "Seed": seed, "Size": size}
             img.info["parameters"] = build_infotext(Infotext(prompt, negative, params))

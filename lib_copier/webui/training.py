@@ -251,7 +251,7 @@ def _host_grids(host: WebUIHost, request: TrainRequest, results: list[Result], s
             state.on_count(done, total)
             host.show_progress(f"strength grid: {name}", done, total)
             if state.interrupted.is_set() or host.interrupted():
-                raise Interrupted("interrupted while drawing the strength grids")
+                raise Interrupted  # said below, as an interrupt inside the host's txt2img is
 
         try:
             grid = strength_grid(
