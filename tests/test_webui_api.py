@@ -140,6 +140,10 @@ def test_loras_in_every_folder_the_webuis_lora_cards_list_are_taken_and_results_
     assert run_checked(checked)["path"] == str(mine / "both.safetensors") and (mine / "both.safetensors").is_file()
     with pytest.raises(CopierError, match=f"there is no LoRA named 'absent' in {mine} or {lora} or {lyco}"):
         check_tool("resize", {"lora": "absent", "rank": 2, "out": "x"}, lora_dirs())
+    # `<lora:loha:1>` names no folder: a new "loha" in the LoRA folder would share its tag with old/loha.
+    with pytest.raises(CopierError, match=r"a LoRA named old/loha is listed already, and <lora:loha:…> would load"):
+        check_tool("resize", {"lora": "ink", "rank": 2, "out": "loha"}, lora_dirs())
+    assert not (mine / "loha.safetensors").exists()
 
 
 def test_every_route_and_dependency_resolves_its_annotations_among_its_module_names(api):

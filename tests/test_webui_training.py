@@ -253,9 +253,10 @@ def test_a_name_a_lora_has_in_a_subfolder_or_another_listed_folder_is_not_used_a
     lycoris.mkdir()
     (lora_dir / "styles" / "cat-copier.safetensors").write_bytes(b"old")
     (lycoris / "cat-grayscale.safetensors").write_bytes(b"old")
+    (lycoris / "cat-grayscale-2.pt").write_bytes(b"old")  # the WebUIs list .pt and .ckpt LoRAs too
     host = A1111Host(randomize_(build_model(TINY)), lora_dir=lora_dir)
     results = train_in_webui(request_for(host), host, lora_dir, JobState("j"), [lora_dir, lycoris])
-    assert [r["name"] for r in results] == ["cat-copier-2", "cat-grayscale-2"]
+    assert [r["name"] for r in results] == ["cat-copier-2", "cat-grayscale-3"]
     assert any("<lora:cat-copier-2:1.5>" in p for p in host.prompts)
 
 

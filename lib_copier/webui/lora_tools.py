@@ -26,6 +26,7 @@ from lib_copier.webui.jobs import in_own_thread
 from lib_copier.webui.training import STAGING
 
 SUFFIX = ".safetensors"
+TAG_SUFFIXES = (SUFFIX, ".pt", ".ckpt")  # the files the WebUIs' Lora cards list, and so their `<lora:…>` tags know
 PRECISIONS = ("fp32", "fp16", "bf16")  # lora.files.PRECISIONS without kohya's alias "float"
 DEFAULT_PRECISION = "fp32"  # kohya's, and the CLI's
 _OUT = "name of the file to write, without .safetensors"
@@ -101,13 +102,14 @@ class CheckedTool:
     path: Path
 
 
-def lora_names(folders: Sequence[Path]) -> list[str]:
+def lora_names(folders: Sequence[Path], suffixes: Sequence[str] = (SUFFIX,)) -> list[str]:
     """The LoRA files under `folders` as requests name them: the path below its folder, with "/", without
-    .safetensors ("styles/ink"); where two folders hold the same path, the first one's."""
-    return list(_lora_paths(folders))
+    .safetensors ("styles/ink"); where two folders hold the same path, the first one's. With `suffixes`
+    (`TAG_SUFFIXES`), the other files that take a name too."""
+    return list(_lora_paths(folders, suffixes))
 
 
-def _lora_paths(folders: Sequence[Path]) -> dict[str, Path]:
+def _lora_paths(folders: Sequence[Path], suffixes: Sequence[str] = (SUFFIX,)) -> dict[str, Path]:
     """Each LoRA name and its file. Subfolders and linked folders are searched, as the WebUI's Lora cards search
     them; the folder of unfinished runs is not, and a link back up the tree is followed once."""
     paths: dict[str, Path] = {}
@@ -124,8 +126,9 @@ def _lora_paths(folders: Sequence[Path]) -> dict[str, Path]:
             below = here.relative_to(folder).as_posix()
             prefix = "" if below == "." else below + "/"
             for file in sorted(files):
-                if file.endswith(SUFFIX):
-                    paths.setdefault(prefix + file[: -len(SUFFIX)], here / file)
+                stem, suffix = os.path.splitext(file)
+                if suffix in suffixes:
+                    paths.setdefault(prefix + stem, here / file)
     return paths
 
 
@@ -164,6 +167,12 @@ def check_tool(
     out = folder / f"{check_name(request.out, quoted('out'))}.safetensors"
     if out.exists():
         raise CopierError(f'{out.name} already exists in {folder}; choose another "out"')
+    listed = [] if into_checkpoint else lora_names(lora_dirs, TAG_SUFFIXES)
+    same = [n for n in listed if n.rpartition("/")[2] == out.stem]
+    if same:  # the WebUI's tags name a LoRA without its folder
+        raise CopierError(
+            f'a LoRA named {same[0]} is listed already, and <lora:{out.stem}:…> would load either; choose another "out"'
+        )
     argv = ["lora", tool]
     if isinstance(request, Merge | SvdMerge):
         argv += [str(lora_file(lora_dirs, name)) for name in request.loras]

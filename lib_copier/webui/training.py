@@ -105,10 +105,11 @@ def _keep_what_is_finished(
 
 
 def _names_in(folders: Sequence[Path]) -> frozenset[str]:
-    """The names the WebUI's `<lora:…>` tags know: each LoRA file's, in whichever folder or subfolder it is."""
-    from lib_copier.webui.lora_tools import lora_names  # which imports STAGING from here
+    """The names the WebUI's `<lora:…>` tags know: each LoRA file's (.pt and .ckpt ones too), in whichever folder or
+    subfolder it is."""
+    from lib_copier.webui.lora_tools import TAG_SUFFIXES, lora_names  # which imports STAGING from here
 
-    return frozenset(name.rsplit("/", 1)[-1] for name in lora_names(folders))
+    return frozenset(name.rsplit("/", 1)[-1] for name in lora_names(folders, TAG_SUFFIXES))
 
 
 def _train_and_draw(
