@@ -339,3 +339,12 @@ def test_the_train_benchmark_reports_speed_and_memory(tmp_path, capsys):
     assert (config["preset"], config["steps"], config["batch_size"], config["lr"]) == ("fast", 1, 4, 3e-3)
     assert main([*args, "--stages", "processed"]) == 2
     assert "--stages 'processed': copier, then any of processed, extraction" in capsys.readouterr().err
+
+
+def test_alpha_0_means_alpha_equal_to_rank_as_in_kohya(tiny):
+    """Alpha scales the update by alpha / rank: read literally, 0 would train and write a LoRA that does nothing."""
+    backend, image = tiny
+    zero, rank = (train_lora(backend, image, "", quick(steps=2, rank=4, alpha=a)) for a in (0.0, 4.0))
+    assert {w.alpha for w in zero.network.to_weights().values()} == {4.0}
+    assert delta_norm(zero.network) > 0
+    assert delta_norm(zero.network) == pytest.approx(delta_norm(rank.network), rel=1e-6)

@@ -27,7 +27,7 @@ PAIR_LOSSES = ("slider", "addift")  # trainer.train_pair's losses
 @dataclass(frozen=True)
 class TrainConfig:
     rank: int = setting(16, "LoRA rank (network_dim) of linear layers and 1x1 convolutions", 1, 1024)
-    alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / rank", 0.0, 1024.0)
+    alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / rank; 0 means equal to rank", 0.0, 1024.0)
     conv_rank: int = setting(0, "rank of 3x3 convolutions; 0 leaves them out", 0, 1024)
     conv_alpha: float = setting(0.0, "alpha of 3x3 convolutions; 0 means equal to conv_rank", 0.0, 1024.0)
     steps: int = setting(500, "optimisation steps", 1, 100_000)

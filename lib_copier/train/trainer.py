@@ -87,10 +87,8 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
 def _new_network(backend: Backend, config: TrainConfig) -> LoRANetwork:
     targets = backend.lora_targets(conv=config.conv_rank > 0)
     targets = [t for t in targets if config.train_text_encoder or not is_text_encoder_key(t.key)]
-    conv_alpha = config.conv_alpha or float(config.conv_rank)
-    network = LoRANetwork.create(
-        targets, config.rank, config.alpha, config.conv_rank or None, conv_alpha, seed=config.seed
-    )
+    alpha, conv_alpha = config.alpha or float(config.rank), config.conv_alpha or float(config.conv_rank)  # kohya's 0
+    network = LoRANetwork.create(targets, config.rank, alpha, config.conv_rank or None, conv_alpha, seed=config.seed)
     return network.to(backend.device, torch.float32)
 
 
