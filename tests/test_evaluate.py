@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from lib_copier.errors import CopierError
 from lib_copier.evaluate.charts import Series, line_chart
 from lib_copier.evaluate.measure import _summary
 
@@ -129,12 +130,35 @@ def test_a_bad_model_output_image_or_worker_count_is_one_sentence_before_any_wor
         (["--workers", "0"], "--workers: 0 is not from 1 to 64"),
         (["--workers", "-3"], "--workers: -3 is not from 1 to 64"),
         (["--workers", "65"], "--workers: 65 is not from 1 to 64"),
+        (["--originals", "9"], "--originals is 9, but the built-in model's evaluation has 8; ask for at most 8"),
+        (["--processed-set", "warmup_steps=1000"], "warmup_steps (1000) must be at most steps (250)"),
+        (["--processed-set", "rnak=4"], "--processed-set 'rnak=4': expected KEY=VALUE with KEY one of rank,"),
+        (["--set", "lr=0"], "setting lr is 0"),
     ]
     for args, message in cases:
         assert main(["evaluate", "--quick", "--out", str(out), *args]) == 2, args
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (args, err)
     assert not out.exists()
+    # A picture an earlier report left: said now, not after the whole evaluation when the report is written.
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "grayscale-charts.png").write_bytes(b"an earlier report's")
+    assert main(["evaluate", "--quick", "--out", str(out), "--effect", "grayscale"]) == 2
+    assert f"{out / 'images' / 'grayscale-charts.png'} already exists" in capsys.readouterr().err
+
+
+def test_another_models_evaluation_takes_as_many_originals_and_prompts_as_it_has():
+    """Its defaults (8 originals, 4 prompts) were cut to the 4 and 3 it has while the report said 8 and 4."""
+    import argparse
+
+    from lib_copier.cli import build_parser
+    from lib_copier.evaluate.cli import settings_from
+
+    args = build_parser().parse_args(["evaluate", "--model", "sd15.safetensors"])
+    settings = settings_from(args)
+    assert (settings.originals, settings.prompts) == (4, 3)
+    with pytest.raises(CopierError, match="--prompts is 4, but another model's evaluation has 3; ask for at most 3"):
+        settings_from(argparse.Namespace(**{**vars(args), "prompts": 4}))
 
 
 def test_a_worker_that_cannot_load_the_model_gives_its_sentence_to_its_tasks(monkeypatch):

@@ -388,6 +388,8 @@ def test_copier_cli_refuses_bad_settings_and_outputs_before_loading_the_model(tm
     Image.new("RGB", (64, 48), "gray").save(cropped)
     Image.new("RGB", (128, 128), "gray").save(scaled)
     Image.new("RGB", (64, 64), "red").save(same)
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (4000, 40), "red").save(thin)
     common = ["copier", "--image", str(image), "--effect", "grayscale", "--steps", "2"]
     cases = [
         (["--out", str(image)], f"cannot write in {image}: {image} is a file, not a folder"),
@@ -398,6 +400,11 @@ def test_copier_cli_refuses_bad_settings_and_outputs_before_loading_the_model(tm
         (["--lr", "nan"], "setting lr must be a number, not nan"),
         (["--set", "alpha=nan"], "setting alpha must be a number, not nan"),
         (["--prompt-pool", "-1"], "--prompt-pool: -1 is not from 0 to 1024"),
+        (["--image", str(thin)], "the original is 4000x40, too long and thin: it would train at"),
+        (
+            ["--size", "2048"],
+            "more than 8 times the side of this 128-px model; ask for a training size of at most 1024",
+        ),
     ]
     for args, message in cases:
         assert main([*common, *args]) == 2, args
@@ -406,7 +413,9 @@ def test_copier_cli_refuses_bad_settings_and_outputs_before_loading_the_model(tm
     # A method that needs an effect, given none: said before the model loads and draws the original.
     assert main(["copier", "--generate", "a red circle", "--method", "both", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: the both method needs at least one effect or processed image"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cropped.png", "o.png", "same.png", "scaled.png"]
+    assert main(["copier", "--generate", "a red circle", "--effect", "grayscale", "--size", "1100"]) == 2
+    assert "ask for a training size of at most 1024" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cropped.png", "o.png", "same.png", "scaled.png", "thin.png"]
 
 
 def test_an_unforeseen_os_error_is_one_line(tmp_path, monkeypatch, capsys):

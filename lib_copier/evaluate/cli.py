@@ -77,12 +77,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def settings_from(args: argparse.Namespace, originals: list = ()):
     """The evaluation's settings, each effect checked against the `originals` given (none: generated later)."""
     from lib_copier.effects.chain import split_specs
-    from lib_copier.evaluate.run import QUICK, SEED_EFFECTS, Settings
+    from lib_copier.evaluate.run import QUICK, SEED_EFFECTS, Settings, available, configs
     from lib_copier.recipes.cli import parse_overrides
     from lib_copier.recipes.processed import check_pairs, make_effects
 
-    values = dict(QUICK) if args.quick else {}
-    values.update({k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
+    values = {**Settings().__dict__, **(QUICK if args.quick else {})}
+    asked = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
+    for name, most in available(args.model is None).items():
+        if name in asked and most is not None and asked[name] > most and not (name == "originals" and args.image):
+            model = "the built-in model's" if args.model is None else "another model's"
+            raise CopierError(f"--{name} is {asked[name]}, but {model} evaluation has {most}; ask for at most {most}")
+        values[name] = values[name] if most is None else min(values[name], most)  # a default above it: all there are
+    values.update(asked)
+    if originals:
+        values["originals"] = len(originals)  # what the report is of
     effects = []
     for spec in args.effect or ["seeds"]:
         effects += list(SEED_EFFECTS) if spec == "seeds" else [spec]
@@ -90,20 +98,24 @@ def settings_from(args: argparse.Namespace, originals: list = ()):
     made = make_effects([split_specs(spec) for spec in effects])  # a bad effect stops here, before any model loads
     if originals:
         check_pairs(made, list(originals))  # and one that leaves the originals given unchanged
-    return Settings(
-        effects=effects,
-        overrides=parse_overrides(args.set),
-        processed_overrides=parse_overrides(args.processed_set),
-        pair_overrides=parse_overrides(args.pair_set),
-        **values,
+    settings = Settings(
+        **{
+            **values,
+            "effects": effects,
+            "overrides": parse_overrides(args.set),
+            "processed_overrides": parse_overrides(args.processed_set, "--processed-set"),
+            "pair_overrides": parse_overrides(args.pair_set, "--pair-set"),
+        }
     )
+    configs(settings)  # a setting out of range: said before any model loads
+    return settings
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from lib_copier.atomic import check_folder
     from lib_copier.effects.image_io import load_image
     from lib_copier.evaluate.report import Layout, headline
-    from lib_copier.evaluate.run import evaluate
+    from lib_copier.evaluate.run import evaluate, made_effects
     from lib_copier.evaluate.workers import ModelSpec, Workers, check_model, default_workers
     from lib_copier.recipes.outputs import check_name
     from lib_copier.recipes.sizes import fit_image
@@ -111,8 +123,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     given = [load_image(path) for path in args.image]
     settings = settings_from(args, given)
     layout = Layout(check_folder(args.out), check_name(args.name) if args.name else None)
-    if layout.existing() and not args.overwrite:
-        raise CopierError(f"{layout.existing()[0]} already exists; choose another --out or --name, or --overwrite")
+    existing = layout.existing([effect.label for effect in made_effects(settings)])
+    if existing and not args.overwrite:
+        raise CopierError(f"{existing[0]} already exists; choose another --out or --name, or --overwrite")
     notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else ""
     spec = ModelSpec(args.model, args.device, args.dtype, args.prediction)
     check_model(spec)  # here: a worker that cannot load the model breaks the pool before it can say why

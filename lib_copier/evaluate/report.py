@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,13 @@ class Layout:
     def images(self) -> Path:
         return self.out / "images" / self.name if self.name else self.out / "images"
 
-    def existing(self) -> list[Path]:
-        return [p for p in (self.markdown, self.json) if p.exists()]
+    def picture(self, stem: str) -> Path:
+        return self.images / f"{stem}.png"
+
+    def existing(self, labels: Sequence[str] = ()) -> list[Path]:
+        """The report's files already there, the pictures of effects labelled `labels` included."""
+        stems = ["originals", *(f"{label}-{kind}" for label in labels for kind in ("grid", "charts"))]
+        return [p for p in (self.markdown, self.json, *map(self.picture, stems)) if p.exists()]
 
 
 def write_report(
@@ -73,13 +79,22 @@ def write_report(
         targets, variants = measured.targets[label], list(effect["variants"])
         pictures[f"{label}-grid"] = strength_figure(measured.grids, variants, label, targets, weights, side)
         pictures[f"{label}-charts"] = effect_charts(effect, weights)
-    written = []
-    for stem, picture in pictures.items():
-        written.append(atomic_write(layout.images / f"{stem}.png", lambda p, i=picture: _png(i, p), overwrite))
     link = layout.images.relative_to(layout.out).as_posix()
     text = markdown(results, link, layout.json.name, notes)
-    written.append(atomic_write(layout.json, lambda p: p.write_text(json.dumps(results), "utf-8"), overwrite))
-    written.append(atomic_write(layout.markdown, lambda p: p.write_text(text, "utf-8"), overwrite))
+    writes = [(layout.picture(stem), lambda p, i=picture: _png(i, p)) for stem, picture in pictures.items()]
+    writes += [
+        (layout.json, lambda p: p.write_text(json.dumps(results), "utf-8")),
+        (layout.markdown, lambda p: p.write_text(text, "utf-8")),
+    ]
+    written = []
+    try:
+        for path, write in writes:
+            written.append(atomic_write(path, write, overwrite))
+    except BaseException:
+        if not overwrite:  # no half a report: what this call wrote goes (with overwrite, it replaced an older one)
+            for path in written:
+                path.unlink(missing_ok=True)
+        raise
     return written
 
 

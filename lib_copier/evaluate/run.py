@@ -19,9 +19,9 @@ from lib_copier.evaluate.train import METHODS, train_methods
 from lib_copier.evaluate.workers import Workers, backend
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.job import method_config
-from lib_copier.recipes.processed import check_pairs, make_effects
+from lib_copier.recipes.processed import Effect, check_pairs, make_effects
 from lib_copier.recipes.prompts import GRID_PROMPTS, grid_prompts, prompt_pool
-from lib_copier.train.config import PAIR_LOSSES, make_config
+from lib_copier.train.config import PAIR_LOSSES, TrainConfig, make_config
 
 SEED_EFFECTS = ("outline", "flatten", "high_contrast", "posterize", "jpeg_noise", "grayscale")
 # Originals for the built-in model: eight different colours, shapes and backgrounds, so that a LoRA merged over
@@ -75,6 +75,26 @@ class Settings:
 QUICK = {"originals": 2, "prompts": 2, "seeds": 2, "steps": 250, "sample_steps": 12}
 
 
+def configs(settings: Settings) -> tuple[TrainConfig, TrainConfig, dict[str, TrainConfig]]:
+    """The trainer settings of the copier methods' LoRAs, of their B alone, and of each pair method; each checked."""
+    shared = {"steps": settings.steps, "lr": settings.lr, **settings.overrides}
+    config = make_config("quick", **shared)
+    processed_config = make_config("quick", **shared, **settings.processed_overrides)
+    return config, processed_config, {m: method_config(m, "quick", settings.pair_overrides) for m in PAIR_LOSSES}
+
+
+def made_effects(settings: Settings) -> list[Effect]:
+    return make_effects([split_specs(spec) for spec in settings.effects])
+
+
+def available(builtin: bool) -> dict[str, int | None]:
+    """How many originals and held-out prompts an evaluation has to draw from (None: any number)."""
+    return {
+        "originals": len(BUILTIN_ORIGINALS if builtin else OTHER_ORIGINALS),
+        "prompts": None if builtin else len(GRID_PROMPTS),
+    }
+
+
 def generate_original(caption: str) -> Image.Image:
     return backend().generate(Txt2Img(caption, seed=1))
 
@@ -91,10 +111,8 @@ def evaluate(
     stage: Callable[[str], None] = print,
 ) -> dict:
     start, load_before = time.perf_counter(), _load()
-    config = make_config("quick", **{"steps": settings.steps, "lr": settings.lr, **settings.overrides})
-    processed_config = dataclasses.replace(config, **settings.processed_overrides)
-    pair_configs = {m: method_config(m, "quick", settings.pair_overrides) for m in PAIR_LOSSES}
-    effects = make_effects([split_specs(spec) for spec in settings.effects])
+    config, processed_config, pair_configs = configs(settings)
+    effects = made_effects(settings)
     captions = list(BUILTIN_ORIGINALS if builtin else OTHER_ORIGINALS)[: settings.originals]
     if images:
         originals, captions = list(images), [f"image {i + 1}" for i in range(len(images))]

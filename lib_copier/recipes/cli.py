@@ -89,24 +89,24 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     d.set_defaults(func=run_demo)
 
 
-def parse_overrides(items: list[str]) -> dict:
+def parse_overrides(items: list[str], option: str = "--set") -> dict:
     info, overrides = field_info(), {}
     for item in items:
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not eq or key not in info:
-            raise CopierError(f"--set {shown(item)}: expected KEY=VALUE with KEY one of {', '.join(info)}")
+            raise CopierError(f"{option} {shown(item)}: expected KEY=VALUE with KEY one of {', '.join(info)}")
         kind = info[key]["type"]
         if kind is bool:
             word = value.strip().lower()
             if word not in _TRUE + _FALSE:  # a typo ("ture") must not quietly turn the setting off
-                raise CopierError(f"--set {shown(item)}: {key} takes true or false, not {shown(value)}")
+                raise CopierError(f"{option} {shown(item)}: {key} takes true or false, not {shown(value)}")
             overrides[key] = word in _TRUE
             continue
         try:
             overrides[key] = kind(value)
         except ValueError as exc:
-            raise CopierError(f"--set {shown(item)}: {shown(value)} is not a valid {kind.__name__}") from exc
+            raise CopierError(f"{option} {shown(item)}: {shown(value)} is not a valid {kind.__name__}") from exc
     return overrides
 
 
@@ -200,6 +200,15 @@ def print_summary(results) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
 
 
+def _resolution(args) -> int | None:
+    """The native side of the model `args` name, from its file's header; None where only its weights tell it (an SD2
+    file's side follows its prediction)."""
+    from lib_copier.models.loading import read_config
+
+    config = read_config(args.model)
+    return None if config.family == "sd2" else config.resolution
+
+
 def _load(args):
     from lib_copier.backends.standalone import StandaloneBackend
 
@@ -211,7 +220,7 @@ def run_copier(args: argparse.Namespace) -> int:
     from lib_copier.effects.image_io import load_image
     from lib_copier.fields import check, check_field
     from lib_copier.models.generate import Txt2Img
-    from lib_copier.recipes.job import Job, check_effect_count, method_config, output_names
+    from lib_copier.recipes.job import Job, check_effect_count, check_training_sizes, method_config, output_names
     from lib_copier.recipes.processed import check_pairs
     from lib_copier.recipes.request import TrainRequest
     from lib_copier.recipes.sizes import fit_image, training_side
@@ -233,6 +242,10 @@ def run_copier(args: argparse.Namespace) -> int:
     if not generating:
         given = [load_image(path) for path in args.image]
         check_pairs(effects, given)  # before the model loads
+    resolution = _resolution(args)
+    if resolution:  # the originals' training sizes, before the model loads (and draws the original)
+        sizes = [(resolution, resolution)] if generating else [image.size for image in given]
+        check_training_sizes(sizes, args.size, resolution)
     backend = _load(args)
     if generating:
         given = [backend.generate(request)]
