@@ -58,6 +58,32 @@ def test_kohya_names_for_the_inputs_give_the_same_files(files, tmp_path):
         assert all(torch.equal(first[k].delta(), second[k].delta()) for k in first), name
 
 
+def test_kohyas_save_precision_wins_over_its_precision_and_its_device_is_taken(files, tmp_path):
+    """In kohya's merge scripts --precision is the precision the merge computes in and --save_precision the file's:
+    `--save_precision fp16 --precision float` wrote fp32 here, and `--device cuda` was refused."""
+    from safetensors import safe_open
+
+    _, _, (a, b), _ = files
+    for tool, extra in (("svd-merge", ["--new_rank", "2"]), ("merge", []), ("resize", ["--new_rank", "2"])):
+        out = tmp_path / f"{tool}.safetensors"
+        inputs = ["--models", str(a), str(b)] if tool != "resize" else ["--model", str(a)]
+        argv = [
+            "lora",
+            tool,
+            *inputs,
+            *extra,
+            "--save_to",
+            str(out),
+            "--save_precision",
+            "fp16",
+            "--precision",
+            "float",
+        ]
+        assert main([*argv, "--device", "cuda"]) == 0, tool
+        with safe_open(str(out), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("_down.weight")} == {"F16"}, tool
+
+
 def test_info(files, capsys):
     _, _, (a, _), _ = files
     assert main(["lora", "info", str(a)]) == 0

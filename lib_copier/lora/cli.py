@@ -27,17 +27,37 @@ def _tqdm(desc: str):
     return progress
 
 
+class _Precision(argparse.Action):
+    """--precision, or kohya's --save_precision, which wins: in kohya's commands --precision is the precision the
+    merge computes in (ours compute in fp32 whatever is saved)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "--save_precision":
+            namespace.save_precision_given = True
+        if option_string == "--save_precision" or not getattr(namespace, "save_precision_given", False):
+            namespace.precision = values
+
+
 def _output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", "--save_to", dest="out", required=True, help="output .safetensors file")
-    parser.add_argument(
-        "--precision",
-        "--save_precision",
-        dest="precision",
-        default="fp32",
-        choices=("fp32", "float", "fp16", "bf16"),
-        help="save precision (default fp32, as kohya; fp16 halves the file and adds about 3e-4 relative error)",
-    )
+    for option in ("--precision", "--save_precision"):
+        parser.add_argument(
+            option,
+            dest="precision",
+            default="fp32",
+            choices=("fp32", "float", "fp16", "bf16"),
+            action=_Precision,
+            help="save precision (default fp32, as kohya; fp16 halves the file and adds about 3e-4 relative error; "
+            "kohya's --save_precision wins over its --precision)"
+            if option == "--precision"
+            else argparse.SUPPRESS,
+        )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _kohya_device(parser: argparse.ArgumentParser) -> None:
+    """kohya's --device, taken so that its commands run: these SVDs are of cores the size of the ranks, on the CPU."""
+    parser.add_argument("--device", help=argparse.SUPPRESS)
 
 
 MAX_RATIO = 1e4  # a merge's ratio, either sign
@@ -96,6 +116,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _inputs_with_ratios(p)
     p.add_argument("--model", "--sd_model", dest="model", type=Path, help="checkpoint to merge into (writes a model)")
     _output(p)
+    _kohya_device(p)
     p.set_defaults(func=run_merge)
 
     p = sub.add_parser("svd-merge", help="merge LoRAs with ratios and re-factor them to a new rank (SVD)")
@@ -103,6 +124,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _rank_options(p, "new-rank", "new-conv-rank", "rank of the merged LoRA")
     p.add_argument("--clamp-quantile", "--clamp_quantile", type=FRACTION, default=KOHYA_CLAMP)
     _output(p)
+    _kohya_device(p)
     p.set_defaults(func=run_svd_merge)
 
     p = sub.add_parser("resize", help="reduce a LoRA's rank, fixed or dynamic (kohya's resize_lora.py)")
@@ -118,6 +140,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--verbose", action="store_true", help="print the rank and Frobenius norm kept per module")
     _output(p)
+    _kohya_device(p)
     p.set_defaults(func=run_resize)
 
     p = sub.add_parser("extract", help="extract a LoRA from the difference of two checkpoints")
