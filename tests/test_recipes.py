@@ -103,6 +103,14 @@ def test_names_never_collide_and_nothing_is_overwritten(tmp_path):
     assert (tmp_path / "cat.png").read_bytes() == b"keep"
 
 
+def test_a_name_of_the_longest_length_taken_makes_room_for_its_number(tmp_path):
+    """It passed the check before training, then `name-2` was refused as too long once everything was trained."""
+    long = "a" * 117 + " bc"
+    (tmp_path / f"{long}.json").write_bytes(b"keep")
+    assert free_name(tmp_path, long) == "a" * 117 + "-2"
+    assert free_name(tmp_path, long, {"a" * 117 + "-2"}) == "a" * 117 + "-3"
+
+
 def test_extraction_moves_toward_the_processed_image():
     gen = torch.Generator().manual_seed(0)
 

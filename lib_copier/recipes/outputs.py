@@ -18,6 +18,7 @@ from lib_copier.lora.weights import LoRAWeights
 from lib_copier.names import WINDOWS_DEVICES
 
 SUFFIXES = (".safetensors", ".json", ".png")
+MAX_NAME = 120  # characters of a file stem
 SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # the sidecar's "sd version" values in A1111
 _ALLOWED = re.compile(r"[^\W_][\w ._+\-()\[\]]*")  # letters and digits of any script: "キャラ", "café"
 
@@ -33,8 +34,8 @@ def check_name(name: str, what: str = "the output name") -> str:
     if name.lower().endswith(".safetensors"):
         raise CopierError(f"{what} {shown(name)} ends in .safetensors, which is added to it: give {shown(name[:-12])}")
     rule = "it may use letters, digits, spaces and . _ + - ( ) [ ] and must start with a letter or digit"
-    if len(name) > 120:
-        raise CopierError(f"{what} {shown(name)} is too long; it may be at most 120 characters")
+    if len(name) > MAX_NAME:
+        raise CopierError(f"{what} {shown(name)} is too long; it may be at most {MAX_NAME} characters")
     if not _ALLOWED.fullmatch(name):
         bad = next((c for c in name if not _ALLOWED.fullmatch("a" + c)), None)
         problem = f"has {bad!r}, which a file name here may not use" if bad else "does not start with a letter or digit"
@@ -45,13 +46,14 @@ def check_name(name: str, what: str = "the output name") -> str:
 
 
 def free_name(folders: Path | list[Path], name: str, taken: set[str] = frozenset()) -> str:
-    """`name`, or `name-2`, `name-3` … : the first for which none of the result files exists yet in any folder."""
+    """`name`, or `name-2`, `name-3` … : the first for which none of the result files exists yet in any folder (a
+    name near the longest allowed is shortened to make room for its number)."""
     check_name(name)
     folders = [folders] if isinstance(folders, Path) else folders
     candidate, n = name, 1
     while candidate in taken or any((f / f"{candidate}{s}").exists() for f in folders for s in SUFFIXES):
         n += 1
-        candidate = f"{name}-{n}"
+        candidate = name[: MAX_NAME - len(f"-{n}")].rstrip(" ") + f"-{n}"
     return candidate
 
 
