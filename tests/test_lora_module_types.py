@@ -184,6 +184,18 @@ def test_a_damaged_alpha_is_refused_and_nothing_is_written(alpha, words, tool, t
     assert f"LoRA module {key}: {words}" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("tool", ["merge", "resize"])
+def test_a_module_of_rank_0_is_refused_and_nothing_is_written(tool, tmp_path, capsys):
+    """merge divided by its rank (ZeroDivisionError) and resize indexed its empty spectrum: tracebacks."""
+    key = "lora_unet_mid_block_attentions_0_proj_out"
+    source, out = tmp_path / "empty.safetensors", tmp_path / "out.safetensors"
+    parts = {"lora_down.weight": torch.zeros(0, 8), "lora_up.weight": torch.zeros(8, 0), "alpha": torch.tensor(1.0)}
+    save_file({f"{key}.{name}": t for name, t in parts.items()}, str(source), metadata=SD1)
+    rank = ["--new-rank", "2"] if tool == "resize" else []
+    assert main(["lora", tool, str(source), *rank, "--out", str(out)]) == 2
+    assert f"LoRA module {key}: its rank is 0; the file is damaged" in capsys.readouterr().err and not out.exists()
+
+
 def test_a_one_by_one_conv_merges_whether_it_comes_as_a_matrix_or_four_dimensional():
     key = "lora_unet_down_blocks_0_attentions_0_proj_in"
     loha = {"hada_w1_a": _r(32, 2), "hada_w1_b": _r(2, 16), "hada_w2_a": _r(32, 2), "hada_w2_b": _r(2, 16)}

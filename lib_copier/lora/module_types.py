@@ -192,5 +192,7 @@ def _plain(key: str, parts: Mapping[str, torch.Tensor]) -> LoRAWeights:
     down, up = parts["lora_down.weight"], parts["lora_up.weight"]
     if up.shape[1] != down.shape[0] or down.dim() != up.dim():
         raise CopierError(f"LoRA module {key}: lora_up {tuple(up.shape)} does not fit lora_down {tuple(down.shape)}")
+    if not down.shape[0]:
+        raise CopierError(f"LoRA module {key}: its rank is 0; the file is damaged")
     alpha = _number(key, parts, "alpha") if "alpha" in parts else float(down.shape[0])
     return LoRAWeights(down, up, alpha)
