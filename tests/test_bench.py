@@ -31,6 +31,8 @@ def test_the_train_benchmark_refuses_bad_options_before_the_model_loads(tmp_path
             (["--profile", str(tmp_path)], f"{tmp_path} is a folder"),
             (["--profile", str(file / "profile.txt")], f"{file} is a file, not a folder"),
             (["--json", str(file / "bench.json")], f"{file} is a file, not a folder"),
+            (["--json", str(file)], f"{file} already exists; choose another name, or --overwrite"),
+            (["--profile", str(file)], f"{file} already exists; choose another name, or --overwrite"),
         ],
     )
     assert list(tmp_path.iterdir()) == [file]

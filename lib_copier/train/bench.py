@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from lib_copier.arguments import number, positive
+from lib_copier.atomic import atomic_write, check_target
 from lib_copier.train.config import PRESETS, make_config
 
 STAGES = ("copier", "processed", "extraction")
@@ -48,6 +49,7 @@ def add_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--profile", type=Path, help="profile 20 more copier steps; write the per-op table to this file")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json and --profile files if they exist")
     p.set_defaults(func=bench_train)
 
 
@@ -107,7 +109,6 @@ def _stages(text: str) -> list[str]:
 def bench_train(args: argparse.Namespace) -> int:
     import torch
 
-    from lib_copier.atomic import check_target
     from lib_copier.backends.standalone import StandaloneBackend
     from lib_copier.models.bench import _peak_rss_mb
     from lib_copier.recipes.cli import parse_overrides
@@ -115,7 +116,7 @@ def bench_train(args: argparse.Namespace) -> int:
     stages = _stages(args.stages)
     for path in (args.profile, args.json):
         if path is not None:
-            check_target(path, overwrite=True)  # a folder, or one that cannot be written in: before the work
+            check_target(path, args.overwrite, "choose another name, or --overwrite")  # before the work
     _check_resolution(args.resolution, _config(args))
     overrides = {} if args.steps is None else {"steps": args.steps}
     if args.rank is not None:
@@ -165,11 +166,11 @@ def bench_train(args: argparse.Namespace) -> int:
         figures["host_syncs_per_step"] = _syncs_per_step(backend, image, config)
         print(f"host syncs per training step: {figures['host_syncs_per_step']:g}")
     if args.profile:
-        p = figures["profile"] = _profile(backend, image, config, args.profile)
+        p = figures["profile"] = _profile(backend, image, config, args.profile, args.overwrite)
         busy = f", GPU busy {p['gpu_busy']:.0%} of it" if cuda else ""
         print(f"profile: {p['ms_per_step']:.1f} ms per step{busy} ({args.profile})")
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+        atomic_write(args.json, lambda path: path.write_text(json.dumps(figures, indent=2)), args.overwrite)
     return 0
 
 
@@ -244,7 +245,7 @@ def _syncs_per_step(backend, image, config) -> float:
     return (counts[1] - counts[0]) / 10
 
 
-def _profile(backend, image, config, path: Path, steps: int = 20) -> dict[str, float]:
+def _profile(backend, image, config, path: Path, overwrite: bool, steps: int = 20) -> dict[str, float]:
     """20 copier steps under torch's profiler: the per-op table sorted by GPU time (CPU time on a CPU), and on a
     GPU the share of the wall time it was computing."""
     import dataclasses
@@ -263,7 +264,8 @@ def _profile(backend, image, config, path: Path, steps: int = 20) -> dict[str, f
             torch.cuda.synchronize()
     averages = prof.key_averages()
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    path.write_text(averages.table(sort_by=sort, row_limit=40))
+    table = averages.table(sort_by=sort, row_limit=40)
+    atomic_write(path, lambda tmp: tmp.write_text(table), overwrite)
     figures = {"ms_per_step": 1000 * run.seconds / run.steps}
     if cuda:
         figures["gpu_busy"] = sum(e.self_device_time_total for e in averages) / 1e6 / run.seconds
