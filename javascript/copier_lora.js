@@ -21,9 +21,16 @@ let copierLoraRunning = false; // a run this page started is queued or training
 let copierLoraTask = ""; // its task id
 let copierLoraActive = false; // it holds the WebUI, as the progress bar's last answer said (else it is queued)
 
-function copierLoraShowTrain(show) {
-    const button = gradioApp().getElementById("copier_lora_train");
-    if (button) button.style.display = show ? "" : "none";
+function copierLoraShow(id, show) {
+    const element = gradioApp().getElementById(id);
+    if (element) element.style.display = show ? "" : "none";
+}
+
+function copierLoraShowIdle(show) {
+    copierLoraShow("copier_lora_train", show);
+    // The last run's sentence (an error, say) is not shown under the bar of the next: it is back, or replaced by
+    // this run's, when the bar ends.
+    copierLoraShow("copier_lora_status", show);
 }
 
 function copierLoraStart() {
@@ -32,11 +39,12 @@ function copierLoraStart() {
     const args = Array.from(arguments);
     if (copierLoraRunning) {
         args[0] = "";
+        copierLoraShow("copier_lora_status", true); // for the sentence that says so
         return args;
     }
     copierLoraRunning = true;
     copierLoraActive = false;
-    copierLoraShowTrain(false);
+    copierLoraShowIdle(false);
     const id = randomId();
     copierLoraTask = id;
     requestProgress(
@@ -45,7 +53,7 @@ function copierLoraStart() {
         null,
         function() {
             copierLoraRunning = false;
-            copierLoraShowTrain(true);
+            copierLoraShowIdle(true);
             copierLoraRefreshCards();
         },
         function(progress) {
