@@ -334,7 +334,7 @@ def test_the_train_benchmark_reports_speed_and_memory(tmp_path, capsys):
     assert config["mixed_precision"] == "no" and "mixed precision no" in out  # the CPU computes in fp32 (bf16 is set)
     assert "aten::" in profile.read_text()
     fast = ["bench", "train", "--model", str(model), "--preset", "fast", "--steps", "1", "--stages", "copier"]
-    assert main([*fast, "--no-fidelity", "--json", str(figures)]) == 0
+    assert main([*fast, "--no-fidelity", "--json", str(figures), "--overwrite"]) == 0
     config = json.loads(figures.read_text())["config"]
     assert (config["preset"], config["steps"], config["batch_size"], config["lr"]) == ("fast", 1, 4, 3e-3)
     assert main([*args, "--stages", "processed"]) == 2
