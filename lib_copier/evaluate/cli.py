@@ -76,10 +76,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def settings_from(args: argparse.Namespace, originals: list = ()):
     """The evaluation's settings, each effect checked against the `originals` given (none: generated later)."""
-    from lib_copier.effects.chain import split_specs
-    from lib_copier.evaluate.run import QUICK, SEED_EFFECTS, Settings, available, configs
+    from lib_copier.evaluate.run import QUICK, SEED_EFFECTS, Settings, available, configs, made_effects
     from lib_copier.recipes.cli import parse_overrides
-    from lib_copier.recipes.processed import check_pairs, make_effects
+    from lib_copier.recipes.processed import check_pairs
 
     values = {**Settings().__dict__, **(QUICK if args.quick else {})}
     asked = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
@@ -95,9 +94,6 @@ def settings_from(args: argparse.Namespace, originals: list = ()):
     for spec in args.effect or ["seeds"]:
         effects += list(SEED_EFFECTS) if spec == "seeds" else [spec]
     effects = list(dict.fromkeys(effects))  # "seeds" and one of them by name: evaluated once
-    made = make_effects([split_specs(spec) for spec in effects])  # a bad effect stops here, before any model loads
-    if originals:
-        check_pairs(made, list(originals))  # and one that leaves the originals given unchanged
     settings = Settings(
         **{
             **values,
@@ -107,7 +103,10 @@ def settings_from(args: argparse.Namespace, originals: list = ()):
             "pair_overrides": parse_overrides(args.pair_set, "--pair-set"),
         }
     )
-    configs(settings)  # a setting out of range: said before any model loads
+    made = made_effects(settings)  # a bad effect stops here, before any model loads
+    if originals:
+        check_pairs(made, list(originals))  # and one that leaves the originals given unchanged
+    configs(settings)  # and a setting out of range
     return settings
 
 
