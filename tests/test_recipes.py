@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from lib_copier.backends.standalone import StandaloneBackend
 from lib_copier.cli import main
 from lib_copier.effects.chain import Chain
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, Interrupted
 from lib_copier.lora.files import read_lora
 from lib_copier.lora.metadata import NetworkInfo
 from lib_copier.lora.weights import LoRAWeights
@@ -338,7 +338,7 @@ def test_the_copier_command_refuses_its_output_names_before_loading_the_model(mo
     assert not (tmp_path / "out").exists()
 
 
-def test_demo_writes_everything_into_its_folder(backend, tmp_path, capsys):
+def test_demo_writes_everything_into_its_folder(backend, tmp_path, capsys, monkeypatch):
     model = tmp_path / "tiny.safetensors"
     save_checkpoint(backend.model, model)
     out = tmp_path / "demo"
@@ -350,6 +350,25 @@ def test_demo_writes_everything_into_its_folder(backend, tmp_path, capsys):
     assert kinds == ["addift"] * 2 + ["copier"] + ["extraction"] * 2 + ["processed"] * 2
     assert all((out / name).exists() for name in ("original.png", "processed-grayscale.png", "demo-copier.png"))
     assert main(["demo", "--model", str(model), "--out", str(out), "--steps", "1"]) == 2
+    # Ctrl-C during its second job (addift): the first job's files went too, or the next demo was refused.
+    from lib_copier.recipes import cli
+
+    run_one, jobs = cli.run_job_with_progress, []
+
+    def interrupted_second(backend, job):
+        jobs.append(job.method)
+        if len(jobs) == 2:
+            raise Interrupted("training was interrupted at step 1")
+        return run_one(backend, job)
+
+    monkeypatch.setattr(cli, "run_job_with_progress", interrupted_second)
+    again = tmp_path / "again"
+    assert main(["demo", "--model", str(model), "--out", str(again), "--steps", "1"]) == 130
+    assert jobs == ["both", "addift"] and not list(again.iterdir())
+    file = tmp_path / "file"
+    file.write_text("")
+    assert main(["demo", "--out", str(file / "demo")]) == 2
+    assert f"cannot write in {file / 'demo'}: {file} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_grid_labels_fit_their_columns():

@@ -276,12 +276,13 @@ def run_copier(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from lib_copier.atomic import check_folder
     from lib_copier.models.generate import Txt2Img
     from lib_copier.recipes.job import Job
     from lib_copier.recipes.processed import changed
 
     start = time.perf_counter()
-    out = Path(args.out)
+    out = check_folder(args.out)
     if out.exists() and any(out.iterdir()):
         raise CopierError(f"{out} is not empty (an earlier demo?); remove it or choose another --out")
     backend = _load(args)
@@ -310,7 +311,13 @@ def run_demo(args: argparse.Namespace) -> int:
     # Three times the Quick rate: in 150 steps the copier gets about as close to O as Quick does in 400.
     copier = Job(method="both", overrides={"steps": DEMO_STEPS, "lr": 3e-3, **steps}, **common)
     pair = Job(method=DEMO_PAIR_METHOD, overrides=steps, **common)
-    results = run_job_with_progress(backend, copier) + run_job_with_progress(backend, pair)
+    results = run_job_with_progress(backend, copier)
+    try:
+        results += run_job_with_progress(backend, pair)
+    except BaseException:  # Ctrl-C, say: all of the demo or nothing, as for one job (which another demo would refuse)
+        for path in (p for r in results for p in (r.written.lora, r.written.sidecar, r.written.grid) if p):
+            path.unlink(missing_ok=True)
+        raise
     original.save(out / "original.png")
     for effect in effects:
         effect.process(original).save(out / f"processed-{effect.label}.png")
