@@ -77,3 +77,32 @@ def test_a_checkpoint_written_after_the_webui_listed_its_own_is_found_by_name(mo
     assert checkpoint_titles() == ["base.safetensors", "copied.safetensors", "sub/merged.safetensors"]
     with pytest.raises(CopierError, match="there is no checkpoint named 'absent'"):
         checkpoint_file("absent")
+
+
+def test_generate_here_is_a_webui_job_of_its_own_so_an_earlier_interrupt_is_not_read_again(monkeypatch):
+    """It ran outside the WebUI's job state: after any Interrupt (the tab's, an API job's), every later Generate here
+    said "interrupted before the image was drawn" and drew nothing, until some txt2img of the WebUI's cleared it."""
+    from lib_copier.webui import extension, host
+
+    class State:  # A1111's: begin() starts a job and clears the interrupt flags, end() ends it
+        interrupted, job = True, ""
+
+        def begin(self, job):
+            self.interrupted, self.job = False, job
+
+        def end(self):
+            self.job = ""
+
+    state, seen = State(), []
+    modules = types.ModuleType("modules")
+    modules.shared = types.SimpleNamespace(state=state)
+    monkeypatch.setitem(sys.modules, "modules", modules)
+
+    class Host:
+        def txt2img(self, request):
+            seen.append((state.interrupted, state.job))
+            return "an image"
+
+    monkeypatch.setattr(host, "current_host", lambda: Host())
+    assert extension.generate_alone("a request") == "an image"
+    assert seen == [(False, "copier_lora_generate")] and state.job == ""

@@ -178,12 +178,25 @@ def make_temp_dir() -> None:
         Path(temp_dir).mkdir(parents=True, exist_ok=True)
 
 
+def generate_alone(request):
+    """The tab's Generate here: a WebUI job of its own, as txt2img's Generate is; its start clears an Interrupt
+    pressed before, which every later image would read as pressed (and draw nothing)."""
+    from modules import shared
+
+    from lib_copier.webui.host import current_host
+
+    shared.state.begin(job="copier_lora_generate")
+    try:
+        return current_host().txt2img(request)
+    finally:
+        shared.state.end()
+
+
 def on_ui_tabs():
     import gradio as gr
     from modules import call_queue, infotext_utils, progress, shared
 
     from lib_copier.webui import gallery
-    from lib_copier.webui.host import current_host
     from lib_copier.webui.jobs import in_own_thread
     from lib_copier.webui.lora_tools import check_tool, lora_names, run_checked
     from lib_copier.webui.tab import Hooks, build_tab
@@ -194,7 +207,7 @@ def on_ui_tabs():
 
     hooks = Hooks(
         run=lambda request, state: in_own_thread(lambda: run(request, state)),
-        generate=call_queue.wrap_queued_call(lambda request: current_host().txt2img(request)),
+        generate=call_queue.wrap_queued_call(generate_alone),
         run_tool=tool,
         loras=lambda: lora_names(lora_dirs()),
         checkpoints=checkpoint_titles,
