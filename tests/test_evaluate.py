@@ -134,6 +134,7 @@ def test_a_bad_model_output_image_or_worker_count_is_one_sentence_before_any_wor
         (["--processed-set", "warmup_steps=1000"], "warmup_steps (1000) must be at most steps (250)"),
         (["--processed-set", "rnak=4"], "--processed-set 'rnak=4': expected KEY=VALUE with KEY one of rank,"),
         (["--set", "lr=0"], "setting lr is 0"),
+        (["--notes", str(tmp_path / "notes.md")], f"--notes {tmp_path / 'notes.md'} does not exist"),
     ]
     for args, message in cases:
         assert main(["evaluate", "--quick", "--out", str(out), *args]) == 2, args

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from lib_copier.arguments import number, positive
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, check_file
 from lib_copier.models.cli import add_model_arguments
 
 MAX_WORKERS = 64
@@ -125,7 +125,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     existing = layout.existing([effect.label for effect in made_effects(settings)])
     if existing and not args.overwrite:
         raise CopierError(f"{existing[0]} already exists; choose another --out or --name, or --overwrite")
-    notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else ""
+    notes = check_file(Path(args.notes), "--notes").read_text(encoding="utf-8") if args.notes else ""
     spec = ModelSpec(args.model, args.device, args.dtype, args.prediction)
     check_model(spec)  # here: a worker that cannot load the model breaks the pool before it can say why
     start = time.perf_counter()
