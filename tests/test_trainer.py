@@ -348,3 +348,10 @@ def test_alpha_0_means_alpha_equal_to_rank_as_in_kohya(tiny):
     assert {w.alpha for w in zero.network.to_weights().values()} == {4.0}
     assert delta_norm(zero.network) > 0
     assert delta_norm(zero.network) == pytest.approx(delta_norm(rank.network), rel=1e-6)
+
+
+def test_a_cpu_run_records_that_it_trained_in_fp32(tiny):
+    """Mixed precision is CUDA's: the file of a CPU run said bf16 (the setting), which it never computed in."""
+    backend, image = tiny
+    assert quick().mixed_precision == "bf16"
+    assert train_lora(backend, image, "", quick(steps=1)).config.mixed_precision == "no"

@@ -148,6 +148,8 @@ def _train(backend, images, caption, config: TrainConfig, frozen, callbacks: Cal
     the same LoRA in less memory, and otherwise ends in one sentence."""
     validate(config)
     config = dataclasses.replace(config, seed=fixed_seed(config.seed))  # the run, its retry and its file share it
+    if _autocast_dtype(backend, config) is None:  # what the file records: a CPU trains in fp32 whatever is set
+        config = dataclasses.replace(config, mixed_precision="no")
     callbacks = callbacks or Callbacks()
     width, height = images[0].size
     n = config.batch_size
