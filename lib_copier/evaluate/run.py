@@ -121,8 +121,10 @@ def evaluate(
         originals = workers.map(generate_original, captions)
         check_pairs(effects, originals)  # another --model may draw them in gray, say: before any training
     control_captions = list(BUILTIN_CONTROLS if builtin else OTHER_CONTROLS)
+    stage(f"generating {len(control_captions)} control images")
     controls = workers.map(generate_original, control_captions)
     held_out = grid_prompts(True, settings.prompts) if builtin else GRID_PROMPTS[: settings.prompts]
+    stage(f"training {len(METHODS)} kinds of LoRA for {len(effects)} effects on each of {len(originals)} originals")
     trained = train_methods(
         workers,
         originals,
