@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lib_copier.arguments import FRACTION, number, positive
+from lib_copier.arguments import FRACTION, number
 from lib_copier.errors import CopierError
+from lib_copier.lora.options import (
+    input_option,
+    inputs_given,
+    inputs_with_ratios,
+    kohya_device,
+    output,
+    rank_options,
+)
 from lib_copier.lora.weights import KOHYA_CLAMP
 
 
@@ -27,83 +35,6 @@ def _tqdm(desc: str):
     return progress
 
 
-class _Precision(argparse.Action):
-    """--precision, or kohya's --save_precision, which wins: in kohya's commands --precision is the precision the
-    merge computes in (ours compute in fp32 whatever is saved)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if option_string == "--save_precision":
-            namespace.save_precision_given = True
-        if option_string == "--save_precision" or not getattr(namespace, "save_precision_given", False):
-            namespace.precision = values
-
-
-def _output(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", "--save_to", dest="out", required=True, help="output .safetensors file")
-    for option in ("--precision", "--save_precision"):
-        parser.add_argument(
-            option,
-            dest="precision",
-            default="fp32",
-            choices=("fp32", "float", "fp16", "bf16"),
-            action=_Precision,
-            help="save precision (default fp32, as kohya; fp16 halves the file and adds about 3e-4 relative error; "
-            "kohya's --save_precision wins over its --precision)"
-            if option == "--precision"
-            else argparse.SUPPRESS,
-        )
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-
-
-def _kohya_device(parser: argparse.ArgumentParser) -> None:
-    """kohya's --device, taken so that its commands run: these SVDs are of cores the size of the ranks, on the CPU."""
-    parser.add_argument("--device", help=argparse.SUPPRESS)
-
-
-MAX_RATIO = 1e4  # a merge's ratio, either sign
-# kohya's option for each input our commands take in place (`--models a b`, `resize --model a`, `extract --model_org`).
-_KOHYA_INPUTS = {"loras": "--models", "lora": "--model", "original": "--model_org", "tuned": "--model_tuned"}
-
-
-def _input(parser: argparse.ArgumentParser, name: str, many: bool = False) -> None:
-    """An input given in place (`lora resize A.safetensors`) or by kohya's option for it (`--model A.safetensors`)."""
-    parser.add_argument(name, nargs="*" if many else "?", type=Path, metavar=_metavar(name))
-    kohya = _KOHYA_INPUTS[name]
-    parser.add_argument(kohya, dest=f"{name}_kohya", nargs="+" if many else None, type=Path, help=argparse.SUPPRESS)
-
-
-def _metavar(name: str) -> str:
-    return "LORA" if name == "loras" else name.upper()
-
-
-def _inputs_given(args: argparse.Namespace, *names: str) -> None:
-    """Each input from its place or its kohya option (one of the two), or a CopierError naming it."""
-    for name in names:
-        here, kohya = getattr(args, name), getattr(args, f"{name}_kohya")
-        if here and kohya:
-            raise CopierError(f"{_metavar(name)} is given twice: in place and as {_KOHYA_INPUTS[name]}; give it once")
-        if not (here or kohya):
-            raise CopierError(f"give {_metavar(name)} (or {_KOHYA_INPUTS[name]}, as kohya names it)")
-        setattr(args, name, here or kohya)
-
-
-def _inputs_with_ratios(parser: argparse.ArgumentParser) -> None:
-    _input(parser, "loras", many=True)
-    parser.add_argument(
-        "--ratios",
-        nargs="+",
-        type=number(float, -MAX_RATIO, MAX_RATIO),
-        help="one per LoRA (default 1 each); negative subtracts",
-    )
-
-
-def _rank_options(parser: argparse.ArgumentParser, name: str, conv_name: str, help_text: str) -> None:
-    """`--new-rank` also answers to kohya's `--new_rank`; the conv option is the rank of kxk convolutions."""
-    names, conv_names = ({f"--{n}": None, f"--{n.replace('-', '_')}": None} for n in (name, conv_name))  # no twins
-    parser.add_argument(*names, dest="rank", type=positive(), required=True, help=help_text)
-    parser.add_argument(*conv_names, dest="conv_rank", type=positive())
-
-
 def add_commands(commands: argparse._SubParsersAction) -> None:
     lora = commands.add_parser("lora", help="inspect, merge, resize and extract kohya-format LoRAs")
     sub = lora.add_subparsers(dest="lora_command", metavar="ACTION", required=True)
@@ -113,23 +44,23 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_info)
 
     p = sub.add_parser("merge", help="merge LoRAs exactly into one LoRA, or into a checkpoint with --model")
-    _inputs_with_ratios(p)
+    inputs_with_ratios(p)
     p.add_argument("--model", "--sd_model", dest="model", type=Path, help="checkpoint to merge into (writes a model)")
-    _output(p)
-    _kohya_device(p)
+    output(p)
+    kohya_device(p)
     p.set_defaults(func=run_merge)
 
     p = sub.add_parser("svd-merge", help="merge LoRAs with ratios and re-factor them to a new rank (SVD)")
-    _inputs_with_ratios(p)
-    _rank_options(p, "new-rank", "new-conv-rank", "rank of the merged LoRA")
+    inputs_with_ratios(p)
+    rank_options(p, "new-rank", "new-conv-rank", "rank of the merged LoRA")
     p.add_argument("--clamp-quantile", "--clamp_quantile", type=FRACTION, default=KOHYA_CLAMP)
-    _output(p)
-    _kohya_device(p)
+    output(p)
+    kohya_device(p)
     p.set_defaults(func=run_svd_merge)
 
     p = sub.add_parser("resize", help="reduce a LoRA's rank, fixed or dynamic (kohya's resize_lora.py)")
-    _input(p, "lora")
-    _rank_options(p, "new-rank", "new-conv-rank", "new rank (the maximum, with --dynamic-method)")
+    input_option(p, "lora")
+    rank_options(p, "new-rank", "new-conv-rank", "new rank (the maximum, with --dynamic-method)")
     p.add_argument("--dynamic-method", "--dynamic_method", choices=("sv_ratio", "sv_fro", "sv_cumulative"))
     p.add_argument(
         "--dynamic-param",
@@ -139,14 +70,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "share of the Frobenius norm or of the singular values' sum to keep (at most 1)",
     )
     p.add_argument("--verbose", action="store_true", help="print the rank and Frobenius norm kept per module")
-    _output(p)
-    _kohya_device(p)
+    output(p)
+    kohya_device(p)
     p.set_defaults(func=run_resize)
 
     p = sub.add_parser("extract", help="extract a LoRA from the difference of two checkpoints")
-    _input(p, "original")
-    _input(p, "tuned")
-    _rank_options(p, "dim", "conv-dim", "rank of the extracted LoRA")
+    input_option(p, "original")
+    input_option(p, "tuned")
+    rank_options(p, "dim", "conv-dim", "rank of the extracted LoRA")
     p.add_argument("--clamp-quantile", "--clamp_quantile", type=FRACTION, default=KOHYA_CLAMP)
     p.add_argument(
         "--min-diff", "--min_diff", type=number(float, 0), default=0.01, help="drop text encoders that differ less"
@@ -159,7 +90,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="lowrank (default): a randomized SVD for the large modules, seconds instead of minutes; exact: a full "
         "SVD of every module, as kohya",
     )
-    _output(p)
+    output(p)
     p.set_defaults(func=run_extract)
 
 
@@ -177,7 +108,7 @@ def _merge_inputs(args: argparse.Namespace):
     from lib_copier.lora.files import read_lora
     from lib_copier.lora.ops import cancels
 
-    _inputs_given(args, "loras")
+    inputs_given(args, "loras")
     _check_out(args)
     ratios = args.ratios or [1.0] * len(args.loras)
     if len(ratios) != len(args.loras):
@@ -324,7 +255,7 @@ def run_resize(args: argparse.Namespace) -> int:
     from lib_copier.lora.metadata import NETWORK_MODULE
     from lib_copier.lora.ops import check_dynamic, resize
 
-    _inputs_given(args, "lora")
+    inputs_given(args, "lora")
     _check_out(args)
     check_dynamic(args.dynamic_method, args.dynamic_param)
     lora = read_lora(args.lora).check_finite(args.lora)
@@ -361,7 +292,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from lib_copier.models.checkpoint import TensorSource
     from lib_copier.models.loading import pick_device
 
-    _inputs_given(args, "original", "tuned")
+    inputs_given(args, "original", "tuned")
     out = _check_out(args).resolve()
     device = pick_device(args.device)
     if args.original.resolve() == args.tuned.resolve():

@@ -220,10 +220,10 @@ def run_copier(args: argparse.Namespace) -> int:
     from lib_copier.effects.image_io import load_image
     from lib_copier.fields import check, check_field
     from lib_copier.models.generate import Txt2Img
-    from lib_copier.recipes.job import Job, check_effect_count, check_training_sizes, method_config, output_names
+    from lib_copier.recipes.job import Job, check_effect_count, method_config, output_names
     from lib_copier.recipes.processed import check_pairs
     from lib_copier.recipes.request import TrainRequest
-    from lib_copier.recipes.sizes import fit_image, training_side
+    from lib_copier.recipes.sizes import check_training_sizes, fit_image, training_side
     from lib_copier.seeds import fixed_seed
 
     check_folder(args.out)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from lib_copier.recipes.methods import (
 from lib_copier.recipes.outputs import Written, check_name, free_name, sidecar, write_result
 from lib_copier.recipes.processed import Effect
 from lib_copier.recipes.prompts import without_extra_networks
-from lib_copier.recipes.sizes import fitted_size, side_multiple, training_side
+from lib_copier.recipes.sizes import check_area, side_multiple
 from lib_copier.train.config import PAIR_LOSSES, TrainConfig, make_config
 from lib_copier.train.trainer import Callbacks, Cancelled, TrainResult, train_pair
 
@@ -157,11 +157,6 @@ def _stem(name: str, label: str, kind: str) -> str:
     return "-".join(part for part in (name, label, SUFFIX[kind]) if part)
 
 
-# Attention memory grows with the fourth power of the side: the built-in 128-px model takes 3 GB at 1024 and more
-# than 14 GB at 2048. Full-size models stay under the request's 2048 anyway.
-MAX_SIDE_FACTOR = 8
-
-
 def check_job(job: Job, backend: Backend) -> None:
     if job.method not in METHODS:
         raise CopierError(f"unknown method {job.method!r}; choose one of {', '.join(METHODS)}")
@@ -181,24 +176,7 @@ def check_job(job: Job, backend: Backend) -> None:
                 f"the original is {image.width}x{image.height}; both sides must be multiples of {multiple} "
                 "(use fit_image first)"
             )
-        _check_area(image.size, backend.resolution)
-
-
-def check_training_sizes(sizes: Sequence[tuple[int, int]], size: int | None, resolution: int) -> None:
-    """Originals of these sizes train at the training size `size` (None: the model's side) on a model whose native
-    side is `resolution`: what `fit_image` and `check_job` would refuse, said before the model loads."""
-    side = training_side(size, resolution)
-    for width, height in sizes:
-        _check_area(fitted_size(width, height, side, resolution), resolution)
-
-
-def _check_area(size: tuple[int, int], resolution: int) -> None:
-    largest = MAX_SIDE_FACTOR * resolution
-    if size[0] * size[1] > largest * largest:
-        raise CopierError(
-            f"the original would train at {size[0]}x{size[1]}, more than {MAX_SIDE_FACTOR} times the side "
-            f"of this {resolution}-px model; ask for a training size of at most {largest}"
-        )
+        check_area(image.size, backend.resolution)
 
 
 def check_effect_count(method: str, effects: int) -> None:

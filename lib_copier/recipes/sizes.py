@@ -55,3 +55,25 @@ def fit_image(image: Image.Image, resolution: int, model_resolution: int, what: 
     w, h = fitted_size(image.width, image.height, resolution, model_resolution, what)
     image = image.convert("RGB")
     return image if image.size == (w, h) else image.resize((w, h), Image.Resampling.LANCZOS)
+
+
+# Attention memory grows with the fourth power of the side: the built-in 128-px model takes 3 GB at 1024 and more
+# than 14 GB at 2048. Full-size models stay under the request's 2048 anyway.
+MAX_SIDE_FACTOR = 8
+
+
+def check_training_sizes(sizes: Sequence[tuple[int, int]], size: int | None, resolution: int) -> None:
+    """Originals of these sizes train at the training size `size` (None: the model's side) on a model whose native
+    side is `resolution`: what `fit_image` and `check_job` would refuse, said before the model loads."""
+    side = training_side(size, resolution)
+    for width, height in sizes:
+        check_area(fitted_size(width, height, side, resolution), resolution)
+
+
+def check_area(size: tuple[int, int], resolution: int) -> None:
+    largest = MAX_SIDE_FACTOR * resolution
+    if size[0] * size[1] > largest * largest:
+        raise CopierError(
+            f"the original would train at {size[0]}x{size[1]}, more than {MAX_SIDE_FACTOR} times the side "
+            f"of this {resolution}-px model; ask for a training size of at most {largest}"
+        )

@@ -18,8 +18,8 @@ import numpy as np
 
 from lib_copier.errors import CopierError, shown
 from lib_copier.fields import from_json, quoted, setting
-from lib_copier.lora.cli import MAX_RATIO
 from lib_copier.lora.ops import DYNAMIC_METHODS, check_dynamic
+from lib_copier.lora.options import MAX_RATIO
 from lib_copier.lora.weights import KOHYA_CLAMP
 from lib_copier.recipes.outputs import check_name
 from lib_copier.webui.jobs import in_own_thread
