@@ -6,9 +6,10 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lib_copier.errors import CopierError
@@ -55,6 +56,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwri
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def all_or_nothing() -> Iterator[list[Path]]:
+    """A list for the files a block writes (None entries are skipped): if the block fails or is interrupted, they are
+    removed again, so that several files are written all or none."""
+    written: list[Path | None] = []
+    try:
+        yield written
+    except BaseException:
+        for path in written:
+            if path is not None:
+                path.unlink(missing_ok=True)
+        raise
 
 
 def _umask() -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lib_copier.atomic import atomic_write
+from lib_copier.atomic import all_or_nothing, atomic_write
 from lib_copier.evaluate.figures import effect_charts, originals_figure, strength_figure
 from lib_copier.evaluate.measure import Measured
 from lib_copier.evaluate.train import METHODS
@@ -86,15 +86,9 @@ def write_report(
         (layout.json, lambda p: p.write_text(json.dumps(results), "utf-8")),
         (layout.markdown, lambda p: p.write_text(text, "utf-8")),
     ]
-    written = []
-    try:
+    with all_or_nothing() as written:  # no half a report
         for path, write in writes:
             written.append(atomic_write(path, write, overwrite))
-    except BaseException:
-        if not overwrite:  # no half a report: what this call wrote goes (with overwrite, it replaced an older one)
-            for path in written:
-                path.unlink(missing_ok=True)
-        raise
     return written
 
 

@@ -276,7 +276,7 @@ def run_copier(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from lib_copier.atomic import check_folder
+    from lib_copier.atomic import all_or_nothing, check_folder
     from lib_copier.models.generate import Txt2Img
     from lib_copier.recipes.job import Job
     from lib_copier.recipes.processed import changed
@@ -311,13 +311,10 @@ def run_demo(args: argparse.Namespace) -> int:
     # Three times the Quick rate: in 150 steps the copier gets about as close to O as Quick does in 400.
     copier = Job(method="both", overrides={"steps": DEMO_STEPS, "lr": 3e-3, **steps}, **common)
     pair = Job(method=DEMO_PAIR_METHOD, overrides=steps, **common)
-    results = run_job_with_progress(backend, copier)
-    try:
+    with all_or_nothing() as written:  # Ctrl-C, say: all of the demo or nothing (or the next demo is refused)
+        results = run_job_with_progress(backend, copier)
+        written += [path for r in results for path in (r.written.lora, r.written.sidecar, r.written.grid)]
         results += run_job_with_progress(backend, pair)
-    except BaseException:  # Ctrl-C, say: all of the demo or nothing, as for one job (which another demo would refuse)
-        for path in (p for r in results for p in (r.written.lora, r.written.sidecar, r.written.grid) if p):
-            path.unlink(missing_ok=True)
-        raise
     original.save(out / "original.png")
     for effect in effects:
         effect.process(original).save(out / f"processed-{effect.label}.png")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lib_copier.atomic import check_folder
+from lib_copier.atomic import all_or_nothing, check_folder
 from lib_copier.backends import Backend
 from lib_copier.errors import CopierError, Interrupted
 from lib_copier.lora.metadata import NetworkInfo
@@ -330,23 +330,17 @@ def _finish(
                 render, job.grid_prompts, side, seed=job.grid_seed, steps=job.grid_steps, progress=drawn
             )
         prepared.append((item, name, grid))
-    results, done = [], []
-    try:
+    results = []
+    with all_or_nothing() as done:
         for item, name, grid in prepared:
             info = _info(backend, job, item, name)
             written = write_result(
                 job.out_dir, name, item.weights, info, sidecar(backend.family, item.description), grid
             )
-            done.append(written)
+            done += [written.lora, written.sidecar, written.grid]
             results.append(
                 Result(item.kind, item.effect, written, item.steps, item.seconds, item.final_loss, item.config.seed)
             )
-    except BaseException:
-        for written in done:
-            for path in (written.lora, written.sidecar, written.grid):
-                if path:
-                    path.unlink(missing_ok=True)
-        raise
     return results
 
 

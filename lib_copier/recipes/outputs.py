@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lib_copier.atomic import atomic_write
+from lib_copier.atomic import all_or_nothing, atomic_write
 from lib_copier.errors import CopierError, shown
 from lib_copier.lora.files import write_lora
 from lib_copier.lora.metadata import NetworkInfo, build_metadata
@@ -81,17 +81,12 @@ def write_result(
     clash = [p for p in paths if p.exists()]
     if clash:
         raise CopierError(f"{clash[0]} already exists; choose another name")
-    written: list[Path] = []
-    try:
+    with all_or_nothing() as written:
         written.append(write_lora(paths[0], modules, build_metadata(info), precision))
         text = json.dumps(sidecar, indent=2, sort_keys=True)
         written.append(atomic_write(paths[1], lambda tmp: tmp.write_text(text, encoding="utf-8")))
         if grid is not None:
             written.append(atomic_write(paths[2], lambda tmp: grid.save(tmp, format="PNG")))
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
     return Written(name, paths[0], paths[1], paths[2] if grid is not None else None)
 
 
