@@ -188,3 +188,20 @@ def test_a_request_with_nan_or_infinity_is_refused_by_name():
     for text in ('{"prompt": "x", "cfg": NaN}', '{"prompt": "x", "cfg": -Infinity}'):
         with pytest.raises(CopierError, match='"cfg" must be a number, not (nan|-inf)'):
             from_json(Txt2Img, json.loads(text))
+
+
+def test_threads_sets_torch_threads_and_draws_the_same_image(tmp_path):
+    """On a CPU other work shares, one thread can be many times faster: `--threads` sets it; the image is the same."""
+    threads = torch.get_num_threads()
+    seen = []
+    args = ["generate", "--prompt", "x", "--steps", "1"]
+    try:
+        assert main([*args, "--out", str(tmp_path / "default.png")]) == 0
+        assert main([*args, "--threads", "1", "--out", str(tmp_path / "one.png")]) == 0
+        seen.append(torch.get_num_threads())
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1]
+    default, one = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("default", "one"))
+    assert np.abs(default - one).max() <= 2  # sums in another order: a rounding apart, no more
+    assert main([*args, "--threads", "-1"]) == 2

@@ -68,9 +68,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help=f"processes drawing and training in parallel, each with its own copy of the model, 1 to {MAX_WORKERS} "
         "(default: 2 on a CPU, 1 on a GPU)",
     )
-    p.add_argument("--threads", type=number(int, 0), default=0, help="torch threads per worker (default 1 on a CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
-    add_model_arguments(p)
+    add_model_arguments(p, threads_help="torch threads per worker (default 1 on a CPU)")
     p.set_defaults(func=run_evaluate)
 
 
