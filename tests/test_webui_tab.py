@@ -462,7 +462,7 @@ def test_train_pressed_again_while_its_run_goes_says_so_at_once_instead_of_queue
     tab then says a run is going, without waiting in the WebUI's queue behind it, and trains nothing."""
     queued, trained = [], []
 
-    def wrap(fn):  # the WebUI's queue: entering it waits for the run in progress
+    def wrap(fn, given_up):  # the WebUI's queue: entering it waits for the run in progress
         return lambda *args: queued.append(args[0]) or fn(*args)
 
     hooks = Hooks(run=lambda request, state: trained.append(request) or [], wrap=wrap)
@@ -601,17 +601,27 @@ def test_the_estimate_reads_the_form_again_after_each_change_which_gradio_3_drop
 def test_interrupt_pressed_while_the_tabs_run_waits_in_the_queue_withdraws_that_run_only():
     """The page's JS sends the task id of its run still in the queue (else it presses the WebUI's Interrupt and
     sends none): the WebUI's Interrupt stopped whatever held the WebUI, and the run then started anyway."""
-    trained, ended = [], []
-    tab = build_tab(Hooks(run=lambda request, state: trained.append(request) or [], end_task=ended.append))
+    trained, ended, waits = [], [], []
+
+    def wrap(fn, given_up):  # the WebUI's queue: a call given up stops waiting for its turn (gpu_call)
+        waits.append(given_up)
+        return fn
+
+    hooks = Hooks(run=lambda request, state: trained.append(request) or [], end_task=ended.append, wrap=wrap)
+    tab = build_tab(hooks)
     interrupt, inputs = _tab_function(tab, "interrupt_waiting")
     assert len(inputs) == 1 and inputs[0] is _tab_function(tab, "train_unless_running")[1][0]  # the task id
     assert interrupt("") == gr.update() and ended == []  # a run that goes: the WebUI's own Interrupt stops it
+    (given_up,) = waits
+    assert not given_up("task(4)")
     assert "Interrupted while it waited for its turn: nothing was trained" in interrupt("task(4)")
     assert ended == ["task(4)"]  # its progress bar ends now, and Train is back, not at its turn
+    assert given_up("task(4)") and not given_up("task(5)")  # its call stops waiting for the WebUI's queue lock
     train, train_inputs = _tab_function(tab, "train_unless_running")
     values = _train_values(train_inputs, Image.new("RGB", (64, 64), "red"))
     *kept, status = train("task(4)", *values[1:])  # its turn comes: it ends there
     assert kept == [gr.update()] * 3 and "nothing was trained" in status and trained == []  # str: the WebUI adds to it
+    assert not given_up("task(4)")
     # The runs wait for the WebUI's queue lock; gradio 4 would also hold a second press of Train in its own queue
     # behind a withdrawn run, where the WebUI's progress bar gave up on it after 40 s.
     (call,) = [f for f in _fns(tab) if getattr(f.fn, "__name__", None) == "train_unless_running"]

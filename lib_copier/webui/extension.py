@@ -192,8 +192,42 @@ def generate_alone(request):
         shared.state.end()
 
 
-def on_ui_tabs():
+def gpu_call(fn, given_up):
+    """The WebUI's `wrap_gradio_gpu_call(fn)` (its queue lock, job state, progress bar and time taken) for a call
+    whose first argument is its task id, except that a call given up while it waits for its turn (`given_up(task)`)
+    returns `fn`'s answer at once, without the lock: gradio 3 ignores a click on an event whose call is pending."""
     import gradio as gr
+    from modules import call_queue, progress, shared
+
+    from lib_copier.webui.turns import wait_for_turn
+
+    def held(task, *args):
+        shared.state.begin(job=task)
+        progress.start_task(task)
+        try:
+            res = fn(task, *args)
+            progress.record_results(task, res)
+        finally:
+            progress.finish_task(task)
+        shared.state.end()
+        return res
+
+    shown = call_queue.wrap_gradio_call(held, extra_outputs=[[], "[]", gr.update()], add_stats=True)
+
+    def call(task, *args):
+        progress.add_task_to_queue(task)
+        if not wait_for_turn(call_queue.queue_lock, lambda: given_up(task)):
+            progress.pending_tasks.pop(task, None)  # no longer in the queue the progress bars count places in
+            return fn(task, *args)  # not through the WebUI's wrapper, which resets the job state of the run that goes
+        try:
+            return shown(task, *args)
+        finally:
+            call_queue.queue_lock.release()
+
+    return call
+
+
+def on_ui_tabs():
     from modules import call_queue, infotext_utils, progress, shared
 
     from lib_copier.webui import gallery
@@ -212,7 +246,7 @@ def on_ui_tabs():
         loras=lambda: lora_names(lora_dirs()),
         checkpoints=checkpoint_titles,
         open_gallery_item=infotext_utils.image_from_url_text,
-        wrap=lambda fn: call_queue.wrap_gradio_gpu_call(fn, extra_outputs=[[], "[]", gr.update()]),
+        wrap=gpu_call,
         galleries=gallery.complete(),
         gallery_trains=lambda: bool(getattr(shared.opts, "copier_lora_gallery_trains", True)),
         busy=busy,

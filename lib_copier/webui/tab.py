@@ -38,7 +38,8 @@ from lib_copier.webui.utilities_tab import build_utilities
 @dataclass
 class Hooks:
     run: Callable[[TrainRequest, JobState], list[dict]]  # trains on the host; blocks until done
-    wrap: Callable[[Callable], Callable] = lambda fn: fn  # the host's queue lock and progress (wrap_gradio_gpu_call)
+    # the host's queue lock and progress (wrap_gradio_gpu_call); a call given up (task id) stops waiting for its turn
+    wrap: Callable[[Callable, Callable[[str], bool]], Callable] = lambda fn, given_up: fn
     galleries: dict = field(default_factory=dict)  # tab name → (gallery, generation info, button), from gallery.py
     gallery_trains: Callable[[], bool] = lambda: True
     busy: Callable[[], bool] = lambda: False  # a Copier LoRA run is going or queued: an API job, another page's run
@@ -327,7 +328,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         train_inputs = [task_id, image, name, selected, edited, method, preset, grid_prompts, save_on_interrupt, size,
                         grid_steps, more, *slider_list, *settings.values()]  # fmt: skip
         train_outputs = [grids, results_json, pick, status]
-        queued = hooks.wrap(start)
+        queued = hooks.wrap(start, lambda task: task in withdrawn)
 
         def train_unless_running(task, *args):  # no task id: a run this page started still goes (copierLoraStart)
             if not task:  # said at once, not after waiting for the WebUI's queue behind that run
