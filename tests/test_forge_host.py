@@ -340,7 +340,7 @@ def test_the_grids_are_drawn_with_the_webuis_automatic_schedule_and_no_autocorre
     from lib_copier.models.generate import Txt2Img
 
     process = _process(monkeypatch, design)
-    process.shared.state = types.SimpleNamespace(job_count=0, job_no=0, textinfo="")
+    process.shared.state = types.SimpleNamespace(job_count=0, job_no=0, textinfo="", interrupted=False)
     drawn = []
 
     class Txt2ImgProcessing(process.processing.StableDiffusionProcessing):
@@ -362,6 +362,19 @@ def test_the_grids_are_drawn_with_the_webuis_automatic_schedule_and_no_autocorre
     sys.modules["modules"].scripts = scripts
     current_host().txt2img(Txt2Img("a cat", seed=1, width=64, height=64))
     assert drawn == [("Euler", "Automatic")]
+    # A request without a side asks for the model's native one (an API original on SDXL), not 512.
+    sizes = []
+    process.processing.process_images = lambda p: sizes.append((p.width, p.height)) or process_images(p)
+    host = current_host()
+    host.backend = lambda: types.SimpleNamespace(resolution=1024)
+    host.txt2img(Txt2Img("a cat", seed=1))
+    host.txt2img(Txt2Img("a cat", seed=1, width=768))
+    assert sizes == [(1024, 1024), (768, 1024)]
+    # Interrupted at a step, the WebUI's sampler returns its latent as it is: a half-drawn image is not the image.
+    process.shared.state.interrupted = True
+    with pytest.raises(Interrupted, match="^interrupted while the image was drawn$"):
+        current_host().txt2img(Txt2Img("a cat", seed=1, width=64, height=64))
+    process.shared.state.interrupted = False
     # No image: the WebUI's Interrupt came before the sampler's first step (a job ended "failed" on it), or not.
     process.processing.process_images = lambda p: types.SimpleNamespace(images=[])
     process.shared.state.interrupted = True

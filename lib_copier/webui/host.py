@@ -113,6 +113,7 @@ class A1111Host:
         from modules import processing, scripts, shared
 
         clear_cached_conditioning()  # a text-encoder LoRA attached now is not part of the cache's key
+        native = None if request.width and request.height else self.backend().resolution  # None: the model's side
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=self.sd_model,
             prompt=request.prompt,
@@ -120,8 +121,8 @@ class A1111Host:
             seed=request.seed,
             steps=request.steps,
             cfg_scale=request.cfg,
-            width=request.width or 512,
-            height=request.height or 512,
+            width=request.width or native,
+            height=request.height or native,
             sampler_name=WEBUI_NAMES.get(request.sampler, request.sampler),
             do_not_save_grid=True,
             do_not_save_samples=True,
@@ -141,6 +142,8 @@ class A1111Host:
             if self.interrupted():  # before the sampler's first step
                 raise Interrupted("interrupted before the image was drawn")
             raise CopierError("the WebUI's txt2img returned no image")
+        if shared.state.interrupted:  # the sampler stopped at a step and returned its noisy latent, decoded
+            raise Interrupted("interrupted while the image was drawn")
         return processed.images[0]
 
     def zero_terminal_snr(self) -> bool:
