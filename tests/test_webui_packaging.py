@@ -50,18 +50,21 @@ def test_a_checkpoint_written_after_the_webui_listed_its_own_is_found_by_name(mo
     from lib_copier.errors import CopierError
     from lib_copier.webui.extension import checkpoint_file, checkpoint_titles
 
-    listed = {}
+    listed, aliases = {}, {}
 
-    class CheckpointInfo:  # what the WebUIs' CheckpointInfo does with a file: a title, and registering it
+    class CheckpointInfo:  # what the WebUIs' CheckpointInfo does with a file: a title, its names, registering it
         def __init__(self, filename):
-            self.filename, self.title = filename, Path(filename).relative_to(tmp_path).as_posix()
+            self.filename, name = filename, Path(filename).relative_to(tmp_path).as_posix()
+            self.title = f"{name} [0123456789]"
+            self.ids = [self.title, name, Path(filename).stem, "0123456789"]
 
         def register(self):
             listed[self.title] = self
+            aliases.update(dict.fromkeys(self.ids, self))
 
     sd_models = types.ModuleType("modules.sd_models")
     sd_models.model_path, sd_models.checkpoints_list, sd_models.CheckpointInfo = str(tmp_path), listed, CheckpointInfo
-    sd_models.get_closet_checkpoint_match = listed.get
+    sd_models.checkpoint_aliases = aliases
     sd_models.checkpoint_tiles = lambda: sorted(listed)
     modules = types.ModuleType("modules")
     modules.sd_models, modules.shared = sd_models, types.SimpleNamespace(cmd_opts=types.SimpleNamespace())
@@ -74,9 +77,16 @@ def test_a_checkpoint_written_after_the_webui_listed_its_own_is_found_by_name(mo
         (tmp_path / name).write_bytes(b"")
     assert checkpoint_file("sub/merged.safetensors") == tmp_path / "sub" / "merged.safetensors"
     (tmp_path / "copied.safetensors").write_bytes(b"")
-    assert checkpoint_titles() == ["base.safetensors", "copied.safetensors", "sub/merged.safetensors"]
+    titles = ["base.safetensors [0123456789]", "copied.safetensors [0123456789]", "sub/merged.safetensors [0123456789]"]
+    assert checkpoint_titles() == titles
     with pytest.raises(CopierError, match="there is no checkpoint named 'absent'"):
         checkpoint_file("absent")
+    # The dropdown's title, with a hash since recomputed, and the file's stem name it; a part of a name does not
+    assert checkpoint_file("base.safetensors [0123456789]") == checkpoint_file("base") == tmp_path / "base.safetensors"
+    assert checkpoint_file("copied.safetensors [fedcba9876]") == tmp_path / "copied.safetensors"
+    for part in ("bas", "sub/merged", "safetensors"):
+        with pytest.raises(CopierError, match=f"there is no checkpoint named '{part}'"):
+            checkpoint_file(part)
 
 
 def test_generate_here_is_a_webui_job_of_its_own_so_an_earlier_interrupt_is_not_read_again(monkeypatch):

@@ -7,6 +7,7 @@ Nothing here imports the WebUI at import time, and nothing asks which WebUI it i
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from lib_copier.webui.host import lora_dir, lora_dirs
@@ -93,12 +94,20 @@ def checkpoint_file(name: str) -> Path:
 
     from lib_copier.errors import CopierError, shown
 
-    info = sd_models.get_closet_checkpoint_match(name)
+    info = _exact_checkpoint(sd_models, name)
     if info is None and register_new_checkpoints():
-        info = sd_models.get_closet_checkpoint_match(name)
+        info = _exact_checkpoint(sd_models, name)
     if info is None:
         raise CopierError(f"there is no checkpoint named {shown(name)}")
     return Path(info.filename)
+
+
+def _exact_checkpoint(sd_models, name: str):
+    """The checkpoint `name` names exactly: its title (as the dropdown shows it, with a hash that may have changed
+    since), file name, name without the extension, or hash. Not the WebUI's closest match, which takes any checkpoint
+    whose title contains the text: an extraction from 'anime' would have run on 'sd15-anime-finetune'."""
+    aliases = sd_models.checkpoint_aliases
+    return aliases.get(name) or aliases.get(re.sub(r"\s*\[[^]]+]\s*$", "", name))
 
 
 def register_new_checkpoints() -> int:
