@@ -116,3 +116,22 @@ def test_generate_here_is_a_webui_job_of_its_own_so_an_earlier_interrupt_is_not_
     monkeypatch.setattr(host, "current_host", lambda: Host())
     assert extension.generate_alone("a request") == "an image"
     assert seen == [(False, "copier_lora_generate")] and state.job == ""
+
+
+@pytest.mark.parametrize(("flags", "routes"), [({}, False), ({"api": True}, True), ({"nowebui": True}, True)])
+def test_the_http_routes_come_with_the_webuis_own_api_only(monkeypatch, flags, routes):
+    """Without --api, a WebUI shared behind gradio's login had them open: gradio's login does not cover them."""
+    import threading
+
+    from fastapi import FastAPI
+
+    from lib_copier.webui import extension
+
+    modules = types.ModuleType("modules")
+    modules.shared = types.SimpleNamespace(cmd_opts=types.SimpleNamespace(**{"api": False, "nowebui": False, **flags}))
+    modules.call_queue = types.SimpleNamespace(queue_lock=threading.Lock())
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setattr(extension, "_runner", None)
+    app = FastAPI()
+    extension.on_app_started(None, app)
+    assert any(route.path.startswith("/copier-lora/") for route in app.routes) == routes

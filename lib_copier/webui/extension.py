@@ -146,10 +146,14 @@ def checkpoint_dir() -> Path:
 
 
 def on_app_started(demo, app) -> None:
+    """The HTTP routes, with the WebUI's own API only (`--api`, or `--nowebui`): without it, a WebUI shared on a
+    network behind gradio's login had them open to anyone, who could train or write checkpoints to its disk."""
     from modules import shared
 
     from lib_copier.webui.api import add_routes
 
+    if not (getattr(shared.cmd_opts, "api", False) or getattr(shared.cmd_opts, "nowebui", False)):
+        return
     add_routes(
         app,
         runner(),
