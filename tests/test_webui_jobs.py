@@ -116,6 +116,37 @@ def test_only_the_newest_finished_jobs_are_kept():
     assert set(runner.jobs) == set(ids[-3:])
 
 
+def test_jobs_posted_at_once_from_many_threads_are_all_accepted():
+    """FastAPI runs the routes in a thread pool: forgetting old jobs while another request added one raised a
+    KeyError, which the client got as a 500."""
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can
+    runner, errors = JobRunner(threading.Lock(), keep=3), []
+
+    def client():
+        for _ in range(200):
+            try:
+                runner.submit(lambda state: [])
+            except Exception as exc:  # noqa: BLE001 - what the route would answer with a 500
+                errors.append(exc)
+
+    try:
+        clients = [threading.Thread(target=client) for _ in range(8)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    for state in runner.states():
+        runner.wait(state.id, 10)
+    runner.wait(runner.submit(lambda state: []).id, 10)
+    assert len(runner.states()) == 3  # the newest finished ones
+
+
 def test_queued_jobs_say_their_place_and_an_interrupted_one_says_so_at_once():
     lock = RecordingLock()
     runner = JobRunner(lock)

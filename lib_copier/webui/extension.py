@@ -45,7 +45,7 @@ def run(request, state):
 
 def busy() -> bool:
     """A run is going, or an API job waits for its turn."""
-    jobs = list(_runner.jobs.values()) if _runner is not None else []
+    jobs = _runner.states() if _runner is not None else []
     return _running > 0 or any(s.status in ("queued", "running") for s in jobs)
 
 

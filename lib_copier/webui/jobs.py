@@ -73,14 +73,16 @@ class JobRunner:
         self.jobs: dict[str, JobState] = {}
         self.threads: dict[str, threading.Thread] = {}
         self._status = threading.Lock()  # a job's status moves out of "queued" once, by interrupt or by start
+        self._table = threading.Lock()  # the routes run in FastAPI's thread pool: one change to the job table at once
 
     def submit(self, work: Work) -> JobState:
         """Start `work(state)` in the background; it returns the results to publish."""
         state = JobState(uuid.uuid4().hex[:12])
-        self._forget_old()
-        self.jobs[state.id] = state
         thread = threading.Thread(target=self._run, args=(state, work), name=f"copier-lora-{state.id}", daemon=True)
-        self.threads[state.id] = thread
+        with self._table:
+            self._forget_old()
+            self.jobs[state.id] = state
+            self.threads[state.id] = thread
         thread.start()
         return state
 
@@ -94,9 +96,15 @@ class JobRunner:
         state = self.get(job_id)
         reply = state.as_dict()
         if state.status == "queued":
-            ahead = list(self.jobs).index(job_id)
-            reply["queue_position"] = sum(s.status in ("queued", "running") for s in list(self.jobs.values())[:ahead])
+            states = self.states()
+            ahead = states[: states.index(state)]
+            reply["queue_position"] = sum(s.status in ("queued", "running") for s in ahead)
         return reply
+
+    def states(self) -> list[JobState]:
+        """The jobs kept, oldest first."""
+        with self._table:
+            return list(self.jobs.values())
 
     def interrupt(self, job_id: str) -> JobState:
         state = self.get(job_id)
@@ -112,9 +120,9 @@ class JobRunner:
     def interrupt_all(self) -> None:
         """Every job that has not ended (the UI reloads): a queued one ends at once, as its own interrupt ends it, or
         it stayed "queued" with a place in the queue and kept the WebUI busy for the 🧬 button."""
-        for job_id, state in list(self.jobs.items()):
+        for state in self.states():
             if state.finished is None:
-                self.interrupt(job_id)
+                self.interrupt(state.id)
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobState:
         self.threads[job_id].join(timeout)
