@@ -629,6 +629,32 @@ def test_interrupt_pressed_while_the_tabs_run_waits_in_the_queue_withdraws_that_
     assert train("task(5)", *values[1:])[-1] == "<ul></ul>" and len(trained) == 1  # the next run trains
 
 
+def test_interrupt_pressed_as_the_run_gets_its_turn_stops_that_run():
+    """The page learns that its run holds the WebUI at its next poll of the progress bar: an Interrupt pressed in
+    between sent the task id as for a run still queued, the bar ended and the tab said "nothing was trained", while
+    the run went on and wrote its LoRAs."""
+    import threading
+
+    turn, ended = threading.Event(), []
+
+    def run(request, state):  # the run has its turn, and trains until it is interrupted
+        turn.set()
+        assert state.interrupted.wait(10)
+        raise Interrupted("training was interrupted at step 3")
+
+    tab = build_tab(Hooks(run=run, end_task=ended.append))
+    interrupt = _tab_function(tab, "interrupt_waiting")[0]
+    train, train_inputs = _tab_function(tab, "train_unless_running")
+    values = _train_values(train_inputs, Image.new("RGB", (64, 64), "red"))
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(said=train("task(6)", *values[1:])[-1]))
+    thread.start()
+    assert turn.wait(10)
+    assert interrupt("task(6)") == gr.update() and ended == []  # not withdrawn: its bar goes on to the run's end
+    thread.join(10)
+    assert "interrupted at step 3" in outcome["said"]
+
+
 def test_the_training_events_are_unlimited_by_gradio_also_through_a_webuis_wrapped_event_listeners():
     """Forge wraps every event listener in a (*args, **kwargs) function: concurrency_limit, told from the listener's
     signature, was never passed there, and a Train pressed behind a withdrawn run waited in gradio's own queue."""

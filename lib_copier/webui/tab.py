@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
@@ -306,20 +307,26 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         )
 
         withdrawn: set[str] = set()  # task ids of this tab's runs interrupted while they waited in the WebUI's queue
+        going: dict[str, JobState] = {}  # those that got their turn: an interrupt for one stops it
+        turns = threading.Lock()  # a run's turn and its withdrawal: whichever comes first holds
 
         def start(task, img, out_name, chosen, edit, meth, pre, grid_text, keep, side, grid_step_count, extra, *rest):
-            if task in withdrawn:  # its turn: it ends here (the WebUI adds its time taken to the status text)
-                withdrawn.discard(task)
-                return gr.update(), gr.update(), gr.update(), said(WITHDRAWN)
+            with turns:
+                if task in withdrawn:  # its turn: it ends here (the WebUI adds its time taken to the status text)
+                    withdrawn.discard(task)
+                    return gr.update(), gr.update(), gr.update(), said(WITHDRAWN)
+                state = going[task] = JobState("tab")
             values = dict(zip(sliders, rest[: len(sliders)], strict=True))
             chosen_settings = dict(zip(settings, rest[len(sliders) :], strict=True))
             try:
                 request = build_request(img, out_name, chosen, values, edit, meth, pre, chosen_settings, keep,
                                         grid_text, side, grid_step_count, extra)  # fmt: skip
                 check_request(request, labelled)
-                results = hooks.run(request, JobState("tab"))
+                results = hooks.run(request, state)
             except CopierError as exc:
                 return [], "[]", gr.update(choices=[]), said(str(exc))
+            finally:
+                going.pop(task, None)
             names = [r["name"] for r in results]
             grid_images = [(Image.open(r["grid"]), r["name"]) for r in results]
             pick_update = gr.update(choices=names, value=names[-1] if names else None)
@@ -348,7 +355,11 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         def interrupt_waiting(task):  # the page's run still waits in the queue (copierLoraInterrupt): only it stops
             if not task:
                 return gr.update()
-            withdrawn.add(task)
+            with turns:
+                if task in going:  # it got its turn since the page last asked: it stops, as under the WebUI's Interrupt
+                    going[task].interrupted.set()
+                    return gr.update()
+                withdrawn.add(task)
             hooks.end_task(task)  # the page's bar ends and Train is back, not at the turn of the withdrawn run
             return said(WITHDRAWN)
 
