@@ -6,5 +6,5 @@ def preload(parser):
         "--copier-lora-dir",
         type=str,
         default=None,
-        help="Copier LoRA: folder for the LoRAs it writes (default: the WebUI's --lora-dir)",
+        help="Copier LoRA: folder for the LoRAs it writes, inside the WebUI's LoRA folders (default: its --lora-dir)",
     )

@@ -32,12 +32,13 @@ _running = 0  # runs in train_in_webui now: the tab's and the API's
 
 def run(request, state):
     """Train on the loaded model into the LoRA folder (the caller holds the queue lock)."""
-    from lib_copier.webui.host import current_host
+    from lib_copier.webui.host import check_lora_dir, current_host
     from lib_copier.webui.training import train_in_webui
 
     global _running
     _running += 1
     try:
+        check_lora_dir()
         return train_in_webui(request, current_host(), Path(lora_dir()), state, lora_dirs())
     finally:
         _running -= 1

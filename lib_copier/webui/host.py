@@ -57,17 +57,35 @@ def lora_dir() -> str:
 def lora_dirs() -> list[Path]:
     """Where the Utilities find LoRAs: the folder this writes to (`lora_dir`), then each folder the WebUI's own Lora
     cards list, as its Lora page says (A1111 and reForge add models/LyCORIS, Forge Neo its `--lora-dirs`)."""
-    from modules import shared, ui_extra_networks
-
-    folders = [lora_dir(), shared.cmd_opts.lora_dir]
-    for page in getattr(ui_extra_networks, "extra_pages", []):
-        if getattr(page, "name", None) == "lora":
-            folders += page.allowed_directories_for_previews()
     unique: dict[Path, Path] = {}
-    for folder in folders:
+    for folder in [lora_dir(), *_listed_dirs()]:
         if folder:
             unique.setdefault(Path(folder).resolve(), Path(folder))
     return list(unique.values())
+
+
+def _listed_dirs() -> list[str]:
+    """The folders the WebUI's Lora cards list and its `<lora:…>` tags load from (their subfolders too)."""
+    from modules import shared, ui_extra_networks
+
+    folders = [shared.cmd_opts.lora_dir]
+    for page in getattr(ui_extra_networks, "extra_pages", []):
+        if getattr(page, "name", None) == "lora":
+            folders += page.allowed_directories_for_previews()
+    return folders
+
+
+def check_lora_dir() -> None:
+    """A `--copier-lora-dir` outside the WebUI's LoRA folders is refused before a run: the strength grids' `<lora:…>`
+    tags found nothing there (every column drawn without the LoRA), nor would txt2img's."""
+    out = Path(lora_dir()).resolve()
+    listed = [Path(folder).resolve() for folder in _listed_dirs() if folder]
+    if not any(out == folder or folder in out.parents for folder in listed):
+        raise CopierError(
+            f"--copier-lora-dir {out} is outside the folders the WebUI loads LoRAs from "
+            f"({', '.join(map(str, listed))}), so the strength grids and txt2img could not use what it trains; "
+            "choose a folder inside one of them, or start the WebUI without it"
+        )
 
 
 def _networks():
