@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from lib_copier.errors import CopierError, Interrupted
+from lib_copier.errors import CopierError, Interrupted, sentence
 
 # Packages that contribute commands, imported lazily so `--help` of one does not load the others' heavy deps.
 COMMAND_MODULES = (
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as exc:  # what no check foresaw (a disk that fills, a folder another process removes): one line
-        print(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        print(f"error: {sentence(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

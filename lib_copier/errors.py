@@ -1,5 +1,8 @@
 """The one exception type that reaches a user as a single clear sentence."""
 
+import sys
+import traceback
+
 
 class CopierError(Exception):
     """Bad input or a failed run, explained in one sentence that names the input and what is wrong."""
@@ -9,6 +12,24 @@ class Interrupted(CopierError):
     """The user stopped the run; the sentence says where. `kept`: the results it kept (with save_on_cancel)."""
 
     kept: list | tuple = ()  # set per exception, never changed in place
+
+
+def sentence(exc: BaseException) -> str:
+    """The one line a user sees for `exc`: a CopierError's own sentence; for an error no check foresaw (a full disk,
+    out of memory), its kind and message, or an OSError's reason and file."""
+    if isinstance(exc, CopierError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def reported(exc: BaseException) -> str:
+    """`sentence(exc)`, and an error no check foresaw also as its traceback on stderr (the WebUI's console), where
+    a report can take it from."""
+    if not isinstance(exc, CopierError):
+        traceback.print_exception(exc, file=sys.stderr)
+    return sentence(exc)
 
 
 def check_file(path, what: str):

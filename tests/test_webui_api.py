@@ -106,6 +106,27 @@ def test_loras_in_subfolders_and_with_any_file_name_are_listed_and_taken_by_the_
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_tool_that_fails_where_no_check_foresaw_answers_one_sentence_not_a_500(api, tmp_path, monkeypatch, capsys):
+    """A full disk while a merge writes: a 500 from the API, and the Utilities' Result box stuck at "Working…"."""
+    import errno
+
+    from lib_copier.webui import lora_tools
+
+    client, _, _ = api
+    targets = lora_targets({k: tuple(v.shape) for k, v in build_model(TINY).state_dict().items()}, "sd1")
+    network = randomize_(LoRANetwork.create(targets, rank=4, alpha=4.0, seed=1), seed=1)
+    write_lora(tmp_path / "ink.safetensors", network.to_weights(), build_metadata(NetworkInfo("sd1", 4, 4.0, "x")))
+
+    def full_disk(work):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "small.safetensors"))
+
+    monkeypatch.setattr(lora_tools, "in_own_thread", full_disk)
+    reply = client.post(f"{PREFIX}/lora/resize", json={"lora": "ink", "rank": 2, "out": "small"})
+    assert reply.status_code == 400
+    assert reply.json()["detail"] == f"No space left on device: {tmp_path / 'small.safetensors'}"
+    assert "Traceback" in capsys.readouterr().err  # on the WebUI's console, for a report
+
+
 def test_loras_in_every_folder_the_webuis_lora_cards_list_are_taken_and_results_go_to_the_first(monkeypatch, tmp_path):
     """A1111 lists models/LyCORIS beside models/Lora, Forge Neo its --lora-dirs: the Utilities take LoRAs from each,
     as the WebUI's own Lora page names its folders, and write to the LoRA folder."""

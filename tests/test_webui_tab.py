@@ -3,6 +3,7 @@
 import base64
 import dataclasses
 import json
+import os
 
 import gradio as gr
 import numpy as np
@@ -161,6 +162,18 @@ def test_the_from_buttons_take_the_image_selected_in_their_own_gallery_or_the_fi
     assert image.getpixel((0, 0)) == (255, 0, 0)
     with pytest.raises(gr.Error, match="the gallery is empty; generate an image first"):
         gallery_take([], "", json.dumps({"txt2img": -1, "img2img": -1}), "img2img")
+    # Its file deleted since, or outside the WebUI's folders (the WebUI's reader asserts), or not read: one sentence,
+    # not gradio's bare red "Error"
+    os.remove(paths[1])
+    with pytest.raises(gr.Error, match=r"the gallery's image could not be read \(No such file or directory: .*1\.png"):
+        gallery_take(paths, info, json.dumps({"txt2img": 1}), "txt2img")
+
+    def outside(item):
+        raise AssertionError("trying to open image file outside of allowed directories")
+
+    for load in (outside, lambda item: None):
+        with pytest.raises(gr.Error, match=r"the gallery's image could not be read .*; generate it again"):
+            gallery_take(paths, info, json.dumps({"txt2img": 2}), "txt2img", load=load)
 
 
 def test_the_utilities_form_becomes_the_api_body(tmp_path):
@@ -627,6 +640,18 @@ def test_interrupt_pressed_while_the_tabs_run_waits_in_the_queue_withdraws_that_
     (call,) = [f for f in _fns(tab) if getattr(f.fn, "__name__", None) == "train_unless_running"]
     assert getattr(call, "concurrency_limit", "gradio 3") in (None, "gradio 3")  # gradio 4's default is one
     assert train("task(5)", *values[1:])[-1] == "<ul></ul>" and len(trained) == 1  # the next run trains
+
+
+def test_a_run_that_fails_where_no_check_foresaw_says_so_in_one_line(capsys):
+    """Out of memory, say: Forge's wrapper showed an earlier, unrelated error in its place."""
+
+    def run(request, state):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    train, train_inputs = _tab_function(build_tab(Hooks(run=run)), "train_unless_running")
+    *cleared, status = train("task(1)", *_train_values(train_inputs, Image.new("RGB", (64, 64), "red"))[1:])
+    assert "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB" in status and cleared[:2] == [[], "[]"]
+    assert "Traceback" in capsys.readouterr().err  # on the WebUI's console, for a report
 
 
 def test_interrupt_pressed_as_the_run_gets_its_turn_stops_that_run():

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, sentence
 from lib_copier.infotext import image_infotext, parse_infotext
 
 LAST_BUTTON = {"txt2img_upscale": "txt2img", "img2img_send_to_extras": "img2img"}
@@ -102,8 +102,13 @@ def selected_image(gallery, generation_info: str, index, load: Callable = open_i
     first = info.get("index_of_first_image", 0)
     first = first if isinstance(first, int) and 0 <= first < len(items) else 0
     index = index if first <= index < len(items) else first  # the batch's grid, shown selected after generating: not it
-    image = load(items[index])
-    image.load()
+    try:
+        image = load(items[index])
+        if image is None:
+            raise OSError("no image")
+        image.load()
+    except (OSError, AssertionError) as exc:  # moved or deleted since, or outside the WebUI's output folders
+        raise CopierError(f"the gallery's image could not be read ({sentence(exc)}); generate it again") from exc
     texts = info.get("infotexts", [])
     texts = texts if isinstance(texts, list) else []
     if index < len(texts) and texts[index] and parse_infotext(texts[index]).prompt is not None:

@@ -10,14 +10,13 @@ import ctypes
 import sys
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from lib_copier.errors import CopierError, Interrupted, shown
+from lib_copier.errors import CopierError, Interrupted, reported, shown
 from lib_copier.train.trainer import Callbacks, Progress
 
 T = TypeVar("T")
@@ -55,12 +54,6 @@ class JobState:
     def as_dict(self) -> dict:
         keys = ("id", "status", "stage", "step", "total", "loss", "eta", "started", "finished", "results", "error")
         return {key: getattr(self, key) for key in keys}
-
-    def log_failure(self, exc: BaseException) -> None:
-        """A failed job says so on the WebUI's console too; an unexpected error with its traceback."""
-        print(f"Copier LoRA: job {self.id} failed: {self.error}", file=sys.stderr)
-        if not isinstance(exc, CopierError):
-            traceback.print_exception(exc, file=sys.stderr)
 
 
 Work = Callable[[JobState], list[dict]]
@@ -140,9 +133,8 @@ class JobRunner:
             except Interrupted as exc:
                 state.status, state.error = "interrupted", str(exc)  # where it stopped, and what it kept
             except Exception as exc:  # a job thread must record every failure: nobody else will see it
-                state.status = "failed"
-                state.error = str(exc) if isinstance(exc, CopierError) else f"{type(exc).__name__}: {exc}"
-                state.log_failure(exc)
+                state.status, state.error = "failed", reported(exc)  # an unexpected error with its traceback
+                print(f"Copier LoRA: job {state.id} failed: {state.error}", file=sys.stderr)  # on the console too
             finally:
                 release_freed_memory()
                 state.finished, state.eta = time.time(), None

@@ -16,7 +16,7 @@ from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
-from lib_copier.errors import CopierError, shown
+from lib_copier.errors import CopierError, reported, shown
 from lib_copier.fields import from_json, quoted, setting
 from lib_copier.lora.ops import DYNAMIC_METHODS, check_dynamic
 from lib_copier.lora.options import MAX_RATIO
@@ -221,5 +221,10 @@ def run_checked(checked: CheckedTool) -> dict:
     lines: list[str] = []
     args = build_parser().parse_args(checked.argv)
     args.say = lines.append
-    in_own_thread(lambda: args.func(args))
+    try:
+        in_own_thread(lambda: args.func(args))
+    except CopierError:
+        raise
+    except Exception as exc:  # no check foresaw it (a full disk, out of memory): one line, its traceback on the console
+        raise CopierError(reported(exc)) from exc
     return {"path": str(checked.path), "log": "\n".join(lines)}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
@@ -18,7 +17,7 @@ from PIL import Image
 
 from lib_copier.effects.image_io import to_rgb
 from lib_copier.effects.registry import all_effects
-from lib_copier.errors import CopierError
+from lib_copier.errors import CopierError, reported
 from lib_copier.fields import check, check_field
 from lib_copier.infotext import Infotext, build_infotext, with_lora
 from lib_copier.models.generate import Txt2Img
@@ -33,6 +32,7 @@ from lib_copier.webui.gallery import describe_image
 from lib_copier.webui.gallery import take as gallery_take
 from lib_copier.webui.jobs import JobState
 from lib_copier.webui.tab_form import build_request, default_name, effect_specs, form_overrides, labelled, more_sizes
+from lib_copier.webui.turns import PageRuns
 from lib_copier.webui.utilities_tab import build_utilities
 
 
@@ -306,16 +306,12 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             [described, *groups.values()],
         )
 
-        withdrawn: set[str] = set()  # task ids of this tab's runs interrupted while they waited in the WebUI's queue
-        going: dict[str, JobState] = {}  # those that got their turn: an interrupt for one stops it
-        turns = threading.Lock()  # a run's turn and its withdrawal: whichever comes first holds
+        runs = PageRuns()
 
         def start(task, img, out_name, chosen, edit, meth, pre, grid_text, keep, side, grid_step_count, extra, *rest):
-            with turns:
-                if task in withdrawn:  # its turn: it ends here (the WebUI adds its time taken to the status text)
-                    withdrawn.discard(task)
-                    return gr.update(), gr.update(), gr.update(), said(WITHDRAWN)
-                state = going[task] = JobState("tab")
+            state = runs.begin(task)
+            if state is None:  # withdrawn: it ends here (the WebUI adds its time taken to the status text)
+                return gr.update(), gr.update(), gr.update(), said(WITHDRAWN)
             values = dict(zip(sliders, rest[: len(sliders)], strict=True))
             chosen_settings = dict(zip(settings, rest[len(sliders) :], strict=True))
             try:
@@ -323,10 +319,10 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                                         grid_text, side, grid_step_count, extra)  # fmt: skip
                 check_request(request, labelled)
                 results = hooks.run(request, state)
-            except CopierError as exc:
-                return [], "[]", gr.update(choices=[]), said(str(exc))
+            except Exception as exc:  # out of memory, say, too: Forge's wrapper showed an earlier error in its place
+                return [], "[]", gr.update(choices=[]), said(reported(exc))
             finally:
-                going.pop(task, None)
+                runs.end(task)
             names = [r["name"] for r in results]
             grid_images = [(Image.open(r["grid"]), r["name"]) for r in results]
             pick_update = gr.update(choices=names, value=names[-1] if names else None)
@@ -335,7 +331,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
         train_inputs = [task_id, image, name, selected, edited, method, preset, grid_prompts, save_on_interrupt, size,
                         grid_steps, more, *slider_list, *settings.values()]  # fmt: skip
         train_outputs = [grids, results_json, pick, status]
-        queued = hooks.wrap(start, lambda task: task in withdrawn)
+        queued = hooks.wrap(start, runs.withdrawn)
 
         def train_unless_running(task, *args):  # no task id: a run this page started still goes (copierLoraStart)
             if not task:  # said at once, not after waiting for the WebUI's queue behind that run
@@ -353,13 +349,8 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             return train_unless_running(*args)
 
         def interrupt_waiting(task):  # the page's run still waits in the queue (copierLoraInterrupt): only it stops
-            if not task:
+            if not task or not runs.withdraw(task):  # none, or it got its turn since the page last asked: it stops
                 return gr.update()
-            with turns:
-                if task in going:  # it got its turn since the page last asked: it stops, as under the WebUI's Interrupt
-                    going[task].interrupted.set()
-                    return gr.update()
-                withdrawn.add(task)
             hooks.end_task(task)  # the page's bar ends and Train is back, not at the turn of the withdrawn run
             return said(WITHDRAWN)
 

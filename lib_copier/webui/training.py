@@ -13,7 +13,6 @@ import dataclasses
 import os
 import shutil
 import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +22,7 @@ from PIL import Image
 from lib_copier.atomic import atomic_write
 from lib_copier.backends import Backend
 from lib_copier.backends.webui import Host
-from lib_copier.errors import CopierError, Interrupted
+from lib_copier.errors import CopierError, Interrupted, reported
 from lib_copier.infotext import with_lora
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.grid import Render, strength_grid
@@ -97,11 +96,8 @@ def _keep_what_is_finished(
     if not kept or not isinstance(exc, Exception):
         return
     state.results = [_describe(r, out_dir) for r in getattr(exc, "kept", ())]
-    if not isinstance(exc, CopierError):  # an unexpected error (out of memory): its traceback, then what was kept
-        traceback.print_exception(exc, file=sys.stderr)
     kind = Interrupted if isinstance(exc, Interrupted) else CopierError
-    said = str(exc) if isinstance(exc, CopierError) else f"{type(exc).__name__}: {exc}"
-    raise kind(f"{said}; kept {', '.join(kept)}") from exc
+    raise kind(f"{reported(exc)}; kept {', '.join(kept)}") from exc
 
 
 def _names_in(folders: Sequence[Path]) -> frozenset[str]:

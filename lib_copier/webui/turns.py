@@ -14,6 +14,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from lib_copier.webui.jobs import JobState
+
 POLL = 0.2  # seconds between two readings of given_up()
 
 
@@ -39,3 +41,37 @@ def wait_for_turn(lock, given_up: Callable[[], bool], poll: float = POLL) -> boo
                     abandoned = True
                     return False
     return True
+
+
+class PageRuns:
+    """The tab's runs by task id, from the press of Train: withdrawn while they wait for their turn, or going."""
+
+    def __init__(self):
+        self._withdrawn: set[str] = set()
+        self._going: dict[str, JobState] = {}
+        self._lock = threading.Lock()  # a run's turn and its withdrawal: whichever comes first holds
+
+    def begin(self, task: str) -> JobState | None:
+        """The run's state at its turn; None for a run withdrawn before it."""
+        with self._lock:
+            if task in self._withdrawn:
+                self._withdrawn.discard(task)
+                return None
+            state = self._going[task] = JobState("tab")
+            return state
+
+    def end(self, task: str) -> None:
+        self._going.pop(task, None)
+
+    def withdraw(self, task: str) -> bool:
+        """True where the run still waits: it will not start. A run that got its turn is interrupted instead (the
+        page learns of the turn only at its next poll of the progress bar)."""
+        with self._lock:
+            if task in self._going:
+                self._going[task].interrupted.set()
+                return False
+            self._withdrawn.add(task)
+            return True
+
+    def withdrawn(self, task: str) -> bool:
+        return task in self._withdrawn
