@@ -82,11 +82,23 @@ function copierLoraTake(gallery, info, index) {
     return [gallery, info, JSON.stringify(selected)];
 }
 
+function copierLoraWithTag(prompt, tag) {
+    // The tag alone joins txt2img's prompt, as a Lora card's click adds its tag, in place of the same LoRA's tag at
+    // another weight.
+    const name = tag.slice("<lora:".length, tag.lastIndexOf(":"));
+    const parts = prompt.split(/(<[^<>]*>)/);
+    const same = parts.findIndex(part => part.startsWith(`<lora:${name}:`));
+    if (same < 0) return prompt.trim() ? `${prompt.trimEnd()} ${tag}` : tag;
+    parts[same] = tag;
+    return parts.join("");
+}
+
 function copierLoraSend(text) {
     // Only the prompt changes: the WebUI's infotext paste would also empty the negative prompt and set Clip skip.
+    // Sent with a prompt, the prompt and the tag replace txt2img's prompt; the tag alone is added to it.
     const box = gradioApp().querySelector("#txt2img_prompt textarea");
     if (box) {
-        box.value = text;
+        box.value = /^<lora:[^<>]*>$/.test(text) ? copierLoraWithTag(box.value, text) : text;
         updateInput(box);
     }
     switch_to_txt2img();

@@ -129,7 +129,8 @@ def results_html(results: list[dict]) -> str:
 
 def txt2img_prompt(prompt: str, results: list[dict], pick: str) -> str:
     """What "Send to txt2img" puts in txt2img's prompt box, and nothing else there changes (the WebUI's infotext
-    paste would empty the negative prompt and set Clip skip): the prompt with the chosen LoRA at weight 1."""
+    paste would empty the negative prompt and set Clip skip): the prompt with the chosen LoRA at weight 1 (the tag
+    alone joins the prompt there: copierLoraSend)."""
     chosen = next((r for r in results if r["name"] == pick), results[0] if results else None)
     return with_lora(prompt, chosen["name"], 1.0) if chosen else prompt
 
@@ -238,7 +239,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             results_json = gr.Textbox(visible=False)
             with gr.Row():
                 pick = gr.Dropdown([], label="LoRA to send")
-                send_prompt = gr.Textbox(label="Prompt to send with it", lines=1)
+                send_prompt = gr.Textbox(label="Prompt to send with it", placeholder="none: the tag joins txt2img's")
                 send = gr.Button("Send to txt2img", elem_id="copier_lora_send_txt2img")
             paste_text = gr.Textbox(visible=False, elem_id="copier_lora_paste")
             task_id = gr.Textbox(visible=False)
