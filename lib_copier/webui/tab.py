@@ -239,7 +239,7 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
             results_json = gr.Textbox(visible=False)
             with gr.Row():
                 pick = gr.Dropdown([], label="LoRA to send")
-                send_prompt = gr.Textbox(label="Prompt to send with it", placeholder="none: the tag joins txt2img's")
+                send_prompt = gr.Textbox(label="Prompt to send with it", placeholder="empty: added to txt2img's")
                 send = gr.Button("Send to txt2img", elem_id="copier_lora_send_txt2img")
             paste_text = gr.Textbox(visible=False, elem_id="copier_lora_paste")
             task_id = gr.Textbox(visible=False)
