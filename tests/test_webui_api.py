@@ -168,9 +168,13 @@ def test_loras_in_every_folder_the_webuis_lora_cards_list_are_taken_and_results_
     with pytest.raises(CopierError, match=f"there is no LoRA named 'absent' in {mine} or {lora} or {lyco}"):
         check_tool("resize", {"lora": "absent", "rank": 2, "out": "x"}, lora_dirs())
     # `<lora:loha:1>` names no folder: a new "loha" in the LoRA folder would share its tag with old/loha.
-    with pytest.raises(CopierError, match=r"a LoRA named old/loha is listed already, and <lora:loha:…> would load"):
+    with pytest.raises(CopierError, match=r"the LoRA old/loha\.safetensors is listed already, and <lora:loha:…>"):
         check_tool("resize", {"lora": "ink", "rank": 2, "out": "loha"}, lora_dirs())
     assert not (mine / "loha.safetensors").exists()
+    (lora / "styles").mkdir()
+    (lora / "styles" / "old.pt").write_bytes(b"")  # listed by the Lora cards, not by the Utilities: named whole
+    with pytest.raises(CopierError, match=r"^the LoRA styles/old\.pt is listed already, and <lora:old:…> would load"):
+        check_tool("resize", {"lora": "ink", "rank": 2, "out": "old"}, lora_dirs())
 
 
 def test_every_route_and_dependency_resolves_its_annotations_among_its_module_names(api):

@@ -167,11 +167,11 @@ def check_tool(
     out = folder / f"{check_name(request.out, quoted('out'))}.safetensors"
     if out.exists():
         raise CopierError(f'{out.name} already exists in {folder}; choose another "out"')
-    listed = [] if into_checkpoint else lora_names(lora_dirs, TAG_SUFFIXES)
-    same = [n for n in listed if n.rpartition("/")[2] == out.stem]
-    if same:  # the WebUI's tags name a LoRA without its folder
+    listed = {} if into_checkpoint else _lora_paths(lora_dirs, TAG_SUFFIXES)
+    same = [name + path.suffix for name, path in listed.items() if name.rpartition("/")[2] == out.stem]
+    if same:  # the WebUI's tags name a LoRA without its folder (or its suffix: the Utilities list .safetensors only)
         raise CopierError(
-            f'a LoRA named {same[0]} is listed already, and <lora:{out.stem}:…> would load either; choose another "out"'
+            f'the LoRA {same[0]} is listed already, and <lora:{out.stem}:…> would load either; choose another "out"'
         )
     argv = ["lora", tool]
     if isinstance(request, Merge | SvdMerge):
