@@ -17,7 +17,6 @@ from lib_copier.models.sd_model import build_model
 from lib_copier.recipes.grid import HEADER
 from lib_copier.recipes.processed import make_effects
 from lib_copier.recipes.request import TrainRequest
-from lib_copier.train.trainer import Cancelled
 from lib_copier.webui.jobs import JobState
 from lib_copier.webui.tab import results_html
 from lib_copier.webui.training import STAGING, train_in_webui
@@ -107,7 +106,7 @@ def test_a_random_training_seed_is_reported_as_the_one_each_file_records(host, t
 
 def test_interrupt_from_the_webui_keeps_nothing_unless_asked(host, tmp_path):
     host.interrupt_when = lambda shown: len(shown) > 2
-    with pytest.raises(Cancelled):
+    with pytest.raises(Interrupted, match=r"^training was interrupted at step \d+; nothing was written$"):
         train_in_webui(request_for(host), host, tmp_path / "a", JobState("a"))
     assert not (tmp_path / "a").exists() or not list((tmp_path / "a").iterdir())
 
@@ -127,7 +126,7 @@ def test_interrupt_from_the_webui_keeps_nothing_unless_asked(host, tmp_path):
     assert "b/cat-copier.safetensors" in host.listed and not [f for f in host.listed if STAGING in f]  # the WebUI's
 
     host.interrupt_when = lambda shown: any(text.startswith("strength grid") for text, _, _ in shown)
-    with pytest.raises(Interrupted, match="interrupted while drawing the strength grids$"):
+    with pytest.raises(Interrupted, match="interrupted while drawing the strength grids; nothing was written$"):
         train_in_webui(request_for(host), host, tmp_path / "c", JobState("c"))
     assert host.lora_files and list((tmp_path / "c").iterdir()) == []  # trained and drawn from, then dropped
     host.shown.clear()
@@ -146,13 +145,13 @@ def test_an_interrupt_while_the_original_is_generated_stops_before_training(host
     # The WebUI's sampler stops early on an interrupt and returns a half-drawn image: it is not trained on.
     host.interrupt_when = lambda shown: True
     request = request_for(host, image=None, generate=Txt2Img("a cat", seed=1, steps=2, width=64, height=64))
-    with pytest.raises(Interrupted, match="^interrupted while generating the original: nothing was trained$"):
+    with pytest.raises(Interrupted, match="^interrupted while generating the original; nothing was written$"):
         train_in_webui(request, host, tmp_path, JobState("j"))
     assert not list(tmp_path.glob("*.safetensors"))
     # Interrupted before the sampler's first step, the WebUI returns no image at all: the job was "failed" then.
     host.interrupt_when = lambda shown: False
     host.txt2img = lambda request, progress=None: (_ for _ in ()).throw(Interrupted("before the image was drawn"))
-    with pytest.raises(Interrupted, match="^interrupted while generating the original: nothing was trained$"):
+    with pytest.raises(Interrupted, match="^interrupted while generating the original; nothing was written$"):
         train_in_webui(request, host, tmp_path, JobState("k"))
 
 

@@ -182,9 +182,8 @@ def run_job_with_progress(backend, job):
         with _first_ctrl_c_stops_between_steps() as callbacks.cancelled:
             return run_job(backend, job, callbacks, stage)
     except Interrupted as exc:
-        if job.config().save_on_cancel:
-            raise Interrupted(f"{exc}; what it trained is in {job.out_dir}") from exc
-        raise
+        kept = f"what it trained is in {job.out_dir}" if job.config().save_on_cancel else "nothing was written"
+        raise Interrupted(f"{exc}; {kept}") from exc
     finally:
         if "bar" in holder:
             holder["bar"].close()

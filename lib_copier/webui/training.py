@@ -93,7 +93,11 @@ def _keep_what_is_finished(
     if request.save_on_interrupt:
         with contextlib.suppress(CopierError):
             kept = [file.stem for file in _publish(staging, out_dir) if file.suffix == ".safetensors"]
-    if not kept or not isinstance(exc, Exception):
+    if not isinstance(exc, Exception):
+        return
+    if not kept:
+        if isinstance(exc, Interrupted):  # the user's question after an interrupt
+            raise Interrupted(f"{exc}; nothing was written") from exc
         return
     state.results = [_describe(r, out_dir) for r in getattr(exc, "kept", ())]
     kind = Interrupted if isinstance(exc, Interrupted) else CopierError
@@ -121,7 +125,7 @@ def _train_and_draw(
         except Interrupted:  # before its first step: no image
             image = None
         if image is None or state.interrupted.is_set() or host.interrupted():  # or stopped early: a half-drawn one
-            raise Interrupted("interrupted while generating the original: nothing was trained")
+            raise Interrupted("interrupted while generating the original")
     more = [(f"image {i} of the more originals", original) for i, original in enumerate(request.more_images, 1)]
     job = Job(
         originals=[
