@@ -9,7 +9,6 @@ NEEDED = {
     "numpy": "numpy",
     "PIL": "pillow",
     "open_clip": "open-clip-torch",
-    "accelerate": "accelerate",
 }
 
 for module, requirement in NEEDED.items():

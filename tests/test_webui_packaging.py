@@ -2,10 +2,16 @@
 WebUI before its tab is built."""
 
 import argparse
+import re
 import runpy
 import sys
 import types
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 import pytest
 
@@ -28,6 +34,11 @@ def test_install_installs_only_what_is_missing_and_never_torch_or_gradio(monkeyp
     needed = runpy.run_path(str(ROOT / "install.py"))["NEEDED"]
     assert calls == ["install open-clip-torch"]
     assert not {"torch", "torchvision", "gradio"} & set(needed.values())
+    # each one is used (accelerate was installed for nothing), and they are the package's own run-time dependencies
+    sources = "\n".join(path.read_text(encoding="utf-8") for path in (ROOT / "lib_copier").rglob("*.py"))
+    assert [m for m in needed if not re.search(rf"^\s*(import|from) {m}\b", sources, re.MULTILINE)] == []
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    assert {re.split("[<>=]", d)[0] for d in declared} == {"torch", *needed.values()}
 
 
 def test_the_webuis_temp_folder_for_shown_images_is_made(monkeypatch, tmp_path):

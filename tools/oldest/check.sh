@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-python3.10}
 if [[ ! -x $VENV/bin/python ]]; then
     "$PYTHON" -m venv "$VENV"
     "$VENV/bin/pip" install -q torch==2.1.2 torchvision==0.16.2 "numpy<2" gradio==3.41.2 fastapi==0.94.0 "httpx<0.28" \
-        safetensors pillow open-clip-torch accelerate pytest pytest-timeout "transformers>=4.30,<4.50" einops omegaconf
+        safetensors pillow open-clip-torch pytest pytest-timeout "transformers>=4.30,<4.50" einops omegaconf
     "$VENV/bin/pip" install -q --no-deps stable-diffusion-sdkit==2.1.5
 fi
 PYTHONPATH=$PWD "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
