@@ -33,9 +33,9 @@ from lib_copier.webui.tab import (
     Hooks,
     build_tab,
     effect_descriptions,
-    txt2img_prompt,
 )
 from lib_copier.webui.tab_form import build_request, effect_specs
+from lib_copier.webui.tab_results import txt2img_prompt
 from lib_copier.webui.utilities_tab import FIELDS, TOOLS, build_utilities, result_text, tool_body
 from tests.conftest import randomize_
 
@@ -652,6 +652,21 @@ def test_a_run_that_fails_where_no_check_foresaw_says_so_in_one_line(capsys):
     *cleared, status = train("task(1)", *_train_values(train_inputs, Image.new("RGB", (64, 64), "red"))[1:])
     assert "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB" in status and cleared[:2] == [[], "[]"]
     assert "Traceback" in capsys.readouterr().err  # on the WebUI's console, for a report
+
+
+def test_the_loras_an_interrupted_run_kept_can_be_sent_to_txt2img():
+    """ "Keep what is finished": the kept LoRAs were named in the sentence only, not offered to Send to txt2img."""
+    kept = {"name": "cat-copier", "kind": "copier", "effect": "", "grid": None, "lora": "/x/cat-copier.safetensors"}
+
+    def run(request, state):
+        state.results = [kept]  # as train_in_webui describes them
+        raise Interrupted("interrupted while drawing the strength grids; kept cat-copier")
+
+    train, train_inputs = _tab_function(build_tab(Hooks(run=run)), "train_unless_running")
+    grids, results, pick, status = train("task(1)", *_train_values(train_inputs, Image.new("RGB", (64, 64), "red"))[1:])
+    assert grids == [] and json.loads(results) == [kept] and "kept cat-copier" in status
+    assert pick == gr.update(choices=["cat-copier"], value="cat-copier")
+    assert txt2img_prompt("a dog", json.loads(results), pick["value"]) == "a dog <lora:cat-copier:1>"
 
 
 def test_interrupt_pressed_as_the_run_gets_its_turn_stops_that_run():

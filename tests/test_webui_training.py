@@ -18,7 +18,7 @@ from lib_copier.recipes.grid import HEADER
 from lib_copier.recipes.processed import make_effects
 from lib_copier.recipes.request import TrainRequest
 from lib_copier.webui.jobs import JobState
-from lib_copier.webui.tab import results_html
+from lib_copier.webui.tab_results import results_html
 from lib_copier.webui.training import STAGING, train_in_webui
 from tests.a1111_like import A1111Host
 from tests.conftest import randomize_

@@ -10,7 +10,6 @@ import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from html import escape
 
 import gradio as gr
 from PIL import Image
@@ -19,7 +18,7 @@ from lib_copier.effects.image_io import to_rgb
 from lib_copier.effects.registry import all_effects
 from lib_copier.errors import CopierError, reported
 from lib_copier.fields import check, check_field
-from lib_copier.infotext import Infotext, build_infotext, with_lora
+from lib_copier.infotext import Infotext, build_infotext
 from lib_copier.models.generate import Txt2Img
 from lib_copier.recipes.estimate import describe_run
 from lib_copier.recipes.job import RECIPE_PRESETS, method_config
@@ -32,6 +31,7 @@ from lib_copier.webui.gallery import describe_image
 from lib_copier.webui.gallery import take as gallery_take
 from lib_copier.webui.jobs import JobState
 from lib_copier.webui.tab_form import build_request, default_name, effect_specs, form_overrides, labelled, more_sizes
+from lib_copier.webui.tab_results import BUSY, RUNNING, WITHDRAWN, result_outputs, results_html, said, txt2img_prompt
 from lib_copier.webui.turns import PageRuns
 from lib_copier.webui.utilities_tab import build_utilities
 
@@ -76,19 +76,6 @@ GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
 
 LABELS = {e.name: e.label for e in all_effects()}
 IMAGE_HEIGHT = 400  # pixels, of the image boxes
-RUNNING = "A training started on this page is still running: wait for its end, or press Interrupt."
-WITHDRAWN = "Interrupted while it waited for its turn: nothing was trained."
-
-
-def said(sentence: str) -> str:
-    """A sentence the tab shows in place of a result: a refusal, an interrupt, a run that cannot start now."""
-    return f"<p class='copier-lora-error'>{escape(sentence)}</p>"
-
-
-BUSY = (
-    "Another Copier LoRA run is going (from the HTTP API or another page): the image is loaded; press Train to run "
-    "after it."
-)
 METHOD_HELP = (
     "copier: trains a copier of the image, then one effect LoRA on top of it (the seeds' method); "
     "extraction: a copier of each processed image too, and their difference; both: each kind; "
@@ -116,23 +103,6 @@ SETTING_GROUPS = {
 def effect_descriptions(chosen: list[str]) -> str:
     """One line per ticked effect (by label): what it does to the image."""
     return "\n".join(f"- **{e.label}**: {e.description}" for e in all_effects() if e.label in chosen)
-
-
-def results_html(results: list[dict]) -> str:
-    rows = "".join(
-        f"<li><b>{escape(r['name'])}</b> ({r['kind']}{', ' + escape(r['effect']) if r['effect'] else ''}): "
-        f"{r['steps']} steps in {r['seconds']} s, seed {r['seed']} — <code>{escape(r['lora'])}</code></li>"
-        for r in results
-    )
-    return f"<ul>{rows}</ul>"
-
-
-def txt2img_prompt(prompt: str, results: list[dict], pick: str) -> str:
-    """What "Send to txt2img" puts in txt2img's prompt box, and nothing else there changes (the WebUI's infotext
-    paste would empty the negative prompt and set Clip skip): the prompt with the chosen LoRA at weight 1 (the tag
-    alone joins the prompt there: copierLoraSend)."""
-    chosen = next((r for r in results if r["name"] == pick), results[0] if results else None)
-    return with_lora(prompt, chosen["name"], 1.0) if chosen else prompt
 
 
 def build_tab(hooks: Hooks) -> gr.Blocks:
@@ -321,13 +291,10 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 check_request(request, labelled)
                 results = hooks.run(request, state)
             except Exception as exc:  # out of memory, say, too: Forge's wrapper showed an earlier error in its place
-                return [], "[]", gr.update(choices=[]), said(reported(exc))
+                return *result_outputs(state.results), said(reported(exc))  # the LoRAs an interrupted run kept, to send
             finally:
                 runs.end(task)
-            names = [r["name"] for r in results]
-            grid_images = [(Image.open(r["grid"]), r["name"]) for r in results]
-            pick_update = gr.update(choices=names, value=names[-1] if names else None)
-            return grid_images, json.dumps(results), pick_update, results_html(results)
+            return *result_outputs(results), results_html(results)
 
         train_inputs = [task_id, image, name, selected, edited, method, preset, grid_prompts, save_on_interrupt, size,
                         grid_steps, more, *slider_list, *settings.values()]  # fmt: skip
