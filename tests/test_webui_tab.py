@@ -424,21 +424,25 @@ def test_emptied_number_boxes_keep_their_defaults_and_generate_says_what_is_miss
     # Whole numbers stay whole: the int settings' boxes round as the user types.
     assert all(c.precision == 0 for c in inputs if c.elem_id in emptied)
 
-    generate, inputs = _tab_function(tab, "generate_here")
-    kept, said = generate("a red apple", "", None, None, 7.0, 64)
+    generate = _tab_function(tab, "generate_here")[0]
+    [(kept, said)] = generate("a red apple", "", None, None, 7.0, 64)  # refused at once, nothing drawn
     assert kept == gr.update() and "&quot;Steps&quot; is required" in said  # the box's label, under the button
-    assert "&quot;Width and height&quot; is required" in generate("a red apple", "", 3, 20, 7.0, None)[1]  # not 512
-    assert "&quot;Width and height&quot; is 32; it must be between 64" in generate("a red apple", "", 3, 20, 7.0, 32)[1]
-    # The infotext records the size the WebUI drew (sides rounded to a multiple of 8), not the one asked for.
+    [(_, said)] = generate("a red apple", "", 3, 20, 7.0, None)
+    assert "&quot;Width and height&quot; is required" in said  # not 512
+    [(_, said)] = generate("a red apple", "", 3, 20, 7.0, 32)
+    assert "&quot;Width and height&quot; is 32; it must be between 64" in said
+    # The infotext records the size the WebUI drew (sides rounded to a multiple of 8), not the one asked for; the
+    # drawing says at once that it may wait for the WebUI's current work (gradio's counter alone said nothing).
     drawn = build_tab(Hooks(run=lambda request, state: [], generate=lambda request: Image.new("RGB", (96, 96))))
-    img, said = _tab_function(drawn, "generate_here")[0]("fox", "", 3, 2, 7.0, 100)
+    (kept, waits), (img, said) = _tab_function(drawn, "generate_here")[0]("fox", "", 3, 2, 7.0, 100)
+    assert kept == gr.update() and "Drawing… (after the generation or training the WebUI is busy with" in waits
     assert "Size: 96x96" in img.info["parameters"] and said == ""
 
     def interrupted(request):  # the WebUI's Interrupt before the sampler's first step: no image
         raise Interrupted("interrupted before the image was drawn")
 
     stopped = build_tab(Hooks(run=lambda request, state: [], generate=interrupted))
-    kept, said = _tab_function(stopped, "generate_here")[0]("fox", "", 3, 2, 7.0, 64)
+    *_, (kept, said) = _tab_function(stopped, "generate_here")[0]("fox", "", 3, 2, 7.0, 64)
     assert kept == gr.update() and said == "<p class='copier-lora-error'>interrupted before the image was drawn</p>"
 
     # The estimate says what Train would refuse while the user types it (Thorough warms up for 500 steps).

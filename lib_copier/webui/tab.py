@@ -31,7 +31,16 @@ from lib_copier.webui.gallery import describe_image
 from lib_copier.webui.gallery import take as gallery_take
 from lib_copier.webui.jobs import JobState
 from lib_copier.webui.tab_form import build_request, default_name, effect_specs, form_overrides, labelled, more_sizes
-from lib_copier.webui.tab_results import BUSY, RUNNING, WITHDRAWN, result_outputs, results_html, said, txt2img_prompt
+from lib_copier.webui.tab_results import (
+    BUSY,
+    DRAWING,
+    RUNNING,
+    WITHDRAWN,
+    result_outputs,
+    results_html,
+    said,
+    txt2img_prompt,
+)
 from lib_copier.webui.turns import PageRuns
 from lib_copier.webui.utilities_tab import build_utilities
 
@@ -345,13 +354,15 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 if side is None:  # which Txt2Img would read as the model's own side
                     raise CopierError(f"{labelled('width')} is required")
                 request = check(Txt2Img(prompt, negative, seed, steps, cfg, side, side), labelled)
+                yield gr.update(), f"<p>{DRAWING}</p>"  # at once: gradio's own counter said nothing of a wait
                 img = hooks.generate(request)
             except CopierError as exc:  # under the button (a gr.Error prints a traceback per toast in gradio 4)
-                return gr.update(), said(str(exc))
+                yield gr.update(), said(str(exc))
+                return
             size = f"{img.width}x{img.height}"  # as drawn: a WebUI rounds a side to a multiple of 8
             params = {"Steps": int(steps), "CFG scale": cfg, "Seed": seed, "Size": size}
             img.info["parameters"] = build_infotext(Infotext(prompt, negative, params))
-            return img, ""
+            yield img, ""
 
         if hooks.generate:
             _on(gen_button.click, generate_here, [gen_prompt, gen_negative, gen_seed, gen_steps, gen_cfg, gen_size],

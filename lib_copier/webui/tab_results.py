@@ -12,6 +12,7 @@ from lib_copier.infotext import with_lora
 
 RUNNING = "A training started on this page is still running: wait for its end, or press Interrupt."
 WITHDRAWN = "Interrupted while it waited for its turn: nothing was trained."
+DRAWING = "Drawing… (after the generation or training the WebUI is busy with, if there is one)"
 
 
 def said(sentence: str) -> str:
