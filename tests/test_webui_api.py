@@ -133,6 +133,7 @@ def test_loras_in_every_folder_the_webuis_lora_cards_list_are_taken_and_results_
     import sys
     import types
 
+    from lib_copier.webui.extension import tool_dirs
     from lib_copier.webui.host import check_lora_dir, lora_dirs
     from lib_copier.webui.lora_tools import check_tool, run_checked
 
@@ -148,8 +149,11 @@ def test_loras_in_every_folder_the_webuis_lora_cards_list_are_taken_and_results_
     modules.shared.cmd_opts.copier_lora_dir = str(mine)  # --copier-lora-dir: written there, read from all three
     assert lora_dirs() == [mine, lora, lyco]
     # A run's LoRAs there: the grids' and txt2img's <lora:…> tags find nothing outside the WebUI's folders
-    with pytest.raises(CopierError, match=rf"^--copier-lora-dir {mine} is outside the folders the WebUI loads LoRAs"):
+    outside = rf"^--copier-lora-dir {mine} is outside the folders the WebUI loads LoRAs from \({lora}, {lyco}\), so"
+    with pytest.raises(CopierError, match=outside):
         check_lora_dir()
+    with pytest.raises(CopierError, match=outside):  # nor do the Utilities write there
+        tool_dirs()
     modules.shared.cmd_opts.copier_lora_dir = str(lyco / "copier")  # a subfolder of one: the WebUI lists it
     check_lora_dir()
     modules.shared.cmd_opts.copier_lora_dir = str(mine)

@@ -44,6 +44,14 @@ def run(request, state):
         _running -= 1
 
 
+def tool_dirs() -> list[Path]:
+    """The LoRA folders of a Utilities run, which writes into the first: refused where the WebUI would not find it."""
+    from lib_copier.webui.host import check_lora_dir
+
+    check_lora_dir()
+    return lora_dirs()
+
+
 def busy() -> bool:
     """A run is going, or an API job waits for its turn."""
     jobs = _runner.states() if _runner is not None else []
@@ -159,7 +167,7 @@ def on_app_started(demo, app) -> None:
         app,
         runner(),
         run_api_job,
-        lora_dirs,
+        tool_dirs,
         checkpoint_file,
         checkpoint_dir,
         getattr(shared.cmd_opts, "api_auth", None),
@@ -250,7 +258,7 @@ def on_ui_tabs():
     from lib_copier.webui.tab import Hooks, build_tab
 
     def tool(name: str, body: dict) -> dict:  # checked before it waits for the WebUI's queue
-        checked = check_tool(name, body, lora_dirs(), checkpoint_file, checkpoint_dir())
+        checked = check_tool(name, body, tool_dirs(), checkpoint_file, checkpoint_dir())
         return call_queue.wrap_queued_call(run_checked)(checked)
 
     hooks = Hooks(

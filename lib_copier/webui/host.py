@@ -76,10 +76,11 @@ def _listed_dirs() -> list[str]:
 
 
 def check_lora_dir() -> None:
-    """A `--copier-lora-dir` outside the WebUI's LoRA folders is refused before a run: the strength grids' `<lora:…>`
-    tags found nothing there (every column drawn without the LoRA), nor would txt2img's."""
+    """A `--copier-lora-dir` outside the WebUI's LoRA folders is refused before a run or a Utilities tool writes
+    there: the strength grids' `<lora:…>` tags found nothing there (every column drawn without the LoRA), nor would
+    txt2img's."""
     out = Path(lora_dir()).resolve()
-    listed = [Path(folder).resolve() for folder in _listed_dirs() if folder]
+    listed = list(dict.fromkeys(Path(folder).resolve() for folder in _listed_dirs() if folder))
     if not any(out == folder or folder in out.parents for folder in listed):
         raise CopierError(
             f"--copier-lora-dir {out} is outside the folders the WebUI loads LoRAs from "
