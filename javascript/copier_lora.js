@@ -19,7 +19,6 @@ function copierLoraRefreshCards() {
 
 let copierLoraRunning = false; // a run this page started is queued or training
 let copierLoraTask = ""; // its task id
-let copierLoraActive = false; // it holds the WebUI, as the progress bar's last answer said (else it is queued)
 
 function copierLoraShow(id, show) {
     const element = gradioApp().getElementById(id);
@@ -43,7 +42,6 @@ function copierLoraStart() {
         return args;
     }
     copierLoraRunning = true;
-    copierLoraActive = false;
     copierLoraShowIdle(false);
     const id = randomId();
     copierLoraTask = id;
@@ -55,9 +53,6 @@ function copierLoraStart() {
             copierLoraRunning = false;
             copierLoraShowIdle(true);
             copierLoraRefreshCards();
-        },
-        function(progress) {
-            copierLoraActive = progress.active;
         }
     );
     args[0] = id;
@@ -106,11 +101,9 @@ function copierLoraSend(text) {
 }
 
 function copierLoraInterrupt() {
-    // A run of this page's that still waits in the WebUI's queue is withdrawn, and nothing else stops (the WebUI's
-    // Interrupt would stop whatever holds the WebUI, and the run would start after it). A run that goes stops
-    // through the WebUI's Interrupt, which sets the flag the trainer checks between steps.
-    if (copierLoraRunning && !copierLoraActive) return [copierLoraTask];
-    const button = gradioApp().getElementById("txt2img_interrupt");
-    if (button) button.click();
-    return [""];
+    // This page's run, by its task id: withdrawn while it waits in the WebUI's queue (nothing else stops), stopped
+    // when it goes. Without one (Generate here, a run of another page's), whatever holds the WebUI stops. Not through
+    // txt2img's Interrupt: it left txt2img's Generate covered by its "Interrupting..." button, and Forge said the
+    // training would "stop after finishing this image".
+    return [copierLoraRunning ? copierLoraTask : ""];
 }

@@ -618,21 +618,21 @@ def test_the_estimate_reads_the_form_again_after_each_change_which_gradio_3_drop
 def test_interrupt_pressed_while_the_tabs_run_waits_in_the_queue_withdraws_that_run_only():
     """The page's JS sends the task id of its run still in the queue (else it presses the WebUI's Interrupt and
     sends none): the WebUI's Interrupt stopped whatever held the WebUI, and the run then started anyway."""
-    trained, ended, waits = [], [], []
+    trained, ended, waits, stopped = [], [], [], []
 
     def wrap(fn, given_up):  # the WebUI's queue: a call given up stops waiting for its turn (gpu_call)
         waits.append(given_up)
         return fn
 
     hooks = Hooks(run=lambda request, state: trained.append(request) or [], end_task=ended.append, wrap=wrap)
-    tab = build_tab(hooks)
+    tab = build_tab(dataclasses.replace(hooks, stop_host=lambda: stopped.append(1)))
     interrupt, inputs = _tab_function(tab, "interrupt_waiting")
     assert len(inputs) == 1 and inputs[0] is _tab_function(tab, "train_unless_running")[1][0]  # the task id
-    assert interrupt("") == gr.update() and ended == []  # a run that goes: the WebUI's own Interrupt stops it
+    assert interrupt("") == gr.update() and ended == [] and stopped == [1]  # none: what holds the WebUI stops
     (given_up,) = waits
     assert not given_up("task(4)")
     assert "Interrupted while it waited for its turn: nothing was trained" in interrupt("task(4)")
-    assert ended == ["task(4)"]  # its progress bar ends now, and Train is back, not at its turn
+    assert ended == ["task(4)"] and stopped == [1]  # its progress bar ends now, and Train is back; nothing else stops
     assert given_up("task(4)") and not given_up("task(5)")  # its call stops waiting for the WebUI's queue lock
     train, train_inputs = _tab_function(tab, "train_unless_running")
     values = _train_values(train_inputs, Image.new("RGB", (64, 64), "red"))
@@ -644,6 +644,8 @@ def test_interrupt_pressed_while_the_tabs_run_waits_in_the_queue_withdraws_that_
     (call,) = [f for f in _fns(tab) if getattr(f.fn, "__name__", None) == "train_unless_running"]
     assert getattr(call, "concurrency_limit", "gradio 3") in (None, "gradio 3")  # gradio 4's default is one
     assert train("task(5)", *values[1:])[-1] == "<ul></ul>" and len(trained) == 1  # the next run trains
+    # Pressed as it ended (the page learns of the end at its next poll): it is not said to be withdrawn
+    assert interrupt("task(5)") == gr.update() and ended == ["task(4)"]
 
 
 def test_a_run_that_fails_where_no_check_foresaw_says_so_in_one_line(capsys):
@@ -686,7 +688,8 @@ def test_interrupt_pressed_as_the_run_gets_its_turn_stops_that_run():
         assert state.interrupted.wait(10)
         raise Interrupted("training was interrupted at step 3")
 
-    tab = build_tab(Hooks(run=run, end_task=ended.append))
+    stopped = []
+    tab = build_tab(Hooks(run=run, end_task=ended.append, stop_host=lambda: stopped.append(1)))
     interrupt = _tab_function(tab, "interrupt_waiting")[0]
     train, train_inputs = _tab_function(tab, "train_unless_running")
     values = _train_values(train_inputs, Image.new("RGB", (64, 64), "red"))
@@ -695,6 +698,7 @@ def test_interrupt_pressed_as_the_run_gets_its_turn_stops_that_run():
     thread.start()
     assert turn.wait(10)
     assert interrupt("task(6)") == gr.update() and ended == []  # not withdrawn: its bar goes on to the run's end
+    assert stopped == [1]  # and the image the WebUI draws for it (a grid's) stops too
     thread.join(10)
     assert "interrupted at step 3" in outcome["said"]
 

@@ -20,11 +20,18 @@ _runner: JobRunner | None = None
 def runner() -> JobRunner:
     global _runner
     if _runner is None:
-        from modules import call_queue, shared
+        from modules import call_queue
 
         # An interrupt also stops the original or grid image the job's txt2img is drawing (a full one was drawn first)
-        _runner = JobRunner(call_queue.queue_lock, stop_host=lambda: shared.state.interrupt())
+        _runner = JobRunner(call_queue.queue_lock, stop_host=stop_host)
     return _runner
+
+
+def stop_host() -> None:
+    """The WebUI's Interrupt: whatever holds the WebUI stops (a sampler at its next step, a training between steps)."""
+    from modules import shared
+
+    shared.state.interrupt()
 
 
 _running = 0  # runs in train_in_webui now: the tab's and the API's
@@ -273,6 +280,7 @@ def on_ui_tabs():
         gallery_trains=lambda: bool(getattr(shared.opts, "copier_lora_gallery_trains", True)),
         busy=busy,
         end_task=progress.finish_task,
+        stop_host=stop_host,
         model_kind=model_kind,
     )
     make_temp_dir()

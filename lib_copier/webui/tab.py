@@ -56,6 +56,7 @@ class Hooks:
     # Marks a task id the page's progress bar polls as ended, where its run never entered the queue: the bar (and
     # Train, hidden meanwhile) waited for it until the WebUI's 40-second inactivity timeout.
     end_task: Callable[[str], None] = lambda task: None
+    stop_host: Callable[[], None] = lambda: None  # the WebUI's Interrupt: what holds the WebUI stops
     generate: Callable[[Txt2Img], Image.Image] | None = None  # the host's txt2img, for "Generate here"
     run_tool: Callable[[str, dict], dict] | None = None  # (tool, body) → lora_tools check_tool, then run_checked
     loras: Callable[[], list[str]] = list
@@ -325,11 +326,12 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 return gr.update(), gr.update(), gr.update(), said(BUSY)
             return train_unless_running(*args)
 
-        def interrupt_waiting(task):  # the page's run still waits in the queue (copierLoraInterrupt): only it stops
-            if not task or not runs.withdraw(task):  # none, or it got its turn since the page last asked: it stops
-                return gr.update()
-            hooks.end_task(task)  # the page's bar ends and Train is back, not at the turn of the withdrawn run
-            return said(WITHDRAWN)
+        def interrupt_waiting(task):  # the page's run by its task id, or none (copierLoraInterrupt)
+            if task and runs.withdraw(task):  # it still waits in the queue: only it stops
+                hooks.end_task(task)  # the page's bar ends and Train is back, not at the turn of the withdrawn run
+                return said(WITHDRAWN)
+            hooks.stop_host()  # its image too, for a run that goes; else Generate here, or what holds the WebUI
+            return gr.update()
 
         _on(interrupt.click, interrupt_waiting, [task_id], [status], js="copierLoraInterrupt")
 

@@ -12,6 +12,7 @@ Plain Python: the WebUI passes its lock; tests pass any lock.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 
 from lib_copier.webui.jobs import JobState
@@ -44,11 +45,13 @@ def wait_for_turn(lock, given_up: Callable[[], bool], poll: float = POLL) -> boo
 
 
 class PageRuns:
-    """The tab's runs by task id, from the press of Train: withdrawn while they wait for their turn, or going."""
+    """The tab's runs by task id, from the press of Train: withdrawn while they wait for their turn, going, or
+    ended (the page learns of the end at its next poll of the progress bar)."""
 
     def __init__(self):
         self._withdrawn: set[str] = set()
         self._going: dict[str, JobState] = {}
+        self._ended: deque[str] = deque(maxlen=64)
         self._lock = threading.Lock()  # a run's turn and its withdrawal: whichever comes first holds
 
     def begin(self, task: str) -> JobState | None:
@@ -61,14 +64,18 @@ class PageRuns:
             return state
 
     def end(self, task: str) -> None:
-        self._going.pop(task, None)
+        with self._lock:
+            self._going.pop(task, None)
+            self._ended.append(task)
 
     def withdraw(self, task: str) -> bool:
-        """True where the run still waits: it will not start. A run that got its turn is interrupted instead (the
-        page learns of the turn only at its next poll of the progress bar)."""
+        """True where the run still waits: it will not start. A run that got its turn is interrupted instead, and
+        one that has ended is left as it ended."""
         with self._lock:
             if task in self._going:
                 self._going[task].interrupted.set()
+                return False
+            if task in self._ended:
                 return False
             self._withdrawn.add(task)
             return True
