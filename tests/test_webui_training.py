@@ -73,6 +73,8 @@ def test_a_run_writes_loras_whose_grids_the_host_draws_from_the_files(host, tmp_
     assert grid.shape == (HEADER + 64, 5 * 64, 3)
     assert not np.array_equal(grid[HEADER:, 64:128], grid[HEADER:, 256:320])
     assert host.prepared_jobs == 1 and state.stage.startswith("strength grid")
+    # the bar's last text while the model is put back (Forge copies each weight: seconds on a CPU, the bar frozen)
+    assert host.shown[-1][0] == "putting the WebUI's model back as it was"
     # The grids were drawn from files in their own folder; the LoRA folder got them only when all had succeeded.
     assert host.lora_files and all(f.parts[0] == STAGING for f in host.lora_files)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(

@@ -79,6 +79,8 @@ def train_in_webui(
                 raise
             finally:
                 _remove(staging)
+                # Forge copies each weight back into an inference tensor: seconds on a CPU, the bar otherwise frozen
+                host.show_progress("putting the WebUI's model back as it was", 0, 0)
         return [_describe(r, out_dir) for r in results]
     finally:
         _remove(staging)
