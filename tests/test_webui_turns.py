@@ -128,6 +128,16 @@ def webui(monkeypatch):
     return modules
 
 
+def test_the_tabs_train_runs_where_the_webui_records_no_results_for_a_reloaded_page(webui):
+    """reForge's progress module has no record_results: its Train raised AttributeError."""
+    from lib_copier.webui.extension import gpu_call
+
+    del webui.progress.record_results
+    train = gpu_call(lambda task, *args: ["grids", "results", "pick", "trained"], lambda task: False)
+    assert train("task(1)") == ["grids", "results", "pick", "trained<div>time taken</div>"]
+    assert webui.progress.log == [("start", "task(1)"), ("finish", "task(1)")]
+
+
 def test_the_tabs_train_given_up_answers_at_once_without_touching_the_running_jobs_state(webui):
     from lib_copier.webui.extension import gpu_call
 

@@ -230,12 +230,14 @@ def gpu_call(fn, given_up):
 
     from lib_copier.webui.turns import wait_for_turn
 
+    record = getattr(progress, "record_results", lambda task, res: None)  # for a page reloaded; reForge keeps none
+
     def held(task, *args):
         shared.state.begin(job=task)
         progress.start_task(task)
         try:
             res = fn(task, *args)
-            progress.record_results(task, res)
+            record(task, res)
         finally:
             progress.finish_task(task)
         shared.state.end()
