@@ -1,4 +1,5 @@
-"""Waiting for the WebUI's queue lock in a way the waiter can give up.
+"""A tab run's turn in the WebUI's queue: waiting for the queue lock in a way the waiter can give up, and the
+page's runs by task id (`PageRuns`).
 
 The WebUIs' queue lock (A1111's and Forge's `FIFOLock`) takes no timeout, and a thread waiting in it waits until its
 turn. A tab run withdrawn while it waited therefore kept its gradio call pending until then, and gradio 3 ignores a
