@@ -626,7 +626,7 @@ def test_interrupt_pressed_while_the_tabs_run_waits_in_the_queue_withdraws_that_
 
     hooks = Hooks(run=lambda request, state: trained.append(request) or [], end_task=ended.append, wrap=wrap)
     tab = build_tab(dataclasses.replace(hooks, stop_host=lambda: stopped.append(1)))
-    interrupt, inputs = _tab_function(tab, "interrupt_waiting")
+    interrupt, inputs = _tab_function(tab, "interrupt_run")
     assert len(inputs) == 1 and inputs[0] is _tab_function(tab, "train_unless_running")[1][0]  # the task id
     assert interrupt("") == gr.update() and ended == [] and stopped == [1]  # none: what holds the WebUI stops
     (given_up,) = waits
@@ -690,7 +690,7 @@ def test_interrupt_pressed_as_the_run_gets_its_turn_stops_that_run():
 
     stopped = []
     tab = build_tab(Hooks(run=run, end_task=ended.append, stop_host=lambda: stopped.append(1)))
-    interrupt = _tab_function(tab, "interrupt_waiting")[0]
+    interrupt = _tab_function(tab, "interrupt_run")[0]
     train, train_inputs = _tab_function(tab, "train_unless_running")
     values = _train_values(train_inputs, Image.new("RGB", (64, 64), "red"))
     outcome = {}

@@ -326,14 +326,14 @@ def build_tab(hooks: Hooks) -> gr.Blocks:
                 return gr.update(), gr.update(), gr.update(), said(BUSY)
             return train_unless_running(*args)
 
-        def interrupt_waiting(task):  # the page's run by its task id, or none (copierLoraInterrupt)
+        def interrupt_run(task):  # the page's run by its task id, or none (copierLoraInterrupt)
             if task and runs.withdraw(task):  # it still waits in the queue: only it stops
                 hooks.end_task(task)  # the page's bar ends and Train is back, not at the turn of the withdrawn run
                 return said(WITHDRAWN)
             hooks.stop_host()  # its image too, for a run that goes; else Generate here, or what holds the WebUI
             return gr.update()
 
-        _on(interrupt.click, interrupt_waiting, [task_id], [status], js="copierLoraInterrupt")
+        _on(interrupt.click, interrupt_run, [task_id], [status], js="copierLoraInterrupt")
 
         def sent_prompt(prompt, results, chosen):
             return txt2img_prompt(prompt, json.loads(results or "[]"), chosen)
